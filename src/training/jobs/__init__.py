@@ -1,0 +1,100 @@
+"""Jobs: what a training run computes. The trainer (training/main.py, training/train.py) owns the loop,
+distribution, precision, optimizer, schedule, logging and checkpoints; a job owns its models and losses.
+
+A job is one file in this package defining a `Job` subclass with a unique `name`; it is found
+automatically (`--job NAME`), and its flags are added by its `add_arguments`. Hooks, in call order:
+
+    job = JobClass(args, dist_info)
+    model = job.build_model(resume_spec)        # the trainable module (has .model_spec); teachers live on the job
+    transform, tokenizer = job.data_transforms(model)
+    job.on_train_start(ctx)
+    per epoch:  new = job.on_epoch_start(epoch, ctx)     # may return a replacement model (surgery)
+                per step: losses = job.loss(ddp_model, batch)  → {"loss": total, ...parts}
+                          job.on_step_end(ctx)             # after optimizer.step: clamps, mask updates
+                job.on_epoch_end(epoch, ctx)
+    job.on_train_end(ctx)
+    job.state_dict() / job.load_state_dict()    # saved in the checkpoint's job_state → exact resume
+
+`ctx` is the trainer's `RunContext` (model, step, epoch, data, args, dist info, tensorboard writer).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+from typing import Any, Callable, Dict, Optional, Tuple, Type
+
+import torch
+from torch import nn
+
+
+class Job:
+    name: str = ""
+    help: str = ""
+
+    def __init__(self, args: argparse.Namespace, dist_info):
+        self.args = args
+        self.dist = dist_info
+        self.device = dist_info.device
+
+    # --- flags ------------------------------------------------------------------------------------
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this job's flags (use `add_argument_once` for flags another job may also define)."""
+
+    # --- models -----------------------------------------------------------------------------------
+    def build_model(self, resume_spec: Optional[Dict[str, Any]] = None) -> nn.Module:
+        """The trainable model. `resume_spec` is the checkpoint's model_spec when resuming (it may
+        describe a changed architecture, e.g. after pruning surgery)."""
+        raise NotImplementedError
+
+    def data_transforms(self, model: nn.Module) -> Tuple[Callable, Callable]:
+        """(image transform, tokenizer) for the training data."""
+        from compress.registry import get_preprocess, get_tokenizer
+
+        return get_preprocess(model.model_spec), get_tokenizer(model.model_spec)
+
+    # --- step -------------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # --- hooks ------------------------------------------------------------------------------------
+    def on_train_start(self, ctx) -> None:
+        pass
+
+    def on_epoch_start(self, epoch: int, ctx) -> Optional[nn.Module]:
+        return None
+
+    def on_step_end(self, ctx) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, ctx) -> None:
+        pass
+
+    def on_train_end(self, ctx) -> None:
+        pass
+
+    # --- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+def add_argument_once(group, *names: str, **kwargs) -> None:
+    """Add a flag unless another job already defined it (jobs share e.g. --teacher-model)."""
+    existing = {opt for action in group._actions for opt in action.option_strings}
+    if not existing.intersection(names):
+        group.add_argument(*names, **kwargs)
+
+
+def available_jobs() -> Dict[str, Type[Job]]:
+    """Every Job subclass defined in this package's modules, by name."""
+    jobs: Dict[str, Type[Job]] = {}
+    for module in pkgutil.iter_modules(__path__):
+        mod = importlib.import_module(f"{__name__}.{module.name}")
+        for obj in vars(mod).values():
+            if isinstance(obj, type) and issubclass(obj, Job) and obj is not Job and obj.name:
+                jobs[obj.name] = obj
+    return jobs

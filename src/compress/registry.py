@@ -1,0 +1,133 @@
+"""Rebuild any model this project writes from the `model_spec` stored in its checkpoint.
+
+Every checkpoint we write carries `model_spec`, a small JSON-able dict with a `kind` plus whatever that
+kind needs to rebuild the architecture (a pruned model's per-layer widths, a student's backbone name…).
+A kind registers a builder here; `load(path)` then rebuilds and fills any model in one call, and the eval
+entry point scores it. Every model we build offers the open_clip interface:
+`encode_image(images, normalize=False)` and `encode_text(tokens, normalize=False)`.
+
+Builders live beside the code that creates the model (compress/*.py); `build_model` imports the
+compress package's modules on first use of an unknown kind, so a new kind needs no edit here.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, Callable, Dict
+
+import torch
+from torch import nn
+
+from utils.model_configs import register_model_configs
+
+ModelBuilder = Callable[[Dict[str, Any]], nn.Module]
+MODEL_KINDS: Dict[str, ModelBuilder] = {}
+
+
+def register_model_kind(kind: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator: `@register_model_kind("pruned_clip") def build(spec): ...`."""
+
+    def decorate(builder: ModelBuilder) -> ModelBuilder:
+        MODEL_KINDS[kind] = builder
+        return builder
+
+    return decorate
+
+
+def _import_compress_modules() -> None:
+    import compress
+
+    for module in pkgutil.iter_modules(compress.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"compress.{module.name}")
+
+
+def build_model(spec: Dict[str, Any]) -> nn.Module:
+    """The architecture described by `spec`, randomly initialised, with `model.model_spec = spec`."""
+    kind = spec.get("kind")
+    if kind not in MODEL_KINDS:
+        _import_compress_modules()
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r} in model_spec; known kinds: {sorted(MODEL_KINDS)}")
+    model = MODEL_KINDS[kind](spec)
+    model.model_spec = spec
+    return model
+
+
+def strip_module_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """DDP prefixes every key with `module.`; our files never carry it."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def load_checkpoint_file(path: str, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
+    """torch.load with `weights_only=True` (our checkpoints hold only tensors and plain containers)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load(path_or_checkpoint: str | Dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild and fill the model of one of our checkpoints, in eval mode."""
+    checkpoint = (
+        load_checkpoint_file(path_or_checkpoint)
+        if isinstance(path_or_checkpoint, (str, bytes)) or hasattr(path_or_checkpoint, "__fspath__")
+        else path_or_checkpoint
+    )
+    if "model_spec" not in checkpoint:
+        raise ValueError("not a clipcompress checkpoint: it has no 'model_spec' entry")
+    model = build_model(checkpoint["model_spec"])
+    model.load_state_dict(strip_module_prefix(checkpoint["state_dict"]))
+    return model.to(device).eval()
+
+
+# --- the dense open_clip kind --------------------------------------------------------------------
+
+
+def open_clip_spec(model_name: str) -> Dict[str, Any]:
+    """Spec of a stock open_clip model (any config name, ours included)."""
+    return {"kind": "open_clip", "model": model_name}
+
+
+@register_model_kind("open_clip")
+def _build_open_clip(spec: Dict[str, Any]) -> nn.Module:
+    import open_clip
+
+    register_model_configs()
+    return open_clip.create_model(spec["model"], pretrained=None, **spec.get("model_kwargs", {}))
+
+
+# --- tokenizer and image transform of a spec ----------------------------------------------------
+
+
+def get_tokenizer(spec: Dict[str, Any]) -> Callable[[list], Any]:
+    """Callable turning a list of captions into what the model's `encode_text` takes.
+
+    Default: the open_clip tokenizer of `spec["tokenizer_model"]` or `spec["model"]`. A spec whose
+    text side is a sentence-transformers model says `"text_input": "strings"`: its encode_text
+    tokenises by itself, so captions pass through unchanged.
+    """
+    if spec.get("text_input") == "strings":
+        return lambda texts: list(texts)
+    import open_clip
+
+    register_model_configs()
+    return open_clip.get_tokenizer(spec.get("tokenizer_model", spec.get("model")))
+
+
+def get_preprocess(spec: Dict[str, Any]) -> Callable:
+    """Eval-time image transform (resize, centre crop, normalise) of a spec."""
+    import open_clip
+    from open_clip.transform import image_transform
+
+    register_model_configs()
+    cfg = spec.get("preprocess")
+    if cfg is None:
+        model_name = spec.get("preprocess_model", spec.get("model"))
+        model_cfg = open_clip.get_model_config(model_name) or {}
+        vision = model_cfg.get("vision_cfg", {})
+        cfg = {
+            "image_size": vision.get("image_size", 224),
+            "mean": list(open_clip.OPENAI_DATASET_MEAN),
+            "std": list(open_clip.OPENAI_DATASET_STD),
+        }
+    return image_transform(cfg["image_size"], is_train=False, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))

@@ -1,0 +1,120 @@
+"""Crash-safe checkpoints: written to a temp file, fsync'd, then renamed over the target.
+
+A reader (the monitor, a resume) never sees half a file: `os.replace` is atomic on POSIX, and the
+fsync before it makes sure the bytes are on disk before the name points at them. Contents are plain
+tensors and containers, so every load uses `torch.load(..., weights_only=True)`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from training.errors import UserError
+
+LATEST = "epoch_latest.pt"
+_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
+
+
+def save_checkpoint(state: Dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist")
+    except Exception as e:  # corrupt, truncated, or not ours
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})")
+
+
+def epoch_checkpoints(checkpoint_dir: str | Path) -> Dict[int, Path]:
+    """`epoch_N.pt` files of a run, by N."""
+    found = {}
+    checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.is_dir():
+        for p in checkpoint_dir.iterdir():
+            m = _EPOCH_FILE.match(p.name)
+            if m:
+                found[int(m.group(1))] = p
+    return found
+
+
+def find_resume_checkpoint(checkpoint_dir: str | Path) -> Optional[Path]:
+    """The most advanced readable checkpoint: `epoch_latest.pt`, else the highest `epoch_N.pt`.
+
+    Candidates are ordered by (epoch, step) as stored inside them, so a stale epoch_latest.pt from
+    before the last epoch checkpoint does not win.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    candidates = list(epoch_checkpoints(checkpoint_dir).values())
+    if (checkpoint_dir / LATEST).exists():
+        candidates.append(checkpoint_dir / LATEST)
+    best, best_key = None, None
+    for path in candidates:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            continue
+        key = (int(ckpt.get("step", 0)), int(ckpt.get("epoch", 0)))
+        if best_key is None or key > best_key:
+            best, best_key = path, key
+    return best
+
+
+# --- random number generator state -----------------------------------------------------------------
+# numpy's state holds an ndarray and python's a tuple of ints: both are turned into tensors/lists so
+# the checkpoint stays loadable under weights_only=True.
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        ("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"],
+         np_state["cached_gaussian"])
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

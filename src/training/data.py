@@ -1,0 +1,351 @@
+"""Training data: one function (`get_data`) turns flags into a loader.
+
+Sources: a CSV/TSV of image paths and captions (CC3M style), webdataset shards, or synthetic data.
+Every sample is a dict `{"index": row index, "image": tensor, "text": tokens, "caption": str}`; the row
+index lets episodic jobs and teacher caches key their per-sample state.
+
+Bad samples (missing/0-byte/truncated/non-image files, empty or non-UTF-8 captions) never crash a run:
+ * TSV: the dataset substitutes the next good row and reports what it skipped, so every batch keeps its
+   size — distributed feature gathering needs equal batches on every rank;
+ * shards: bad samples are dropped before batching.
+Each batch carries `skipped` (count) and `skipped_reasons`; the trainer logs them, writes
+`data/skipped` to tensorboard, and stops past `--max-bad-fraction`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from training.errors import DataError
+
+Image.MAX_IMAGE_PIXELS = None  # CC3M has a few huge images; decoding them is fine, a warning per image is not
+
+# How many following rows a TSV sample may try before giving up: a run of more bad rows than this
+# means the data is broken, not noisy.
+MAX_CONSECUTIVE_BAD = 64
+
+
+class BadSample(Exception):
+    pass
+
+
+def load_image(source: str | bytes, what: str) -> Image.Image:
+    """Decode fully (PIL is lazy; a truncated JPEG only fails on load) or raise BadSample."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if len(source) == 0:
+                raise BadSample(f"{what}: empty image bytes")
+            img = Image.open(io.BytesIO(source))
+        else:
+            if os.path.getsize(source) == 0:
+                raise BadSample(f"{what}: 0-byte file")
+            img = Image.open(source)
+        img.load()
+        return img.convert("RGB")
+    except BadSample:
+        raise
+    except FileNotFoundError:
+        raise BadSample(f"{what}: missing file")
+    except Exception as e:
+        raise BadSample(f"{what}: unreadable image ({type(e).__name__}: {e})")
+
+
+def check_caption(caption: Any, what: str) -> str:
+    if not isinstance(caption, str):
+        raise BadSample(f"{what}: caption is not text")
+    try:
+        caption.encode("utf-8")  # surrogate escapes from invalid UTF-8 bytes fail here
+    except UnicodeEncodeError:
+        raise BadSample(f"{what}: caption is not valid UTF-8")
+    if not caption.strip():
+        raise BadSample(f"{what}: empty caption")
+    return caption
+
+
+# --- CSV / TSV --------------------------------------------------------------------------------------
+
+
+class CsvDataset(Dataset):
+    """Rows of (image path, caption); relative paths are resolved against the file's folder."""
+
+    def __init__(self, path: str, transform: Callable, tokenizer: Callable, img_key: str = "filepath",
+                 caption_key: str = "title", sep: str = "\t"):
+        import pandas as pd
+
+        if not os.path.isfile(path):
+            raise DataError(f"--train-data {path} does not exist")
+        try:
+            # surrogateescape keeps invalid UTF-8 bytes visible (check_caption rejects them) instead of
+            # failing the whole file or silently replacing characters
+            frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8",
+                                encoding_errors="surrogateescape", quoting=3)
+        except Exception as e:
+            raise DataError(f"cannot read {path} as a table with separator {sep!r}: {e}")
+        missing = [k for k in (img_key, caption_key) if k not in frame.columns]
+        if missing:
+            raise DataError(
+                f"{path}: no column(s) {', '.join(repr(m) for m in missing)}; columns found: "
+                f"{', '.join(repr(c) for c in frame.columns)} (set --csv-img-key/--csv-caption-key, "
+                f"and --csv-separator if there is only one column)"
+            )
+        if len(frame) == 0:
+            raise DataError(f"{path} has no rows")
+        root = os.path.dirname(os.path.abspath(path))
+        self.paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in frame[img_key].tolist()]
+        self.captions = frame[caption_key].tolist()
+        self.transform = transform
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_row(self, index: int) -> Dict[str, Any]:
+        what = f"row {index} ({self.paths[index]})"
+        caption = check_caption(self.captions[index], what)
+        image = load_image(self.paths[index], what)
+        return {"index": index, "image": self.transform(image), "text": self.tokenizer([caption])[0],
+                "caption": caption}
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        reasons = []
+        for offset in range(MAX_CONSECUTIVE_BAD):
+            row = (index + offset) % len(self)
+            try:
+                sample = self.load_row(row)
+                sample["skipped_reasons"] = reasons
+                return sample
+            except BadSample as e:
+                reasons.append(str(e))
+        raise DataError(f"{MAX_CONSECUTIVE_BAD} consecutive bad rows from row {index}; last: {reasons[-1]}")
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start part-way, so a resume continues the same data order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start_index = 0
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start_index = start_index
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start_index:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start_index)
+
+
+# --- webdataset shards -------------------------------------------------------------------------------
+
+
+def expand_urls(pattern: str) -> List[str]:
+    """`a/{000..009}.tar::b/{0..3}.tar` → list of shard urls (brace expansion, `::` separated lists)."""
+    import braceexpand
+
+    urls = []
+    for part in pattern.split("::"):
+        urls.extend(braceexpand.braceexpand(part))
+    return urls
+
+
+def shard_sizes(urls: List[str]) -> Optional[int]:
+    """Total samples from a `sizes.json` beside the shards (open_clip's format), if there is one."""
+    sizes_file = os.path.join(os.path.dirname(urls[0]), "sizes.json")
+    if not os.path.exists(sizes_file):
+        return None
+    sizes = json.load(open(sizes_file))
+    try:
+        return sum(int(sizes[os.path.basename(u)]) for u in urls)
+    except KeyError:
+        return None
+
+
+def decode_shard_sample(sample: Dict[str, Any], transform: Callable, tokenizer: Callable) -> Dict[str, Any]:
+    what = f"shard sample {sample.get('__key__')} ({sample.get('__url__')})"
+    try:
+        image_bytes = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        if image_bytes is None:
+            raise BadSample(f"{what}: no image member")
+        if "txt" not in sample:
+            raise BadSample(f"{what}: no txt member")
+        try:
+            caption = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadSample(f"{what}: caption is not valid UTF-8")
+        caption = check_caption(caption, what)
+        image = load_image(image_bytes, what)
+        if "idx" in sample:
+            index = int(sample["idx"].decode())
+        else:
+            index = int(sample["__key__"]) if str(sample["__key__"]).isdigit() else -1
+        return {"index": index, "image": transform(image), "text": tokenizer([caption])[0], "caption": caption,
+                "skipped_reasons": []}
+    except BadSample as e:
+        return {"bad": str(e)}
+
+
+# --- synthetic ---------------------------------------------------------------------------------------
+
+
+class SyntheticDataset(Dataset):
+    """Random images and captions, deterministic per index: for throughput tests and smoke runs."""
+
+    def __init__(self, size: int, image_size: int, transform: Callable, tokenizer: Callable):
+        self.size, self.image_size, self.transform, self.tokenizer = size, image_size, transform, tokenizer
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        rng = np.random.default_rng(index)
+        pixels = rng.integers(0, 256, (self.image_size, self.image_size, 3), dtype=np.uint8)
+        caption = f"synthetic picture number {index}"
+        return {"index": index, "image": self.transform(Image.fromarray(pixels)),
+                "text": self.tokenizer([caption])[0], "caption": caption, "skipped_reasons": []}
+
+
+# --- batching ----------------------------------------------------------------------------------------
+
+
+def collate(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    bad = [s["bad"] for s in samples if "bad" in s]
+    good = [s for s in samples if "bad" not in s]
+    reasons = bad + [r for s in good for r in s["skipped_reasons"]]
+    return {
+        "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
+        "image": torch.stack([s["image"] for s in good]) if good else torch.empty(0),
+        "text": torch.stack([s["text"] for s in good]) if good else torch.empty(0),
+        "caption": [s["caption"] for s in good],
+        "skipped": len(reasons),
+        "skipped_reasons": reasons,
+    }
+
+
+@dataclass
+class DataInfo:
+    """A loader plus what the trainer needs to position itself in it."""
+
+    loader: Any
+    num_batches: int  # per rank, per epoch
+    num_samples: int  # per epoch, all ranks
+    sampler: Optional[ResumableDistributedSampler] = None
+    start_batch: int = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Position the data at `start_batch` of `epoch` (resume continues mid-epoch)."""
+        self.start_batch = start_batch
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, start_index=start_batch * self.loader.batch_size)
+        if hasattr(self.loader, "generator") and self.loader.generator is not None:
+            # worker seeds come from this generator, not the global RNG: resuming must not shift it
+            self.loader.generator.manual_seed(epoch)
+
+    def batches(self):
+        """Yield exactly `num_batches - start_batch` batches (streams are cycled, so ranks never drift
+        apart and leave a collective waiting)."""
+        remaining = self.num_batches - self.start_batch
+        while remaining > 0:
+            produced = 0
+            for batch in self.loader:
+                yield batch
+                produced += 1
+                remaining -= 1
+                if remaining == 0:
+                    return
+            if produced == 0:
+                raise DataError("the training data yielded no batch (all shards empty or all samples bad?)")
+
+
+def infer_dataset_type(train_data: str) -> str:
+    if train_data == "synthetic":
+        return "synthetic"
+    if train_data.endswith((".csv", ".tsv")):
+        return "csv"
+    if ".tar" in train_data or "{" in train_data or "::" in train_data:
+        return "webdataset"
+    raise DataError(f"cannot tell the type of --train-data {train_data}; pass --dataset-type csv or webdataset")
+
+
+def get_data(args, transform: Callable, tokenizer: Callable, rank: int, world_size: int) -> DataInfo:
+    dataset_type = args.dataset_type if args.dataset_type != "auto" else infer_dataset_type(args.train_data)
+    if dataset_type in ("csv", "synthetic"):
+        return _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size)
+    return _webdataset_data(args, transform, tokenizer, world_size)
+
+
+def _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size) -> DataInfo:
+    if dataset_type == "csv":
+        dataset = CsvDataset(args.train_data, transform, tokenizer, img_key=args.csv_img_key,
+                             caption_key=args.csv_caption_key, sep=args.csv_separator)
+    else:
+        dataset = SyntheticDataset(args.train_num_samples or 1024, 64, transform, tokenizer)
+    sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                          seed=args.seed, drop_last=True)
+    per_rank_batches = sampler.num_samples // args.batch_size
+    if per_rank_batches == 0:
+        raise DataError(f"{len(dataset)} samples give no full batch of {args.batch_size} on {world_size} process(es)")
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                        collate_fn=collate, drop_last=True, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=False, generator=torch.Generator(),
+                        prefetch_factor=4 if args.workers > 0 else None)
+    return DataInfo(loader, per_rank_batches, per_rank_batches * args.batch_size * world_size, sampler=sampler)
+
+
+def _webdataset_data(args, transform, tokenizer, world_size) -> DataInfo:
+    import webdataset as wds
+
+    urls = expand_urls(args.train_data)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.exists(u)]
+    if local and len(missing) == len(local):
+        raise DataError(f"--train-data {args.train_data}: no shard matches (first tried: {missing[0]})")
+    if missing:
+        logging.warning("%d of %d shards do not exist and are skipped (first: %s)", len(missing), len(urls), missing[0])
+        urls = [u for u in urls if u not in missing]
+    num_samples = args.train_num_samples or shard_sizes(urls)
+    if not num_samples:
+        raise DataError("webdataset shards need --train-num-samples (no sizes.json beside the shards)")
+
+    if args.dataset_resampled:
+        pipeline = [wds.ResampledShards(urls, seed=args.seed)]
+    else:
+        pipeline = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+    pipeline += [
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(1000, initial=100),
+        wds.map(lambda s: decode_shard_sample(s, transform, tokenizer)),
+        drop_bad_samples,
+        wds.batched(args.batch_size, collation_fn=collate, partial=False),
+    ]
+    dataset = wds.DataPipeline(*pipeline)
+    global_batch = args.batch_size * world_size
+    num_batches = max(1, num_samples // global_batch)
+    loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=args.workers,
+                           persistent_workers=False)
+    return DataInfo(loader, num_batches, num_batches * global_batch)
+
+
+def drop_bad_samples(samples):
+    """Leave bad shard samples out before batching (so batches stay full) but carry their reasons on
+    the next good sample, so they are still counted."""
+    pending = []
+    for sample in samples:
+        if "bad" in sample:
+            pending.append(sample["bad"])
+            continue
+        sample["skipped_reasons"] = pending
+        pending = []
+        yield sample

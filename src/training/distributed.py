@@ -1,0 +1,96 @@
+"""Process-group setup from torchrun's or SLURM's environment, and small collective helpers.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR/PORT). Under `srun` without torchrun,
+SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID give the same; MASTER_ADDR/MASTER_PORT must then be
+exported by the batch script (see scripts/slurm_example.sh). gloo on CPU, nccl on GPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def init_distributed(device_flag: str = "auto", backend: str | None = None, timeout_minutes: int = 30) -> DistInfo:
+    """Join the process group the launcher describes (a no-op for a single process)."""
+    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+
+    use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+
+    if world_size > 1 and not dist.is_initialized():
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world_size))
+        dist.init_process_group(
+            backend=backend or ("nccl" if use_cuda else "gloo"),
+            init_method="env://",
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (itself when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        value = value.detach().clone()
+        dist.all_reduce(value)
+    return value
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from `src` to every rank (identity when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+    return obj
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

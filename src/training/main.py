@@ -1,0 +1,359 @@
+"""Trainer entry point: `torchrun --nproc_per_node N -m training.main --job JOB ...` (or `python -m ...`).
+
+Reads top to bottom: processes → run folder → job and model → data → optimizer and schedule → resume →
+epochs → end. What a run computes lives in the job (training/jobs/); the step loop in training/train.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from training import checkpoint as ckpt_io
+from training.data import get_data
+from training.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from training.errors import UserError
+from training.jobs import available_jobs
+from training.params import parse_args
+from training.train import RunContext, train_one_epoch
+
+
+def main(argv=None) -> None:
+    try:
+        run(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        logging.getLogger().handlers and logging.error("%s", e)
+        cleanup()
+        sys.exit(2)
+
+
+def run(args) -> Dict[str, Any]:
+    # 1. processes and the run folder -----------------------------------------------------------------
+    dist_info = init_distributed(args.device, args.dist_backend)
+    args.name = broadcast_object(args.name or time.strftime("%Y_%m_%d-%H_%M_%S-") + args.model.replace("/", "-"))
+    log_dir = prepare_run_dir(args, dist_info)
+    setup_logging(log_dir, dist_info, args.log_level)
+    logging.info("run %s: job %s, %d process(es) on %s", args.name, args.job, dist_info.world_size, dist_info.device)
+
+    # 2. job and model (same init on every rank, then per-rank randomness) --------------------------
+    seed_everything(args.seed)
+    resume_from = resolve_resume(args, log_dir)
+    checkpoint = ckpt_io.load_checkpoint(resume_from) if resume_from else None
+    job = available_jobs()[args.job](args, dist_info)
+    model = job.build_model(checkpoint["model_spec"] if checkpoint else None)
+    if checkpoint:
+        model.load_state_dict(checkpoint["state_dict"])
+    model = place_model(model, args, dist_info)
+    seed_everything(args.seed + dist_info.rank)
+
+    # 3. data -------------------------------------------------------------------------------------------
+    transform, tokenizer = job.data_transforms(model)
+    data = get_data(args, transform, tokenizer, dist_info.rank, dist_info.world_size)
+    total_steps = data.num_batches // args.accum_freq * args.epochs
+    logging.info("%d samples per epoch, %d batches per rank, %d optimizer steps in all",
+                 data.num_samples, data.num_batches, total_steps)
+
+    # 4. optimizer, scaler, schedule ------------------------------------------------------------------
+    optimizer = build_optimizer(model, args)
+    scaler = torch.amp.GradScaler("cuda") if args.precision == "amp" and dist_info.device.type == "cuda" else None
+    scheduler = cosine_schedule(optimizer, args, total_steps)
+
+    ctx = RunContext(args=args, dist=dist_info, model=model, unwrapped_model=model, optimizer=optimizer,
+                     scaler=scaler, scheduler=scheduler, data=data, tb_writer=make_tb_writer(args, log_dir, dist_info),
+                     results_file=open(log_dir / "results.jsonl", "a") if dist_info.is_master else None)
+    ctx.save_checkpoint = lambda kind: save_run_checkpoint(ctx, job, log_dir, kind)
+
+    # 5. resume: weights above; here optimizer, scaler, job state, position and RNG --------------------
+    if checkpoint:
+        restore_run_state(ctx, job, checkpoint)
+        logging.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)",
+                     resume_from, ctx.epoch, ctx.step, ctx.step_in_epoch)
+    wrap_model(ctx)
+    job.on_train_start(ctx)
+
+    # 6. epochs ------------------------------------------------------------------------------------------
+    for epoch in range(ctx.epoch, args.epochs):
+        ctx.epoch = epoch
+        replacement = job.on_epoch_start(epoch, ctx)
+        if replacement is not None:  # e.g. pruning surgery: a smaller model continues the run
+            replace_model(ctx, replacement)
+        data.set_epoch(epoch, ctx.step_in_epoch)
+        train_one_epoch(ctx, job)
+        if ctx.extra.get("stopped_early"):
+            logging.info("stopping at step %d (--stop-after-steps)", ctx.step)
+            ctx.save_checkpoint("latest")
+            break
+        ctx.step_in_epoch = 0
+        job.on_epoch_end(epoch, ctx)
+        ctx.epoch = epoch + 1
+        ctx.save_checkpoint("epoch")
+        evaluate_in_loop(ctx, job)
+
+    # 7. end ---------------------------------------------------------------------------------------------
+    if not ctx.extra.get("stopped_early"):
+        job.on_train_end(ctx)
+    summary = {"name": args.name, "job": args.job, "epochs": ctx.epoch, "steps": ctx.step,
+               "samples_skipped": ctx.samples_skipped}
+    if dist_info.is_master:
+        if ctx.tb_writer is not None:
+            ctx.tb_writer.close()
+        ctx.results_file.close()
+        logging.info("done: %s", json.dumps(summary))
+    barrier()
+    cleanup()
+    return summary
+
+
+# --- run folder and logging --------------------------------------------------------------------------
+
+
+def prepare_run_dir(args, dist_info: DistInfo) -> Path:
+    log_dir = Path(args.logs) / args.name
+    problem = None
+    if dist_info.is_master:
+        if log_dir.exists() and args.resume is None and (log_dir / "params.txt").exists():
+            problem = (f"run folder {log_dir} already exists; pass --resume latest to continue it, "
+                       f"or choose another --name")
+        else:
+            (log_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            with open(log_dir / "params.txt", "w") as f:
+                for key in sorted(vars(args)):
+                    f.write(f"{key}: {getattr(args, key)}\n")
+            if args.copy_codebase:
+                src = Path(__file__).resolve().parents[1]
+                shutil.copytree(src, log_dir / "code" / "src", dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+    problem = broadcast_object(problem)
+    if problem:
+        raise UserError(problem)
+    barrier()
+    return log_dir
+
+
+def setup_logging(log_dir: Path, dist_info: DistInfo, level: str) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG)
+    fmt = logging.Formatter(f"%(asctime)s | rank {dist_info.rank} | %(levelname)s | %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(getattr(logging, level.upper()) if dist_info.is_master else logging.WARNING)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    if dist_info.is_master:
+        file_handler = logging.FileHandler(log_dir / "out.log")
+        file_handler.setLevel(logging.INFO)
+        file_handler.setFormatter(fmt)
+        root.addHandler(file_handler)
+    for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "sentence_transformers", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def make_tb_writer(args, log_dir: Path, dist_info: DistInfo):
+    if args.report_to != "tensorboard" or not dist_info.is_master:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(log_dir / "tensorboard"))
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# --- model placement ---------------------------------------------------------------------------------
+
+
+def place_model(model: nn.Module, args, dist_info: DistInfo) -> nn.Module:
+    model = model.to(dist_info.device)
+    if args.precision == "bf16":
+        model = model.to(torch.bfloat16)
+    return model
+
+
+def wrap_model(ctx: RunContext) -> None:
+    """DDP (and torch.compile) around the plain model; the plain one stays in ctx.unwrapped_model."""
+    model = ctx.unwrapped_model
+    if ctx.dist.distributed and any(p.requires_grad for p in model.parameters()):
+        device_ids = [ctx.dist.local_rank] if ctx.dist.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=getattr(ctx.args, "ddp_find_unused", False))
+    if ctx.args.torchcompile:
+        model = torch.compile(model)
+    ctx.model = model
+
+
+def replace_model(ctx: RunContext, new_model: nn.Module) -> None:
+    """A job changed the architecture: new optimizer over the new parameters, re-wrapped."""
+    ctx.unwrapped_model = place_model(new_model, ctx.args, ctx.dist)
+    ctx.optimizer = build_optimizer(ctx.unwrapped_model, ctx.args)
+    ctx.scheduler = cosine_schedule(ctx.optimizer, ctx.args,
+                                    ctx.data.num_batches // ctx.args.accum_freq * ctx.args.epochs)
+    wrap_model(ctx)
+
+
+# --- optimizer and schedule --------------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on gains, biases, norms and the temperature (as open_clip)."""
+
+    def no_decay(name: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise UserError("nothing to train: every parameter is frozen")
+    groups = [
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": args.wd},
+    ]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, args, total_steps: int):
+    """Returns `set_lr(step) -> lr`: linear warm-up, then cosine to 0 (or constant)."""
+    base_lrs = [group.get("initial_lr", args.lr) for group in optimizer.param_groups]
+    for group, lr in zip(optimizer.param_groups, base_lrs):
+        group["initial_lr"] = lr
+
+    def set_lr(step: int) -> float:
+        factor = 1.0
+        if step < args.warmup:
+            factor = (step + 1) / args.warmup
+        elif args.lr_scheduler == "cosine":
+            progress = (step - args.warmup) / max(1, total_steps - args.warmup)
+            factor = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        return base_lrs[0] * factor
+
+    set_lr(0)
+    return set_lr
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+
+def resolve_resume(args, log_dir: Path) -> Optional[Path]:
+    if args.resume is None:
+        return None
+    if args.resume == "latest":
+        found = ckpt_io.find_resume_checkpoint(log_dir / "checkpoints")
+        if found is None:
+            logging.info("--resume latest: no checkpoint yet in %s, starting fresh", log_dir / "checkpoints")
+        return found
+    if not os.path.exists(args.resume):
+        raise UserError(f"--resume {args.resume}: no such file")
+    return Path(args.resume)
+
+
+def gather_rng_states() -> list:
+    """Every rank's RNG state (a collective): each rank resumes its own stream."""
+    state = ckpt_io.capture_rng_state()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        states = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(states, state)
+        return states
+    return [state]
+
+
+def save_run_checkpoint(ctx: RunContext, job, log_dir: Path, kind: str) -> None:
+    """kind 'latest': mid-epoch epoch_latest.pt; 'epoch': epoch_N.pt (+ latest when asked). Collective."""
+    args = ctx.args
+    rng_states = gather_rng_states()
+    job_state = job.state_dict()
+    if not ctx.dist.is_master:
+        barrier()
+        return
+    model = ctx.unwrapped_model
+    state = {
+        "epoch": ctx.epoch,
+        "step": ctx.step,
+        "step_in_epoch": ctx.step_in_epoch,
+        "name": args.name,
+        "job": args.job,
+        "model_spec": model.model_spec,
+        "state_dict": model.state_dict(),
+        "optimizer": ctx.optimizer.state_dict(),
+        "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
+        "job_state": job_state,
+        "rng": rng_states,
+        "samples_seen": ctx.samples_seen,
+        "samples_skipped": ctx.samples_skipped,
+        "world_size": ctx.dist.world_size,
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+    }
+    checkpoint_dir = log_dir / "checkpoints"
+    if kind == "latest":
+        ckpt_io.save_checkpoint(state, checkpoint_dir / ckpt_io.LATEST)
+    else:
+        epoch = ctx.epoch
+        if args.save_frequency > 0 and (epoch % args.save_frequency == 0 or epoch == args.epochs):
+            ckpt_io.save_checkpoint(state, checkpoint_dir / f"epoch_{epoch}.pt")
+            previous = checkpoint_dir / f"epoch_{epoch - args.save_frequency}.pt"
+            if args.delete_previous_checkpoint and previous.exists():
+                previous.unlink()
+        if args.save_most_recent or args.save_every_n_steps:
+            ckpt_io.save_checkpoint(state, checkpoint_dir / ckpt_io.LATEST)
+    logging.info("saved %s checkpoint at epoch %d step %d", kind, ctx.epoch, ctx.step)
+    barrier()
+
+
+def restore_run_state(ctx: RunContext, job, checkpoint: Dict[str, Any]) -> None:
+    ctx.optimizer.load_state_dict(checkpoint["optimizer"])
+    if ctx.scaler is not None and checkpoint.get("scaler"):
+        ctx.scaler.load_state_dict(checkpoint["scaler"])
+    job.load_state_dict(checkpoint.get("job_state") or {})
+    ctx.epoch = checkpoint["epoch"]
+    ctx.step = checkpoint["step"]
+    ctx.step_in_epoch = checkpoint.get("step_in_epoch", 0)
+    ctx.samples_seen = checkpoint.get("samples_seen", 0)
+    ctx.samples_skipped = checkpoint.get("samples_skipped", 0)
+    ctx.scheduler(ctx.step)
+    rng = checkpoint.get("rng")
+    if rng and len(rng) == ctx.dist.world_size:
+        ckpt_io.restore_rng_state(rng[ctx.dist.rank])
+    elif rng:
+        logging.warning("checkpoint was written by %d processes, this run has %d: RNG streams restart",
+                        len(rng), ctx.dist.world_size)
+
+
+# --- in-loop evaluation --------------------------------------------------------------------------------
+
+
+def evaluate_in_loop(ctx: RunContext, job) -> None:
+    """Zero-shot / linear / retrieval every N epochs through eval/ (rank 0; the others wait)."""
+    args = ctx.args
+    wanted = [name for name, freq in (("zeroshot", args.zeroshot_frequency), ("linear_probe", args.linear_frequency),
+                                      ("retrieval", args.retrieval_frequency)) if freq and ctx.epoch % freq == 0]
+    if not wanted:
+        return
+    if not args.eval_data_dir:
+        raise UserError("--zeroshot/--linear/--retrieval-frequency need --eval-data-dir")
+    if ctx.dist.is_master:
+        from training.evaluation import evaluate_model
+
+        metrics = evaluate_model(ctx.unwrapped_model, args.eval_data_dir, wanted, ctx.dist.device,
+                                 batch_size=args.batch_size, workers=args.workers)
+        ctx.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
+        logging.info("eval at epoch %d: %s", ctx.epoch, json.dumps(metrics))
+        ctx.unwrapped_model.train()
+    barrier()
+
+
+if __name__ == "__main__":
+    main()

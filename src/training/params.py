@@ -1,0 +1,118 @@
+"""Command-line flags. Names follow OpenCLIP / ProtoCLIP so their users' commands carry over;
+each job adds its own group (training/jobs/<job>.py: add_arguments)."""
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+from training.jobs import available_jobs
+
+
+def _frequency_flags(group) -> None:
+    group.add_argument("--zeroshot-frequency", type=int, default=0,
+                       help="run zero-shot eval every N epochs (0: never; use the monitor instead)")
+    group.add_argument("--linear-frequency", type=int, default=0, help="run linear-probe eval every N epochs")
+    group.add_argument("--retrieval-frequency", type=int, default=0, help="run retrieval eval every N epochs")
+    group.add_argument("--eval-data-dir", default=None,
+                       help="eval root (ProtoCLIP layout: coco2017/, <name>/{train,test}/, flickr30k/, cifar10/…)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    jobs = available_jobs()
+    parser = argparse.ArgumentParser(
+        prog="python -m training.main",
+        description="clipcompress trainer: one loop for contrastive training, ProtoRKD, pruning and distillation.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--job", default="clip", choices=sorted(jobs),
+                        help="what to train: " + "; ".join(f"{n}: {j.help}" for n, j in sorted(jobs.items())))
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-data", default=None,
+                      help="TSV/CSV file, webdataset shards (brace patterns, '::'-separated lists), or 'synthetic'")
+    data.add_argument("--dataset-type", default="auto", choices=["auto", "csv", "webdataset", "synthetic"],
+                      help="data source type (auto: from --train-data)")
+    data.add_argument("--csv-separator", default="\t", help="column separator of the TSV/CSV")
+    data.add_argument("--csv-img-key", default="filepath", help="column with image paths (relative to the file's folder or absolute)")
+    data.add_argument("--csv-caption-key", default="title", help="column with captions")
+    data.add_argument("--dataset-size", type=int, default=None,
+                      help="number of rows in the training set (episodic jobs; default: read from the data)")
+    data.add_argument("--train-num-samples", type=int, default=None,
+                      help="samples per epoch for shards (default: sizes.json) or size of synthetic data")
+    data.add_argument("--dataset-resampled", action="store_true",
+                      help="sample shards with replacement (webdataset), as open_clip")
+    data.add_argument("--workers", type=int, default=2, help="data-loader processes per rank")
+    data.add_argument("--max-bad-fraction", type=float, default=0.01,
+                      help="stop the run when more than this fraction of samples seen so far was bad")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--batch-size", type=int, default=64, help="batch size per process")
+    opt.add_argument("--epochs", type=int, default=2, help="number of epochs (episodes for episodic jobs)")
+    opt.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    opt.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay (not on gains, biases, logit scale)")
+    opt.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    opt.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "const"], help="schedule after warm-up")
+    opt.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    opt.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
+    opt.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
+    opt.add_argument("--grad-clip-norm", "--max-grad-norm", dest="grad_clip_norm", type=float, default=None,
+                     help="clip the global gradient norm to this value")
+    opt.add_argument("--accum-freq", type=int, default=1,
+                     help="accumulate gradients over N batches per optimizer step (plain accumulation)")
+    opt.add_argument("--skip-nonfinite-loss", action="store_true",
+                     help="skip a step whose loss is NaN/inf instead of stopping the run")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="clipc-vit-t2-64", help="open_clip model config (ours or open_clip's)")
+    model.add_argument("--pretrained", default=None, help="weights: a local file, or an open_clip tag when online")
+    model.add_argument("--precision", default="fp32", choices=["fp32", "amp", "amp_bf16", "bf16"],
+                       help="fp32; amp (fp16 autocast + grad scaler on GPU); amp_bf16 (bf16 autocast); bf16 (pure bf16 weights)")
+    model.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in the towers")
+    model.add_argument("--torchcompile", action="store_true", help="torch.compile the model")
+    model.add_argument("--local-loss", action="store_true",
+                       help="contrastive loss over local rows x all columns (scales with ranks; open_clip)")
+    model.add_argument("--gather-with-grad", action="store_true",
+                       help="all-gather features with gradients (needed for exact gradients with --local-loss)")
+    model.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
+    model.add_argument("--lock-image-unlocked-groups", type=int, default=0, help="leave the last N image groups trainable")
+    model.add_argument("--lock-image-freeze-bn-stats", action="store_true", help="freeze BatchNorm statistics of a locked image tower")
+    model.add_argument("--lock-text", action="store_true", help="freeze the text tower")
+    model.add_argument("--lock-text-unlocked-layers", type=int, default=0, help="leave the last N text layers trainable")
+
+    run = parser.add_argument_group("run, logging and checkpoints")
+    run.add_argument("--seed", type=int, default=0, help="random seed (data order, init)")
+    run.add_argument("--logs", "--logs-root", dest="logs", default="./logs",
+                     help="root folder of run directories (under torchrun on Python < 3.12 spell it --logs-root: "
+                          "torchrun's own --logs-specs makes a bare --logs ambiguous)")
+    run.add_argument("--name", default=None, help="run name (folder under --logs); default: a timestamp and the model")
+    run.add_argument("--save-frequency", type=int, default=1, help="write epoch_N.pt every N epochs (0: never)")
+    run.add_argument("--save-every-n-steps", type=int, default=0, help="also write epoch_latest.pt every N steps")
+    run.add_argument("--save-most-recent", action="store_true", help="write epoch_latest.pt at each epoch end too")
+    run.add_argument("--delete-previous-checkpoint", action="store_true", help="keep only the newest epoch_N.pt")
+    run.add_argument("--resume", default=None,
+                     help="checkpoint path, or 'latest' (the newest of this run; a fresh start if none)")
+    run.add_argument("--report-to", default="tensorboard", choices=["tensorboard", "none"], help="metrics sink")
+    run.add_argument("--log-every-n-steps", type=int, default=10, help="log losses/lr/throughput every N steps")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"], help="console log level")
+    run.add_argument("--copy-codebase", action="store_true", help="copy src/ into the run folder (ProtoCLIP)")
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    run.add_argument("--dist-backend", default=None, help="process-group backend (default: nccl on GPU, gloo on CPU)")
+    run.add_argument("--stop-after-steps", type=int, default=0,
+                     help="end the run after this global step, as if interrupted (tests, soak runs)")
+
+    evaluation = parser.add_argument_group("in-loop evaluation")
+    _frequency_flags(evaluation)
+
+    for job_name, job_class in sorted(jobs.items()):
+        job_class.add_arguments(parser.add_argument_group(f"--job {job_name}"))
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.train_data is None:
+        parser.error("--train-data is required (a TSV, shards, or 'synthetic')")
+    if args.accum_freq < 1 or args.batch_size < 1:
+        parser.error("--batch-size and --accum-freq must be at least 1")
+    return args

@@ -1,0 +1,196 @@
+"""The step loop of one epoch: forward through the job, backward, step, log, save.
+
+Knows nothing of what a job computes: it gets a loss dict from `job.loss` and hands control back at
+`job.on_step_end`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from training.distributed import DistInfo, all_reduce_mean, all_reduce_sum
+from training.errors import DataError, NonFiniteLossError
+
+
+@dataclass
+class RunContext:
+    """What the loop and the jobs share during a run."""
+
+    args: Any
+    dist: DistInfo
+    model: nn.Module  # what the loss runs through: possibly DDP-wrapped and/or compiled
+    unwrapped_model: nn.Module  # the plain module: saved, evaluated, edited by jobs
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    scheduler: Callable[[int], float]
+    data: Any
+    tb_writer: Any = None
+    results_file: Any = None
+    epoch: int = 0
+    step: int = 0  # global optimizer steps done
+    step_in_epoch: int = 0  # batches of this epoch done (data position)
+    samples_seen: int = 0
+    samples_skipped: int = 0
+    save_checkpoint: Callable[[str], None] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def log_scalars(self, scalars: Dict[str, float], step: Optional[int] = None) -> None:
+        """Tensorboard + results.jsonl, rank 0 only."""
+        if not self.dist.is_master:
+            return
+        step = self.step if step is None else step
+        if self.tb_writer is not None:
+            for key, value in scalars.items():
+                self.tb_writer.add_scalar(key, value, step)
+        if self.results_file is not None:
+            import json
+
+            self.results_file.write(json.dumps({"step": step, "epoch": self.epoch, **scalars}) + "\n")
+            self.results_file.flush()
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "amp":
+        return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+    if precision == "amp_bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def move_to_device(batch: Dict[str, Any], device: torch.device, precision: str) -> Dict[str, Any]:
+    out = dict(batch)
+    for key in ("image", "text", "index"):
+        if isinstance(out.get(key), torch.Tensor):
+            out[key] = out[key].to(device, non_blocking=True)
+    if precision == "bf16" and isinstance(out.get("image"), torch.Tensor):
+        out["image"] = out["image"].to(torch.bfloat16)
+    return out
+
+
+def _check_bad_fraction(ctx: RunContext) -> None:
+    seen = ctx.samples_seen + ctx.samples_skipped
+    if seen >= 100 and ctx.samples_skipped / seen > ctx.args.max_bad_fraction:
+        raise DataError(
+            f"stopping: {ctx.samples_skipped} of {seen} samples so far were bad "
+            f"({100 * ctx.samples_skipped / seen:.1f}% > --max-bad-fraction {ctx.args.max_bad_fraction}); "
+            f"see out.log for which files"
+        )
+
+
+def train_one_epoch(ctx: RunContext, job) -> None:
+    args, dist_info, device = ctx.args, ctx.dist, ctx.dist.device
+    model, optimizer, scaler = ctx.model, ctx.optimizer, ctx.scaler
+    model.train()
+    num_batches = ctx.data.num_batches
+    steps_per_epoch = num_batches // args.accum_freq
+    progress = tqdm(total=num_batches, initial=ctx.step_in_epoch, desc=f"epoch {ctx.epoch}", unit="batch",
+                    disable=None if dist_info.is_master and args.log_level != "warning" else True,
+                    dynamic_ncols=True, leave=False)
+    data_time = batch_time = 0.0
+    window_samples, window_start = 0, time.perf_counter()
+    end = time.perf_counter()
+    micro_step = 0
+    bad_logged = 0
+
+    for batch in ctx.data.batches():
+        data_time += time.perf_counter() - end
+        skipped = batch["skipped"]
+        if skipped:
+            ctx.samples_skipped += skipped
+            for reason in batch["skipped_reasons"][: max(0, 20 - bad_logged)]:
+                logging.warning("skipped bad sample: %s", reason)
+            bad_logged += len(batch["skipped_reasons"])
+        ctx.samples_seen += len(batch["caption"])
+        _check_bad_fraction(ctx)
+
+        batch = move_to_device(batch, device, args.precision)
+        micro_step += 1
+        last_micro = micro_step % args.accum_freq == 0
+        sync_context = model.no_sync if (hasattr(model, "no_sync") and not last_micro) else contextlib.nullcontext
+        with sync_context():
+            with autocast_context(args.precision, device):
+                losses = job.loss(model, batch)
+            total = losses["loss"]
+            backward_loss = total / args.accum_freq
+            if scaler is not None:
+                scaler.scale(backward_loss).backward()
+            else:
+                backward_loss.backward()
+        ctx.step_in_epoch += 1
+        progress.update(1)
+        if not last_micro:
+            continue
+
+        # one host sync per optimizer step: a NaN on any rank stops (or skips) on every rank together
+        finite = torch.isfinite(total.detach()).float()
+        if dist_info.distributed:
+            finite = all_reduce_sum(finite) / dist_info.world_size
+        if finite.item() < 1:
+            optimizer.zero_grad(set_to_none=True)
+            if not args.skip_nonfinite_loss:
+                raise NonFiniteLossError(
+                    f"loss is {total.item()} at step {ctx.step + 1} (epoch {ctx.epoch}); stopping before any "
+                    f"checkpoint is written (lower --lr, use --grad-clip-norm, or --skip-nonfinite-loss)")
+            logging.warning("skipping step %d: non-finite loss %s", ctx.step + 1, total.item())
+            ctx.step += 1
+            continue
+
+        if scaler is not None:
+            if args.grad_clip_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            if args.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ctx.step += 1
+        lr = ctx.scheduler(ctx.step)
+        job.on_step_end(ctx)
+
+        batch_time += time.perf_counter() - end
+        window_samples += len(batch["caption"]) * args.accum_freq * dist_info.world_size
+        end = time.perf_counter()
+
+        if ctx.step % args.log_every_n_steps == 0 or ctx.step_in_epoch == num_batches:
+            # the logged loss is the mean over ranks, so runs on different rank counts compare directly
+            values = {k: all_reduce_mean(v.detach().float()).item() for k, v in losses.items()}
+            elapsed = time.perf_counter() - window_start
+            scalars = {f"train/{k}": v for k, v in values.items()}
+            scalars.update({
+                "train/lr": lr,
+                "train/samples_per_second": window_samples / max(elapsed, 1e-9),
+                "train/data_time": data_time / max(1, args.log_every_n_steps),
+                "train/batch_time": batch_time / max(1, args.log_every_n_steps),
+                "data/skipped": ctx.samples_skipped,
+            })
+            scale = getattr(ctx.unwrapped_model, "logit_scale", None)
+            if isinstance(scale, torch.Tensor):
+                scalars["train/logit_scale"] = scale.detach().float().exp().item()
+            ctx.log_scalars(scalars)
+            if dist_info.is_master:
+                progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+                logging.info("epoch %d step %d (%d/%d) loss %.4f lr %.3e %.1f samples/s skipped %d",
+                             ctx.epoch, ctx.step, ctx.step_in_epoch, num_batches, values["loss"], lr,
+                             scalars["train/samples_per_second"], ctx.samples_skipped)
+            data_time = batch_time = 0.0
+            window_samples, window_start = 0, time.perf_counter()
+
+        if args.save_every_n_steps and ctx.step % args.save_every_n_steps == 0 and ctx.step_in_epoch < num_batches:
+            ctx.save_checkpoint("latest")
+        if args.stop_after_steps and ctx.step >= args.stop_after_steps:
+            ctx.extra["stopped_early"] = True
+            break
+        if ctx.step_in_epoch >= steps_per_epoch * args.accum_freq:
+            break
+    progress.close()
