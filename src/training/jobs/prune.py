@@ -1,0 +1,255 @@
+"""`--job prune`: UPop structured pruning of an open_clip ViT CLIP, with optional cross-modal KD.
+
+    python -m training.main --job prune --p 0.5 --epochs 4 --search-epochs 2 --KD \
+        --model clipc-vit-t2-64 --pretrained logs/clip/checkpoints/epoch_4.pt --train-data train.tsv
+
+Epochs `0 … search_epochs-1` search: masks on both towers (per head dim or per head, and per MLP unit) are
+multiplied into the dense model; every `--search-interval` steps their accumulated gradients decide, in
+one pool over both towers, which entries are cut for the current target π_t = p·sqrt((1 − cos(π(t+1)/T))/2)
+(compress.pruning.allocate_masks). Cut entries fade as 1 − π_t/p and reach 0 at the last search step.
+At the start of epoch `search_epochs` the weights are sliced into a genuinely smaller model
+(compress.pruning.prune_clip), which the trainer swaps in (new optimizer), and the remaining epochs
+fine-tune it. With `--KD` a frozen copy of the starting model teaches throughout.
+
+Checkpoints: during search the spec is `masked_clip` (dense weights + current masks, so the monitor scores
+what is being trained); after surgery `pruned_clip` (per-layer widths). The masks, their accumulated
+gradients and the search length go into job_state, so a resume mid-search continues exactly.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from compress import pruning
+from compress.registry import build_model, open_clip_spec
+from training.distributed import all_reduce_sum
+from training.errors import UserError
+from training.jobs import Job, add_argument_once
+from training.jobs.clip import MAX_LOGIT_SCALE
+from training.models import create_clip
+
+
+class PruneJob(Job):
+    name = "prune"
+    help = "UPop structured pruning (search, surgery, fine-tune) with optional cross-modal KD"
+
+    @staticmethod
+    def add_arguments(group) -> None:
+        group.add_argument("--p", type=float, default=0.5,
+                           help="fraction of prunable parameters (attention q/k/v/out and MLP weights of both "
+                                "towers) to remove: 0.5 ≈ 2x, 0.75 ≈ 4x")
+        group.add_argument("--search-epochs", type=int, default=None,
+                           help="epochs of mask search before surgery; the rest of --epochs fine-tunes the pruned "
+                                "model (default: --epochs minus --finetune-epochs, else half of --epochs)")
+        group.add_argument("--finetune-epochs", type=int, default=None,
+                           help="epochs of fine-tuning after surgery (alternative to --search-epochs)")
+        group.add_argument("--search-interval", type=int, default=0,
+                           help="update the masks every N optimizer steps (0: about 100 updates over the search)")
+        group.add_argument("--prune-heads", action="store_true",
+                           help="prune whole attention heads instead of head dimensions shared across heads")
+        add_argument_once(group, "--KD", dest="KD", action="store_true",
+                          help="a frozen copy of the starting model teaches (features, logits, soft targets)")
+        group.add_argument("--w-kd-feat", type=float, default=1.0,
+                           help="KD: weight of ½[‖î_s − î_t‖² + ‖t̂_s − t̂_t‖²] (normalised features, batch mean)")
+        group.add_argument("--w-kd-logits", type=float, default=0.1,
+                           help="KD: weight of ½[MSE(i2t logits) + MSE(t2i logits)] against the teacher's")
+        group.add_argument("--w-kd-soft-target", type=float, default=0.5,
+                           help="KD: contrastive target = (1 − w)·ground truth + w·teacher softmax (0: hard)")
+        group.add_argument("--w-sp-attn", type=float, default=0.0117,
+                           help="search: L1 weight on the attention masks (UPop's value)")
+        group.add_argument("--w-sp-mlp", type=float, default=2e-4,
+                           help="search: L1 weight on the MLP masks (UPop's value)")
+
+    def __init__(self, args, dist_info):
+        super().__init__(args, dist_info)
+        if not 0 <= args.p < 1:
+            raise UserError(f"--p {args.p}: the pruned fraction must be in [0, 1)")
+        if not 0 <= args.w_kd_soft_target <= 1:
+            raise UserError(f"--w-kd-soft-target {args.w_kd_soft_target}: must be in [0, 1]")
+        search, finetune = args.search_epochs, args.finetune_epochs
+        if search is None:
+            search = args.epochs - finetune if finetune is not None else max(1, args.epochs // 2)
+        if finetune is not None and search + finetune != args.epochs:
+            raise UserError(f"--search-epochs {search} + --finetune-epochs {finetune} must equal --epochs {args.epochs}")
+        if not 1 <= search < args.epochs:
+            raise UserError(f"need 1 <= search epochs ({search}) < --epochs ({args.epochs}): the pruned model is "
+                            f"fine-tuned for the remaining epochs")
+        self.search_epochs = search
+        self.pruned = False
+        self.masks: pruning.Masks = {}
+        self.search_steps = 0  # T: optimizer steps of the whole search
+        self.interval = 0
+        self.loaded_state: Dict[str, Any] = {}
+        self.teacher = None
+
+    # --- models -------------------------------------------------------------------------------------
+
+    def build_model(self, resume_spec: Optional[Dict[str, Any]] = None):
+        args = self.args
+        kind = (resume_spec or {}).get("kind")
+        if kind not in (None, "masked_clip", "pruned_clip"):
+            raise UserError(f"--job prune cannot resume a {kind!r} checkpoint (expected one written by --job prune)")
+        start = None
+        if resume_spec is None or args.KD:
+            # the dense starting model: the student's first weights and, with --KD, the frozen teacher
+            start = create_clip(args.model, args.pretrained)
+            if not args.pretrained:
+                logging.warning("--job prune without --pretrained: pruning a randomly initialised %s", args.model)
+        if resume_spec is None:
+            model = pruning.with_prunable_attention(copy.deepcopy(start))
+            self.masks = pruning.init_masks(model, prune_heads=args.prune_heads)
+            pruning.attach_masks(model, self.masks)
+            model.model_spec = pruning.masked_spec(open_clip_spec(args.model), self.masks)
+        else:
+            model = build_model(resume_spec)
+            self.pruned = kind == "pruned_clip"
+        if args.KD:
+            self.teacher = start.to(self.device).eval().requires_grad_(False)
+            if args.precision == "bf16":
+                self.teacher = self.teacher.to(torch.bfloat16)
+            self.teacher.output_dict = True
+        model.output_dict = True
+        self.clip_loss = ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
+                                  cache_labels=True, rank=self.dist.rank, world_size=self.dist.world_size)
+        return model
+
+    # --- hooks --------------------------------------------------------------------------------------
+
+    def on_train_start(self, ctx) -> None:
+        model = ctx.unwrapped_model
+        if self.pruned:
+            self._log_size("pruned", model, ctx)
+            return
+        self.masks = pruning.attached_masks(model)  # the placed (possibly moved) tensors
+        state = self.loaded_state
+        steps_per_epoch = ctx.data.num_batches // self.args.accum_freq
+        self.search_steps = int(state.get("search_steps") or self.search_epochs * steps_per_epoch)
+        self.interval = self.args.search_interval or max(1, round(self.search_steps / 100))
+        for key, mask in self.masks.items():
+            with torch.no_grad():
+                if key in state.get("masks", {}):
+                    mask.copy_(state["masks"][key])
+            mask.requires_grad_(True)
+            if key in state.get("mask_grads", {}) and self.dist.rank == 0:
+                mask.grad = state["mask_grads"][key].to(mask.device).clone()  # other ranks add theirs from 0
+        model.model_spec = pruning.masked_spec(pruning._base_spec(model.model_spec), self.masks)
+        logging.info("prune: p=%.3f, search %d epochs = %d steps, masks updated every %d steps, %s units",
+                     self.args.p, self.search_epochs, self.search_steps, self.interval,
+                     "head" if self.args.prune_heads else "head-dim")
+        self._log_size("dense", model, ctx)
+
+    def on_epoch_start(self, epoch: int, ctx):
+        if self.pruned or epoch < self.search_epochs:
+            return None
+        model = ctx.unwrapped_model
+        if any(bool(((m != 0) & (m != 1)).any()) for m in self.masks.values()):
+            # the search ended before its last scheduled update (e.g. shortened by a resume): finish the cut
+            self._update_masks(ctx, self.args.p)
+        pruned = pruning.prune_clip(model, {k: m.detach() for k, m in self.masks.items()})
+        pruned.output_dict = True
+        self.pruned, self.masks = True, {}
+        logging.info("prune: surgery at epoch %d", epoch)
+        self._log_size("pruned", pruned, ctx)
+        return pruned
+
+    def on_step_end(self, ctx) -> None:
+        with torch.no_grad():
+            ctx.unwrapped_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        if self.pruned:
+            return
+        t = ctx.step - 1  # index of the step just taken
+        if t < self.search_steps and (t % self.interval == 0 or t == self.search_steps - 1):
+            self._update_masks(ctx, pruning.upop_target(self.args.p, t, self.search_steps))
+
+    # --- the search ---------------------------------------------------------------------------------
+
+    def _reduced_mask_grads(self) -> Dict[str, torch.Tensor]:
+        """Mask gradients accumulated since the last update, summed over ranks (one collective)."""
+        keys = list(self.masks)
+        flat = torch.cat([(self.masks[k].grad if self.masks[k].grad is not None
+                           else torch.zeros_like(self.masks[k])).detach().flatten() for k in keys])
+        flat = all_reduce_sum(flat)
+        return dict(zip(keys, flat.split([self.masks[k].numel() for k in keys])))
+
+    def _update_masks(self, ctx, target: float) -> None:
+        model = ctx.unwrapped_model
+        costs = pruning.mask_costs(model, self.masks)
+        new = pruning.allocate_masks(self._reduced_mask_grads(), costs, target, self.args.p)
+        with torch.no_grad():
+            for key, mask in self.masks.items():
+                mask.copy_(new[key])
+                mask.grad = None
+        model.model_spec = pruning.masked_spec(pruning._base_spec(model.model_spec), self.masks)
+        kept = pruning.kept_fraction(self.masks, costs)
+        ctx.log_scalars({"prune/target": target, "prune/mask_value": 1 - target / self.args.p if self.args.p else 1.0,
+                         "prune/kept_attention": kept["attention"], "prune/kept_mlp": kept["mlp"],
+                         "prune/kept_all": kept["all"]})
+        logging.info("prune: step %d target %.4f, kept attention %.3f mlp %.3f all %.3f",
+                     ctx.step, target, kept["attention"], kept["mlp"], kept["all"])
+
+    def _log_size(self, label: str, model, ctx) -> None:
+        if not self.dist.is_master:
+            return
+        size = pruning.params_and_macs(model)
+        ctx.log_scalars({f"prune/{k}": v for k, v in size.items()})
+        logging.info("prune: %s model: %.3fM params, %.2fM image MACs, %.2fM text MACs per sample; layers %s",
+                     label, size["params"] / 1e6, size["macs_image"] / 1e6, size["macs_text"] / 1e6,
+                     pruning.layer_shapes(model) if label == "pruned" else "dense")
+
+    # --- loss ---------------------------------------------------------------------------------------
+
+    def loss(self, model, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        args = self.args
+        out = model(batch["image"], batch["text"])
+        image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        logits_i2t, logits_t2i = self.clip_loss.get_logits(image, text, scale)
+        labels = self.clip_loss.get_ground_truth(image.device, logits_i2t.shape[0])
+        losses: Dict[str, torch.Tensor] = {}
+        if self.teacher is None:
+            contrastive = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+            total = contrastive
+        else:
+            with torch.no_grad():
+                teacher = self.teacher(batch["image"], batch["text"])
+                t_i2t, t_t2i = self.clip_loss.get_logits(teacher["image_features"], teacher["text_features"],
+                                                        teacher["logit_scale"])
+            # the contrastive target softened by the teacher's similarity distribution
+            w = args.w_kd_soft_target
+            hard = F.one_hot(labels, logits_i2t.shape[1]).to(logits_i2t.dtype)
+            target_i2t = (1 - w) * hard + w * t_i2t.softmax(-1)
+            target_t2i = (1 - w) * hard + w * t_t2i.softmax(-1)
+            contrastive = (F.cross_entropy(logits_i2t, target_i2t) + F.cross_entropy(logits_t2i, target_t2i)) / 2
+            feat = ((image - teacher["image_features"]).pow(2).sum(-1).mean()
+                    + (text - teacher["text_features"]).pow(2).sum(-1).mean()) / 2
+            logit = (F.mse_loss(logits_i2t, t_i2t) + F.mse_loss(logits_t2i, t_t2i)) / 2
+            total = contrastive + args.w_kd_feat * feat + args.w_kd_logits * logit
+            losses.update(kd_feat_loss=feat, kd_logits_loss=logit)
+        losses["contrastive_loss"] = contrastive
+        if not self.pruned and self.masks:
+            attn = sum(m.abs().sum() for k, m in self.masks.items() if not k.endswith(".mlp"))
+            mlp = sum(m.abs().sum() for k, m in self.masks.items() if k.endswith(".mlp"))
+            sparsity = args.w_sp_attn * attn + args.w_sp_mlp * mlp
+            total = total + sparsity
+            losses["sparsity_loss"] = sparsity
+        losses["loss"] = total
+        return losses
+
+    # --- state --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        # called on every rank (the checkpoint writer is collective): gradients are summed here so the
+        # file holds the importance accumulated by all ranks
+        if self.pruned or not self.masks:
+            return {"pruned": self.pruned}
+        grads = self._reduced_mask_grads()
+        return {"pruned": False, "search_steps": self.search_steps,
+                "masks": {k: m.detach().cpu().clone() for k, m in self.masks.items()},
+                "mask_grads": {k: g.cpu().clone() for k, g in grads.items()}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.loaded_state = dict(state)

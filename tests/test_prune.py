@@ -1,0 +1,245 @@
+"""UPop structured pruning: schedule, allocation, surgery equivalence, checkpoints, and the `--job prune` run."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import compress
+from compress import pruning
+from compress.registry import build_model
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+MODEL = "clipc-vit-t2-32"
+
+
+@pytest.fixture(scope="module")
+def dense():
+    torch.manual_seed(0)
+    return build_model({"kind": "open_clip", "model": MODEL}).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 32, 32, generator=g), torch.randint(1, 1000, (4, 16), generator=g)
+
+
+def random_hard_masks(model, prune_heads: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    masks = pruning.init_masks(model, prune_heads=prune_heads)
+    for mask in masks.values():
+        mask.copy_((torch.rand(mask.shape, generator=g) < 0.5).float())
+        mask[torch.randint(mask.numel(), (1,), generator=g)] = 1.0  # every layer keeps a unit
+    return masks
+
+
+# --- schedule -------------------------------------------------------------------------------------------
+
+
+def test_schedule_endpoints_and_shape():
+    p, T = 0.5, 4
+    # t = 0: p·sqrt((1 − cos(π/4)) / 2) = 0.5 · sqrt((1 − 0.70710678) / 2) = 0.5 · 0.38268343
+    assert pruning.upop_target(p, 0, T) == pytest.approx(0.19134172, abs=1e-7)
+    assert pruning.upop_target(p, T - 1, T) == pytest.approx(p, abs=1e-12)  # the search ends at p
+    values = [pruning.upop_target(0.75, t, 100) for t in range(100)]
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert values[-1] == pytest.approx(0.75)
+
+
+# --- allocation ----------------------------------------------------------------------------------------
+
+
+def test_allocation_matches_hand_computed_cut():
+    scores = {
+        "visual.0.head_dim": torch.tensor([2.0, -2.0]),
+        "text.0.head_dim": torch.tensor([0.5, -0.5]),
+        "visual.0.mlp": torch.tensor([4.0, 1.0, 0.0, -1.0]),
+        "text.0.mlp": torch.tensor([0.5, -0.5, -2.0, -2.0]),
+    }
+    costs = {"visual.0.head_dim": 3, "text.0.head_dim": 3, "visual.0.mlp": 1, "text.0.mlp": 1}
+    # standardised per group (mean 0; std 1.6833 attention, 1.9457 mlp), sorted high → low with costs:
+    # vm0 2.056 (1), va0 1.188 (3), vm1 0.514 (1), ta0 0.297 (3), tm0 0.257 (1), vm2 0 (1), tm1 (1),
+    # ta1 (3), vm3 (1), tm2 (1), tm3 (1), va1 (3); cumulative 1 4 5 8 9 10 11 14 15 16 17 20 of 20.
+    # target 0.4 → 8 params: the first four are cut, at value 1 − 0.4/0.8 = 0.5
+    masks = pruning.allocate_masks(scores, costs, target=0.4, p=0.8)
+    assert masks["visual.0.head_dim"].tolist() == [0.5, 1.0]
+    assert masks["text.0.head_dim"].tolist() == [0.5, 1.0]
+    assert masks["visual.0.mlp"].tolist() == [0.5, 0.5, 1.0, 1.0]
+    assert masks["text.0.mlp"].tolist() == [1.0, 1.0, 1.0, 1.0]
+    # target p = 0.8 → 16 params: the first ten are cut (value 0); that would empty text attention and the
+    # visual MLP, so each keeps its most important entry (ta1, vm3)
+    masks = pruning.allocate_masks(scores, costs, target=0.8, p=0.8)
+    assert masks["visual.0.head_dim"].tolist() == [0.0, 1.0]
+    assert masks["text.0.head_dim"].tolist() == [0.0, 1.0]
+    assert masks["visual.0.mlp"].tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert masks["text.0.mlp"].tolist() == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_every_layer_keeps_a_unit_at_extreme_targets(dense):
+    model = pruning.with_prunable_attention(copy.deepcopy(dense))
+    masks = pruning.init_masks(model)
+    scores = {k: torch.randn(m.shape) for k, m in masks.items()}
+    final = pruning.allocate_masks(scores, pruning.mask_costs(model, masks), target=0.99, p=0.99)
+    assert all(bool((m == 1).any()) for m in final.values())
+    assert set(torch.cat(list(final.values())).tolist()) <= {0.0, 1.0}
+    small = pruning.prune_clip(model, final)
+    for layers in small.model_spec["towers"].values():
+        assert all(l["heads"] >= 1 and l["head_dim"] >= 1 and l["mlp_width"] >= 1 for l in layers)
+
+
+def test_mask_costs_are_the_parameters_removed(dense):
+    model = pruning.with_prunable_attention(copy.deepcopy(dense))
+    for prune_heads in (False, True):
+        masks = random_hard_masks(model, prune_heads)
+        costs = pruning.mask_costs(model, masks)
+        # width 64, 2 heads of 32: a head dim carries 2·(3·65 + 64) = 518 params, a head 32·259, an MLP unit 129
+        assert costs["visual.0.head" if prune_heads else "visual.0.head_dim"] == (32 * 259 if prune_heads else 518)
+        assert costs["text.1.mlp"] == 129
+        removed = sum(costs[k] * int((m == 0).sum()) for k, m in masks.items())
+        small = pruning.prune_clip(model, masks)
+        dense_params = sum(p.numel() for p in model.parameters())
+        assert dense_params - sum(p.numel() for p in small.parameters()) == removed
+
+
+# --- surgery -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prune_heads", [False, True])
+def test_surgery_equals_hard_masked_model(dense, inputs, prune_heads):
+    images, tokens = inputs
+    masked = pruning.with_prunable_attention(copy.deepcopy(dense))
+    masks = random_hard_masks(masked, prune_heads, seed=3)
+    pruning.attach_masks(masked, masks)
+    small = pruning.prune_clip(masked, masks)
+    with torch.no_grad():
+        assert not torch.allclose(masked.encode_image(images), dense.encode_image(images), atol=1e-3)
+        torch.testing.assert_close(small.encode_image(images), masked.encode_image(images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(small.encode_text(tokens), masked.encode_text(tokens), atol=1e-5, rtol=0)
+    # genuinely smaller: sliced shapes, fewer parameters
+    kept = {k: int((m != 0).sum()) for k, m in masks.items()}
+    unit = "head" if prune_heads else "head_dim"
+    layer = small.model_spec["towers"]["visual"][0]
+    assert layer["heads" if prune_heads else "head_dim"] == kept[f"visual.0.{unit}"]
+    assert layer["mlp_width"] == kept["visual.0.mlp"] == small.visual.transformer.resblocks[0].mlp.c_fc.out_features
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in dense.parameters())
+
+
+def test_soft_mask_values_are_folded_into_the_weights(dense, inputs):
+    images, tokens = inputs
+    masked = pruning.with_prunable_attention(copy.deepcopy(dense))
+    masks = random_hard_masks(masked, False, seed=5)
+    for mask in masks.values():
+        mask.mul_(torch.linspace(0.3, 1.0, mask.numel()))  # kept entries at fractional values (mid-search)
+    pruning.attach_masks(masked, masks)
+    small = pruning.prune_clip(masked, masks)
+    with torch.no_grad():
+        torch.testing.assert_close(small.encode_image(images), masked.encode_image(images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(small.encode_text(tokens), masked.encode_text(tokens), atol=1e-5, rtol=0)
+
+
+def test_checkpoint_round_trip_through_compress_load(dense, inputs, tmp_path):
+    images, tokens = inputs
+    model = pruning.with_prunable_attention(copy.deepcopy(dense))
+    masks = random_hard_masks(model, False, seed=7)
+    small = pruning.prune_clip(model, masks)
+    torch.save({"model_spec": small.model_spec, "state_dict": small.state_dict()}, tmp_path / "pruned.pt")
+    loaded = compress.load(tmp_path / "pruned.pt")
+    assert loaded.model_spec["kind"] == "pruned_clip"
+    assert pruning.layer_shapes(loaded) == pruning.layer_shapes(small)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), small.encode_image(images), atol=0, rtol=0)
+        torch.testing.assert_close(loaded.encode_text(tokens), small.encode_text(tokens), atol=0, rtol=0)
+
+    # a mid-search checkpoint (masked_clip) rebuilds with its masks multiplied in
+    pruning.attach_masks(model, masks)
+    spec = pruning.masked_spec({"kind": "open_clip", "model": MODEL}, masks)
+    torch.save({"model_spec": spec, "state_dict": model.state_dict()}, tmp_path / "search.pt")
+    searched = compress.load(tmp_path / "search.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(searched.encode_image(images), small.encode_image(images), atol=1e-5, rtol=0)
+
+
+def test_params_and_macs_count_attention_and_shrink(dense):
+    size = pruning.params_and_macs(dense)
+    # image tower by hand: 17 tokens (16 patches + class), width 64, 2 layers: per layer 12·64² MACs per
+    # token in the projections + 2·17·64 for QKᵀ and AV; patch conv 16·(3·8·8)·64; projection 64·64
+    per_layer = 17 * 12 * 64 * 64 + 2 * 17 * 17 * 64
+    assert size["macs_image"] == 2 * per_layer + 16 * 192 * 64 + 64 * 64
+    model = pruning.with_prunable_attention(copy.deepcopy(dense))
+    small = pruning.prune_clip(model, random_hard_masks(model, False))
+    assert pruning.params_and_macs(small)["macs_image"] < size["macs_image"]
+
+
+# --- the job -------------------------------------------------------------------------------------------
+
+
+def job_args(logs, name, *extra):
+    return ["--job", "prune", "--train-data", "synthetic", "--train-num-samples", "96", "--model", MODEL,
+            "--batch-size", "32", "--workers", "0", "--epochs", "2", "--search-epochs", "1", "--p", "0.5",
+            "--search-interval", "1", "--KD", "--warmup", "2", "--logs", str(logs), "--name", name,
+            "--log-level", "warning", "--report-to", "none", *extra]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """Search (1 epoch) + surgery + fine-tune (1 epoch) through the command line."""
+    logs = tmp_path_factory.mktemp("logs")
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    result = subprocess.run([sys.executable, "-m", "training.main", *job_args(logs, "full")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return logs / "full" / "checkpoints"
+
+
+def test_search_surgery_finetune_end_to_end(full_run):
+    after_search = torch.load(full_run / "epoch_1.pt", weights_only=True)
+    final = torch.load(full_run / "epoch_2.pt", weights_only=True)
+    # the end of the search: hard 0/1 masks, about p of the prunable parameters cut
+    assert after_search["model_spec"]["kind"] == "masked_clip"
+    values = torch.cat([torch.tensor(v) for v in after_search["model_spec"]["masks"].values()])
+    assert set(values.tolist()) <= {0.0, 1.0} and 0 < (values == 0).sum() < values.numel()
+    # fine-tuned on a smaller architecture that compress.load rebuilds
+    assert final["model_spec"]["kind"] == "pruned_clip"
+    model = compress.load(full_run / "epoch_2.pt")
+    dense = compress.load(full_run / "epoch_1.pt")
+    n_small, n_dense = (sum(p.numel() for p in m.parameters()) for m in (model, dense))
+    assert n_small < n_dense
+    macs_small, macs_dense = pruning.params_and_macs(model), pruning.params_and_macs(dense)
+    for tower in ("image", "text"):
+        assert macs_small[f"macs_{tower}"] < 0.8 * macs_dense[f"macs_{tower}"]
+    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 1000, (2, 16))
+    with torch.no_grad():
+        assert model.encode_image(images).shape == (2, 64) and model.encode_text(tokens).shape == (2, 64)
+
+
+def test_resume_mid_search_is_exact(full_run, tmp_path):
+    """Stopped after step 2 of the 3-step search, resumed: the same final weights as the uninterrupted run."""
+    from training.main import main
+
+    main(job_args(tmp_path, "resumed", "--stop-after-steps", "2"))
+    stopped = torch.load(tmp_path / "resumed" / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert stopped["model_spec"]["kind"] == "masked_clip" and stopped["job_state"]["search_steps"] == 3
+    main(job_args(tmp_path, "resumed", "--resume", "latest"))
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "epoch_2.pt", weights_only=True)
+    reference = torch.load(full_run / "epoch_2.pt", weights_only=True)
+    assert resumed["model_spec"] == reference["model_spec"]
+    for key, value in reference["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, atol=0, rtol=0)
+
+
+def test_bad_epoch_split_is_one_clear_line(tmp_path, capsys):
+    from training.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(job_args(tmp_path, "bad", "--search-epochs", "2"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: need 1 <= search epochs (2) < --epochs (2): the pruned model is fine-tuned" in err
+    assert "Traceback" not in err
