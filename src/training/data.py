@@ -130,19 +130,36 @@ class CsvDataset(Dataset):
         raise DataError(f"{MAX_CONSECUTIVE_BAD} consecutive bad rows from row {index}; last: {reasons[-1]}")
 
 
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler whose epoch can start part-way, so a resume continues the same data order."""
+def episode_indices(dataset_size: int, episode_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The rows an episode visits: `episode_size` draws with replacement (ProtoCLIP), a pure function
+    of (seed, epoch) — every rank computes the same mapping and a resume recomputes it exactly."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randint(dataset_size, (episode_size,), generator=generator)
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start part-way (a resume continues the same data order) and
+    that can walk an episode (`episode_size` rows drawn with replacement) instead of the whole set."""
+
+    def __init__(self, dataset, *args, episode_size: int = 0, **kwargs):
+        super().__init__(dataset, *args, **kwargs)
         self.start_index = 0
+        self.episode_size = episode_size
+        if episode_size:
+            self.num_samples = episode_size // self.num_replicas  # drop_last: equal shares
+            self.total_size = self.num_samples * self.num_replicas
 
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
         super().set_epoch(epoch)
         self.start_index = start_index
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start_index:])
+        if self.episode_size:
+            indices = episode_indices(len(self.dataset), self.episode_size, self.seed, self.epoch).tolist()
+            indices = indices[: self.total_size][self.rank: self.total_size: self.num_replicas]
+        else:
+            indices = list(super().__iter__())
+        return iter(indices[self.start_index:])
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start_index)
@@ -243,6 +260,13 @@ class DataInfo:
     num_samples: int  # per epoch, all ranks
     sampler: Optional[ResumableDistributedSampler] = None
     start_batch: int = 0
+    dataset: Any = None  # map-style sources: row access for jobs (captions of a teacher cache, episodes)
+
+    def episode_indices(self, epoch: int) -> Optional[torch.Tensor]:
+        """Rows of `epoch`'s episode (all ranks), or None when epochs are full passes."""
+        if self.sampler is None or not self.sampler.episode_size:
+            return None
+        return episode_indices(len(self.dataset), self.sampler.episode_size, self.sampler.seed, epoch)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Position the data at `start_batch` of `epoch` (resume continues mid-epoch)."""
@@ -290,10 +314,14 @@ def _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size) 
     if dataset_type == "csv":
         dataset = CsvDataset(args.train_data, transform, tokenizer, img_key=args.csv_img_key,
                              caption_key=args.csv_caption_key, sep=args.csv_separator)
+        if args.dataset_size:
+            if args.dataset_size > len(dataset):
+                raise DataError(f"--dataset-size {args.dataset_size} but {args.train_data} has {len(dataset)} rows")
+            dataset.paths, dataset.captions = dataset.paths[: args.dataset_size], dataset.captions[: args.dataset_size]
     else:
         dataset = SyntheticDataset(args.train_num_samples or 1024, 64, transform, tokenizer)
     sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                          seed=args.seed, drop_last=True)
+                                          seed=args.seed, drop_last=True, episode_size=args.episode_size)
     per_rank_batches = sampler.num_samples // args.batch_size
     if per_rank_batches == 0:
         raise DataError(f"{len(dataset)} samples give no full batch of {args.batch_size} on {world_size} process(es)")
@@ -301,7 +329,8 @@ def _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size) 
                         collate_fn=collate, drop_last=True, pin_memory=torch.cuda.is_available(),
                         persistent_workers=False, generator=torch.Generator(),
                         prefetch_factor=4 if args.workers > 0 else None)
-    return DataInfo(loader, per_rank_batches, per_rank_batches * args.batch_size * world_size, sampler=sampler)
+    return DataInfo(loader, per_rank_batches, per_rank_batches * args.batch_size * world_size, sampler=sampler,
+                    dataset=dataset)
 
 
 def _webdataset_data(args, transform, tokenizer, world_size) -> DataInfo:

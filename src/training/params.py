@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--csv-caption-key", default="title", help="column with captions")
     data.add_argument("--dataset-size", type=int, default=None,
                       help="number of rows in the training set (episodic jobs; default: read from the data)")
+    data.add_argument("--episode-size", type=int, default=0,
+                      help="episodic training (ProtoCLIP): each epoch visits this many rows drawn with replacement "
+                           "(0: a shuffled pass over all rows)")
     data.add_argument("--train-num-samples", type=int, default=None,
                       help="samples per epoch for shards (default: sizes.json) or size of synthetic data")
     data.add_argument("--dataset-resampled", action="store_true",
