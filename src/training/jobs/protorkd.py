@@ -1,0 +1,448 @@
+"""`--job protorkd`: distil a frozen text teacher into an image student, with episodic training (ProtoRKD /
+ProtoCLIP).
+
+Student: an image backbone (open_clip config's image tower, or a torchvision architecture) + projection
+head (compress/text_students.py). Teacher: a frozen sentence-transformers model (`--pretrained-text`,
+default all-MiniLM-L6-v2, bundled offline) or an open_clip CLIP's text tower (`--teacher-model`). The
+teacher's caption embeddings are computed once per corpus (training/teacher_cache.py) and looked up by
+the batch's row index.
+
+Losses (`--distiller`, comma list): mse (SimReg), rkd (distance + angle), infonce (student image ↔
+teacher text, learnable temperature), proto (ProtoCLIP: InfoNCE + prototype losses against per-episode
+k-means prototypes of the teacher embeddings, optionally back-translated into the image space, plus
+external-teacher prototypes). The formulas live in training/proto.py.
+
+Episodes: each epoch is an episode of `--episode-size` row indices drawn with replacement from the first
+`--dataset-size` rows (`--episode-size 0`: every row once, shuffled). Rank 0 draws the mapping and
+clusters; the mapping, prototypes and labels reach the other ranks through torch.distributed (no files)
+and are saved in the checkpoint's job_state, so a resume continues the same episode with the same
+prototypes.
+
+Trainer integration: the trainer's loader iterates all rows with a DistributedSampler; this job swaps in
+an `EpisodeSampler` over its episode mapping at `on_train_start` (rebuilding the LR schedule for the
+episode's length). A trainer-side hook (`Job.episode_indices(epoch)`) would make that swap unnecessary;
+see docs/README_protorkd.md.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+
+from training import proto
+from training.distributed import broadcast_object
+from training.errors import UserError
+from training.jobs import Job, add_argument_once
+
+DISTILLERS = ("mse", "rkd", "infonce", "proto")
+MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps its temperature at 100
+
+
+class EpisodeSampler(Sampler):
+    """This rank's contiguous share of the episode's row indices, resumable part-way through."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.mapping = torch.zeros(0, dtype=torch.long)
+        self.start_index = 0
+
+    def set_mapping(self, mapping: torch.Tensor) -> None:
+        self.mapping = mapping
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:  # DataInfo.set_epoch's call
+        self.start_index = start_index
+
+    def rank_indices(self) -> torch.Tensor:
+        per_rank = len(self.mapping) // self.world_size  # equal shares: ranks never wait on each other
+        return self.mapping[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __iter__(self):
+        return iter(self.rank_indices()[self.start_index:].tolist())
+
+    def __len__(self) -> int:
+        return max(0, len(self.rank_indices()) - self.start_index)
+
+
+def no_tokens(texts: List[str]) -> torch.Tensor:
+    """The loader's tokenizer: the teacher reads batch["caption"] (its embeddings are cached), so the
+    batch's `text` is a placeholder."""
+    return torch.zeros(len(texts), 1, dtype=torch.long)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ProtoRKDJob(Job):
+    name = "protorkd"
+    help = "distil a frozen text teacher into an image student (SimReg/RKD/InfoNCE/ProtoCLIP), episodic"
+
+    @staticmethod
+    def add_arguments(group) -> None:
+        group.add_argument("--distiller", default="mse",
+                           help=f"comma list of losses: {', '.join(DISTILLERS)} (proto = ProtoCLIP: InfoNCE + prototypes)")
+        group.add_argument("--pretrained-text", default="all-MiniLM-L6-v2",
+                           help="frozen sentence-transformers teacher: a name in your cache or a local folder "
+                                "(all-MiniLM-L6-v2 resolves offline to the bundled copy)")
+        add_argument_once(group, "--teacher-model", default=None,
+                          help="use this open_clip CLIP's text tower as the teacher instead of --pretrained-text")
+        add_argument_once(group, "--teacher-pretrained", default=None,
+                          help="weights of --teacher-model (a local file or an open_clip tag)")
+        group.add_argument("--teacher-cache-dir", default=None,
+                           help="where the teacher-embedding memmap lives (default: <logs>/<name>/cache)")
+        group.add_argument("--teacher-batch-size", type=int, default=256, help="captions per teacher forward")
+        group.add_argument("--add-projection-head", action="store_true",
+                           help="put a Linear-BN-ReLU projection head on the image backbone")
+        group.add_argument("--projection-dim", type=int, default=None,
+                           help="student output width (default: the teacher's width)")
+        group.add_argument("--projection-hidden-dim", type=int, default=2048, help="hidden width of the head")
+        group.add_argument("--projection-n-layers", type=int, default=1,
+                           help="Linear-BN-ReLU blocks before the head's last Linear (0: one Linear)")
+        add_argument_once(group, "--force-image-size", type=int, default=None,
+                          help="student input size (torchvision default 224; open_clip: its config)")
+        add_argument_once(group, "--episode-size", type=int, default=0,
+                          help="samples per episode, drawn with replacement each epoch (0: every row once)")
+        group.add_argument("--clustering-frequency", type=int, default=1, help="re-cluster every N episodes")
+        group.add_argument("--k", type=int, default=20000, help="k-means clusters (prototypes) per episode")
+        group.add_argument("--kmeans-max-iter", type=int, default=20, help="k-means iterations")
+        group.add_argument("--kmeans-nredo", type=int, default=1, help="k-means restarts (best kept)")
+        group.add_argument("--PBT", action="store_true",
+                           help="Prototypical Back Translation: image-space prototypes = mean image feature per teacher cluster")
+        group.add_argument("--target-temperature", type=float, default=-1.0,
+                           help="soft proto targets softmax(C[y]Cᵀ/T); -1: hard labels")
+        group.add_argument("--external-teacher", default=None,
+                           help=".npy of per-row embeddings (rows = TSV rows) whose clusters give the external "
+                                "prototypes (default: the teacher's embeddings)")
+        group.add_argument("--w-simreg", type=float, default=1.0, help="weight of the mse (SimReg) loss")
+        group.add_argument("--w-rkd-d", type=float, default=0.5, help="weight of the RKD distance term")
+        group.add_argument("--w-rkd-a", type=float, default=1.0, help="weight of the RKD angle term (0 skips its O(B³) cost)")
+        group.add_argument("--w-clip", type=float, default=1.0, help="weight of InfoNCE (infonce and proto)")
+        group.add_argument("--w-proto", type=float, default=1.0, help="weight of the prototype loss")
+        group.add_argument("--w-proto-external", type=float, default=0.0, help="weight of the external-prototype loss")
+        group.add_argument("--infonce-warmup-epoch", type=int, default=0,
+                           help="proto: InfoNCE only for the first N episodes")
+        group.add_argument("--lit-start-epoch", type=int, default=-1,
+                           help="from this episode on, freeze the backbone and train the head with InfoNCE only (-1: never)")
+
+    def __init__(self, args, dist_info):
+        super().__init__(args, dist_info)
+        self.distillers = [d.strip() for d in args.distiller.split(",") if d.strip()]
+        unknown = [d for d in self.distillers if d not in DISTILLERS]
+        if unknown or not self.distillers:
+            raise UserError(f"--distiller {args.distiller!r}: choose a comma list of {', '.join(DISTILLERS)}")
+        self.uses_infonce = "infonce" in self.distillers or "proto" in self.distillers
+        self.uses_proto = "proto" in self.distillers
+        self.uses_external = self.uses_proto and args.w_proto_external > 0
+        # episode state (all ranks hold the same values; saved in job_state)
+        self.episode = -1
+        self.mapping: Optional[torch.Tensor] = None
+        self.prototypes: Dict[str, torch.Tensor] = {}
+        self.clustered_episode = -1
+        self.teacher_features = None
+        self.external_features = None
+        self.label_of_row: Dict[str, torch.Tensor] = {}
+        self.sampler: Optional[EpisodeSampler] = None
+
+    # --- models ---------------------------------------------------------------------------------------
+
+    def text_encoder_spec(self) -> Dict[str, Any]:
+        args = self.args
+        if args.teacher_model:
+            if not args.teacher_pretrained:
+                raise UserError("--teacher-model needs --teacher-pretrained (a weights file or tag): "
+                                "a randomly initialised CLIP teacher teaches nothing")
+            return {"type": "open_clip", "model": args.teacher_model, "pretrained": args.teacher_pretrained}
+        return {"type": "sentence_transformers", "name": args.pretrained_text}
+
+    def build_model(self, resume_spec: Optional[Dict[str, Any]] = None):
+        from compress.text_students import FrozenTextEncoder, ImageStudent, image_student_spec
+
+        args = self.args
+        text_spec = resume_spec["text_encoder"] if resume_spec else self.text_encoder_spec()
+        try:
+            teacher = FrozenTextEncoder(text_spec)
+        except ValueError as error:
+            raise UserError(str(error))
+        if resume_spec is None:
+            embed_dim = args.projection_dim or teacher.dim
+            try:
+                spec = image_student_spec(args.model, text_spec, embed_dim, args.add_projection_head,
+                                          args.projection_hidden_dim, args.projection_n_layers,
+                                          image_size=args.force_image_size[0] if isinstance(args.force_image_size, list)
+                                          else args.force_image_size)
+            except ValueError as error:
+                raise UserError(str(error))
+        else:
+            spec = resume_spec
+        needs_same_width = [d for d in self.distillers if d in ("mse", "infonce", "proto")]
+        if needs_same_width and spec["embed_dim"] != teacher.dim:
+            raise UserError(f"--distiller {','.join(needs_same_width)} compares student and teacher features: "
+                            f"--projection-dim {spec['embed_dim']} must equal the teacher's width {teacher.dim} "
+                            f"(or use rkd alone)")
+        model = ImageStudent(spec, text_encoder=teacher)
+        model.model_spec = spec
+        # temperatures train only when a loss uses them (an unused parameter would stall DDP)
+        model.logit_scale.requires_grad_(self.uses_infonce)
+        model.logit_scale_proto.requires_grad_(self.uses_proto)
+        # losses switched on/off by episode (warm-up, LiT) leave parameters without gradient in some steps
+        if self.uses_proto or args.lit_start_epoch >= 0:
+            args.ddp_find_unused = True
+        self.teacher = teacher
+        from open_clip.loss import ClipLoss
+
+        self.clip_loss = ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
+                                  cache_labels=True, rank=self.dist.rank, world_size=self.dist.world_size)
+        return model
+
+    def data_transforms(self, model):
+        from compress.registry import get_preprocess
+
+        # the teacher reads captions (batch["caption"]) and its embeddings are cached: no tokens needed
+        return get_preprocess(model.model_spec), no_tokens
+
+    # --- run start: teacher cache, episodic data ------------------------------------------------------
+
+    def on_train_start(self, ctx) -> None:
+        from training.teacher_cache import cache_key, load_or_build_teacher_cache
+
+        args = self.args
+        dataset = ctx.data.loader.dataset
+        if not hasattr(dataset, "captions"):
+            raise UserError("--job protorkd reads its captions from a TSV/CSV --train-data (row index = "
+                            "teacher-cache key); webdataset shards and synthetic data are not supported")
+        num_rows = len(dataset)
+        self.dataset_size = args.dataset_size or num_rows
+        if self.dataset_size > num_rows:
+            raise UserError(f"--dataset-size {self.dataset_size} is larger than {args.train_data} ({num_rows} rows)")
+        self.episode_size = args.episode_size or self.dataset_size
+
+        cache_dir = args.teacher_cache_dir or Path(args.logs) / args.name / "cache"
+        key = cache_key(self.teacher.spec, args.train_data, num_rows)
+        self.teacher.to(self.device)
+        self.teacher_features = load_or_build_teacher_cache(
+            lambda texts: self.teacher.encode(texts, batch_size=args.teacher_batch_size), dataset.captions,
+            self.teacher.dim, cache_dir, key, batch_size=args.teacher_batch_size, device=self.device,
+            show_progress=self.dist.is_master and args.log_level != "warning", local_rank=self.dist.local_rank)
+        if self.uses_external:
+            self.external_features = self.teacher_features
+            if args.external_teacher:
+                try:
+                    self.external_features = np.load(args.external_teacher, mmap_mode="r")
+                except (OSError, ValueError) as error:
+                    raise UserError(f"--external-teacher {args.external_teacher}: cannot read it as .npy ({error})")
+                if self.external_features.ndim != 2 or len(self.external_features) < self.dataset_size:
+                    raise UserError(f"--external-teacher {args.external_teacher} has shape "
+                                    f"{self.external_features.shape}; need (rows >= {self.dataset_size}, dim)")
+        if self.uses_proto and args.k > self.episode_size:
+            raise UserError(f"--k {args.k} prototypes need at least as many episode samples; the episode has "
+                            f"{self.episode_size} (lower --k)")
+        if not self.trainer_runs_episodes(ctx):
+            self._install_episode_loader(ctx)
+
+    def trainer_runs_episodes(self, ctx) -> bool:
+        """Whether the trainer's data already walks episodes (`DataInfo.episode_indices`)."""
+        return hasattr(ctx.data, "episode_indices") and hasattr(ctx.data.sampler, "episode_size")
+
+    def _install_episode_loader(self, ctx) -> None:
+        """Point the trainer's DataInfo at an EpisodeSampler over this job's episode mapping."""
+        from training.data import collate
+        from training.main import cosine_schedule
+
+        args = self.args
+        per_rank_batches = self.episode_size // self.dist.world_size // args.batch_size
+        if per_rank_batches == 0:
+            raise UserError(f"an episode of {self.episode_size} samples gives no full batch of {args.batch_size} "
+                            f"on {self.dist.world_size} process(es)")
+        self.sampler = EpisodeSampler(self.dist.rank, self.dist.world_size)
+        ctx.data.loader = DataLoader(ctx.data.loader.dataset, batch_size=args.batch_size, sampler=self.sampler,
+                                     num_workers=args.workers, collate_fn=collate, drop_last=True,
+                                     pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
+                                     prefetch_factor=4 if args.workers > 0 else None)
+        ctx.data.sampler = self.sampler
+        ctx.data.num_batches = per_rank_batches
+        ctx.data.num_samples = per_rank_batches * args.batch_size * self.dist.world_size
+        total_steps = per_rank_batches // args.accum_freq * args.epochs
+        ctx.scheduler = cosine_schedule(ctx.optimizer, args, total_steps)
+        ctx.scheduler(ctx.step)
+        logging.info("protorkd: episodes of %d samples from %d rows, %d batches per rank, %d optimizer steps in all",
+                     self.episode_size, self.dataset_size, per_rank_batches, total_steps)
+
+    # --- episodes -------------------------------------------------------------------------------------
+
+    def episode_indices(self, episode: int, ctx) -> torch.Tensor:
+        """Row indices of `episode` (the trainer's when its data walks episodes): deterministic in
+        (seed, episode), so a resume draws the same."""
+        if self.sampler is None:
+            trainer_mapping = ctx.data.episode_indices(episode)
+            # a full pass (no --episode-size): the trainer shuffles; the prototypes cover every row
+            return trainer_mapping if trainer_mapping is not None else torch.arange(self.dataset_size)
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + episode)
+        if self.args.episode_size:
+            return torch.randint(0, self.dataset_size, (self.episode_size,), generator=generator)
+        return torch.randperm(self.dataset_size, generator=generator)
+
+    def proto_active(self, episode: int) -> bool:
+        return self.uses_proto and episode >= self.args.infonce_warmup_epoch and not self.lit_phase(episode)
+
+    def lit_phase(self, episode: int) -> bool:
+        return 0 <= self.args.lit_start_epoch <= episode
+
+    def on_epoch_start(self, epoch: int, ctx):
+        if self.episode != epoch:  # a fresh episode (a resume mid-episode keeps the restored one)
+            mapping = self.episode_indices(epoch, ctx) if self.dist.is_master else None
+            self.mapping = broadcast_object(mapping)
+        if self.sampler is not None:
+            self.sampler.set_mapping(self.mapping)
+        if self.proto_active(epoch):
+            due = (not self.prototypes or self.clustered_episode < 0
+                   or epoch - self.clustered_episode >= self.args.clustering_frequency)
+            if self.episode != epoch and due:
+                self.cluster(ctx, epoch)
+            elif self.episode != epoch:
+                self.assign_labels()
+            self._build_label_lookup()
+        self.episode = epoch
+        return None
+
+    def _episode_rows(self) -> np.ndarray:
+        return self.mapping.numpy()
+
+    def _normalised_rows(self, features: np.ndarray) -> torch.Tensor:
+        return F.normalize(torch.from_numpy(np.asarray(features[self._episode_rows()], dtype=np.float32)), dim=1)
+
+    def cluster(self, ctx, epoch: int) -> None:
+        """k-means of the episode's teacher (and external) embeddings on rank 0; image-space prototypes by
+        back-translation of the episode's student image features gathered from all ranks."""
+        args = self.args
+        need_images = args.PBT or self.uses_external
+        image_features = self.episode_image_features(ctx) if need_images else None  # collective
+        result = None
+        if self.dist.is_master:
+            seed = args.seed + epoch
+            text = self._normalised_rows(self.teacher_features)
+            centroids, labels = proto.kmeans(text, args.k, args.kmeans_max_iter, args.kmeans_nredo, seed)
+            result = {"text_centroids": centroids, "text_labels": labels,
+                      "image_prototypes": proto.translate_prototypes(image_features, labels, args.k)
+                      if args.PBT else centroids}
+            if self.uses_external:
+                external = self._normalised_rows(self.external_features)
+                ext_centroids, ext_labels = proto.kmeans(external, args.k, args.kmeans_max_iter, args.kmeans_nredo,
+                                                         seed + 1)
+                result.update(external_centroids=ext_centroids, external_labels=ext_labels,
+                              image_prototypes_external=proto.translate_prototypes(image_features, ext_labels, args.k))
+            logging.info("episode %d: clustered %d teacher embeddings into %d prototypes", epoch, len(text), args.k)
+        self.prototypes = broadcast_object(result)
+        self.clustered_episode = epoch
+
+    def assign_labels(self) -> None:
+        """A new episode between clusterings: label its rows by the nearest existing centroid."""
+        result = None
+        if self.dist.is_master:
+            result = dict(self.prototypes)
+            result["text_labels"] = proto.assign_to_centroids(self._normalised_rows(self.teacher_features),
+                                                              self.prototypes["text_centroids"])
+            if "external_centroids" in self.prototypes:
+                result["external_labels"] = proto.assign_to_centroids(
+                    self._normalised_rows(self.external_features), self.prototypes["external_centroids"])
+        self.prototypes = broadcast_object(result)
+
+    def _build_label_lookup(self) -> None:
+        num_rows = len(self.teacher_features)
+        self.label_of_row = {}
+        for name in ("text_labels", "external_labels"):
+            if name in self.prototypes:
+                lookup = torch.full((num_rows,), -1, dtype=torch.long)
+                lookup[self.mapping] = self.prototypes[name]
+                self.label_of_row[name] = lookup
+
+    @torch.no_grad()
+    def episode_image_features(self, ctx) -> torch.Tensor:
+        """L2-normalised student image features of every episode position, in mapping order, on every rank.
+        Each rank embeds an equal contiguous share (eval mode), then all_gather."""
+        from training.data import collate
+
+        args, world_size, rank = self.args, self.dist.world_size, self.dist.rank
+        model = ctx.unwrapped_model
+        was_training = model.training
+        model.eval()
+        per_rank = math.ceil(len(self.mapping) / world_size)
+        mine = self.mapping[rank * per_rank:(rank + 1) * per_rank].tolist()
+        loader = DataLoader(ctx.data.loader.dataset, batch_size=args.batch_size, sampler=mine,
+                            num_workers=args.workers, collate_fn=collate)
+        dtype = next(model.parameters()).dtype
+        pieces = [F.normalize(model.encode_image(b["image"].to(self.device, dtype)).float(), dim=1) for b in loader]
+        features = torch.zeros(per_rank, self.teacher.dim if not pieces else pieces[0].shape[1], device=self.device)
+        if pieces:
+            local = torch.cat(pieces)
+            features[:len(local)] = local
+        if _distributed():
+            gathered = [torch.empty_like(features) for _ in range(world_size)]
+            dist.all_gather(gathered, features)
+            features = torch.cat(gathered)
+        model.train(was_training)
+        return features[:len(self.mapping)].cpu()
+
+    # --- step -----------------------------------------------------------------------------------------
+
+    def loss(self, model, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        args = self.args
+        lit = self.lit_phase(self.episode)
+        out = model(batch["image"], backbone_grad=not lit)
+        student = out["image_features"].float()
+        rows = batch["index"].cpu().numpy()
+        teacher = torch.from_numpy(np.asarray(self.teacher_features[rows], dtype=np.float32)).to(student.device)
+        losses: Dict[str, torch.Tensor] = {}
+        if not lit:
+            if "mse" in self.distillers:
+                losses["simreg_loss"] = args.w_simreg * proto.simreg_loss(student, teacher)
+            if "rkd" in self.distillers:
+                losses["rkd_distance_loss"] = args.w_rkd_d * proto.rkd_distance_loss(student, teacher)
+                if args.w_rkd_a > 0:
+                    losses["rkd_angle_loss"] = args.w_rkd_a * proto.rkd_angle_loss(student, teacher)
+        if self.uses_infonce:
+            losses["infonce_loss"] = args.w_clip * self.clip_loss(
+                F.normalize(student, dim=-1), F.normalize(teacher, dim=-1), out["logit_scale"].exp())
+        if self.proto_active(self.episode):
+            # ProtoCLIP averages image→text and text→image terms; with a frozen teacher the text→* terms
+            # carry no gradient to the student, so only the image→* halves remain (same weight meaning)
+            index = batch["index"].cpu()
+            losses["proto_loss"] = args.w_proto * 0.5 * proto.proto_loss(
+                student, self.prototypes["image_prototypes"].to(student.device),
+                self.prototypes["text_centroids"].to(student.device),
+                self.label_of_row["text_labels"][index].to(student.device), out["logit_scale_proto"],
+                args.target_temperature)
+            if self.uses_external:
+                losses["proto_external_loss"] = args.w_proto_external * 0.5 * proto.proto_loss(
+                    student, self.prototypes["image_prototypes_external"].to(student.device),
+                    self.prototypes["external_centroids"].to(student.device),
+                    self.label_of_row["external_labels"][index].to(student.device), out["logit_scale_proto"], -1)
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def on_step_end(self, ctx) -> None:
+        with torch.no_grad():
+            ctx.unwrapped_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            ctx.unwrapped_model.logit_scale_proto.clamp_(0, MAX_LOGIT_SCALE)
+
+    # --- state ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = {"episode": self.episode, "clustered_episode": self.clustered_episode}
+        if self.mapping is not None:
+            state["mapping"] = self.mapping
+        if self.prototypes:
+            state["prototypes"] = dict(self.prototypes)
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.episode = int(state.get("episode", -1))
+        self.clustered_episode = int(state.get("clustered_episode", -1))
+        self.mapping = state.get("mapping")
+        self.prototypes = dict(state.get("prototypes") or {})

@@ -1,0 +1,99 @@
+"""Teacher embeddings of a whole caption corpus, computed once and kept as a numpy memmap keyed by row.
+
+A frozen teacher gives the same embedding for a caption every epoch, so ProtoRKD computes them once:
+batched, the work split across ranks (round r: rank i encodes rows [r·W·B + i·B, r·W·B + (i+1)·B)), the
+pieces all-gathered, and written to `<dir>/teacher_<key>.npy` by one process per node (so it also works
+without a shared filesystem). The key hashes the teacher's identity and the data file's path, size and
+mtime, so a new teacher or changed data builds a new cache and a resume reuses the old one. A `.json`
+beside the array, written last, marks it complete: an interrupted build is redone, never half-read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+def cache_key(teacher: Dict[str, Any], data_path: str, num_rows: int) -> str:
+    """Hash of what determines the embeddings: the teacher and the data file's identity."""
+    stat = os.stat(data_path)
+    identity = {"teacher": teacher, "data": os.path.abspath(data_path), "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns, "rows": num_rows}
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_gather(tensor: torch.Tensor) -> List[torch.Tensor]:
+    if not _distributed():
+        return [tensor]
+    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(pieces, tensor.contiguous())
+    return pieces
+
+
+def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    if not _distributed():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() > 0)
+
+
+def load_or_build_teacher_cache(encode: Callable[[Sequence[str]], torch.Tensor], captions: Sequence[str], dim: int,
+                                cache_dir: str | os.PathLike, key: str, batch_size: int = 256,
+                                device: torch.device = torch.device("cpu"), show_progress: bool = True,
+                                local_rank: int = 0) -> np.memmap:
+    """The (len(captions), dim) float32 memmap of teacher embeddings (read-only), building it if needed.
+
+    Collective when distributed: every rank calls it with the same captions. `encode(list_of_str)` returns
+    a (n, dim) tensor; it runs on this rank's share only."""
+    cache_dir = Path(cache_dir)
+    array_path, done_path = cache_dir / f"teacher_{key}.npy", cache_dir / f"teacher_{key}.json"
+    num_rows = len(captions)
+    if _all_ranks_agree(done_path.exists(), device):
+        logging.info("teacher embeddings: reusing %s", array_path)
+        return np.load(array_path, mmap_mode="r")
+
+    rank = dist.get_rank() if _distributed() else 0
+    world_size = dist.get_world_size() if _distributed() else 1
+    writer = local_rank == 0  # one writer per node
+    if writer:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial_path = cache_dir / f"teacher_{key}.{os.getpid()}.partial.npy"
+        out = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float32, shape=(num_rows, dim))
+    rows_per_round = batch_size * world_size
+    rounds = (num_rows + rows_per_round - 1) // rows_per_round
+    progress = tqdm(total=num_rows, desc="teacher embeddings", unit="caption", disable=not show_progress)
+    for r in range(rounds):
+        start = r * rows_per_round + rank * batch_size
+        mine = list(captions[start:min(start + batch_size, num_rows)])
+        embedded = torch.zeros(batch_size, dim, dtype=torch.float32, device=device)
+        if mine:
+            embedded[:len(mine)] = encode(mine).float().to(device)
+        for source_rank, piece in enumerate(_all_gather(embedded)):
+            begin = r * rows_per_round + source_rank * batch_size
+            end = min(begin + batch_size, num_rows)
+            if writer and end > begin:
+                out[begin:end] = piece[:end - begin].cpu().numpy()
+        progress.update(min(rows_per_round, num_rows - r * rows_per_round))
+    progress.close()
+    if writer:
+        out.flush()
+        del out
+        os.replace(partial_path, array_path)
+        done_path.write_text(json.dumps({"rows": num_rows, "dim": dim}))
+    if _distributed():
+        dist.barrier()
+    logging.info("teacher embeddings: wrote %s (%d x %d)", array_path, num_rows, dim)
+    return np.load(array_path, mmap_mode="r")

@@ -1,0 +1,229 @@
+"""ProtoRKD: losses against hand-computed values, prototypes on 2 gloo ranks, exact mid-episode resume, and
+end-to-end runs of `--job protorkd` whose student `compress.load` rebuilds with its teacher's text side."""
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import run_trainer
+from training import proto
+
+
+# --- losses, hand-computed -----------------------------------------------------------------------------
+
+
+def test_simreg_is_squared_distance_of_normalised_features():
+    student = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 5.0]])
+    # row 0: (0.6, 0.8) - (1, 0) = (-0.4, 0.8) -> 0.16 + 0.64 = 0.8 ; row 1: identical directions -> 0
+    assert proto.simreg_loss(student, teacher).item() == pytest.approx(0.4)
+
+
+# a 3-4-5 right triangle (student) against three collinear points (teacher)
+TRIANGLE = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+LINE = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])  # another width: RKD allows it
+
+
+def test_rkd_distance_compares_mean_normalised_distance_matrices():
+    # triangle: d01=3, d02=4, d12=5, mean 4 -> .75, 1, 1.25 ; line: 1, 2, 1, mean 4/3 -> .75, 1.5, .75
+    # differences 0, -.5, .5, each twice in the 3x3 matrix; smooth-L1 0.5*x^2 = .125 -> 4 * .125 / 9
+    assert proto.rkd_distance_loss(TRIANGLE, LINE).item() == pytest.approx(0.5 / 9, abs=1e-6)
+
+
+def test_rkd_angle_compares_triplet_cosines():
+    # angle cosines at each vertex j between the other two: triangle 0 (right angle), .6, .8 ; line 1, -1, 1
+    # each appears twice (i,k and k,i) in the 27 entries; the rest are 0 in both (i == k gives 1 in both,
+    # i == j or k == j a zero vector). smooth-L1: |-1| -> .5, |1.6| -> 1.1, |-.2| -> .02
+    expected = 2 * (0.5 + 1.1 + 0.02) / 27
+    assert proto.rkd_angle_loss(TRIANGLE, LINE).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_rkd_gradient_reaches_the_student_only():
+    student = TRIANGLE.clone().requires_grad_(True)
+    teacher = LINE.clone().requires_grad_(True)
+    (proto.rkd_distance_loss(student, teacher) + proto.rkd_angle_loss(student, teacher)).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_proto_loss_hard_and_soft_targets():
+    features = torch.tensor([[1.0, 0.0]])
+    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    logit_scale = torch.tensor(math.log(2.0))  # tau = 2: logits (2, 0)
+    labels = torch.tensor([0])
+    hard = proto.proto_loss(features, prototypes, prototypes, labels, logit_scale, -1)
+    assert hard.item() == pytest.approx(math.log(1 + math.exp(-2)), abs=1e-6)
+    # T = 1: targets softmax((1, 0)) = (e, 1) / (e + 1); log-probs -log(1 + e^-2), -2 - log(1 + e^-2)
+    p0, p1 = math.e / (math.e + 1), 1 / (math.e + 1)
+    expected = p0 * math.log(1 + math.exp(-2)) + p1 * (2 + math.log(1 + math.exp(-2)))
+    soft = proto.proto_loss(features, prototypes, prototypes, labels, logit_scale, 1.0)
+    assert soft.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_proto_loss_ignores_unlabelled_rows():
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    prototypes = torch.eye(2)
+    scale = torch.tensor(math.log(2.0))
+    one = proto.proto_loss(features[:1], prototypes, prototypes, torch.tensor([0]), scale, -1)
+    both = proto.proto_loss(features, prototypes, prototypes, torch.tensor([0, -1]), scale, -1)
+    assert both.item() == pytest.approx(one.item())
+
+
+def test_back_translation_is_the_mean_per_cluster():
+    features = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    translated = proto.translate_prototypes(features, torch.tensor([0, 0, 1]), k=3)
+    assert torch.equal(translated, torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.0, 0.0]]))  # empty cluster -> 0
+
+
+def test_faiss_kmeans_separates_two_blobs_and_labels_by_nearest_centroid():
+    generator = torch.Generator().manual_seed(0)
+    blobs = torch.cat([torch.randn(20, 4, generator=generator) * 0.01 + 5,
+                       torch.randn(20, 4, generator=generator) * 0.01 - 5])
+    centroids, labels = proto.kmeans(blobs, k=2, max_iter=10, nredo=2, seed=0)
+    assert centroids.shape == (2, 4) and labels.shape == (40,)
+    assert len(set(labels[:20].tolist())) == 1 and len(set(labels[20:].tolist())) == 1
+    assert labels[0] != labels[20]
+    assert torch.allclose(centroids[labels[0]], blobs[:20].mean(0), atol=1e-3)
+    assert torch.equal(proto.assign_to_centroids(blobs, centroids), labels)
+
+
+# --- prototypes on 2 ranks --------------------------------------------------------------------------------
+
+
+class FakeTeacher:
+    """Stands in for the sentence-transformers teacher: the job only reads its cached embeddings here."""
+    dim = 16
+    spec = {"type": "fake"}
+
+
+def _cluster_once(corpus: str, world_size: int, rank: int, out: str) -> None:
+    """Build the job and a tiny student, cluster episode 0 (PBT + external), save what this rank holds."""
+    from compress.registry import get_preprocess
+    from compress.text_students import ImageStudent, image_student_spec
+    from training.data import CsvDataset
+    from training.jobs.protorkd import EpisodeSampler, ProtoRKDJob, no_tokens
+
+    args = types.SimpleNamespace(distiller="proto", w_proto_external=1.0, PBT=True, k=4, kmeans_max_iter=10,
+                                 kmeans_nredo=1, seed=0, batch_size=8, workers=0, infonce_warmup_epoch=0,
+                                 lit_start_epoch=-1, clustering_frequency=1, episode_size=64)
+    dist_info = types.SimpleNamespace(rank=rank, world_size=world_size, local_rank=rank,
+                                      device=torch.device("cpu"), is_master=rank == 0)
+    job = ProtoRKDJob(args, dist_info)
+    torch.manual_seed(0)  # the same student on every rank, as the trainer guarantees
+    spec = image_student_spec("clipc-vit-t2-32", {"type": "fake"}, FakeTeacher.dim, True, 32, 1)
+    model = ImageStudent(spec, text_encoder=FakeTeacher())
+    dataset = CsvDataset(os.path.join(corpus, "train.tsv"), get_preprocess(spec), no_tokens)
+    job.teacher = FakeTeacher()
+    job.dataset_size, job.episode_size = len(dataset), args.episode_size
+    job.teacher_features = np.random.default_rng(1).normal(size=(len(dataset), FakeTeacher.dim)).astype(np.float32)
+    job.external_features = np.random.default_rng(2).normal(size=(len(dataset), 8)).astype(np.float32)
+    job.sampler = EpisodeSampler(rank, world_size)
+    ctx = types.SimpleNamespace(unwrapped_model=model, data=types.SimpleNamespace(loader=types.SimpleNamespace(dataset=dataset)))
+    job.on_epoch_start(0, ctx)
+    torch.save({"state": job.state_dict(), "sampler": job.sampler.rank_indices()}, os.path.join(out, f"rank{rank}.pt"))
+
+
+def _rank_main(rank: int, corpus: str, out: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        _cluster_once(corpus, 2, rank, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_hold_identical_prototypes_equal_to_one_process(tiny_corpus, tmp_path):
+    mp.spawn(_rank_main, args=(str(tiny_corpus), str(tmp_path), _free_port()), nprocs=2, join=True)
+    (tmp_path / "single").mkdir()
+    _cluster_once(str(tiny_corpus), 1, 0, str(tmp_path / "single"))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    single = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)
+    s0, s1, s = rank0["state"], rank1["state"], single["state"]
+    assert torch.equal(s0["mapping"], s1["mapping"]) and torch.equal(s0["mapping"], s["mapping"])
+    names = {"text_centroids", "text_labels", "image_prototypes", "external_centroids", "external_labels",
+             "image_prototypes_external"}
+    assert set(s0["prototypes"]) == names
+    for name in names:
+        assert torch.equal(s0["prototypes"][name], s1["prototypes"][name]), name  # broadcast: bit-identical
+    # gathering covered every episode sample in order: the same prototypes as one process computing all
+    assert torch.equal(s0["prototypes"]["text_labels"], s["prototypes"]["text_labels"])
+    for name in ("image_prototypes", "image_prototypes_external"):
+        assert torch.allclose(s0["prototypes"][name], s["prototypes"][name], atol=1e-5), name
+    # the two ranks train on disjoint halves of the same episode
+    assert torch.equal(torch.cat([rank0["sampler"], rank1["sampler"]]), s0["mapping"])
+
+
+# --- end to end through the trainer ---------------------------------------------------------------------------
+
+
+def _train(corpus: Path, logs: Path, name: str, cache: Path, *extra: str):
+    args = ["--job", "protorkd", "--train-data", str(corpus / "train.tsv"), "--model", "clipc-vit-t2-32",
+            "--logs", str(logs), "--name", name, "--epochs", "2", "--batch-size", "16", "--workers", "0",
+            "--episode-size", "64", "--distiller", "mse,rkd,proto", "--k", "4", "--PBT",
+            "--target-temperature", "0.1", "--w-proto-external", "1", "--add-projection-head",
+            "--projection-hidden-dim", "32", "--teacher-cache-dir", str(cache), "--warmup", "2",
+            "--log-every-n-steps", "2", "--log-level", "warning", *extra]
+    return run_trainer(args, timeout=300)
+
+
+def _checkpoint(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_end_to_end_and_mid_episode_resume(tiny_corpus, tmp_path):
+    logs, cache = tmp_path / "logs", tmp_path / "cache"
+    _train(tiny_corpus, logs, "whole", cache)
+    _train(tiny_corpus, logs, "cut", cache, "--stop-after-steps", "6")  # 4 steps per episode: stops inside episode 1
+    mid = _checkpoint(logs / "cut" / "checkpoints" / "epoch_latest.pt")
+    assert mid["epoch"] == 1 and mid["step_in_epoch"] == 2 and mid["job_state"]["episode"] == 1
+    _train(tiny_corpus, logs, "cut", cache, "--resume", "latest")
+
+    whole = _checkpoint(logs / "whole" / "checkpoints" / "epoch_2.pt")
+    resumed = _checkpoint(logs / "cut" / "checkpoints" / "epoch_2.pt")
+    for state in (whole["job_state"], resumed["job_state"]):
+        assert state["episode"] == 1 and state["clustered_episode"] == 1
+    # the resumed run kept the episode and prototypes it was cut in (no re-clustering on a changed model) …
+    assert torch.equal(resumed["job_state"]["mapping"], mid["job_state"]["mapping"])
+    for name, value in mid["job_state"]["prototypes"].items():
+        assert torch.equal(resumed["job_state"]["prototypes"][name], value), name
+    # … which are those of the uninterrupted run, and so are the weights it ends with
+    assert torch.equal(whole["job_state"]["mapping"], resumed["job_state"]["mapping"])
+    for name, value in whole["job_state"]["prototypes"].items():
+        assert torch.allclose(resumed["job_state"]["prototypes"][name].float(), value.float(), atol=1e-6), name
+    for key, value in whole["state_dict"].items():
+        assert torch.allclose(resumed["state_dict"][key].float(), value.float(), atol=1e-5), key
+    # the teacher stays out of the checkpoint; the cache was built once and reused by the later runs
+    assert not any(key.startswith("text_encoder") for key in whole["state_dict"])
+    assert len(list(cache.glob("teacher_*.npy"))) == 1
+
+    # the student rebuilds from its spec with the teacher's text side: encode_text = the cached embeddings
+    import compress
+
+    student = compress.load(str(logs / "whole" / "checkpoints" / "epoch_2.pt"))
+    cached = np.load(next(cache.glob("teacher_*.npy")))
+    captions = [line.split("\t", 1)[1] for line in (tiny_corpus / "train.tsv").read_text().splitlines()[1:4]]
+    assert torch.allclose(student.encode_text(captions), torch.from_numpy(cached[:3]), atol=1e-4)
+    assert student.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, cached.shape[1])
+
+
+def test_user_errors_are_one_line(tiny_corpus, tmp_path):
+    result = run_trainer(["--job", "protorkd", "--train-data", str(tiny_corpus / "train.tsv"), "--model",
+                          "clipc-vit-t2-32", "--logs", str(tmp_path), "--name", "bad", "--distiller", "mse,dino"],
+                         check=False)
+    assert result.returncode == 2
+    assert "error: --distiller 'mse,dino'" in result.stderr and "Traceback" not in result.stderr
