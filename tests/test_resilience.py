@@ -1,0 +1,80 @@
+"""Launcher-level resilience: torchrun restarts a killed worker, and a two-node rendezvous on loopback."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import REPO, subprocess_env
+
+MODEL = "clipc-vit-t2-32"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trainer_args(corpus, logs, name, *extra):
+    return ["-m", "training.main", "--train-data", str(corpus / "train.tsv"), "--model", MODEL,
+            "--logs-root", str(logs), "--name", name, "--batch-size", "16", "--workers", "0", "--warmup", "2",
+            "--log-every-n-steps", "2", *extra]
+
+
+def children_of(pid: int):
+    """Direct child pids (from /proc: no psutil needed)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+def test_torchrun_max_restarts_resumes_a_killed_worker(tiny_corpus, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=3",
+           "--master-port", str(free_port()),
+           *trainer_args(tiny_corpus, tmp_path, "restart", "--epochs", "2", "--save-every-n-steps", "3",
+                         "--resume", "latest")]
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    latest = tmp_path / "restart" / "checkpoints" / "epoch_latest.pt"
+    deadline = time.time() + 240
+    while not latest.exists():
+        assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    workers = children_of(launcher.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=400)
+    assert launcher.returncode == 0, stderr[-3000:]
+    log = (tmp_path / "restart" / "out.log").read_text()
+    assert "resumed from" in log
+    final = torch.load(tmp_path / "restart" / "checkpoints" / "epoch_2.pt", weights_only=True)
+    assert final["step"] == 2 * (256 // 32) and final["world_size"] == 2
+
+
+def test_two_nodes_rendezvous_on_loopback(tiny_corpus, tmp_path):
+    port = str(free_port())
+    nodes = []
+    for node_rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
+               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+               *trainer_args(tiny_corpus, tmp_path, "nodes", "--epochs", "1", "--local-loss", "--gather-with-grad")]
+        nodes.append(subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+    final = torch.load(tmp_path / "nodes" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    assert final["world_size"] == 2 and final["step"] == 256 // 32
