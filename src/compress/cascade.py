@@ -1,0 +1,424 @@
+"""Cascaded text→image search (casCLIP, Cascade CLIP): a cheap encoder shortlists, larger encoders re-rank.
+
+Level 1 embeds the whole gallery once with the cheapest image encoder into a faiss inner-product index
+(normalised features: cosine). For a query, level 1 returns its top-m_1 gallery images; level 2 embeds those
+candidates it has not seen yet (lazily, cached for every later query) and keeps the top-m_2 by its own
+scores; … the last level returns the top-k. Every level scores against the same query embedding, so all
+image encoders must live in one text embedding space (a distilled student paired with its teacher's text
+tower, a pruned copy of the large CLIP, …).
+
+Scoring after level 1 is exact (float64 dot products over the candidates); ties go to the lower gallery
+index. Level 1 uses faiss (float32) only to choose the candidates. An encoder that appears at several
+levels is embedded once (its cache is shared), so a cascade of one encoder ranks exactly like that encoder.
+
+    python -m compress.cascade --config scripts/experiments/cascade_topk_demo.toml
+
+runs casCLIP's two experiment kinds on a COCO-layout retrieval set (captions are the queries, images the
+gallery): `topk` (recall@k of each cascade vs the last level alone) and `speedup` (measured wall time of
+the whole search "lifetime" — embedding the gallery and answering every query — and per query), printing
+a table and plotting recall vs measured speedup over m.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+# --- the cascade ----------------------------------------------------------------------------------------
+
+
+class CachedImageEncoder:
+    """Embeds gallery images by index, each at most once. Missing images are embedded in ascending index
+    order in batches of `batch_size`, so results do not depend on which query asked first."""
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 256):
+        self.encode = encode
+        self.images = images
+        self.batch_size = batch_size
+        self.features: Optional[torch.Tensor] = None
+        self.done = torch.zeros(len(images), dtype=torch.bool)
+        self.encoded = 0  # images embedded so far (the cost this level paid)
+
+    @torch.no_grad()
+    def ensure(self, indices: torch.Tensor) -> None:
+        missing = torch.unique(indices.flatten())
+        missing = missing[~self.done[missing]]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            features = self.encode(self.images[chunk]).float().cpu()
+            if self.features is None:
+                self.features = torch.zeros(len(self.images), features.shape[1], dtype=torch.float32)
+            self.features[chunk] = features
+            self.done[chunk] = True
+            self.encoded += len(chunk)
+
+    def all_features(self) -> torch.Tensor:
+        self.ensure(torch.arange(len(self.images)))
+        return self.features
+
+
+def rank_candidates(query_features: torch.Tensor, gallery_features: torch.Tensor, candidates: torch.Tensor,
+                    keep: int) -> torch.Tensor:
+    """(Q, keep) candidates with the highest float64 scores, best first; ties → lower gallery index."""
+    candidates, _ = candidates.sort(dim=1)  # the stable sort below then breaks ties by index
+    scores = torch.einsum("qd,qmd->qm", query_features.double(), gallery_features[candidates].double())
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]
+    return candidates.gather(1, order)
+
+
+class Cascade:
+    """r-level cascade over one gallery. `encoders[i]` maps an image batch to (normalised) features;
+    `ms[i]` is how many candidates level i+1 passes on (len(ms) == len(encoders) - 1)."""
+
+    def __init__(self, encoders: Sequence[Callable[[torch.Tensor], torch.Tensor]], ms: Sequence[int],
+                 images: Sequence[torch.Tensor] | torch.Tensor, batch_size: int = 256):
+        if len(ms) != len(encoders) - 1:
+            raise ValueError(f"{len(encoders)} levels need {len(encoders) - 1} candidate counts m, got {list(ms)}")
+        if isinstance(images, torch.Tensor):
+            images = [images] * len(encoders)
+        self.gallery_size = len(images[0])
+        self.ms = [min(int(m), self.gallery_size) for m in ms]
+        if any(m < 1 for m in self.ms):
+            raise ValueError(f"candidate counts must be positive, got {list(ms)}")
+        caches: Dict[Tuple[int, int], CachedImageEncoder] = {}
+        self.levels: List[CachedImageEncoder] = []
+        for encode, level_images in zip(encoders, images):
+            key = (id(encode), id(level_images))  # one encoder on the same images: one cache
+            if key not in caches:
+                caches[key] = CachedImageEncoder(encode, level_images, batch_size)
+            self.levels.append(caches[key])
+        self.index = None
+
+    def build(self) -> None:
+        """Level 1 embeds the whole gallery into a faiss inner-product index."""
+        import faiss
+
+        features = np.ascontiguousarray(self.levels[0].all_features().numpy(), dtype=np.float32)
+        self.index = faiss.IndexFlatIP(features.shape[1])
+        self.index.add(features)
+
+    @torch.no_grad()
+    def search(self, query_features: torch.Tensor, k: int) -> torch.Tensor:
+        """(Q, k) gallery indices, best first, for L2-normalised query features (Q, D)."""
+        if self.index is None:
+            self.build()
+        k = min(k, self.gallery_size)
+        query_features = query_features.float().cpu()
+        keeps = self.ms + [k]  # how many candidates each level passes on; the last level gives the top-k
+        if keeps[0] >= self.gallery_size:  # everything passes: no search needed
+            candidates = torch.arange(self.gallery_size).expand(len(query_features), -1)
+        else:
+            _, found = self.index.search(np.ascontiguousarray(query_features.numpy()), keeps[0])
+            candidates = torch.from_numpy(found).long()
+        # level 1's own order only matters when it is the last level
+        for level_index in range(0 if len(self.levels) == 1 else 1, len(self.levels)):
+            level = self.levels[level_index]
+            level.ensure(candidates)
+            keep = min(keeps[level_index], candidates.shape[1])
+            candidates = rank_candidates(query_features, level.features, candidates, keep)
+        return candidates[:, :k]
+
+    def images_encoded(self) -> List[int]:
+        """Images each level embedded so far (shared caches count once, at their first level)."""
+        seen, counts = set(), []
+        for level in self.levels:
+            counts.append(0 if id(level) in seen else level.encoded)
+            seen.add(id(level))
+        return counts
+
+
+def recall_at_k(ranked: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> Dict[int, float]:
+    """Fraction of queries whose target is within the first k results (casCLIP's / CLIP_benchmark's
+    image_retrieval_recall@k)."""
+    hits = ranked == targets.view(-1, 1)
+    return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+# --- measured runs -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchRun:
+    ranked: torch.Tensor
+    lifetime_s: float  # embed the gallery at level 1 + embed and answer every query
+    images_encoded: List[int]
+
+
+def run_lifetime(make_cascade: Callable[[], Cascade], encode_text: Callable[[List[str]], torch.Tensor],
+                 queries: List[str], k: int, query_batch_size: int) -> SearchRun:
+    """A fresh cascade (cold caches) answers every query in batches; the whole thing is timed."""
+    start = time.perf_counter()
+    cascade = make_cascade()
+    cascade.build()
+    ranked = []
+    for begin in range(0, len(queries), query_batch_size):
+        text = encode_text(queries[begin:begin + query_batch_size])
+        ranked.append(cascade.search(text, k))
+    elapsed = time.perf_counter() - start
+    return SearchRun(torch.cat(ranked), elapsed, cascade.images_encoded())
+
+
+def per_query_seconds(make_cascade: Callable[[], Cascade], encode_text: Callable[[List[str]], torch.Tensor],
+                      queries: List[str], k: int) -> float:
+    """Mean latency of one query (text embedding + search + lazy re-encoding) once level 1 is built,
+    queries arriving one at a time with the caches starting cold."""
+    cascade = make_cascade()
+    cascade.build()
+    times = []
+    for query in queries:
+        start = time.perf_counter()
+        cascade.search(encode_text([query]), k)
+        times.append(time.perf_counter() - start)
+    return statistics.mean(times)
+
+
+# --- experiments (casCLIP's topk and speedup) ------------------------------------------------------------
+
+
+@dataclass
+class Experiment:
+    kind: str  # "topk" or "speedup"
+    name: str
+    levels: List[str]  # checkpoints (or open_clip model names), cheapest first
+    eval_data_dir: str
+    ms: List[List[int]]  # one candidate-count list per cascade to try
+    ks: List[int] = field(default_factory=lambda: [1, 5, 10])
+    device: str = "cpu"
+    batch_size: int = 256
+    query_batch_size: int = 256
+    repeats: int = 1
+    per_query_queries: int = 100
+    max_images: int = 0
+    plot: Optional[str] = None
+    threads: int = 0
+
+
+def read_experiment(path: str, overrides: argparse.Namespace) -> Experiment:
+    import tomllib
+
+    try:
+        config = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"error: --config {path}: no such file")
+    except tomllib.TOMLDecodeError as error:
+        raise SystemExit(f"error: --config {path}: not valid TOML ({error})")
+    cascade = config.get("cascade", {})
+    data = config.get("data", {})
+    levels = overrides.levels or [level["checkpoint"] for level in config.get("levels", [])]
+    eval_data_dir = overrides.eval_data_dir or data.get("eval_data_dir")
+    kind = config.get("experiment")
+    if kind not in ("topk", "speedup"):
+        raise SystemExit(f"error: {path}: experiment must be 'topk' or 'speedup', got {kind!r}")
+    if len(levels) < 1 or not eval_data_dir:
+        raise SystemExit(f"error: {path}: needs [[levels]] checkpoint = … (or --levels) and [data] eval_data_dir "
+                         f"(or --eval-data-dir)")
+    ms = [m if isinstance(m, list) else [m] for m in cascade.get("m", [])]
+    if len(levels) > 1 and (not ms or any(len(m) != len(levels) - 1 for m in ms)):
+        raise SystemExit(f"error: {path}: [cascade] m must list, per cascade to try, {len(levels) - 1} candidate "
+                         f"count(s) for {len(levels)} levels")
+    return Experiment(
+        kind=kind, name=config.get("name", Path(path).stem), levels=levels, eval_data_dir=eval_data_dir, ms=ms,
+        ks=list(cascade.get("k", [1, 5, 10])), device=overrides.device or cascade.get("device", "cpu"),
+        batch_size=int(cascade.get("batch_size", 256)), query_batch_size=int(cascade.get("query_batch_size", 256)),
+        repeats=int(cascade.get("repeats", 1 if kind == "topk" else 3)),
+        per_query_queries=int(cascade.get("per_query_queries", 100)), max_images=int(data.get("max_images", 0)),
+        plot=overrides.plot or config.get("output", {}).get("plot"), threads=int(cascade.get("threads", 0)),
+    )
+
+
+def load_gallery(eval_data_dir: str, max_images: int = 0):
+    """The COCO-layout retrieval set under `eval_data_dir` (`coco2017/…`, or the coco2017 folder itself)."""
+    from eval.data import load_coco_captions
+
+    root = Path(eval_data_dir)
+    coco_root = root if (root / "annotations").is_dir() else root / "coco2017"
+    if not (coco_root / "annotations" / "captions_val2017.json").is_file():
+        raise SystemExit(f"error: no COCO captions at {coco_root}/annotations/captions_val2017.json")
+    data = load_coco_captions(coco_root)
+    if max_images:
+        keep = [j for j, i in enumerate(data.text_to_image) if i < max_images]
+        data.image_paths = data.image_paths[:max_images]
+        data.captions = [data.captions[j] for j in keep]
+        data.text_to_image = [data.text_to_image[j] for j in keep]
+    return data
+
+
+def load_images(paths: Sequence[Path], preprocess: Callable) -> torch.Tensor:
+    from PIL import Image
+
+    return torch.stack([preprocess(Image.open(path).convert("RGB")) for path in paths])
+
+
+def run_experiment(exp: Experiment) -> Dict[str, Any]:
+    from eval.models import load_encoder
+
+    if exp.threads:
+        torch.set_num_threads(exp.threads)
+    encoders = []
+    for level in exp.levels:
+        try:
+            encoders.append(load_encoder(level, device=exp.device))
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: level {level}: {error}")
+    data = load_gallery(exp.eval_data_dir, exp.max_images)
+    targets = torch.tensor(data.text_to_image)
+    queries = list(data.captions)
+
+    # decode + preprocess once per distinct transform; shared by every system, so not part of the timings
+    start = time.perf_counter()
+    images_by_transform: Dict[str, torch.Tensor] = {}
+    level_images = []
+    for encoder in encoders:
+        key = repr(encoder.preprocess)
+        if key not in images_by_transform:
+            images_by_transform[key] = load_images(data.image_paths, encoder.preprocess).to(exp.device)
+        level_images.append(images_by_transform[key])
+    decode_s = time.perf_counter() - start
+
+    encode_fns = [lambda x, e=e: e.encode_image(x, normalize=True) for e in encoders]
+    large = encoders[-1]  # the text tower every level shares (a student carries its teacher's)
+    k_max = max(exp.ks)
+
+    def encode_text(texts: List[str]) -> torch.Tensor:
+        return large.encode_text(texts, normalize=True).cpu()
+
+    def factory(level_ids: List[int], ms: List[int]) -> Callable[[], Cascade]:
+        return lambda: Cascade([encode_fns[i] for i in level_ids], ms, [level_images[i] for i in level_ids],
+                               batch_size=exp.batch_size)
+
+    last = len(encoders) - 1
+    systems: List[Tuple[str, List[int], List[int]]] = [("large alone", [last], [])]
+    if last > 0:
+        systems.append(("level 1 alone", [0], []))
+    systems += [("cascade m=" + ",".join(map(str, ms)), list(range(len(encoders))), ms) for ms in exp.ms]
+
+    for _, ids, ms in systems[:1]:  # warm-up: first calls pay allocator / thread-pool start-up
+        run_lifetime(factory(ids, ms), encode_text, queries[: exp.query_batch_size], k_max, exp.query_batch_size)
+    results: Dict[str, Dict[str, Any]] = {name: {"lifetimes": []} for name, _, _ in systems}
+    for _ in range(max(1, exp.repeats)):  # interleaved repeats: machine load hits every system alike
+        for name, ids, ms in systems:
+            run = run_lifetime(factory(ids, ms), encode_text, queries, k_max, exp.query_batch_size)
+            entry = results[name]
+            entry["lifetimes"].append(run.lifetime_s)
+            entry["recall"] = recall_at_k(run.ranked, targets, exp.ks)
+            entry["encoded"] = run.images_encoded
+    if exp.kind == "speedup":
+        sample = queries[:: max(1, len(queries) // max(1, exp.per_query_queries))][: exp.per_query_queries]
+        for name, ids, ms in systems:
+            results[name]["per_query_s"] = per_query_seconds(factory(ids, ms), encode_text, sample, k_max)
+
+    base = results["large alone"]
+    base_lifetime = statistics.median(base["lifetimes"])
+    rows = []
+    for name, ids, ms in systems:
+        entry = results[name]
+        lifetime = statistics.median(entry["lifetimes"])
+        row = {"system": name, "m": ms, "lifetime_s": lifetime, "lifetime_speedup": base_lifetime / lifetime,
+               "large_encoded_fraction": (entry["encoded"][-1] / len(data.image_paths)) if ids[-1] == last else 0.0,
+               **{f"R@{k}": 100 * v for k, v in entry["recall"].items()},
+               **{f"dR@{k}": 100 * (v - base["recall"][k]) for k, v in entry["recall"].items()}}
+        if "per_query_s" in entry:
+            row["per_query_ms"] = 1000 * entry["per_query_s"]
+            row["per_query_speedup"] = base["per_query_s"] / entry["per_query_s"]
+        rows.append(row)
+    summary = {"experiment": exp.kind, "name": exp.name, "levels": exp.levels, "gallery": len(data.image_paths),
+               "queries": len(queries), "decode_s": decode_s, "repeats": exp.repeats, "rows": rows}
+    if exp.plot:
+        plot_recall_vs_speedup(rows, exp.ks, exp.plot, exp.name)
+        summary["plot"] = exp.plot
+    return summary
+
+
+# --- output ----------------------------------------------------------------------------------------------
+
+
+def format_table(summary: Dict[str, Any], ks: Sequence[int]) -> str:
+    kind = summary["experiment"]
+    lines = [f"{summary['name']} ({kind}): {summary['gallery']} gallery images, {summary['queries']} caption "
+             f"queries; levels (cheapest first): {', '.join(summary['levels'])}",
+             f"image decoding + preprocessing, shared by every system and not timed below: {summary['decode_s']:.2f} s"]
+    if kind == "topk":
+        header = ["system"] + [f"R@{k}" for k in ks] + [f"ΔR@{k}" for k in ks] + ["large enc.", "speedup"]
+    else:
+        header = ["system", "lifetime s", "lifetime ×", "query ms", "query ×", "large enc."] + [f"R@{k}" for k in ks]
+    table = [header]
+    for row in summary["rows"]:
+        if kind == "topk":
+            table.append([row["system"]] + [f"{row[f'R@{k}']:.2f}" for k in ks] +
+                         [f"{row[f'dR@{k}']:+.2f}" for k in ks] +
+                         [f"{100 * row['large_encoded_fraction']:.0f}%", f"{row['lifetime_speedup']:.2f}x"])
+        else:
+            table.append([row["system"], f"{row['lifetime_s']:.3f}", f"{row['lifetime_speedup']:.2f}x",
+                          f"{row.get('per_query_ms', float('nan')):.2f}", f"{row.get('per_query_speedup', float('nan')):.2f}x",
+                          f"{100 * row['large_encoded_fraction']:.0f}%"] + [f"{row[f'R@{k}']:.2f}" for k in ks])
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
+    for i, r in enumerate(table):
+        lines.append("  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("speedup = measured lifetime of 'large alone' / the system's (embed the gallery at level 1, then "
+                 "embed, search and lazily re-encode for every query; median of repeats); large enc. = share of the "
+                 "gallery the last level embedded")
+    if "plot" in summary:
+        lines.append(f"plot: {summary['plot']}")
+    return "\n".join(lines)
+
+
+def plot_recall_vs_speedup(rows: List[Dict[str, Any]], ks: Sequence[int], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cascades = [r for r in rows if r["m"]]
+    base = rows[0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in ks:
+        line = ax.plot([r["lifetime_speedup"] for r in cascades], [r[f"R@{k}"] for r in cascades], marker="o",
+                       label=f"cascade R@{k}")[0]
+        ax.axhline(base[f"R@{k}"], color=line.get_color(), linestyle="--", linewidth=0.8)
+        for r in cascades:
+            ax.annotate("m=" + ",".join(map(str, r["m"])), (r["lifetime_speedup"], r[f"R@{k}"]), fontsize=7)
+    ax.set_xlabel("measured lifetime speedup over the large model alone (×)")
+    ax.set_ylabel("recall@k (%)  (dashed: large model alone)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m compress.cascade", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="experiment TOML (scripts/experiments/*.toml)")
+    parser.add_argument("--levels", nargs="+", default=None,
+                        help="override the config's level checkpoints, cheapest first (the last is 'the large model')")
+    parser.add_argument("--eval-data-dir", default=None, help="override the config's eval root (holds coco2017/)")
+    parser.add_argument("--device", default=None, help="override the config's device (cpu, cuda)")
+    parser.add_argument("--plot", default=None, help="override where the recall-vs-speedup PNG goes")
+    parser.add_argument("--json", default=None, help="also write the table's numbers to this JSON file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    exp = read_experiment(args.config, args)
+    summary = run_experiment(exp)
+    print(format_table(summary, exp.ks), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

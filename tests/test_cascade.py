@@ -1,0 +1,151 @@
+"""Cascaded search: exactness against the single encoder, m = gallery size, lazy caching, recall, and the
+`python -m compress.cascade --config` experiments on the tiny generated COCO-layout set."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compress.cascade import Cascade, main, recall_at_k
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A random-init clipc-vit-t2-32 ('large') and a mobilenet student on its text tower ('small'),
+    both saved as our checkpoints."""
+    import open_clip
+
+    import compress
+    from compress.registry import open_clip_spec
+    from compress.students import copy_teacher_text_tower, student_clip_spec, student_image_spec
+    from utils.model_configs import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    large = open_clip.create_model("clipc-vit-t2-32").eval()
+    large.model_spec = open_clip_spec("clipc-vit-t2-32")
+    small = compress.build_model(student_clip_spec(student_image_spec("mobilenet_v3_small", "clipc-vit-t2-32"),
+                                                   "clipc-vit-t2-32")).eval()
+    copy_teacher_text_tower(small, large)
+    folder = tmp_path_factory.mktemp("levels")
+    paths = {}
+    for name, model in (("small", small), ("large", large)):
+        paths[name] = folder / f"{name}.pt"
+        torch.save({"model_spec": model.model_spec, "state_dict": model.state_dict()}, paths[name])
+    return {"large": large, "small": small, "paths": paths}
+
+
+@pytest.fixture(scope="module")
+def gallery(tiny_corpus, models):
+    """Preprocessed gallery images and caption-query features of the tiny COCO-layout set."""
+    from compress.cascade import load_gallery, load_images
+    from compress.registry import get_preprocess, get_tokenizer
+
+    data = load_gallery(str(tiny_corpus / "eval"))
+    spec = models["large"].model_spec
+    images = load_images(data.image_paths, get_preprocess(spec))
+    with torch.no_grad():
+        queries = F.normalize(models["large"].encode_text(get_tokenizer(spec)(data.captions)), dim=-1)
+    return images, queries, torch.tensor(data.text_to_image)
+
+
+def _encode_with(model):
+    return lambda images: F.normalize(model.encode_image(images), dim=-1)
+
+
+def _exhaustive_top_k(features, queries, k):
+    """The single encoder's own ranking: every gallery image scored, ties to the lower index."""
+    scores = queries.double() @ features.double().T
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+@torch.no_grad()
+def test_cascade_of_one_encoder_ranks_exactly_like_it(models, gallery):
+    images, queries, _ = gallery
+    encode = _encode_with(models["large"])
+    reference = _exhaustive_top_k(encode(images), queries, 10)
+    for ms in ([30], [40, 20]):  # two and three levels of the same encoder
+        cascade = Cascade([encode] * (len(ms) + 1), ms, images)
+        assert torch.equal(cascade.search(queries, 10), reference)
+        assert cascade.images_encoded()[1:] == [0] * len(ms)  # one encoder, embedded once
+    assert torch.equal(Cascade([encode], [], images).search(queries, 10), reference)
+
+
+@torch.no_grad()
+def test_m_equal_to_gallery_size_is_the_large_model_alone(models, gallery):
+    images, queries, _ = gallery
+    small, large = _encode_with(models["small"]), _encode_with(models["large"])
+    alone = Cascade([large], [], images).search(queries, 10)
+    cascade = Cascade([small, large], [len(images)], images)
+    assert torch.equal(cascade.search(queries, 10), alone)
+    assert cascade.images_encoded() == [len(images), len(images)]
+
+
+@torch.no_grad()
+def test_large_level_encodes_only_the_candidates_and_caches_them(models, gallery):
+    images, queries, _ = gallery
+    small, large = _encode_with(models["small"]), _encode_with(models["large"])
+    cascade = Cascade([small, large], [5], images)
+    cascade.build()
+    first = queries[:3]
+    shortlist = torch.from_numpy(cascade.index.search(first.numpy(), 5)[1])  # level 1's faiss shortlist
+    result = cascade.search(first, 3)
+    assert cascade.images_encoded()[1] == len(torch.unique(shortlist))
+    # the answer is the large model's order within the small model's shortlist
+    large_features = F.normalize(models["large"].encode_image(images), dim=-1)
+    for q in range(3):
+        candidates = shortlist[q]
+        order = torch.sort(first[q].double() @ large_features[candidates].double().T, descending=True, stable=True).indices
+        assert set(result[q].tolist()) <= set(candidates.tolist())
+        assert torch.equal(result[q], candidates[order][:3])
+    encoded = cascade.images_encoded()[1]
+    cascade.search(first, 3)
+    assert cascade.images_encoded()[1] == encoded  # cached: asking again embeds nothing
+
+
+def test_recall_at_k_by_hand():
+    ranked = torch.tensor([[3, 1, 2], [0, 2, 1], [2, 0, 1]])
+    targets = torch.tensor([3, 2, 1])
+    assert recall_at_k(ranked, targets, [1, 2, 3]) == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0}
+
+
+def test_bad_candidate_counts_are_rejected(gallery):
+    images, _, _ = gallery
+    with pytest.raises(ValueError, match="need 1 candidate"):
+        Cascade([lambda x: x, lambda x: x], [], images)
+
+
+@pytest.mark.parametrize("kind", ["topk", "speedup"])
+def test_experiment_cli_prints_table_and_plot(kind, models, tiny_corpus, tmp_path, capsys):
+    config = tmp_path / f"{kind}.toml"
+    config.write_text(f"""
+experiment = "{kind}"
+name = "tiny_{kind}"
+[data]
+eval_data_dir = "{tiny_corpus / 'eval'}"
+[[levels]]
+checkpoint = "{models['paths']['small']}"
+[[levels]]
+checkpoint = "{models['paths']['large']}"
+[cascade]
+m = [5, 72]
+k = [1, 5, 10]
+repeats = 1
+per_query_queries = 4
+[output]
+plot = "{tmp_path / 'plot.png'}"
+""")
+    main(["--config", str(config), "--json", str(tmp_path / "out.json")])
+    printed = capsys.readouterr().out
+    assert "large alone" in printed and "cascade m=5" in printed and "cascade m=72" in printed
+    summary = json.loads((tmp_path / "out.json").read_text())
+    rows = {row["system"]: row for row in summary["rows"]}
+    assert summary["gallery"] == 72 and summary["queries"] == 360
+    # m = the whole gallery: the large model's recall exactly, every image embedded by it
+    for k in (1, 5, 10):
+        assert rows["cascade m=72"][f"R@{k}"] == rows["large alone"][f"R@{k}"]
+    assert rows["cascade m=72"]["large_encoded_fraction"] == 1.0
+    assert 0 < rows["cascade m=5"]["large_encoded_fraction"] <= 1.0
+    if kind == "speedup":
+        assert all(row["per_query_ms"] > 0 for row in summary["rows"])
+    assert (tmp_path / "plot.png").stat().st_size > 1000
