@@ -18,10 +18,8 @@ clusters; the mapping, prototypes and labels reach the other ranks through torch
 and are saved in the checkpoint's job_state, so a resume continues the same episode with the same
 prototypes.
 
-Trainer integration: the trainer's loader iterates all rows with a DistributedSampler; this job swaps in
-an `EpisodeSampler` over its episode mapping at `on_train_start` (rebuilding the LR schedule for the
-episode's length). A trainer-side hook (`Job.episode_indices(epoch)`) would make that swap unnecessary;
-see docs/README_protorkd.md.
+The trainer's sampler walks the episodes (`--episode-size`, training/data.py); this job reads the same
+mapping through `ctx.data.episode_indices(epoch)`.
 """
 from __future__ import annotations
 
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from training import proto
 from training.distributed import broadcast_object
@@ -43,31 +41,6 @@ from training.jobs import Job, add_argument_once
 
 DISTILLERS = ("mse", "rkd", "infonce", "proto")
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps its temperature at 100
-
-
-class EpisodeSampler(Sampler):
-    """This rank's contiguous share of the episode's row indices, resumable part-way through."""
-
-    def __init__(self, rank: int, world_size: int):
-        self.rank, self.world_size = rank, world_size
-        self.mapping = torch.zeros(0, dtype=torch.long)
-        self.start_index = 0
-
-    def set_mapping(self, mapping: torch.Tensor) -> None:
-        self.mapping = mapping
-
-    def set_epoch(self, epoch: int, start_index: int = 0) -> None:  # DataInfo.set_epoch's call
-        self.start_index = start_index
-
-    def rank_indices(self) -> torch.Tensor:
-        per_rank = len(self.mapping) // self.world_size  # equal shares: ranks never wait on each other
-        return self.mapping[self.rank * per_rank:(self.rank + 1) * per_rank]
-
-    def __iter__(self):
-        return iter(self.rank_indices()[self.start_index:].tolist())
-
-    def __len__(self) -> int:
-        return max(0, len(self.rank_indices()) - self.start_index)
 
 
 def no_tokens(texts: List[str]) -> torch.Tensor:
@@ -107,8 +80,6 @@ class ProtoRKDJob(Job):
                            help="Linear-BN-ReLU blocks before the head's last Linear (0: one Linear)")
         add_argument_once(group, "--force-image-size", type=int, default=None,
                           help="student input size (torchvision default 224; open_clip: its config)")
-        add_argument_once(group, "--episode-size", type=int, default=0,
-                          help="samples per episode, drawn with replacement each epoch (0: every row once)")
         group.add_argument("--clustering-frequency", type=int, default=1, help="re-cluster every N episodes")
         group.add_argument("--k", type=int, default=20000, help="k-means clusters (prototypes) per episode")
         group.add_argument("--kmeans-max-iter", type=int, default=20, help="k-means iterations")
@@ -148,7 +119,6 @@ class ProtoRKDJob(Job):
         self.teacher_features = None
         self.external_features = None
         self.label_of_row: Dict[str, torch.Tensor] = {}
-        self.sampler: Optional[EpisodeSampler] = None
 
     # --- models ---------------------------------------------------------------------------------------
 
@@ -213,7 +183,7 @@ class ProtoRKDJob(Job):
         from training.teacher_cache import cache_key, load_or_build_teacher_cache
 
         args = self.args
-        dataset = ctx.data.loader.dataset
+        dataset = ctx.data.dataset
         if not hasattr(dataset, "captions"):
             raise UserError("--job protorkd reads its captions from a TSV/CSV --train-data (row index = "
                             "teacher-cache key); webdataset shards and synthetic data are not supported")
@@ -243,50 +213,14 @@ class ProtoRKDJob(Job):
         if self.uses_proto and args.k > self.episode_size:
             raise UserError(f"--k {args.k} prototypes need at least as many episode samples; the episode has "
                             f"{self.episode_size} (lower --k)")
-        if not self.trainer_runs_episodes(ctx):
-            self._install_episode_loader(ctx)
-
-    def trainer_runs_episodes(self, ctx) -> bool:
-        """Whether the trainer's data already walks episodes (`DataInfo.episode_indices`)."""
-        return hasattr(ctx.data, "episode_indices") and hasattr(ctx.data.sampler, "episode_size")
-
-    def _install_episode_loader(self, ctx) -> None:
-        """Point the trainer's DataInfo at an EpisodeSampler over this job's episode mapping."""
-        from training.data import collate
-        from training.main import cosine_schedule
-
-        args = self.args
-        per_rank_batches = self.episode_size // self.dist.world_size // args.batch_size
-        if per_rank_batches == 0:
-            raise UserError(f"an episode of {self.episode_size} samples gives no full batch of {args.batch_size} "
-                            f"on {self.dist.world_size} process(es)")
-        self.sampler = EpisodeSampler(self.dist.rank, self.dist.world_size)
-        ctx.data.loader = DataLoader(ctx.data.loader.dataset, batch_size=args.batch_size, sampler=self.sampler,
-                                     num_workers=args.workers, collate_fn=collate, drop_last=True,
-                                     pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
-                                     prefetch_factor=4 if args.workers > 0 else None)
-        ctx.data.sampler = self.sampler
-        ctx.data.num_batches = per_rank_batches
-        ctx.data.num_samples = per_rank_batches * args.batch_size * self.dist.world_size
-        total_steps = per_rank_batches // args.accum_freq * args.epochs
-        ctx.scheduler = cosine_schedule(ctx.optimizer, args, total_steps)
-        ctx.scheduler(ctx.step)
-        logging.info("protorkd: episodes of %d samples from %d rows, %d batches per rank, %d optimizer steps in all",
-                     self.episode_size, self.dataset_size, per_rank_batches, total_steps)
-
     # --- episodes -------------------------------------------------------------------------------------
 
     def episode_indices(self, episode: int, ctx) -> torch.Tensor:
-        """Row indices of `episode` (the trainer's when its data walks episodes): deterministic in
-        (seed, episode), so a resume draws the same."""
-        if self.sampler is None:
-            trainer_mapping = ctx.data.episode_indices(episode)
-            # a full pass (no --episode-size): the trainer shuffles; the prototypes cover every row
-            return trainer_mapping if trainer_mapping is not None else torch.arange(self.dataset_size)
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + episode)
-        if self.args.episode_size:
-            return torch.randint(0, self.dataset_size, (self.episode_size,), generator=generator)
-        return torch.randperm(self.dataset_size, generator=generator)
+        """Row indices of `episode`, as the trainer's sampler walks them (a pure function of seed and
+        episode, training/data.py); rank 0's copy is broadcast so every rank clusters the same rows."""
+        mapping = ctx.data.episode_indices(episode)
+        # a full pass (no --episode-size): the trainer shuffles; the prototypes cover every row
+        return mapping if mapping is not None else torch.arange(self.dataset_size)
 
     def proto_active(self, episode: int) -> bool:
         return self.uses_proto and episode >= self.args.infonce_warmup_epoch and not self.lit_phase(episode)
@@ -298,8 +232,6 @@ class ProtoRKDJob(Job):
         if self.episode != epoch:  # a fresh episode (a resume mid-episode keeps the restored one)
             mapping = self.episode_indices(epoch, ctx) if self.dist.is_master else None
             self.mapping = broadcast_object(mapping)
-        if self.sampler is not None:
-            self.sampler.set_mapping(self.mapping)
         if self.proto_active(epoch):
             due = (not self.prototypes or self.clustered_episode < 0
                    or epoch - self.clustered_episode >= self.args.clustering_frequency)
@@ -374,7 +306,7 @@ class ProtoRKDJob(Job):
         model.eval()
         per_rank = math.ceil(len(self.mapping) / world_size)
         mine = self.mapping[rank * per_rank:(rank + 1) * per_rank].tolist()
-        loader = DataLoader(ctx.data.loader.dataset, batch_size=args.batch_size, sampler=mine,
+        loader = DataLoader(ctx.data.dataset, batch_size=args.batch_size, sampler=mine,
                             num_workers=args.workers, collate_fn=collate)
         dtype = next(model.parameters()).dtype
         pieces = [F.normalize(model.encode_image(b["image"].to(self.device, dtype)).float(), dim=1) for b in loader]
