@@ -1,0 +1,155 @@
+"""Size and cost of any image–text model: parameters, MACs and measured latency per tower.
+
+One helper for every model the project makes (dense, pruned, low-rank, students): it needs only
+`encode_image(images)` and `encode_text(text_input)`.
+
+- Parameters per tower are the parameters each forward actually *uses*, recorded with a TorchFunctionMode
+  (every parameter reaches some torch function as an argument). That works without knowing the model's
+  attribute layout: CLIP's text tower keeps `positional_embedding` and `text_projection` on the model
+  itself, a student may hang a sentence-transformer on it. Parameters shared by both towers count in both;
+  `params` counts every parameter of the model once (logit_scale included).
+- MACs per sample = FLOPs / 2 from `torch.utils.flop_counter.FlopCounterMode` at batch 1 (matmuls, convs,
+  attention; elementwise ops are not counted, as usual).
+- Latency: median wall time of `repeats` forwards at `batch_size` under no_grad, after warm-up
+  (CUDA-synchronised on GPU). Milliseconds per batch.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+PROFILE_CAPTION = "a photo of a small red circle on a plain background."
+
+
+class _ParameterUseRecorder(TorchFunctionMode):
+    """Records the ids of nn.Parameters passed to any torch function while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used_ids: Set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in tree_flatten((args, kwargs))[0]:
+            if isinstance(value, nn.Parameter):
+                self.used_ids.add(id(value))
+        return func(*args, **kwargs)
+
+
+def _measure(forward: Callable[[], Any], model: nn.Module) -> Dict[str, int]:
+    """(parameters used, MACs) of one forward."""
+    recorder = _ParameterUseRecorder()
+    flop_counter = FlopCounterMode(display=False)
+    with torch.no_grad(), flop_counter, recorder:
+        forward()
+    used = sum(p.numel() for p in _unique_parameters(model) if id(p) in recorder.used_ids)
+    return {"params": used, "macs": flop_counter.get_total_flops() // 2}
+
+
+def _time_ms(forward: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    def synchronise() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            forward()
+        synchronise()
+        times: List[float] = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            forward()
+            synchronise()
+            times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def _unique_parameters(model: nn.Module) -> List[nn.Parameter]:
+    return list({id(p): p for p in model.parameters()}.values())
+
+
+def default_text_input(
+    model: nn.Module, batch_size: int, context_length: Optional[int] = None
+) -> torch.Tensor | List[str]:
+    """A batch of captions as the model's `encode_text` takes them, from its `model_spec` when it has one."""
+    spec = getattr(model, "model_spec", None)
+    if spec is not None:
+        from compress.registry import get_tokenizer
+
+        tokens = get_tokenizer(spec)([PROFILE_CAPTION] * batch_size)
+        if not torch.is_tensor(tokens) or context_length is None:
+            return tokens
+    if context_length is None:
+        context_length = getattr(model, "context_length", None)
+    if context_length is None:
+        raise ValueError("cannot tell what encode_text takes: pass text_input= or context_length=")
+    # Random token ids of the full context: the cost of a text transformer does not depend on the ids.
+    return torch.randint(1, 1000, (batch_size, context_length))
+
+
+def profile_model(
+    model: nn.Module,
+    image_size: int | Sequence[int],
+    context_length: Optional[int] = None,
+    text_input: Any = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    repeats: int = 5,
+    warmup: int = 2,
+) -> Dict[str, float]:
+    """`params`, `params_image`, `params_text`, `macs_image`, `macs_text` (per sample), `latency_image_ms`,
+    `latency_text_ms` (per batch of `batch_size`), and `latency_batch_size`.
+
+    text_input: a batch (>= batch_size) as `encode_text` takes it (token tensor, or list of strings for a
+    sentence-transformer text side); default from the model's `model_spec` tokenizer, else random tokens of
+    `context_length`.
+    """
+    device = torch.device(device)
+    was_training = model.training  # restored after; the model is left on `device`
+    model.eval().to(device)
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    images = torch.randn(batch_size, 3, height, width, device=device)
+    if text_input is None:
+        text_input = default_text_input(model, batch_size, context_length)
+    if torch.is_tensor(text_input):
+        text_input = text_input.to(device)
+    if len(text_input) < batch_size:
+        raise ValueError(f"text_input holds {len(text_input)} captions; need batch_size={batch_size}")
+
+    try:
+        image_cost = _measure(lambda: model.encode_image(images[:1]), model)
+        text_cost = _measure(lambda: model.encode_text(text_input[:1]), model)
+        latency_image = _time_ms(lambda: model.encode_image(images), device, warmup, repeats)
+        latency_text = _time_ms(lambda: model.encode_text(text_input[:batch_size]), device, warmup, repeats)
+    finally:
+        model.train(was_training)
+    return {
+        "params": sum(p.numel() for p in _unique_parameters(model)),
+        "params_image": image_cost["params"],
+        "params_text": text_cost["params"],
+        "macs_image": image_cost["macs"],
+        "macs_text": text_cost["macs"],
+        "latency_image_ms": latency_image,
+        "latency_text_ms": latency_text,
+        "latency_batch_size": batch_size,
+    }
+
+
+def profile_encoder(encoder, batch_size: int = 32, repeats: int = 5, warmup: int = 2) -> Dict[str, float]:
+    """`profile_model` for an `eval.Encoder`: image size from its transform, captions through its tokenizer."""
+    return profile_model(
+        encoder.model,
+        image_size=encoder.image_size,
+        text_input=encoder.text_input([PROFILE_CAPTION] * batch_size),
+        batch_size=batch_size,
+        device=encoder.device,
+        repeats=repeats,
+        warmup=warmup,
+    )

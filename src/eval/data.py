@@ -1,0 +1,260 @@
+"""Evaluation datasets, found by their layout under one root (ProtoCLIP's eval-data-dir layout):
+
+    <root>/coco2017/val2017/*.jpg + annotations/captions_val2017.json     retrieval (COCO captions format)
+    <root>/flickr30k/flickr30k_images/ + results.csv                       retrieval (all images), or the
+        Karpathy test split when dataset_flickr30k.json / *karpathy*.json sits beside it
+    <root>/imagenet/val/<wnid>/ (+ train/)                                 classification
+    <root>/cifar10, cifar100, stl10                                        torchvision folders (download=False)
+    <root>/<name>/test/<class>/ (+ train/<class>/)                         any ImageFolder set, e.g. `shapes`
+
+Class names of an ImageFolder set are the folder names with `_` → space, unless `<root>/<name>/classnames.txt`
+lists them (one per line, in sorted folder order). `templates.txt` beside it overrides the prompt templates.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from eval.templates import IMAGENET_CLASSNAMES, templates_for
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Image.Image], object]
+
+
+@dataclass
+class ClassificationSet:
+    name: str
+    classnames: List[str]
+    templates: List[str]
+    test: Dataset  # yields (image tensor, label)
+    train: Optional[Dataset] = None  # for the linear probe
+
+
+@dataclass
+class RetrievalSet:
+    name: str
+    image_paths: List[Path]
+    captions: List[str]
+    text_to_image: List[int]  # caption j describes image text_to_image[j]
+
+    def images(self, transform: Transform) -> Dataset:
+        return ImageFiles(self.image_paths, transform)
+
+
+@dataclass
+class FoundDataset:
+    """A dataset seen on disk; `build(transform)` opens it (cheap to find, built only when scored)."""
+
+    name: str
+    task: str  # "classification" or "retrieval"
+    build: Callable[[Transform], object] = field(repr=False)
+
+
+class ImageFiles(Dataset):
+    """Images by path; yields (image tensor, index)."""
+
+    def __init__(self, paths: List[Path], transform: Transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        with Image.open(self.paths[index]) as image:
+            return self.transform(image.convert("RGB")), index
+
+
+# --- discovery -----------------------------------------------------------------------------------------
+
+TORCHVISION_FOLDERS = {  # name -> the folder torchvision expects inside <root>/<name> with download=False
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+    "stl10": "stl10_binary",
+}
+
+
+def discover_datasets(root: str | Path) -> Tuple[Dict[str, FoundDataset], List[str]]:
+    """Every evaluation dataset under `root`, and one note per folder that looks like one but is incomplete."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"evaluation data dir not found: {root}")
+    found: Dict[str, FoundDataset] = {}
+    notes: List[str] = []
+
+    coco = root / "coco2017"
+    if (coco / "annotations" / "captions_val2017.json").is_file() and (coco / "val2017").is_dir():
+        found["coco2017"] = FoundDataset("coco2017", "retrieval", lambda _t: load_coco_captions(coco))
+    elif coco.exists():
+        notes.append(f"coco2017: {coco} needs val2017/ and annotations/captions_val2017.json; skipped")
+
+    flickr = root / "flickr30k"
+    if flickr.is_dir():
+        if _flickr_image_dir(flickr).is_dir() and (_karpathy_file(flickr) or (flickr / "results.csv").is_file()):
+            found["flickr30k"] = FoundDataset("flickr30k", "retrieval", lambda _t: load_flickr30k(flickr))
+        else:
+            notes.append(f"flickr30k: {flickr} needs flickr30k_images/ and results.csv (or a Karpathy JSON); skipped")
+
+    for name, inner in TORCHVISION_FOLDERS.items():
+        folder = _torchvision_folder(root, name)
+        if folder is not None:
+            found[name] = FoundDataset(name, "classification", _torchvision_builder(name, folder))
+        elif (root / name).exists():
+            notes.append(f"{name}: {root / name} has no {inner}/ (torchvision layout, download=False); skipped")
+
+    imagenet = root / "imagenet"
+    if (imagenet / "val").is_dir():
+        found["imagenet"] = FoundDataset(
+            "imagenet", "classification", lambda t: image_folder_set(imagenet, "imagenet", t, test_split="val")
+        )
+
+    # Any other folder with test/<class>/ is an ImageFolder classification set (e.g. the generated `shapes`).
+    reserved = {"coco2017", "flickr30k", "imagenet", *TORCHVISION_FOLDERS}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in reserved):
+        test = folder / "test"
+        if test.is_dir() and any(p.is_dir() for p in test.iterdir()):
+            found[folder.name] = FoundDataset(
+                folder.name, "classification", lambda t, f=folder: image_folder_set(f, f.name, t)
+            )
+    return found, notes
+
+
+# --- classification sets -------------------------------------------------------------------------------
+
+
+def image_folder_set(folder: Path, name: str, transform: Transform, test_split: str = "test") -> ClassificationSet:
+    from torchvision.datasets import ImageFolder
+
+    test = ImageFolder(str(folder / test_split), transform=transform)
+    train = ImageFolder(str(folder / "train"), transform=transform) if (folder / "train").is_dir() else None
+    if train is not None and train.classes != test.classes:
+        log.warning("%s: train and %s class folders differ; linear probe skipped", name, test_split)
+        train = None
+    return ClassificationSet(name, _classnames(folder, name, test.classes), _templates(folder, name), test, train)
+
+
+def _classnames(folder: Path, name: str, folder_names: List[str]) -> List[str]:
+    listed = folder / "classnames.txt"
+    if listed.is_file():
+        classnames = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
+        if len(classnames) == len(folder_names):
+            return classnames
+        log.warning("%s: classnames.txt lists %d names for %d folders; using folder names",
+                    name, len(classnames), len(folder_names))
+    if name == "imagenet" and len(folder_names) == len(IMAGENET_CLASSNAMES):
+        # open_clip's curated names are in sorted-wnid order, which is ImageFolder's order.
+        return list(IMAGENET_CLASSNAMES)
+    return [folder_name.replace("_", " ") for folder_name in folder_names]
+
+
+def _templates(folder: Path, name: str) -> List[str]:
+    listed = folder / "templates.txt"
+    if listed.is_file():
+        return [line.strip() for line in listed.read_text().splitlines() if line.strip()]
+    return templates_for(name)
+
+
+def _torchvision_folder(root: Path, name: str) -> Optional[Path]:
+    """`<root>/<name>` when it holds torchvision's files, or `<root>` itself when they sit there directly."""
+    inner = TORCHVISION_FOLDERS[name]
+    for candidate in (root / name, root):
+        if (candidate / inner).is_dir():
+            return candidate
+    return None
+
+
+def _torchvision_builder(name: str, folder: Path) -> Callable[[Transform], ClassificationSet]:
+    def build(transform: Transform) -> ClassificationSet:
+        from torchvision import datasets
+
+        if name == "stl10":
+            test = datasets.STL10(str(folder), split="test", transform=transform, download=False)
+            train = datasets.STL10(str(folder), split="train", transform=transform, download=False)
+        else:
+            dataset_class = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+            test = dataset_class(str(folder), train=False, transform=transform, download=False)
+            train = dataset_class(str(folder), train=True, transform=transform, download=False)
+        classnames = [c.replace("_", " ") for c in test.classes]
+        return ClassificationSet(name, classnames, templates_for(name), test, train)
+
+    return build
+
+
+# --- retrieval sets ------------------------------------------------------------------------------------
+
+
+def load_coco_captions(coco_root: Path, split: str = "val2017") -> RetrievalSet:
+    """All images of the split that have captions, with all their captions (5k images × ~25k for val2017)."""
+    annotations = json.loads((coco_root / "annotations" / f"captions_{split}.json").read_text())
+    captions_by_image: Dict[int, List[str]] = {}
+    for annotation in annotations["annotations"]:
+        captions_by_image.setdefault(annotation["image_id"], []).append(annotation["caption"].strip())
+    images = sorted((image for image in annotations["images"] if image["id"] in captions_by_image),
+                    key=lambda image: image["id"])
+    return _retrieval_set("coco2017", [(coco_root / split / image["file_name"], captions_by_image[image["id"]])
+                                       for image in images])
+
+
+def load_flickr30k(flickr_root: Path) -> RetrievalSet:
+    """The Karpathy test split when its JSON is there, else every image of results.csv."""
+    image_dir = _flickr_image_dir(flickr_root)
+    karpathy = _karpathy_file(flickr_root)
+    if karpathy is not None:
+        entries = read_karpathy_test_split(karpathy)
+    else:
+        entries = read_flickr_results_csv(flickr_root / "results.csv")
+    return _retrieval_set("flickr30k", [(image_dir / Path(file_name).name, captions) for file_name, captions in entries])
+
+
+def read_flickr_results_csv(path: Path) -> List[Tuple[str, List[str]]]:
+    """Parse Flickr30k's `image_name| comment_number| comment` file (pipe-separated, header line first).
+
+    The public file has a few malformed rows (e.g. `name| 4 caption`, a missing second pipe): those are
+    repaired by taking the caption after the number.
+    """
+    captions: Dict[str, List[str]] = {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for line in lines[1:]:
+        parts = [part.strip() for part in line.split("|", 2)]
+        if len(parts) == 2:
+            parts = [parts[0], *(parts[1].split(None, 1) + [""])[:2]]
+        if len(parts) == 3 and parts[0] and parts[2]:
+            captions.setdefault(parts[0], []).append(parts[2])
+    return list(captions.items())
+
+
+def read_karpathy_test_split(path: Path) -> List[Tuple[str, List[str]]]:
+    """Test images of a Karpathy-split JSON: the original `{"images": [{filename, split, sentences}]}`
+    or the list form `[{"image": ..., "caption": [...]}]` used by CLIP_benchmark/LAVIS test files."""
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        return [(image["filename"], [s["raw"].strip() for s in image["sentences"]])
+                for image in data["images"] if image.get("split") == "test"]
+    return [(item["image"], [c.strip() for c in (item["caption"] if isinstance(item["caption"], list)
+                                                 else [item["caption"]])]) for item in data]
+
+
+def _retrieval_set(name: str, images_with_captions: List[Tuple[Path, List[str]]]) -> RetrievalSet:
+    image_paths, captions, text_to_image = [], [], []
+    for image_index, (path, image_captions) in enumerate(images_with_captions):
+        image_paths.append(path)
+        captions.extend(image_captions)
+        text_to_image.extend([image_index] * len(image_captions))
+    return RetrievalSet(name, image_paths, captions, text_to_image)
+
+
+def _flickr_image_dir(flickr_root: Path) -> Path:
+    # The Kaggle archive nests the images one level deeper under the same name.
+    nested = flickr_root / "flickr30k_images" / "flickr30k_images"
+    return nested if nested.is_dir() else flickr_root / "flickr30k_images"
+
+
+def _karpathy_file(flickr_root: Path) -> Optional[Path]:
+    candidates = [flickr_root / "dataset_flickr30k.json", *sorted(flickr_root.glob("*karpathy*.json"))]
+    return next((path for path in candidates if path.is_file()), None)

@@ -1,0 +1,250 @@
+"""One entry point from "something that names a model" to an `Encoder` the benchmarks can score.
+
+`load_encoder` accepts
+- one of our checkpoints (path, or the dict already loaded): rebuilt through `compress.load`, which knows
+  every model kind the project writes (dense CLIPs, pruned CLIPs, students…) from the stored `model_spec`;
+- an open_clip_train checkpoint (no `model_spec`): the architecture comes from `model_name=` or from the
+  `params.txt` that open_clip_train writes beside `checkpoints/`;
+- an open_clip model name, with `pretrained` a local weights file or a tag open_clip knows.
+
+Nothing here branches on the model kind: the spec's tokenizer and image transform come from
+`compress.registry` too, so a new kind needs no edit in eval.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import compress
+from compress.registry import (
+    get_preprocess,
+    get_tokenizer,
+    load_checkpoint_file,
+    open_clip_spec,
+    strip_module_prefix,
+)
+from utils.model_configs import register_model_configs
+
+
+@dataclass
+class Encoder:
+    """A model with its tokenizer and eval image transform, ready to embed images and captions."""
+
+    model: nn.Module
+    model_spec: Dict[str, Any]
+    tokenizer: Callable[[List[str]], Any]
+    preprocess: Callable  # PIL image -> tensor
+    device: torch.device
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.model.encode_image(images.to(self.device)).float()
+        return F.normalize(features, dim=-1) if normalize else features
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        features = self.model.encode_text(self.text_input(texts)).float()
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def text_input(self, texts: Sequence[str]) -> Any:
+        """What the model's own `encode_text` takes for these captions (tokens on device, or strings)."""
+        tokens = self.tokenizer(list(texts))
+        return tokens.to(self.device) if torch.is_tensor(tokens) else tokens
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square image the model sees (read from the eval transform's centre crop)."""
+        return image_size_of_transform(self.preprocess)
+
+    def to(self, device: str | torch.device) -> "Encoder":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+
+def encoder_from_model(
+    model: nn.Module, model_spec: Optional[Dict[str, Any]] = None, device: str | torch.device | None = None
+) -> Encoder:
+    """Wrap a live model (e.g. the trainer's, unwrapped from DDP) whose spec is `model_spec` or `model.model_spec`."""
+    spec = model_spec if model_spec is not None else getattr(model, "model_spec", None)
+    if spec is None:
+        raise ValueError("the model has no model_spec; pass model_spec= (e.g. {'kind': 'open_clip', 'model': name})")
+    if device is None:
+        device = next(model.parameters()).device
+    return Encoder(model, spec, get_tokenizer(spec), get_preprocess(spec), torch.device(device))
+
+
+def load_encoder(
+    source: str | os.PathLike | Mapping[str, Any],
+    pretrained: Optional[str] = None,
+    device: str | torch.device = "cpu",
+    model_name: Optional[str] = None,
+) -> Encoder:
+    """An `Encoder` (eval mode, on `device`) for a checkpoint file, a loaded checkpoint dict, or a model name.
+
+    `model_name` is needed only for open_clip_train checkpoints whose log dir has no params.txt.
+    Raises FileNotFoundError / ValueError with a one-line message for anything a user can get wrong.
+    """
+    params: Dict[str, Any] = {}
+    if isinstance(source, Mapping):
+        checkpoint = source
+    elif os.path.isfile(source):
+        checkpoint = load_checkpoint_file(os.fspath(source))
+        params = read_params_beside_checkpoint(source)
+    elif _looks_like_a_path(source):
+        raise FileNotFoundError(f"checkpoint not found: {source}")
+    else:
+        return _load_open_clip_model(str(source), pretrained, device)
+
+    model = model_from_checkpoint(checkpoint, model_name=model_name, params=params)
+    return encoder_from_model(model.to(device).eval(), device=device)
+
+
+def model_from_checkpoint(
+    checkpoint: Mapping[str, Any], model_name: Optional[str] = None, params: Optional[Dict[str, Any]] = None
+) -> nn.Module:
+    """Rebuild and fill the model of our checkpoint (via its `model_spec`) or of an open_clip_train one."""
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise ValueError("unknown checkpoint format: expected a dict with a 'state_dict' entry")
+    if "model_spec" not in checkpoint:
+        # An open_clip_train checkpoint: give it the spec its params.txt describes, then load it like ours.
+        spec = open_clip_train_spec(params or {}, model_name)
+        checkpoint = {"model_spec": spec, "state_dict": checkpoint["state_dict"]}
+    try:
+        return compress.load(dict(checkpoint))
+    except RuntimeError as error:  # load_state_dict's multi-page key listing, cut to one readable line
+        summary = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])
+        raise ValueError(f"checkpoint does not fit model_spec {checkpoint['model_spec']}: {summary[:300]}") from None
+
+
+# --- open_clip_train log dirs --------------------------------------------------------------------------
+
+
+def read_params_file(path: str | os.PathLike) -> Dict[str, Any]:
+    """Parse an open_clip-style params.txt (`key: value` per line) into plain Python values.
+
+    Values are parsed as text (None/True/False/int/float/string, and `[a, b]`/`(a, b)` lists of numbers);
+    nothing is evaluated.
+    """
+    params: Dict[str, Any] = {}
+    for line in Path(path).read_text().splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip():
+            params[key.strip()] = parse_param_value(value.strip())
+    return params
+
+
+def parse_param_value(text: str) -> Any:
+    if text in ("None", ""):
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for number_type in (int, float):
+        try:
+            return number_type(text)
+        except ValueError:
+            pass
+    if len(text) >= 2 and text[0] + text[-1] in ("[]", "()"):
+        items = [item.strip().strip("'\"") for item in text[1:-1].split(",") if item.strip()]
+        return [parse_param_value(item) for item in items]
+    return text
+
+
+def read_params_beside_checkpoint(checkpoint_path: str | os.PathLike) -> Dict[str, Any]:
+    """params.txt of the log dir `<name>/checkpoints/epoch_N.pt` belongs to ({} when there is none)."""
+    params_file = Path(checkpoint_path).resolve().parent.parent / "params.txt"
+    return read_params_file(params_file) if params_file.is_file() else {}
+
+
+# open_clip_train flags that change the architecture or eval transform, and the create_model kwarg each maps to.
+_ARCHITECTURE_FLAGS = {
+    "force_quick_gelu": "force_quick_gelu",
+    "force_custom_text": "force_custom_text",
+    "force_image_size": "force_image_size",
+    "force_context_length": "force_context_length",
+}
+
+
+def open_clip_train_spec(params: Mapping[str, Any], model_name: Optional[str] = None) -> Dict[str, Any]:
+    """The model_spec of an open_clip_train run, from its params.txt values (model_name overrides `model`)."""
+    model_name = model_name or params.get("model")
+    if not model_name:
+        raise ValueError(
+            "checkpoint has no model_spec and no params.txt names its model: pass the open_clip model name "
+            "(--model / model_name=)"
+        )
+    spec: Dict[str, Any] = open_clip_spec(str(model_name))
+    model_kwargs = {kwarg: params[flag] for flag, kwarg in _ARCHITECTURE_FLAGS.items() if params.get(flag)}
+    if model_kwargs:
+        spec["model_kwargs"] = model_kwargs
+    if params.get("force_image_size") or params.get("image_mean") or params.get("image_std"):
+        default = _default_preprocess_cfg(str(model_name))
+        image_size = params.get("force_image_size") or default["image_size"]
+        spec["preprocess"] = {
+            "image_size": image_size[0] if isinstance(image_size, list) else image_size,
+            "mean": params.get("image_mean") or default["mean"],
+            "std": params.get("image_std") or default["std"],
+        }
+    return spec
+
+
+# --- open_clip model names -----------------------------------------------------------------------------
+
+
+def _load_open_clip_model(model_name: str, pretrained: Optional[str], device: str | torch.device) -> Encoder:
+    import open_clip
+
+    register_model_configs()
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"{model_name!r} is neither a checkpoint file nor an open_clip model name")
+    if pretrained and _looks_like_a_path(pretrained) and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"pretrained weights not found: {pretrained}")
+    # open_clip reads a local file or a known tag; our spec records only the architecture and its transform.
+    model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
+    spec = open_clip_spec(model_name)
+    preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
+    if preprocess_cfg:
+        size = preprocess_cfg.get("size", _default_preprocess_cfg(model_name)["image_size"])
+        spec["preprocess"] = {
+            "image_size": size[0] if isinstance(size, (list, tuple)) else size,
+            "mean": list(preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            "std": list(preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        }
+    model.model_spec = spec
+    return encoder_from_model(model.eval(), device=device)
+
+
+def _default_preprocess_cfg(model_name: str) -> Dict[str, Any]:
+    import open_clip
+
+    register_model_configs()
+    vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {})
+    return {
+        "image_size": vision.get("image_size", 224),
+        "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD),
+    }
+
+
+def _looks_like_a_path(text: Any) -> bool:
+    text = os.fspath(text) if hasattr(text, "__fspath__") else str(text)
+    return os.sep in text or text.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+
+
+def image_size_of_transform(preprocess: Callable) -> int:
+    """The output side of an eval transform: its CenterCrop size (or last Resize), 224 when unknown."""
+    from torchvision import transforms as T
+
+    size = None
+    for transform in getattr(preprocess, "transforms", [preprocess]):
+        if isinstance(transform, (T.CenterCrop, T.Resize)) or type(transform).__name__ in ("ResizeKeepRatio",):
+            size = getattr(transform, "size", size)
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return int(size) if size else 224

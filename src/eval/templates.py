@@ -1,0 +1,76 @@
+"""Prompt templates and class names for zero-shot classification.
+
+A template is a format string with one `{}` (or `{c}`) for the class name. The ImageNet templates and class
+names are CLIP's (80 templates, 1000 curated names), as shipped in open_clip's wheel.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+# CLIP's 80 ImageNet templates (open_clip stores them as lambdas; we keep plain format strings).
+IMAGENET_TEMPLATES: List[str] = [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
+
+# CLIP's CIFAR-10 / CIFAR-100 templates (CLIP repo, data/prompts.md).
+CIFAR_TEMPLATES: List[str] = [
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a black and white photo of a {}.",
+    "a low contrast photo of a {}.",
+    "a high contrast photo of a {}.",
+    "a bad photo of a {}.",
+    "a good photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a big {}.",
+    "a photo of the {}.",
+    "a blurry photo of the {}.",
+    "a black and white photo of the {}.",
+    "a low contrast photo of the {}.",
+    "a high contrast photo of the {}.",
+    "a bad photo of the {}.",
+    "a good photo of the {}.",
+    "a photo of the small {}.",
+    "a photo of the big {}.",
+]
+
+# CLIP's STL-10 templates.
+STL10_TEMPLATES: List[str] = ["a photo of a {}.", "a photo of the {}."]
+
+# The generated corpus (shapes on plain backgrounds); also the default for any other ImageFolder set.
+SHAPES_TEMPLATES: List[str] = [
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "a {} on a plain background.",
+    "{}s.",
+    "an image with a {}.",
+]
+
+TEMPLATES_BY_DATASET: Dict[str, List[str]] = {
+    "imagenet": IMAGENET_TEMPLATES,
+    "cifar10": CIFAR_TEMPLATES,
+    "cifar100": CIFAR_TEMPLATES,
+    "stl10": STL10_TEMPLATES,
+    "shapes": SHAPES_TEMPLATES,
+}
+DEFAULT_TEMPLATES = SHAPES_TEMPLATES
+
+
+def templates_for(dataset_name: str) -> List[str]:
+    return TEMPLATES_BY_DATASET.get(dataset_name, DEFAULT_TEMPLATES)
+
+
+def fill_template(template: str, classname: str) -> str:
+    return template.replace("{c}", "{}").format(classname)
+
+
+__all__ = [
+    "CIFAR_TEMPLATES",
+    "DEFAULT_TEMPLATES",
+    "IMAGENET_CLASSNAMES",
+    "IMAGENET_TEMPLATES",
+    "SHAPES_TEMPLATES",
+    "STL10_TEMPLATES",
+    "fill_template",
+    "templates_for",
+]

@@ -1,0 +1,487 @@
+"""Checkpoint monitor: score every completed checkpoint of an experiment, once, while (or after) it trains.
+
+    python src/utils/evaluate_checkpoints.py                        # asks for the experiment dir (and an epoch)
+    python src/utils/evaluate_checkpoints.py --logs-dir logs/run --eval-data-dir data/eval          # keep watching
+    python -m utils.evaluate_checkpoints --logs-dir logs/run --eval-data-dir data/eval --once      # score, print
+
+It watches `<logs-dir>/checkpoints/` for `epoch_N.pt` (never `epoch_latest.pt`, which is rewritten mid-epoch),
+rebuilds each model — from the checkpoint's `model_spec`, or for an open_clip_train run from the `model:` line
+of its params.txt — scores it with `eval.run_benchmarks`, and profiles it (params, MACs, latency). Results go to
+  <logs-dir>/evaluation_metrics_all.csv   one row per checkpoint (rewritten atomically)
+  <logs-dir>/eval/epoch_N.json            the same row as JSON
+  <logs-dir>/tensorboard/                 scalars eval/<metric> at the checkpoint's global step
+What the CSV already holds is never scored again, so the monitor can be stopped and restarted at will.
+A file that is still being written, is corrupt, or is not a checkpoint is logged in one line and skipped; it is
+tried again only if it changes.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a plain script: Python put src/utils/ first on sys.path; the package root is src/.
+    _src = Path(__file__).resolve().parents[1]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _src / "utils"]
+    sys.path.insert(0, str(_src))
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+log = logging.getLogger("evaluate_checkpoints")
+
+CSV_NAME = "evaluation_metrics_all.csv"
+LEADING_COLUMNS = ["checkpoint", "epoch", "step"]
+EPOCH_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pt$")
+# A file whose size and mtime have not moved for this long is taken as complete (open_clip_train's epoch_N.pt
+# is written in place, not atomically).
+SETTLE_SECONDS = 2.0
+
+
+class UserError(Exception):
+    """Something the user can fix (a path, a flag): reported in one line, no traceback."""
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Score each epoch_N.pt of an experiment once: zero-shot, linear probe, retrieval, "
+        "feature stats, params/MACs/latency. With no arguments, asks for the experiment dir."
+    )
+    parser.add_argument("--logs-dir", help="the experiment dir LOGS/<name> (holds checkpoints/ and params.txt)")
+    parser.add_argument("--epoch", type=int, default=None, help="score only checkpoints/epoch_N.pt")
+    parser.add_argument("--once", action="store_true", help="score what is there, print a table, exit")
+    parser.add_argument("--poll-seconds", type=float, default=10.0, help="how often to look for new checkpoints")
+    parser.add_argument("--eval-data-dir", default=None,
+                        help="root of the evaluation sets (default: eval_data_dir in params.txt)")
+    parser.add_argument("--benchmarks", nargs="+", default=None,
+                        help="any of zeroshot linear_probe retrieval features (default: all)")
+    parser.add_argument("--datasets", nargs="+", default=None, help="restrict to these dataset names")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="data loader workers for image decoding")
+    parser.add_argument("--model", default=None,
+                        help="open_clip model name for open_clip_train checkpoints (default: params.txt `model`)")
+    parser.add_argument("--profile-batch-size", type=int, default=32, help="batch size of the latency measure")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    return parser.parse_args(argv)
+
+
+def ask_interactively() -> List[str]:
+    """ProtoCLIP-style prompts, turned into the equivalent command-line arguments."""
+    try:
+        logs_dir = input("Experiment dir to watch (LOGS/<name>): ").strip()
+        epoch = input("Epoch to evaluate (blank: every epoch, keep watching): ").strip()
+        argv = ["--logs-dir", logs_dir]
+        if epoch:
+            argv += ["--epoch", epoch]
+        params_file = Path(logs_dir).expanduser() / "params.txt"
+        if not _params_eval_data_dir(params_file):
+            argv += ["--eval-data-dir", input("Evaluation data dir: ").strip()]
+    except EOFError:
+        raise UserError("no arguments and no terminal to ask on: pass --logs-dir and --eval-data-dir") from None
+    return argv
+
+
+def _params_eval_data_dir(params_file: Path) -> Optional[str]:
+    from eval.models import read_params_file
+
+    if params_file.is_file():
+        value = read_params_file(params_file).get("eval_data_dir")
+        if value and Path(str(value)).is_dir():
+            return str(value)
+    return None
+
+
+# --- the experiment dir --------------------------------------------------------------------------------
+
+
+@dataclass
+class Experiment:
+    root: Path
+    params: Dict[str, Any]
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def csv_path(self) -> Path:
+        return self.root / CSV_NAME
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.root / "tensorboard"
+
+
+def open_experiment(logs_dir: str) -> Experiment:
+    from eval.models import read_params_file
+
+    root = Path(logs_dir).expanduser()
+    if not root.is_dir():
+        raise UserError(f"experiment dir not found: {root}")
+    params_file = root / "params.txt"
+    return Experiment(root, read_params_file(params_file) if params_file.is_file() else {})
+
+
+def epoch_checkpoints(experiment: Experiment, only_epoch: Optional[int] = None) -> List[Tuple[int, Path]]:
+    """(epoch, path) of every checkpoints/epoch_N.pt, by epoch; epoch_latest.pt and temp files never match."""
+    if not experiment.checkpoints.is_dir():
+        return []
+    found = []
+    for path in experiment.checkpoints.iterdir():
+        match = EPOCH_CHECKPOINT.match(path.name)
+        if match and (only_epoch is None or int(match.group(1)) == only_epoch):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+# --- results: CSV, JSON, tensorboard -------------------------------------------------------------------
+
+
+def read_results(csv_path: Path) -> Tuple[List[str], List[Dict[str, str]]]:
+    if not csv_path.is_file():
+        return [], []
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _atomic_write_text(path: Path, write) -> None:
+    """Write through a temp file in the same dir + os.replace, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_result(csv_path: Path, row: Dict[str, Any]) -> None:
+    """Add `row` to the CSV, growing the header when it brings new columns.
+
+    The whole (small) file is rewritten atomically every time rather than appended to: an interrupted append
+    would leave a half row that the restart logic would then misread.
+    """
+    columns, rows = read_results(csv_path)
+    for column in LEADING_COLUMNS + sorted(row):
+        if column not in columns:
+            columns.append(column)
+    columns = LEADING_COLUMNS + [c for c in columns if c not in LEADING_COLUMNS]
+    rows.append({key: _csv_value(value) for key, value in row.items()})
+
+    def write(handle) -> None:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    _atomic_write_text(csv_path, write)
+
+
+def _csv_value(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def write_json(path: Path, row: Dict[str, Any]) -> None:
+    _atomic_write_text(path, lambda handle: json.dump(row, handle, indent=2, sort_keys=False))
+
+
+class TensorboardScalars:
+    """eval/<metric> scalars into the experiment's tensorboard dir (own event file beside the trainer's)."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self._writer = None
+
+    def write(self, values: Dict[str, Any], step: int) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self._writer.add_scalar(f"eval/{name}", value, global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+# --- scoring -------------------------------------------------------------------------------------------
+
+
+class SkipCheckpoint(Exception):
+    """This file can't be scored as it is (corrupt, truncated, unknown format)."""
+
+
+class Monitor:
+    def __init__(self, experiment: Experiment, args: argparse.Namespace, eval_data_dir: str):
+        self.experiment = experiment
+        self.args = args
+        self.eval_data_dir = eval_data_dir
+        self.tensorboard = TensorboardScalars(experiment.tensorboard_dir)
+        # path -> (size, mtime) at the failed attempt: not retried until the file changes.
+        self.failed: Dict[Path, Tuple[int, int]] = {}
+
+    def scored_checkpoint_names(self) -> set:
+        return {row.get("checkpoint", "") for row in read_results(self.experiment.csv_path)[1]}
+
+    def pending(self) -> Tuple[List[Tuple[int, Path]], List[Path]]:
+        """(checkpoints ready to score, ones still settling)."""
+        scored = self.scored_checkpoint_names()
+        ready, settling = [], []
+        for epoch, path in epoch_checkpoints(self.experiment, self.args.epoch):
+            if path.name in scored:
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed between listing and stat (--delete-previous-checkpoint)
+                continue
+            signature = (stat.st_size, stat.st_mtime_ns)
+            if self.failed.get(path) == signature:
+                continue
+            if time.time() - stat.st_mtime < SETTLE_SECONDS:
+                settling.append(path)
+            else:
+                ready.append((epoch, path))
+        return ready, settling
+
+    def poll(self) -> int:
+        """Score every ready checkpoint; the number scored."""
+        ready, _ = self.pending()
+        scored = 0
+        for epoch, path in ready:
+            try:
+                self.score(epoch, path)
+                scored += 1
+            except SkipCheckpoint as reason:
+                self._remember_failure(path)
+                log.warning("skipping %s: %s (retried only if the file changes)", path.name, reason)
+            except UserError:
+                raise
+            except Exception as error:  # keep watching whatever one checkpoint does; details at --log-level debug
+                self._remember_failure(path)
+                log.warning("failed to score %s: %s: %s", path.name, type(error).__name__, _first_line(error))
+                log.debug("traceback", exc_info=True)
+        return scored
+
+    def _remember_failure(self, path: Path) -> None:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return
+        self.failed[path] = (stat.st_size, stat.st_mtime_ns)
+
+    def score(self, epoch_from_name: int, path: Path) -> Dict[str, Any]:
+        from compress.profile import profile_encoder
+        from compress.registry import load_checkpoint_file
+        from eval import encoder_from_model, run_benchmarks
+        from eval.models import model_from_checkpoint
+
+        started = time.perf_counter()
+        log.info("scoring %s", path)
+        try:
+            checkpoint = load_checkpoint_file(str(path))
+        except Exception as error:  # truncated zip, not a torch file, unsafe pickle, …
+            raise SkipCheckpoint(f"unreadable ({type(error).__name__}: {_first_line(error)})") from None
+        try:
+            model = model_from_checkpoint(checkpoint, model_name=self.args.model, params=self.experiment.params)
+        except (ValueError, KeyError, TypeError) as error:
+            raise SkipCheckpoint(f"unknown checkpoint format ({_first_line(error)})") from None
+        encoder = encoder_from_model(model.to(self.args.device), device=self.args.device)
+
+        metrics = run_benchmarks(
+            encoder,
+            self.eval_data_dir,
+            benchmarks=self.args.benchmarks or ("zeroshot", "linear_probe", "retrieval", "features"),
+            datasets=self.args.datasets,
+            batch_size=self.args.batch_size,
+            workers=self.args.workers,
+        )
+        profile = profile_encoder(encoder, batch_size=self.args.profile_batch_size)
+
+        epoch = int(checkpoint.get("epoch", epoch_from_name))
+        step = checkpoint.get("step")  # open_clip_train checkpoints have none: tensorboard falls back to epoch
+        row = {
+            "checkpoint": path.name,
+            "epoch": epoch,
+            "step": int(step) if step is not None else None,
+            **metrics,
+            **profile,
+            "eval_seconds": round(time.perf_counter() - started, 2),
+            "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json(self.experiment.eval_dir / f"epoch_{epoch_from_name}.json", row)
+        self.tensorboard.write({**metrics, **profile}, step=int(step) if step is not None else epoch)
+        append_result(self.experiment.csv_path, row)  # last: a crash before here means "not scored yet"
+        log.info("%s: %s (%.1fs)", path.name, _headline(row), row["eval_seconds"])
+        return row
+
+    def run_once(self) -> int:
+        ready, settling = self.pending()
+        if settling:  # just written: give the writer SETTLE_SECONDS to finish
+            time.sleep(SETTLE_SECONDS)
+        return self.poll()
+
+    def watch(self) -> None:
+        if not self.experiment.checkpoints.is_dir():
+            log.info("waiting for %s to appear", self.experiment.checkpoints)
+        while True:
+            self.poll()
+            if self.args.epoch is not None and f"epoch_{self.args.epoch}.pt" in self.scored_checkpoint_names():
+                return
+            time.sleep(self.args.poll_seconds)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+# --- the summary table ---------------------------------------------------------------------------------
+
+_TABLE_METRICS = [  # (regex on column name, short label)
+    (r"^zeroshot/(.+)/acc1$", "zero-shot {} acc1"),
+    (r"^linear_probe/(.+)/lp_acc1$", "linear probe {} acc1"),
+    (r"^retrieval/(.+)/image_retrieval_recall@(\d+)$", "{} image R@{}"),
+    (r"^retrieval/(.+)/text_retrieval_recall@(\d+)$", "{} text R@{}"),
+    (r"^retrieval/(.+)/mean_recall$", "{} mean recall"),
+    (r"^features/(.+)/modality_gap$", "{} modality gap"),
+    (r"^params$", "params (M)"),
+    (r"^macs_image$", "image MMACs/sample"),
+    (r"^macs_text$", "text MMACs/sample"),
+    (r"^latency_image_ms$", "image ms/batch"),
+    (r"^latency_text_ms$", "text ms/batch"),
+]
+
+
+def format_table(columns: List[str], rows: List[Dict[str, str]], max_checkpoints: int = 8) -> str:
+    """Key metrics (rows) × the last `max_checkpoints` checkpoints (columns)."""
+    rows = sorted(rows, key=lambda r: int(r.get("epoch") or 0))[-max_checkpoints:]
+    if not rows:
+        return "(no checkpoints scored)"
+    lines: List[Tuple[str, List[str]]] = [("epoch", [r.get("epoch", "") for r in rows]),
+                                          ("step", [r.get("step", "") for r in rows])]
+    for pattern, label in _TABLE_METRICS:
+        for column in sorted(columns, key=_natural_order):  # R@1, R@5, R@10 — not R@1, R@10, R@5
+            match = re.match(pattern, column)
+            if match:
+                scale = 1e-6 if column in ("params", "macs_image", "macs_text") else 1.0
+                lines.append((label.format(*match.groups()), [_format_number(r.get(column, ""), scale) for r in rows]))
+    label_width = max(len(label) for label, _ in lines)
+    value_width = max(8, *(len(v) for _, values in lines for v in values))
+    return "\n".join(f"{label:<{label_width}}  " + "  ".join(f"{v:>{value_width}}" for v in values)
+                     for label, values in lines)
+
+
+def _natural_order(text: str) -> List[Any]:
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text)]
+
+
+def _format_number(text: str, scale: float) -> str:
+    try:
+        value = float(text) * scale
+    except (TypeError, ValueError):
+        return text or "-"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+
+def _headline(row: Dict[str, Any]) -> str:
+    keys = [k for k in row if k.endswith(("/acc1", "/lp_acc1", "/mean_recall"))]
+    return ", ".join(f"{k}={row[k]:.4f}" for k in keys) or "no metrics"
+
+
+def configure_logging(level: str) -> None:
+    # open_clip logs chatty INFO lines on the root logger for every model it builds: keep the root at
+    # WARNING and let only this monitor's and eval's own INFO lines through.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for name in ("evaluate_checkpoints", "eval"):
+        logging.getLogger(name).setLevel(level.upper())
+
+
+def resolve_eval_data_dir(args: argparse.Namespace, experiment: Experiment) -> str:
+    from eval.data import discover_datasets
+
+    eval_data_dir = args.eval_data_dir or experiment.params.get("eval_data_dir")
+    if not eval_data_dir:
+        raise UserError("no evaluation data: pass --eval-data-dir (the root holding coco2017/, shapes/, …)")
+    try:
+        found, notes = discover_datasets(str(eval_data_dir))
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
+    if not found:
+        raise UserError(f"no evaluation datasets under {eval_data_dir} (expected coco2017/, <name>/test/<class>/, …)")
+    if args.datasets:
+        missing = sorted(set(args.datasets) - set(found))
+        if missing:
+            raise UserError(f"dataset(s) {missing} not under {eval_data_dir}; found: {sorted(found)}")
+    return str(eval_data_dir)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not argv:
+            argv = ask_interactively()
+        args = parse_args(argv)
+        configure_logging(args.log_level)
+        if not args.logs_dir:
+            raise UserError("pass --logs-dir LOGS/<name> (the experiment dir)")
+        if args.benchmarks:
+            from eval.benchmarks import BENCHMARKS
+
+            args.benchmarks = [b for item in args.benchmarks for b in item.split(",") if b]
+            unknown = sorted(set(args.benchmarks) - set(BENCHMARKS))
+            if unknown:
+                raise UserError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+        experiment = open_experiment(args.logs_dir)
+        monitor = Monitor(experiment, args, resolve_eval_data_dir(args, experiment))
+
+        if args.once:
+            if not epoch_checkpoints(experiment, args.epoch):
+                which = f"epoch_{args.epoch}.pt" if args.epoch is not None else "epoch_N.pt checkpoints"
+                raise UserError(f"no {which} in {experiment.checkpoints}")
+            monitor.run_once()
+            print(format_table(*read_results(experiment.csv_path)))
+        else:
+            log.info("watching %s every %gs (Ctrl-C to stop)", experiment.checkpoints, args.poll_seconds)
+            monitor.watch()
+        monitor.tensorboard.close()
+        return 0
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
