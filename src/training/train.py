@@ -53,7 +53,7 @@ class RunContext:
         if self.results_file is not None:
             import json
 
-            self.results_file.write(json.dumps({"step": step, "epoch": self.epoch, **scalars}) + "\n")
+            self.results_file.write(json.dumps({"step": step, "epoch": self.epoch, "time": time.time(), **scalars}) + "\n")
             self.results_file.flush()
 
 
