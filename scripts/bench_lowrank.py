@@ -1,0 +1,78 @@
+"""Benchmark: low-rank factorisation (ρ = 0.5, attention q/k/v/out + MLP c_fc/c_proj, every block) of a
+randomly initialised ViT-B-32 image tower against the dense tower, measured side by side in one run.
+
+    PYTHONPATH=src python scripts/bench_lowrank.py [--model ViT-B-32] [--ratio 0.5] [--batch-size 32] [--repeats 3]
+
+Prints parameters, MACs per image (torch.utils.flop_counter) and the median latency of `encode_image` on a
+batch, timing dense and low-rank forwards alternately so that load from other processes hits both alike.
+Weights are random (no download): latency does not depend on their values.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from compress.lowrank import low_rank
+from compress.registry import build_model, open_clip_spec
+
+
+def macs_per_image(model, image_size: int) -> int:
+    # grad enabled: under no_grad nn.MultiheadAttention takes a fused fast path FlopCounterMode does not count
+    counter = FlopCounterMode(display=False)
+    with torch.enable_grad(), counter:
+        model.encode_image(torch.randn(1, 3, image_size, image_size))
+    return counter.get_total_flops() // 2
+
+
+def image_params(model) -> int:
+    return sum(p.numel() for p in model.visual.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    dense = build_model(open_clip_spec(args.model)).eval()
+    image_size = dense.visual.image_size[0] if isinstance(dense.visual.image_size, tuple) else dense.visual.image_size
+    started = time.perf_counter()
+    factorised = low_rank(dense, args.ratio, towers=("image",), targets=("attn", "mlp")).eval()
+    print(f"factorised {args.model} image tower at ratio {args.ratio} in {time.perf_counter() - started:.1f}s")
+
+    images = torch.randn(args.batch_size, 3, image_size, image_size)
+    times = {"dense": [], "lowrank": []}
+    with torch.no_grad():
+        dense.encode_image(images)  # warm-up (allocator, kernels)
+        factorised.encode_image(images)
+        for _ in range(args.repeats):
+            for name, model in (("dense", dense), ("lowrank", factorised)):
+                start = time.perf_counter()
+                model.encode_image(images)
+                times[name].append((time.perf_counter() - start) * 1000)
+
+    with torch.no_grad():
+        error = (factorised.encode_image(images[:4]) - dense.encode_image(images[:4])).norm() / dense.encode_image(images[:4]).norm()
+    dense_ms, lowrank_ms = statistics.median(times["dense"]), statistics.median(times["lowrank"])
+    dense_macs, lowrank_macs = macs_per_image(dense, image_size), macs_per_image(factorised, image_size)
+    print(f"{'':10}{'image params':>14}{'MACs/image':>14}{'ms/batch':>12}   (batch {args.batch_size}, "
+          f"median of {args.repeats}, {torch.get_num_threads()} threads)")
+    print(f"{'dense':10}{image_params(dense):>14,}{dense_macs:>14,}{dense_ms:>12.1f}")
+    print(f"{'low-rank':10}{image_params(factorised):>14,}{lowrank_macs:>14,}{lowrank_ms:>12.1f}")
+    print(f"params ratio {image_params(dense) / image_params(factorised):.2f}x, MACs ratio "
+          f"{dense_macs / lowrank_macs:.2f}x, measured latency ratio (dense / low-rank) {dense_ms / lowrank_ms:.2f}x "
+          f"(target >= 1.4x); relative output change of random-init weights {error:.3f}")
+
+
+if __name__ == "__main__":
+    main()

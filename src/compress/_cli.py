@@ -1,0 +1,146 @@
+"""What every post-training tool's command line shares: load a CLIP, calibrate, transform, write a run folder.
+
+`--out` is a run folder: the tool writes `OUT/checkpoints/epoch_0.pt` and `OUT/params.txt`, which is what the
+monitor (`python src/utils/evaluate_checkpoints.py --logs-dir OUT --once --eval-data-dir ...`) and
+`eval.load_encoder(OUT/checkpoints/epoch_0.pt)` read. An `--out` ending in `.pt` writes just that file.
+`--pretrained` is one of our checkpoints (any epoch_N.pt of a clip run, or another tool's output: tools chain),
+or a stock open_clip weights file for `--model`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from training.errors import UserError
+
+
+def base_parser(description: str, calibration: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=None,
+                        help="open_clip config name (needed when --pretrained is not one of our checkpoints)")
+    parser.add_argument("--pretrained", required=True,
+                        help="our checkpoint (epoch_N.pt, any model kind this tool accepts) or an open_clip weights file")
+    parser.add_argument("--out", required=True,
+                        help="run folder to write (OUT/checkpoints/epoch_0.pt + OUT/params.txt), or a .pt file path")
+    parser.add_argument("--device", default="cpu", help="device for calibration and surgery (cpu, cuda, cuda:1)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print params, MACs and measured latency of the input and output models")
+    if calibration:
+        group = parser.add_argument_group("calibration data")
+        group.add_argument("--calib-data", default=None,
+                           help="TSV/CSV of image paths and captions (the training format) for gradients")
+        group.add_argument("--calib-batches", type=int, default=8, help="number of calibration batches")
+        group.add_argument("--calib-batch-size", type=int, default=32, help="calibration batch size")
+        group.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration row subset")
+        group.add_argument("--csv-separator", default="\t")
+        group.add_argument("--csv-img-key", default="filepath")
+        group.add_argument("--csv-caption-key", default="title")
+    return parser
+
+
+def load_input_model(model_name: Optional[str], pretrained: str) -> nn.Module:
+    """Our checkpoint via compress.load, else open_clip `model_name` with a weights file."""
+    import compress
+    from compress.registry import load_checkpoint_file
+
+    if not os.path.isfile(pretrained):
+        raise UserError(f"--pretrained {pretrained}: no such file")
+    try:
+        checkpoint = load_checkpoint_file(pretrained)
+    except Exception as e:
+        raise UserError(f"--pretrained {pretrained} cannot be read ({type(e).__name__}: {e})")
+    if isinstance(checkpoint, dict) and "model_spec" in checkpoint:
+        spec = checkpoint["model_spec"]
+        if model_name and spec.get("model") not in (None, model_name):
+            raise UserError(f"--model {model_name} does not match the checkpoint's model {spec.get('model')!r}")
+        return compress.load(checkpoint)
+    if not model_name:
+        raise UserError(f"{pretrained} is not one of our checkpoints: pass --model NAME for its architecture")
+    from training.models import create_clip
+
+    return create_clip(model_name, pretrained).eval()
+
+
+def needs_calibration(args) -> List[Any]:
+    from compress._calibration import calibration_batches
+
+    if not args.calib_data:
+        raise UserError("this tool needs calibration data: pass --calib-data TRAIN.tsv (image paths + captions)")
+    return calibration_batches(args.calib_data, args.spec, args.calib_batches, args.calib_batch_size,
+                               seed=args.calib_seed, sep=args.csv_separator, img_key=args.csv_img_key,
+                               caption_key=args.csv_caption_key)
+
+
+def write_output(model: nn.Module, out: str, tool: str, args: argparse.Namespace) -> Path:
+    """Write `model` as our checkpoint (and params.txt beside checkpoints/ for a run folder)."""
+    from training.checkpoint import save_checkpoint
+
+    out_path = Path(out)
+    is_file = out_path.suffix == ".pt"
+    checkpoint_path = out_path if is_file else out_path / "checkpoints" / "epoch_0.pt"
+    name = out_path.stem if is_file else out_path.name
+    state = {
+        "epoch": 0,
+        "step": 0,
+        "name": name,
+        "job": tool,
+        "model_spec": model.model_spec,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "source": str(args.pretrained),
+    }
+    save_checkpoint(state, checkpoint_path)
+    if not is_file:
+        with open(out_path / "params.txt", "w") as f:
+            f.write(f"job: {tool}\nname: {name}\nmodel: {model.model_spec.get('model')}\n")
+            for key in sorted(vars(args)):
+                if key not in ("spec", "model", "name", "job"):
+                    f.write(f"{key}: {getattr(args, key)}\n")
+    return checkpoint_path
+
+
+def _summary(model: nn.Module, profile: bool) -> Dict[str, float]:
+    if not profile:
+        return {"params": sum(p.numel() for p in model.parameters())}
+    from compress.profile import profile_model
+    from compress.registry import get_preprocess
+    from eval.models import image_size_of_transform
+
+    image_size = image_size_of_transform(get_preprocess(model.model_spec))
+    return profile_model(model, image_size, batch_size=32, repeats=5)
+
+
+def run_tool(parser: argparse.ArgumentParser, argv, transform: Callable[[nn.Module, Any, Optional[list]], nn.Module],
+             tool: str, calibrate: bool = True) -> None:
+    """Parse flags, load, (calibrate), transform, write; user errors exit 2 with one line.
+
+    calibrate=False: the transform loads calibration batches itself, only when its flags need them.
+    """
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
+    try:
+        start = time.time()
+        model = load_input_model(args.model, args.pretrained).to(args.device)
+        args.spec = model.model_spec
+        batches = needs_calibration(args) if calibrate and hasattr(args, "calib_data") else None
+        before = _summary(model, args.profile)
+        try:
+            result = transform(model, args, batches)
+        except ValueError as e:  # a flag value the model cannot satisfy (layer out of range, bad ratio…)
+            raise UserError(str(e))
+        after = _summary(result, args.profile)
+        path = write_output(result, args.out, tool, args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for key in after:
+        if key in before and isinstance(after[key], (int, float)) and before[key]:
+            logging.info("%-18s %14.4g -> %14.4g  (x%.3f)", key, before[key], after[key], after[key] / before[key])
+    logging.info("wrote %s in %.1fs", path, time.time() - start)
