@@ -1,0 +1,238 @@
+"""One table and one Pareto plot over any number of runs, from the monitor's CSVs.
+
+    python -m utils.report logs/dense logs/lowrank logs/fisher logs/flip --out-dir logs/report
+
+Each LOGDIR is a run folder the monitor (`src/utils/evaluate_checkpoints.py`) has scored: it reads
+`LOGDIR/evaluation_metrics_all.csv` (one row per checkpoint: params, macs_image, macs_text,
+latency_image_ms, latency_text_ms, zeroshot/<set>/acc1, retrieval/<set>/{image,text}_retrieval_recall@k, …)
+and the `job:` line of `LOGDIR/params.txt` when there is one. One row per run (its last checkpoint, or its best
+by `--metric`; `--all-checkpoints` for every row) goes to stdout and to `report.csv` / `report.md`;
+`pareto.png` plots accuracy against measured latency, with the Pareto front (no other run both faster and
+more accurate) drawn through.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+CSV_NAME = "evaluation_metrics_all.csv"
+# (column regex, header) in table order; a column appears when some run has it
+TABLE_COLUMNS: List[Tuple[str, str]] = [
+    (r"^params$", "params (M)"),
+    (r"^macs_image$", "img MMACs"),
+    (r"^macs_text$", "txt MMACs"),
+    (r"^latency_image_ms$", "img ms/batch"),
+    (r"^latency_text_ms$", "txt ms/batch"),
+    (r"^zeroshot/(.+)/acc1$", "{} acc1"),
+    (r"^retrieval/(.+)/image_retrieval_recall@(\d+)$", "{} t2i R@{}"),
+    (r"^retrieval/(.+)/text_retrieval_recall@(\d+)$", "{} i2t R@{}"),
+]
+MILLIONS = {"params", "macs_image", "macs_text"}
+
+
+class ReportError(Exception):
+    """A user-fixable problem (no CSV, unknown column): one line, exit 2."""
+
+
+def read_rows(log_dir: Path) -> List[Dict[str, str]]:
+    path = log_dir / CSV_NAME
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def read_job(log_dir: Path) -> str:
+    params = log_dir / "params.txt"
+    if params.is_file():
+        for line in params.read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "job":
+                return value.strip()
+    return ""
+
+
+def as_float(value: Optional[str]) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _order_key(row: Dict[str, str]) -> Tuple[float, float]:
+    return (as_float(row.get("epoch")) if row.get("epoch") else -1.0,
+            as_float(row.get("step")) if row.get("step") else -1.0)
+
+
+def default_metric(columns: Sequence[str]) -> Optional[str]:
+    """The accuracy the plot and `--select best` use when none is named: first zero-shot acc1, else R@1."""
+    for pattern in (r"^zeroshot/.+/acc1$", r"^retrieval/.+/mean_recall$", r"^retrieval/.+_recall@1$"):
+        found = sorted(c for c in columns if re.match(pattern, c))
+        if found:
+            return found[0]
+    return None
+
+
+def gather(log_dirs: Sequence[str], select: str = "last", metric: Optional[str] = None,
+           all_checkpoints: bool = False) -> Tuple[List[Dict[str, str]], Optional[str]]:
+    """Rows (each with `run` and `job` added) of every run, and the accuracy metric used."""
+    runs: List[Tuple[Path, List[Dict[str, str]]]] = []
+    for log_dir in map(Path, log_dirs):
+        rows = read_rows(log_dir)
+        if not rows:
+            print(f"warning: {log_dir / CSV_NAME} missing or empty; run the monitor on {log_dir} first "
+                  "(skipped)", file=sys.stderr)
+            continue
+        runs.append((log_dir, rows))
+    if not runs:
+        raise ReportError("no scored runs: none of the given folders has an evaluation_metrics_all.csv")
+    columns = sorted({c for _, rows in runs for row in rows for c in row})
+    metric = metric or default_metric(columns)
+    if select == "best" and metric not in columns:
+        raise ReportError(f"--metric {metric!r} is not a column of the CSVs; some columns: {columns[:12]}")
+    gathered = []
+    for log_dir, rows in runs:
+        if all_checkpoints:
+            chosen = sorted(rows, key=_order_key)
+        elif select == "best":
+            chosen = [max(rows, key=lambda r: (as_float(r.get(metric)) if not math.isnan(as_float(r.get(metric)))
+                                               else -math.inf))]
+        else:
+            chosen = [max(rows, key=_order_key)]
+        job = read_job(log_dir)
+        gathered += [{"run": log_dir.name, "job": job, **row} for row in chosen]
+    return gathered, metric
+
+
+def table_columns(rows: Sequence[Dict[str, str]]) -> List[Tuple[str, str]]:
+    """(CSV column, header) of the table, in TABLE_COLUMNS order, R@1 before R@5 before R@10."""
+    present = sorted({c for row in rows for c in row},
+                     key=lambda t: [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", t)])
+    chosen = [("run", "run"), ("job", "job"), ("checkpoint", "checkpoint")]
+    for pattern, header in TABLE_COLUMNS:
+        for column in present:
+            match = re.match(pattern, column)
+            if match:
+                chosen.append((column, header.format(*match.groups())))
+    return chosen
+
+
+def format_value(column: str, value: Optional[str]) -> str:
+    number = as_float(value)
+    if value in (None, "") or (math.isnan(number) and column not in ("run", "job", "checkpoint")):
+        return value or "-"
+    if column in ("run", "job", "checkpoint"):
+        return value
+    if column in MILLIONS:
+        return f"{number / 1e6:.3f}"
+    return f"{number:.4f}" if abs(number) < 10 else f"{number:.2f}"
+
+
+def markdown_table(rows: Sequence[Dict[str, str]], columns: Sequence[Tuple[str, str]]) -> str:
+    cells = [[format_value(c, row.get(c)) for c, _ in columns] for row in rows]
+    headers = [h for _, h in columns]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
+
+
+def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
+    """Indices of the points no other point beats on both lower x (latency) and higher y (accuracy)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_pareto(rows: Sequence[Dict[str, str]], metric: str, latency: str, path: Path) -> int:
+    """Accuracy vs latency scatter with the Pareto front; returns the number of points drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, labels = [], []
+    for row in rows:
+        x, y = as_float(row.get(latency)), as_float(row.get(metric))
+        if not (math.isnan(x) or math.isnan(y)):
+            points.append((x, y))
+            labels.append(row["run"] if not row.get("checkpoint") or len(rows) == len({r["run"] for r in rows})
+                          else f"{row['run']}:{row['checkpoint']}")
+    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    if points:
+        axes.scatter([p[0] for p in points], [p[1] for p in points], zorder=3)
+        for (x, y), label in zip(points, labels):
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        front = pareto_front(points)
+        axes.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:red",
+                  drawstyle="steps-post", label="Pareto front", zorder=2)
+        axes.legend(loc="lower right")
+    axes.set_xlabel(f"{latency} (measured)")
+    axes.set_ylabel(metric)
+    axes.set_title("accuracy vs latency")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return len(points)
+
+
+def write_csv(rows: Sequence[Dict[str, str]], path: Path) -> None:
+    columns = ["run", "job"] + sorted({c for row in rows for c in row} - {"run", "job"},
+                                      key=lambda c: (c not in ("checkpoint", "epoch", "step"), c))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def build_report(log_dirs: Sequence[str], out_dir: str | Path, select: str = "last", metric: Optional[str] = None,
+                 latency: str = "latency_image_ms", all_checkpoints: bool = False) -> str:
+    """Write report.csv, report.md and pareto.png under `out_dir`; return the markdown table."""
+    rows, metric = gather(log_dirs, select, metric, all_checkpoints)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows, table_columns(rows))
+    write_csv(rows, out_dir / "report.csv")
+    (out_dir / "report.md").write_text(table + "\n")
+    if metric is None:
+        print("warning: no accuracy column (zeroshot/*/acc1, retrieval/*) in the CSVs; no Pareto plot", file=sys.stderr)
+    else:
+        plot_pareto(rows, metric, latency, out_dir / "pareto.png")
+    return table
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="table + Pareto plot over the monitor CSVs of several runs")
+    parser.add_argument("log_dirs", nargs="+", metavar="LOGDIR", help="run folders holding evaluation_metrics_all.csv")
+    parser.add_argument("--out-dir", default=None,
+                        help="where report.csv, report.md, pareto.png go (default: <parent of first LOGDIR>/report)")
+    parser.add_argument("--select", choices=("last", "best"), default="last",
+                        help="which checkpoint of each run: last (highest epoch/step) or best by --metric")
+    parser.add_argument("--metric", default=None,
+                        help="accuracy column for --select best and the plot (default: first zeroshot/*/acc1)")
+    parser.add_argument("--latency", default="latency_image_ms", help="latency column of the plot's x axis")
+    parser.add_argument("--all-checkpoints", action="store_true", help="one row per checkpoint instead of per run")
+    args = parser.parse_args(argv)
+    out_dir = args.out_dir or Path(args.log_dirs[0]).resolve().parent / "report"
+    try:
+        table = build_report(args.log_dirs, out_dir, args.select, args.metric, args.latency, args.all_checkpoints)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"\nwrote {Path(out_dir) / 'report.csv'}, report.md and pareto.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
