@@ -68,11 +68,14 @@ def test_two_process_torchrun_matches_one_process(tiny_corpus, tmp_path):
     one = common_args(tiny_corpus, tmp_path, "b32", "--epochs", "1", "--batch-size", "32",
                       "--log-every-n-steps", "1")
     two = common_args(tiny_corpus, tmp_path, "b16x2", "--epochs", "1", "--batch-size", "16",
-                      "--log-every-n-steps", "1", "--local-loss", "--gather-with-grad")
+                      "--log-every-n-steps", "1", "--local-loss", "--gather-with-grad",
+                      # in-loop eval on rank 0 while rank 1 waits: must not deadlock
+                      "--zeroshot-frequency", "1", "--eval-data-dir", str(tiny_corpus / "eval"))
     run_trainer(one)
     run_trainer(two, nproc=2)
     loss_one = [r["train/loss"] for r in read_results(tmp_path / "b32")]
-    loss_two = [r["train/loss"] for r in read_results(tmp_path / "b16x2")]
+    loss_two = [r["train/loss"] for r in read_results(tmp_path / "b16x2") if "train/loss" in r]
+    assert any("eval/zeroshot/shapes/acc1" in r for r in read_results(tmp_path / "b16x2"))
     assert len(loss_one) == len(loss_two) == 256 // 32
     assert loss_one[-1] < loss_one[0]
     torch.testing.assert_close(torch.tensor(loss_two), torch.tensor(loss_one), rtol=1e-4, atol=1e-5)
