@@ -89,7 +89,8 @@ class DistillJob(Job):
         self.needs_text = any(LOSSES[name][1] for name in self.loss_names)
         teacher = create_clip(args.teacher_model, args.teacher_pretrained)
         teacher.eval().requires_grad_(False)
-        self.teacher = teacher.to(self.device)
+        # pure-bf16 runs feed bf16 images: the teacher must take them too
+        self.teacher = teacher.to(self.device, torch.bfloat16 if args.precision == "bf16" else None)
         self.teacher_tokenizer = get_tokenizer(teacher.model_spec)
 
         if resume_spec is not None:
