@@ -27,6 +27,19 @@ COARSE_LOG10_WEIGHT_DECAYS = [float(e) for e in range(-6, 3)]  # 1e-6 … 1e2
 FINE_STEPS_PER_DECADE = 4
 
 
+@contextlib.contextmanager
+def _threads_for(features: torch.Tensor) -> Iterator[None]:
+    if features.device.type != "cpu" or features.numel() > SINGLE_THREAD_MAX_ELEMENTS:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def fit_logistic_regression(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int = 100
 ) -> nn.Linear:
@@ -51,7 +64,7 @@ def fit_logistic_regression(
         loss.backward()
         return loss
 
-    with torch.enable_grad():  # callers often sit inside no_grad (eval loops)
+    with torch.enable_grad(), _threads_for(features):  # callers often sit inside no_grad (eval loops)
         optimizer.step(closure)
     return classifier.eval()
 
@@ -108,19 +121,6 @@ def select_weight_decay(
     return tried[chosen]["weight_decay"], [tried[e] for e in sorted(tried)]
 
 
-@contextlib.contextmanager
-def _threads_for(features: torch.Tensor) -> Iterator[None]:
-    if features.device.type != "cpu" or features.numel() > SINGLE_THREAD_MAX_ELEMENTS:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @torch.no_grad()
 def linear_probe(
     train_features: torch.Tensor,
@@ -136,13 +136,12 @@ def linear_probe(
     device = torch.device(device) if device is not None else train_features.device
     train_features, train_labels = train_features.float().to(device), train_labels.long().to(device)
     num_classes = num_classes or int(max(train_labels.max().item(), test_labels.max().item())) + 1
-    with _threads_for(train_features):
-        if len(train_labels) >= 2:
-            weight_decay, _ = select_weight_decay(train_features, train_labels, num_classes, val_fraction, seed)
-        else:
-            weight_decay = 1e-4  # nothing to validate on; a neutral value
-        classifier = fit_logistic_regression(train_features, train_labels, num_classes, weight_decay)
-        logits = classifier(test_features.float().to(device))
+    if len(train_labels) >= 2:
+        weight_decay, _ = select_weight_decay(train_features, train_labels, num_classes, val_fraction, seed)
+    else:
+        weight_decay = 1e-4  # nothing to validate on; a neutral value
+    classifier = fit_logistic_regression(train_features, train_labels, num_classes, weight_decay)
+    logits = classifier(test_features.float().to(device))
     metrics = classification_metrics(logits, test_labels.long().to(device), num_classes, prefix="lp_")
     metrics["lp_weight_decay"] = weight_decay
     return metrics

@@ -34,6 +34,7 @@ import os
 import re
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -77,6 +78,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--model", default=None,
                         help="open_clip model name for open_clip_train checkpoints (default: params.txt `model`)")
     parser.add_argument("--profile-batch-size", type=int, default=32, help="batch size of the latency measure")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); 1-2 keeps a monitor beside a "
+                        "CPU training run from slowing it down")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     return parser.parse_args(argv)
 
@@ -307,6 +311,8 @@ class Monitor:
         try:
             checkpoint = load_checkpoint_file(str(path))
         except Exception as error:  # truncated zip, not a torch file, unsafe pickle, …
+            if not zipfile.is_zipfile(path):  # torch.save writes zip archives; torch's own message misleads here
+                raise SkipCheckpoint("unreadable: not a complete torch checkpoint (truncated or another format)") from None
             raise SkipCheckpoint(f"unreadable ({type(error).__name__}: {_first_line(error)})") from None
         try:
             model = model_from_checkpoint(checkpoint, model_name=self.args.model, params=self.experiment.params)
@@ -424,6 +430,14 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for name in ("evaluate_checkpoints", "eval"):
         logging.getLogger(name).setLevel(level.upper())
+    # Every model is built randomly initialised and then filled from the checkpoint, so open_clip's
+    # "No pretrained weights loaded … initialized randomly" warning would be wrong on every checkpoint.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_random_init_warning)
+
+
+def _drop_random_init_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("No pretrained weights loaded")
 
 
 def resolve_eval_data_dir(args: argparse.Namespace, experiment: Experiment) -> str:
@@ -452,6 +466,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             argv = ask_interactively()
         args = parse_args(argv)
         configure_logging(args.log_level)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         if not args.logs_dir:
             raise UserError("pass --logs-dir LOGS/<name> (the experiment dir)")
         if args.benchmarks:
