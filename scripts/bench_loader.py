@@ -1,0 +1,118 @@
+"""Loader throughput: our TSV and webdataset loaders against plain PIL decode + the same transform.
+
+All three read the same files with the same transform, batch size and number of worker processes,
+measured side by side in one run (alternated, best of `--repeats`). Ours also tokenizes the captions and
+validates every sample; the plain baseline only decodes and transforms (a second baseline adds the
+same tokenizer, to show what that costs).
+
+    python scripts/bench_loader.py --corpus DIR [--samples 4096] [--workers 2] [--batch-size 64]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from compress.registry import get_preprocess, get_tokenizer, open_clip_spec  # noqa: E402
+from training.data import get_data  # noqa: E402
+
+
+class PlainDataset(Dataset):
+    def __init__(self, paths, captions, transform, tokenizer=None):
+        self.paths, self.captions, self.transform, self.tokenizer = paths, captions, transform, tokenizer
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        image = self.transform(Image.open(self.paths[i]).convert("RGB"))
+        if self.tokenizer is None:
+            return image
+        return image, self.tokenizer([self.captions[i]])[0]
+
+
+def rate(loader, n_batches: int, batch_size: int) -> float:
+    start = time.perf_counter()
+    seen = 0
+    for i, _ in enumerate(loader):
+        seen += 1
+        if seen == n_batches:
+            break
+    return seen * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--model", default="clipc-vit-t2-64")
+    parser.add_argument("--samples", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    corpus = Path(args.corpus)
+    spec = open_clip_spec(args.model)
+    from utils.model_configs import register_model_configs
+
+    register_model_configs()
+    transform, tokenizer = get_preprocess(spec), get_tokenizer(spec)
+    lines = (corpus / "train.tsv").read_text().splitlines()[1: args.samples + 1]
+    paths = [str(corpus / line.split("\t")[0]) for line in lines]
+    captions = [line.split("\t")[1] for line in lines]
+    n_batches = args.samples // args.batch_size
+
+    def loader_args(**overrides):
+        base = dict(train_data=str(corpus / "train.tsv"), dataset_type="auto", csv_separator="\t",
+                    csv_img_key="filepath", csv_caption_key="title", dataset_size=args.samples,
+                    episode_size=0, train_num_samples=args.samples, dataset_resampled=False,
+                    workers=args.workers, batch_size=args.batch_size, seed=0)
+        base.update(overrides)
+        return SimpleNamespace(**base)
+
+    def ours_tsv():
+        data = get_data(loader_args(), transform, tokenizer, rank=0, world_size=1)
+        data.set_epoch(0)
+        return data.loader
+
+    def ours_shards():
+        shard_count = max(1, args.samples // 1000)
+        pattern = str(corpus / "shards" / f"{{000000..{shard_count - 1:06d}}}.tar")
+        data = get_data(loader_args(train_data=pattern, train_num_samples=shard_count * 1000), transform,
+                        tokenizer, rank=0, world_size=1)
+        return data.loader
+
+    def plain(tokenize):
+        dataset = PlainDataset(paths, captions, transform, tokenizer if tokenize else None)
+        return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                          drop_last=True)
+
+    contenders = {
+        "plain PIL decode + transform": lambda: plain(False),
+        "plain + tokenizer": lambda: plain(True),
+        "ours, TSV": ours_tsv,
+        "ours, webdataset shards": ours_shards,
+    }
+    best = {name: 0.0 for name in contenders}
+    for _ in range(args.repeats):
+        for name, make in contenders.items():
+            best[name] = max(best[name], rate(make(), n_batches, args.batch_size))
+    print(f"{args.samples} samples, batch {args.batch_size}, {args.workers} workers, best of {args.repeats}")
+    for name, value in best.items():
+        print(f"{name:30s} {value:9.1f} samples/s")
+    base = best["plain PIL decode + transform"]
+    print(f"ratio TSV / plain:    {best['ours, TSV'] / base:.2f}")
+    print(f"ratio shards / plain: {best['ours, webdataset shards'] / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()
