@@ -75,7 +75,13 @@ def run_benchmarks(
             if entry.task not in wanted_tasks:
                 continue
             started = time.perf_counter()
-            dataset = entry.build(encoder.preprocess)
+            try:
+                dataset = entry.build(encoder.preprocess)
+            except (OSError, RuntimeError, ValueError, KeyError) as error:  # files present but unreadable
+                if datasets is not None:  # asked for by name: that is an error, not a note
+                    raise ValueError(f"{name}: cannot read it under {eval_data_dir}: {error}") from None
+                log.warning("%s: cannot read it (%s); skipped", name, error)
+                continue
             if entry.task == "classification":
                 scores = evaluate_classification(encoder, dataset, benchmarks, batch_size, workers, metric_device)
             else:

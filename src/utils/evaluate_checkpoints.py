@@ -390,8 +390,8 @@ def format_table(columns: List[str], rows: List[Dict[str, str]], max_checkpoints
     rows = sorted(rows, key=lambda r: int(r.get("epoch") or 0))[-max_checkpoints:]
     if not rows:
         return "(no checkpoints scored)"
-    lines: List[Tuple[str, List[str]]] = [("epoch", [r.get("epoch", "") for r in rows]),
-                                          ("step", [r.get("step", "") for r in rows])]
+    lines: List[Tuple[str, List[str]]] = [("epoch", [r.get("epoch") or "-" for r in rows]),
+                                          ("step", [r.get("step") or "-" for r in rows])]
     for pattern, label in _TABLE_METRICS:
         for column in sorted(columns, key=_natural_order):  # R@1, R@5, R@10 — not R@1, R@10, R@5
             match = re.match(pattern, column)
