@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--logs", default=None, help="where the distilled student goes (default: a temp dir)")
     parser.add_argument("--m", type=int, nargs="+", default=[5, 10, 20, 50])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lifetime-queries", type=int, default=30,
+                        help="also time a lifetime of only this many queries (0: only all captions)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot", default=None, help="recall-vs-speedup PNG")
     args = parser.parse_args()
@@ -70,17 +72,20 @@ def main() -> None:
 
     exp = Experiment(kind="speedup", name="bench_cascade", levels=[student, args.teacher],
                      eval_data_dir=args.eval_data_dir, ms=[[m] for m in args.m], repeats=args.repeats,
-                     per_query_queries=50, first_query_queries=3, device=args.device, plot=args.plot)
+                     per_query_queries=50, first_query_queries=3, lifetime_queries=args.lifetime_queries,
+                     device=args.device, plot=args.plot)
     summary = run_experiment(exp)
     print(format_table(summary, exp.ks))
     recall = {k: summary["rows"][0][f"R@{k}"] for k in exp.ks}
     print(f"large alone: R@1 {recall[1]:.2f}  R@5 {recall[5]:.2f}  R@10 {recall[10]:.2f}")
     for row in summary["rows"][2:]:
         verdict = "meets" if row["lifetime_speedup"] >= 4 and row["dR@10"] >= -0.5 else "misses"
-        print(f"{row['system']}: lifetime {row['lifetime_speedup']:.2f}x (image embedding {row['image_speedup']:.2f}x, "
-              f"large model embedded {100 * row['large_encoded_fraction']:.0f}% of the gallery), first query "
-              f"{row['first_query_speedup']:.2f}x, ΔR@10 {row['dR@10']:+.2f} points -> {verdict} the target "
-              f"(>= 4x lifetime, R@10 within 0.5)")
+        sparse = (f"; {row['sparse_queries']}-query lifetime {row['sparse_lifetime_speedup']:.2f}x "
+                  f"(large model embedded {100 * row['sparse_large_encoded_fraction']:.0f}%)" if "sparse_queries" in row else "")
+        print(f"{row['system']}: all-caption lifetime {row['lifetime_speedup']:.2f}x (image embedding "
+              f"{row['image_speedup']:.2f}x, large model embedded {100 * row['large_encoded_fraction']:.0f}% of the "
+              f"gallery){sparse}; first query {row['first_query_speedup']:.2f}x; ΔR@10 {row['dR@10']:+.2f} points "
+              f"-> all-caption lifetime {verdict} the target (>= 4x, R@10 within 0.5)")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,7 @@ m = [5, 72]
 k = [1, 5, 10]
 repeats = 1
 per_query_queries = 4
+lifetime_queries = 10
 [output]
 plot = "{tmp_path / 'plot.png'}"
 """)
@@ -147,5 +148,8 @@ plot = "{tmp_path / 'plot.png'}"
     assert rows["cascade m=72"]["large_encoded_fraction"] == 1.0
     assert 0 < rows["cascade m=5"]["large_encoded_fraction"] <= 1.0
     if kind == "speedup":
-        assert all(row["per_query_ms"] > 0 for row in summary["rows"])
+        assert all(row["per_query_ms"] > 0 and row["first_query_s"] > 0 for row in summary["rows"])
+        # 10 queries × 5 candidates cannot cover 72 images: the sparse lifetime embeds a part of the gallery
+        assert rows["cascade m=72"]["sparse_large_encoded_fraction"] == 1.0
+        assert 0 < rows["cascade m=5"]["sparse_large_encoded_fraction"] <= 50 / 72
     assert (tmp_path / "plot.png").stat().st_size > 1000

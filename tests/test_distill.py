@@ -236,3 +236,25 @@ def test_distill_job_builds_an_inherited_vit_student(teacher_checkpoint):
     assert torch.equal(model.visual.net.transformer.resblocks[0].mlp.c_fc.weight,
                        teacher_block.mlp.c_fc.weight[:128, :32])
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["visual.net.proj"]
+
+
+def test_student_text_tower_trains_through_the_caption_losses(teacher_checkpoint):
+    """--student-text: the student gets its own text tower; ICL (both directions) and CRD reach it."""
+    from compress.registry import get_tokenizer
+    from training.distributed import DistInfo
+    from training.jobs.distill import DistillJob
+    from training.params import parse_args
+
+    args = parse_args(["--job", "distill", "--train-data", "synthetic", "--teacher-model", "clipc-vit-t2-32",
+                       "--teacher-pretrained", str(teacher_checkpoint), "--student", "resnet18",
+                       "--student-text", "clipc-vit-t2-32", "--distill-loss", "icl,crd"])
+    job = DistillJob(args, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    model = job.build_model()
+    assert all(p.requires_grad for p in model.text.parameters()) and model.logit_scale.requires_grad
+    captions = ["one red circle", "two blue squares", "a green star", "three yellow triangles"]
+    batch = {"image": torch.randn(4, 3, 32, 32), "text": get_tokenizer(model.model_spec)(captions), "caption": captions}
+    losses = job.loss(model.train(), batch)
+    losses["loss"].backward()
+    assert set(losses) >= {"loss", "icl_loss", "crd_loss"}
+    assert model.text.token_embedding.weight.grad.abs().sum() > 0
+    assert model.visual.net.fc.weight.grad.abs().sum() > 0
