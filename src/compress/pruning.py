@@ -49,7 +49,9 @@ class PrunedAttention(nn.Module):
     `out_proj`), so an unpruned one loads a stock open_clip state dict. `scale` stays the *original*
     1/sqrt(head dim): dropping head dimensions must not change the softmax temperature of the rest.
     One fused q/k/v matmul and `F.scaled_dot_product_attention` keep the pruned model fast.
-    During search a non-persistent `unit_mask` buffer (per head dim, or per head) scales q, k and v.
+    During search `unit_mask` (per head dim, or per head) scales q, k and v. It is a plain attribute, not
+    a buffer, on purpose: DDP would broadcast buffers in place every step, which autograd forbids on a
+    tensor that collects gradients; it follows the activations' device instead.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, scale: Optional[float] = None,
@@ -64,7 +66,7 @@ class PrunedAttention(nn.Module):
         self.out_proj = nn.Linear(inner, embed_dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
         self.mask_unit: Optional[str] = None
-        self.register_buffer("unit_mask", None, persistent=False)
+        self.unit_mask: Optional[torch.Tensor] = None
 
     @classmethod
     def from_multihead(cls, mha: nn.MultiheadAttention) -> "PrunedAttention":
@@ -95,7 +97,7 @@ class PrunedAttention(nn.Module):
             query, key, value = (None if t is None else t.transpose(0, 1) for t in (query, key, value))
         qkv = self._project(query, key, value)  # (3, B, N, H, d)
         if self.unit_mask is not None:
-            mask = self.unit_mask.to(qkv.dtype)
+            mask = self.unit_mask.to(qkv.device, qkv.dtype)
             qkv = qkv * (mask if self.mask_unit == "head_dim" else mask[:, None])
         q, k, v = qkv.transpose(2, 3).unbind(0)  # (B, H, N, d) each
         if attn_mask is not None and attn_mask.dtype != torch.bool:
@@ -115,7 +117,7 @@ def _mask_mlp_input(module: nn.Module, args):
     mask = getattr(module, "unit_mask", None)
     if mask is None:
         return None
-    return (args[0] * mask.to(args[0].dtype),) + tuple(args[1:])
+    return (args[0] * mask.to(args[0].device, args[0].dtype),) + tuple(args[1:])
 
 
 # --- finding the blocks ------------------------------------------------------------------------------
@@ -179,8 +181,9 @@ def init_masks(model: nn.Module, prune_heads: bool = False, towers: Sequence[str
 def attach_masks(model: nn.Module, masks: Masks) -> nn.Module:
     """Make the model multiply `masks` in (in place; attention must already be PrunedAttention).
 
-    The model holds the tensors themselves (as non-persistent buffers), so later in-place updates of the
-    masks take effect without re-attaching; they are not part of the state dict.
+    The model holds the tensors themselves (plain attributes, not buffers or parameters), so later in-place
+    updates of the masks take effect without re-attaching; they are not in the state dict, and `.to()`
+    does not move them (the forward moves them to the activations' device when needed).
     """
     blocks = tower_blocks(model)
     for key, mask in masks.items():
@@ -188,7 +191,7 @@ def attach_masks(model: nn.Module, masks: Masks) -> nn.Module:
         block = blocks[tower][layer]
         if unit == "mlp":
             c_proj = block.mlp.c_proj
-            c_proj.register_buffer("unit_mask", mask, persistent=False)
+            c_proj.unit_mask = mask
             if not getattr(c_proj, "_has_mask_hook", False):
                 c_proj.register_forward_pre_hook(_mask_mlp_input)
                 c_proj._has_mask_hook = True

@@ -40,9 +40,10 @@ class PruneJob(Job):
 
     @staticmethod
     def add_arguments(group) -> None:
-        group.add_argument("--p", type=float, default=0.5,
+        group.add_argument("--p", "--prune-ratio", dest="p", type=float, default=0.5,
                            help="fraction of prunable parameters (attention q/k/v/out and MLP weights of both "
-                                "towers) to remove: 0.5 ≈ 2x, 0.75 ≈ 4x")
+                                "towers) to remove: 0.5 ≈ 2x, 0.75 ≈ 4x (under torchrun on Python < 3.12 spell it "
+                                "--prune-ratio: torchrun's own --print-completion makes a bare --p ambiguous)")
         group.add_argument("--search-epochs", type=int, default=None,
                            help="epochs of mask search before surgery; the rest of --epochs fine-tunes the pruned "
                                 "model (default: --epochs minus --finetune-epochs, else half of --epochs)")
@@ -125,7 +126,10 @@ class PruneJob(Job):
         if self.pruned:
             self._log_size("pruned", model, ctx)
             return
-        self.masks = pruning.attached_masks(model)  # the placed (possibly moved) tensors
+        # masks are plain tensors (not buffers: see PrunedAttention), so they follow the model here
+        device = next(model.parameters()).device
+        self.masks = {k: m.detach().to(device) for k, m in pruning.attached_masks(model).items()}
+        pruning.attach_masks(model, self.masks)
         state = self.loaded_state
         steps_per_epoch = ctx.data.num_batches // self.args.accum_freq
         self.search_steps = int(state.get("search_steps") or self.search_epochs * steps_per_epoch)
