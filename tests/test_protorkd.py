@@ -102,8 +102,9 @@ class FakeTeacher:
     spec = {"type": "fake"}
 
 
-def _cluster_once(corpus: str, world_size: int, rank: int, out: str) -> None:
-    """Build the job and a tiny student, cluster episode 0 (PBT + external), save what this rank holds."""
+def _cluster_once(corpus: str, world_size: int, rank: int, out: str, episodes: int = 1,
+                  clustering_frequency: int = 1) -> None:
+    """Build the job and a tiny student, start `episodes` episodes (PBT + external), save the job state."""
     from compress.registry import get_preprocess
     from compress.text_students import ImageStudent, image_student_spec
     from training.data import CsvDataset, episode_indices
@@ -111,7 +112,8 @@ def _cluster_once(corpus: str, world_size: int, rank: int, out: str) -> None:
 
     args = types.SimpleNamespace(distiller="proto", w_proto_external=1.0, PBT=True, k=4, kmeans_max_iter=10,
                                  kmeans_nredo=1, seed=0, batch_size=8, workers=0, infonce_warmup_epoch=0,
-                                 lit_start_epoch=-1, clustering_frequency=1, episode_size=64)
+                                 lit_start_epoch=-1, clustering_frequency=clustering_frequency,
+                                 episode_size=64)
     dist_info = types.SimpleNamespace(rank=rank, world_size=world_size, local_rank=rank,
                                       device=torch.device("cpu"), is_master=rank == 0)
     job = ProtoRKDJob(args, dist_info)
@@ -125,8 +127,12 @@ def _cluster_once(corpus: str, world_size: int, rank: int, out: str) -> None:
     job.external_features = np.random.default_rng(2).normal(size=(len(dataset), 8)).astype(np.float32)
     data = types.SimpleNamespace(dataset=dataset, episode_indices=lambda epoch: episode_indices(
         len(dataset), args.episode_size, args.seed, epoch))  # the trainer's DataInfo, as far as the job sees it
-    job.on_epoch_start(0, types.SimpleNamespace(unwrapped_model=model, data=data))
-    torch.save({"state": job.state_dict()}, os.path.join(out, f"rank{rank}.pt"))
+    states = []
+    for episode in range(episodes):
+        job.on_epoch_start(episode, types.SimpleNamespace(unwrapped_model=model, data=data))
+        states.append(job.state_dict())
+    torch.save({"state": states[0], "states": states, "teacher": torch.from_numpy(job.teacher_features)},
+               os.path.join(out, f"rank{rank}.pt"))
 
 
 def _rank_main(rank: int, corpus: str, out: str, port: int) -> None:
@@ -164,6 +170,19 @@ def test_two_ranks_hold_identical_prototypes_equal_to_one_process(tiny_corpus, t
     assert torch.equal(s0["prototypes"]["text_labels"], s["prototypes"]["text_labels"])
     for name in ("image_prototypes", "image_prototypes_external"):
         assert torch.allclose(s0["prototypes"][name], s["prototypes"][name], atol=1e-5), name
+
+
+def test_between_clusterings_a_new_episode_is_labelled_by_nearest_centroid(tiny_corpus, tmp_path):
+    _cluster_once(str(tiny_corpus), 1, 0, str(tmp_path), episodes=2, clustering_frequency=2)
+    saved = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    first, second = saved["states"]
+    assert first["clustered_episode"] == second["clustered_episode"] == 0
+    assert not torch.equal(first["mapping"], second["mapping"])  # a new episode …
+    for name in ("text_centroids", "image_prototypes", "external_centroids", "image_prototypes_external"):
+        assert torch.equal(first["prototypes"][name], second["prototypes"][name]), name  # … same prototypes
+    rows = torch.nn.functional.normalize(saved["teacher"][second["mapping"]], dim=1)
+    distances = torch.cdist(rows, first["prototypes"]["text_centroids"])
+    assert torch.equal(second["prototypes"]["text_labels"], distances.argmin(dim=1))
 
 
 # --- end to end through the trainer ---------------------------------------------------------------------------

@@ -177,7 +177,7 @@ class ProtoRKDJob(Job):
         # the teacher reads captions (batch["caption"]) and its embeddings are cached: no tokens needed
         return get_preprocess(model.model_spec), no_tokens
 
-    # --- run start: teacher cache, episodic data ------------------------------------------------------
+    # --- run start: teacher cache ---------------------------------------------------------------------
 
     def on_train_start(self, ctx) -> None:
         from training.teacher_cache import cache_key, load_or_build_teacher_cache
@@ -187,10 +187,8 @@ class ProtoRKDJob(Job):
         if not hasattr(dataset, "captions"):
             raise UserError("--job protorkd reads its captions from a TSV/CSV --train-data (row index = "
                             "teacher-cache key); webdataset shards and synthetic data are not supported")
-        num_rows = len(dataset)
-        self.dataset_size = args.dataset_size or num_rows
-        if self.dataset_size > num_rows:
-            raise UserError(f"--dataset-size {self.dataset_size} is larger than {args.train_data} ({num_rows} rows)")
+        num_rows = len(dataset)  # the trainer already cut the table to --dataset-size rows
+        self.dataset_size = num_rows
         self.episode_size = args.episode_size or self.dataset_size
 
         cache_dir = args.teacher_cache_dir or Path(args.logs) / args.name / "cache"
@@ -213,6 +211,7 @@ class ProtoRKDJob(Job):
         if self.uses_proto and args.k > self.episode_size:
             raise UserError(f"--k {args.k} prototypes need at least as many episode samples; the episode has "
                             f"{self.episode_size} (lower --k)")
+
     # --- episodes -------------------------------------------------------------------------------------
 
     def episode_indices(self, episode: int, ctx) -> torch.Tensor:
