@@ -263,7 +263,7 @@ def read_experiment(path: str, overrides: argparse.Namespace) -> Experiment:
         kind=kind, name=config.get("name", Path(path).stem), levels=levels, eval_data_dir=eval_data_dir, ms=ms,
         ks=list(cascade.get("k", [1, 5, 10])), device=overrides.device or cascade.get("device", "cpu"),
         batch_size=int(cascade.get("batch_size", 256)), query_batch_size=int(cascade.get("query_batch_size", 256)),
-        repeats=int(cascade.get("repeats", 1 if kind == "topk" else 3)),
+        repeats=overrides.repeats or int(cascade.get("repeats", 1 if kind == "topk" else 3)),
         per_query_queries=int(cascade.get("per_query_queries", 100)),
         first_query_queries=int(cascade.get("first_query_queries", 3)),
         lifetime_queries=int(cascade.get("lifetime_queries", 0)), max_images=int(data.get("max_images", 0)),
@@ -483,6 +483,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--eval-data-dir", default=None, help="override the config's eval root (holds coco2017/)")
     parser.add_argument("--device", default=None, help="override the config's device (cpu, cuda)")
     parser.add_argument("--plot", default=None, help="override where the recall-vs-speedup PNG goes")
+    parser.add_argument("--repeats", type=int, default=None, help="override the config's timing repeats")
     parser.add_argument("--json", default=None, help="also write the table's numbers to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
