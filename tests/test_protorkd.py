@@ -238,6 +238,31 @@ def test_end_to_end_and_mid_episode_resume(tiny_corpus, tmp_path):
     assert student.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, cached.shape[1])
 
 
+def test_clip_teacher_is_referenced_by_its_weights_file_and_rebuilt_on_load(tmp_path):
+    import open_clip
+
+    import compress
+    from compress.text_students import FrozenTextEncoder, ImageStudent, image_student_spec
+    from utils.model_configs import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    weights = tmp_path / "teacher.pt"
+    torch.save(open_clip.create_model("clipc-vit-t2-32").state_dict(), weights)
+    text_spec = {"type": "open_clip", "model": "clipc-vit-t2-32", "pretrained": str(weights)}
+    teacher = FrozenTextEncoder(text_spec)
+    spec = image_student_spec("resnet18", text_spec, teacher.dim, image_size=32)  # torchvision backbone
+    student = ImageStudent(spec, text_encoder=teacher)
+    assert spec["head"] == {"n_layers": 0, "hidden_dim": 2048}  # 512-d resnet18 features -> one Linear to 64
+    assert not any(key.startswith("text") for key in student.state_dict())
+    loaded = compress.load({"model_spec": spec, "state_dict": student.state_dict()})
+    captions = ["two red circles", "a blue star"]
+    assert torch.equal(loaded.encode_text(captions), teacher.encode(captions))
+    images = torch.randn(2, 3, 32, 32)
+    student.eval()
+    assert torch.allclose(loaded.encode_image(images), student.encode_image(images))
+
+
 def test_user_errors_are_one_line(tiny_corpus, tmp_path):
     result = run_trainer(["--job", "protorkd", "--train-data", str(tiny_corpus / "train.tsv"), "--model",
                           "clipc-vit-t2-32", "--logs", str(tmp_path), "--name", "bad", "--distiller", "mse,dino"],

@@ -82,8 +82,8 @@ class FrozenTextEncoder:
             register_model_configs()
             self.module = open_clip.create_model(spec["model"], pretrained=spec.get("pretrained") or None)
             self.tokenizer = open_clip.get_tokenizer(spec["model"])
-            self.dim = int(self.module.text_projection.shape[1]) if self.module.text_projection is not None else \
-                int(self.module.transformer.width)
+            with torch.no_grad():  # the width whatever the text tower's projection looks like
+                self.dim = int(self.module.encode_text(self.tokenizer(["a"])).shape[1])
         else:
             raise ValueError(f"unknown text encoder type {spec['type']!r}")
         self.module.eval()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
@@ -70,7 +71,8 @@ def load_or_build_teacher_cache(encode: Callable[[Sequence[str]], torch.Tensor],
     writer = local_rank == 0  # one writer per node
     if writer:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        partial_path = cache_dir / f"teacher_{key}.{os.getpid()}.partial.npy"
+        # a name per writer: nodes sharing a filesystem each write their own, then atomically replace
+        partial_path = cache_dir / f"teacher_{key}.{socket.gethostname()}-{os.getpid()}.partial.npy"
         out = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float32, shape=(num_rows, dim))
     rows_per_round = batch_size * world_size
     rounds = (num_rows + rows_per_round - 1) // rows_per_round
