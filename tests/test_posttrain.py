@@ -1,6 +1,5 @@
 """Post-training compression tools: low-rank (SVD/FWSVD), head pruning, Fisher pruning under a MAC budget,
 token masking, text-layer dropping, and their checkpoints. Tiny `clipc-vit-t2-32` models, random data."""
-import math
 
 import pytest
 import torch

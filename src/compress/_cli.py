@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-import torch
 from torch import nn
 
 from training.errors import UserError
@@ -141,6 +140,6 @@ def run_tool(parser: argparse.ArgumentParser, argv, transform: Callable[[nn.Modu
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for key in after:
-        if key in before and isinstance(after[key], (int, float)) and before[key]:
+        if key in before and key != "latency_batch_size" and isinstance(after[key], (int, float)) and before[key]:
             logging.info("%-18s %14.4g -> %14.4g  (x%.3f)", key, before[key], after[key], after[key] / before[key])
     logging.info("wrote %s in %.1fs", path, time.time() - start)
