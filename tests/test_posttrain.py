@@ -303,7 +303,8 @@ def test_command_lines_chain_and_write_loadable_runs(tiny_corpus, tmp_path, dens
     fisher_cli.main(["--pretrained", str(source), "--out", str(tmp_path / "fisher"), "--mac-constraint", "0.6", *calib])
     fisher_ckpt = tmp_path / "fisher" / "checkpoints" / "epoch_0.pt"
     lowrank_cli.main(["--pretrained", str(fisher_ckpt), "--out", str(tmp_path / "lr"), "--ratio", "0.5",
-                      "--method", "fwsvd", *calib])
+                      "--method", "fwsvd", "--calib-data", str(tiny_corpus / "eval"), "--calib-batches", "2",
+                      "--calib-batch-size", "8"])  # calibration on the eval root's COCO captions
     token_cli.main(["--pretrained", str(tmp_path / "lr" / "checkpoints" / "epoch_0.pt"),
                     "--out", str(tmp_path / "flip"), "--drop", "0.5"])
     checkpoint = torch.load(tmp_path / "flip" / "checkpoints" / "epoch_0.pt", weights_only=True)
@@ -319,4 +320,5 @@ def test_command_lines_chain_and_write_loadable_runs(tiny_corpus, tmp_path, dens
         fisher_cli.main(["--pretrained", str(source), "--out", str(tmp_path / "x"), "--mac-constraint", "0.5"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: this tool needs calibration data: pass --calib-data TRAIN.tsv (image paths + captions)"]
+        "error: this tool needs calibration data: pass --calib-data TRAIN.tsv (image paths + captions) "
+        "or --calib-data EVAL_DIR (with coco2017/)"]

@@ -1,12 +1,13 @@
 """Calibration data and gradients shared by the post-training tools (FWSVD, head sensitivity, Fisher pruning).
 
-Calibration batches are a few image–caption batches from a TSV/CSV (the training format: `filepath`, `title`),
-preprocessed exactly as at eval time for the model's spec. The loss whose gradients measure importance is
+Calibration batches are a few image–caption batches from a TSV/CSV (the training format: `filepath`, `title`)
+or from an eval data root's COCO captions, preprocessed exactly as at eval time for the model's spec. The loss whose gradients measure importance is
 CLIP's symmetric contrastive loss on the batch (single process, no gather).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,16 +16,64 @@ from torch import nn
 Batch = Dict[str, Any]
 
 
-def calibration_batches(tsv_path: str, spec: Dict[str, Any], num_batches: int, batch_size: int, seed: int = 0,
+class _CaptionedImages:
+    """(image path, caption) pairs as the training data's samples: index, image, text, caption."""
+
+    def __init__(self, pairs, transform: Callable, tokenizer: Callable):
+        self.pairs, self.transform, self.tokenizer = pairs, transform, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> Batch:
+        from PIL import Image
+
+        path, caption = self.pairs[index]
+        with Image.open(path) as image:
+            pixels = self.transform(image.convert("RGB"))
+        return {"index": index, "image": pixels, "text": self.tokenizer([caption])[0], "caption": caption,
+                "skipped_reasons": []}
+
+
+def _coco_root(path: Path) -> Optional[Path]:
+    """The coco2017 folder of an eval data root (or the folder itself), when it has val2017 captions."""
+    for candidate in (path, path / "coco2017"):
+        if (candidate / "annotations" / "captions_val2017.json").is_file():
+            return candidate
+    return None
+
+
+def calibration_batches(source: str, spec: Dict[str, Any], num_batches: int, batch_size: int, seed: int = 0,
                         sep: str = "\t", img_key: str = "filepath", caption_key: str = "title") -> List[Batch]:
-    """`num_batches` batches of a seeded random subset of the rows of `tsv_path`, held in memory."""
+    """`num_batches` batches of a seeded random subset of `source`, held in memory.
+
+    source: a TSV/CSV in the training format, or an eval data root (or its coco2017 folder), whose val2017
+    images are paired with their first caption (one caption per image: a contrastive batch must not hold
+    the same image twice).
+    """
     from torch.utils.data import DataLoader, Subset
 
     from compress.registry import get_preprocess, get_tokenizer
     from training.data import CsvDataset, collate
+    from training.errors import UserError
 
-    dataset = CsvDataset(tsv_path, get_preprocess(spec), get_tokenizer(spec), img_key=img_key,
-                         caption_key=caption_key, sep=sep)
+    transform, tokenizer = get_preprocess(spec), get_tokenizer(spec)
+    path = Path(source)
+    if path.is_dir():
+        coco = _coco_root(path)
+        if coco is None:
+            raise UserError(f"--calib-data {source}: a folder must be an eval data root with "
+                            "coco2017/annotations/captions_val2017.json (or pass a TSV)")
+        from eval.data import load_coco_captions
+
+        retrieval = load_coco_captions(coco)
+        first_caption = {}
+        for caption, image_index in zip(retrieval.captions, retrieval.text_to_image):
+            first_caption.setdefault(image_index, caption)
+        pairs = [(retrieval.image_paths[i], first_caption[i]) for i in sorted(first_caption)]
+        dataset = _CaptionedImages(pairs, transform, tokenizer)
+    else:
+        dataset = CsvDataset(source, transform, tokenizer, img_key=img_key, caption_key=caption_key, sep=sep)
     count = min(len(dataset), num_batches * batch_size)
     rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
     loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False, collate_fn=collate)

@@ -35,7 +35,8 @@ def base_parser(description: str, calibration: bool = True) -> argparse.Argument
     if calibration:
         group = parser.add_argument_group("calibration data")
         group.add_argument("--calib-data", default=None,
-                           help="TSV/CSV of image paths and captions (the training format) for gradients")
+                           help="TSV/CSV of image paths and captions (the training format), or an eval data root "
+                                "with coco2017/ (its val2017 images and first captions)")
         group.add_argument("--calib-batches", type=int, default=8, help="number of calibration batches")
         group.add_argument("--calib-batch-size", type=int, default=32, help="calibration batch size")
         group.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration row subset")
@@ -72,7 +73,8 @@ def needs_calibration(args) -> List[Any]:
     from compress._calibration import calibration_batches
 
     if not args.calib_data:
-        raise UserError("this tool needs calibration data: pass --calib-data TRAIN.tsv (image paths + captions)")
+        raise UserError("this tool needs calibration data: pass --calib-data TRAIN.tsv (image paths + captions) "
+                        "or --calib-data EVAL_DIR (with coco2017/)")
     return calibration_batches(args.calib_data, args.spec, args.calib_batches, args.calib_batch_size,
                                seed=args.calib_seed, sep=args.csv_separator, img_key=args.csv_img_key,
                                caption_key=args.csv_caption_key)
