@@ -7,7 +7,9 @@ and p = 0.75, measured side by side in one run.
 The masks come from weight magnitudes (compress.pruning.magnitude_prune_scores) through the same unified
 allocation the prune job uses, applied to the image tower only: no data is needed to measure speed, and
 the pruned shapes are what a search at the same p yields up to which units are cut. Latencies are medians
-of interleaved repeats (each round times every model once, so machine load hits them alike).
+of interleaved repeats (each round times every model once, so machine load hits them alike). On a shared
+CPU the wall time is at the mercy of other processes, so the process CPU time of each forward is printed
+too (on an idle machine the two speedups agree; under load the CPU-time one is the steadier).
 """
 from __future__ import annotations
 
@@ -38,9 +40,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--prune-heads", action="store_true", help="whole heads instead of head dims")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     dense = build_model({"kind": "open_clip", "model": args.model}).eval()
@@ -57,14 +62,14 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, *image_size, device=device)
     towers = {name: m.visual.to(device) for name, m in models.items()}
 
-    def run(tower) -> float:
+    def run(tower):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         tower(images)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1000
+        return (time.perf_counter() - start) * 1000, (time.process_time() - start_cpu) * 1000
 
     times = {name: [] for name in towers}
     with torch.no_grad():
@@ -76,16 +81,20 @@ def main() -> None:
                 times[name].append(run(tower))
 
     base = "dense (nn.MultiheadAttention)"
-    base_ms, base_macs = statistics.median(times[base]), size[base]["macs_image"]
+    def median(name, which):
+        return statistics.median(t[which] for t in times[name])
+
+    base_ms, base_cpu, base_macs = median(base, 0), median(base, 1), size[base]["macs_image"]
     print(f"{args.model} image tower, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}; masks from weight magnitude, {'head' if args.prune_heads else 'head-dim'} units; "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'model':38s} {'params':>9s} {'GMACs/img':>9s} {'MAC ratio':>9s} {'ms/batch':>9s} {'speedup':>8s}")
+    print(f"{'model':38s} {'params':>9s} {'GMACs/img':>9s} {'MAC ratio':>9s} {'wall ms':>9s} {'speedup':>8s} "
+          f"{'CPU ms':>9s} {'speedup':>8s}")
     for name in towers:
-        ms = statistics.median(times[name])
+        ms, cpu = median(name, 0), median(name, 1)
         macs = size[name]["macs_image"]
         print(f"{name:38s} {image_params[name] / 1e6:8.2f}M {macs / 1e9:9.3f} {base_macs / macs:8.2f}x "
-              f"{ms:9.1f} {base_ms / ms:7.2f}x")
+              f"{ms:9.1f} {base_ms / ms:7.2f}x {cpu:9.1f} {base_cpu / cpu:7.2f}x")
     for name in towers:
         if name.startswith("pruned"):
             widths = pruning.layer_shapes(models[name])["visual"]

@@ -115,6 +115,8 @@ class PruneJob(Job):
                 self.teacher = self.teacher.to(torch.bfloat16)
             self.teacher.output_dict = True
         model.output_dict = True
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)  # kept by surgery (prune_clip copies the model)
         self.clip_loss = ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
                                   cache_labels=True, rank=self.dist.rank, world_size=self.dist.world_size)
         return model
