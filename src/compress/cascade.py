@@ -77,7 +77,11 @@ def rank_candidates(query_features: torch.Tensor, gallery_features: torch.Tensor
                     keep: int) -> torch.Tensor:
     """(Q, keep) candidates with the highest float64 scores, best first; ties → lower gallery index."""
     candidates, _ = candidates.sort(dim=1)  # the stable sort below then breaks ties by index
-    scores = torch.einsum("qd,qmd->qm", query_features.double(), gallery_features[candidates].double())
+    # gathered candidate features are Q×m×D: score in query chunks of ≲ 2**24 elements (m = N on COCO is big)
+    rows = max(1, (1 << 24) // max(1, candidates.shape[1] * gallery_features.shape[1]))
+    scores = torch.cat([
+        torch.einsum("qd,qmd->qm", query_features[i:i + rows].double(), gallery_features[candidates[i:i + rows]].double())
+        for i in range(0, len(candidates), rows)])
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]
     return candidates.gather(1, order)
 
