@@ -14,15 +14,15 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from compress.lowrank import low_rank
+from compress.profile import make_flop_counter
 from compress.registry import build_model, open_clip_spec
 
 
 def macs_per_image(model, image_size: int) -> int:
     # grad enabled: under no_grad nn.MultiheadAttention takes a fused fast path FlopCounterMode does not count
-    counter = FlopCounterMode(display=False)
+    counter = make_flop_counter()
     with torch.enable_grad(), counter:
         model.encode_image(torch.randn(1, 3, image_size, image_size))
     return counter.get_total_flops() // 2

@@ -43,10 +43,26 @@ class _ParameterUseRecorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def make_flop_counter() -> FlopCounterMode:
+    """FlopCounterMode that also counts attention on CPU: the fused CPU attention kernel has no formula
+    in torch's table, so QKᵀ and AV would silently be left out of every ViT's MACs."""
+    aten = torch.ops.aten
+    custom = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        custom[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
+    return FlopCounterMode(display=False, custom_mapping=custom)
+
+
 def _measure(forward: Callable[[], Any], model: nn.Module) -> Dict[str, int]:
     """(parameters used, MACs) of one forward."""
     recorder = _ParameterUseRecorder()
-    flop_counter = FlopCounterMode(display=False)
+    flop_counter = make_flop_counter()
     with torch.no_grad(), flop_counter, recorder:
         forward()
     used = sum(p.numel() for p in _unique_parameters(model) if id(p) in recorder.used_ids)

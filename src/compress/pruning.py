@@ -457,12 +457,6 @@ def build_masked_clip(spec: Dict) -> nn.Module:
 # --- size and cost -------------------------------------------------------------------------------------
 
 
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
 def params_and_macs(model: nn.Module) -> Dict[str, int]:
     """Parameters and per-sample MACs of each tower (torch.utils.flop_counter).
 
@@ -470,15 +464,11 @@ def params_and_macs(model: nn.Module) -> Dict[str, int]:
     mode nn.MultiheadAttention runs a fused native kernel it does not see (so a dense model is counted
     through an equivalent PrunedAttention copy), and on CPU the fused attention kernel has no formula
     (one is registered here to count QKᵀ and AV)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from compress.profile import make_flop_counter
 
     if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         model = with_prunable_attention(copy.deepcopy(model))
 
-    aten = torch.ops.aten
-    custom = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        custom[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
     param = next(model.parameters())
     image_size = model.visual.image_size
     image_size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
@@ -490,7 +480,7 @@ def params_and_macs(model: nn.Module) -> Dict[str, int]:
     model.eval()
     try:
         for name, forward in (("image", lambda: model.encode_image(images)), ("text", lambda: model.encode_text(tokens))):
-            counter = FlopCounterMode(display=False, custom_mapping=custom)
+            counter = make_flop_counter()
             with torch.no_grad(), counter:
                 forward()
             result[f"macs_{name}"] = counter.get_total_flops() // 2
