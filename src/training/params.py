@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run, logging and checkpoints")
     run.add_argument("--seed", type=int, default=0, help="random seed (data order, init)")
     run.add_argument("--logs", "--logs-root", dest="logs", default="./logs",
-                     help="root folder of run directories (under torchrun on Python < 3.12 spell it --logs-root: "
+                     help="root folder of run directories (under torchrun spell it --logs-root: "
                           "torchrun's own --logs-specs makes a bare --logs ambiguous)")
     run.add_argument("--name", default=None, help="run name (folder under --logs); default: a timestamp and the model")
     run.add_argument("--save-frequency", type=int, default=1, help="write epoch_N.pt every N epochs (0: never)")

@@ -42,7 +42,7 @@ class PruneJob(Job):
     def add_arguments(group) -> None:
         group.add_argument("--p", "--prune-ratio", dest="p", type=float, default=0.5,
                            help="fraction of prunable parameters (attention q/k/v/out and MLP weights of both "
-                                "towers) to remove: 0.5 ≈ 2x, 0.75 ≈ 4x (under torchrun on Python < 3.12 spell it "
+                                "towers) to remove: 0.5 ≈ 2x, 0.75 ≈ 4x (under torchrun spell it "
                                 "--prune-ratio: torchrun's own --print-completion makes a bare --p ambiguous)")
         group.add_argument("--search-epochs", type=int, default=None,
                            help="epochs of mask search before surgery; the rest of --epochs fine-tunes the pruned "
