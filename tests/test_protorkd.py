@@ -2,7 +2,6 @@
 end-to-end runs of `--job protorkd` whose student `compress.load` rebuilds with its teacher's text side."""
 import math
 import os
-import sys
 import types
 from pathlib import Path
 
@@ -135,26 +134,19 @@ def _cluster_once(corpus: str, world_size: int, rank: int, out: str, episodes: i
                os.path.join(out, f"rank{rank}.pt"))
 
 
-def _rank_main(rank: int, corpus: str, out: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank_main(rank: int, corpus: str, out: str) -> None:
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    # a file rendezvous: no TCP port to race for with other tests on the machine
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
     try:
         _cluster_once(corpus, 2, rank, out)
+        torch.distributed.barrier()  # both ranks done talking before the connections close
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_hold_identical_prototypes_equal_to_one_process(tiny_corpus, tmp_path):
-    mp.spawn(_rank_main, args=(str(tiny_corpus), str(tmp_path), _free_port()), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(str(tiny_corpus), str(tmp_path)), nprocs=2, join=True)
     (tmp_path / "single").mkdir()
     _cluster_once(str(tiny_corpus), 1, 0, str(tmp_path / "single"))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
