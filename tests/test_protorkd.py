@@ -54,7 +54,7 @@ def test_rkd_gradient_reaches_the_student_only():
 def test_proto_loss_hard_and_soft_targets():
     features = torch.tensor([[1.0, 0.0]])
     prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    logit_scale = torch.tensor(math.log(2.0))  # tau = 2: logits (2, 0)
+    logit_scale = torch.tensor(2.0)  # tau = 2: logits (2, 0)
     labels = torch.tensor([0])
     hard = proto.proto_loss(features, prototypes, prototypes, labels, logit_scale, -1)
     assert hard.item() == pytest.approx(math.log(1 + math.exp(-2)), abs=1e-6)
@@ -68,7 +68,7 @@ def test_proto_loss_hard_and_soft_targets():
 def test_proto_loss_ignores_unlabelled_rows():
     features = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     prototypes = torch.eye(2)
-    scale = torch.tensor(math.log(2.0))
+    scale = torch.tensor(2.0)
     one = proto.proto_loss(features[:1], prototypes, prototypes, torch.tensor([0]), scale, -1)
     both = proto.proto_loss(features, prototypes, prototypes, torch.tensor([0, -1]), scale, -1)
     assert both.item() == pytest.approx(one.item())
@@ -228,6 +228,22 @@ def test_end_to_end_and_mid_episode_resume(tiny_corpus, tmp_path):
     captions = [line.split("\t", 1)[1] for line in (tiny_corpus / "train.tsv").read_text().splitlines()[1:4]]
     assert torch.allclose(student.encode_text(captions), torch.from_numpy(cached[:3]), atol=1e-4)
     assert student.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, cached.shape[1])
+
+
+def test_two_process_run_through_warmup_prototypes_and_lit(tiny_corpus, tmp_path):
+    """torchrun, 2 gloo processes: episode 0 InfoNCE only (warm-up), episode 1 with prototypes, episode 2 LiT
+    (frozen backbone, head + temperature trained with InfoNCE)."""
+    run_trainer(["--job", "protorkd", "--train-data", str(tiny_corpus / "train.tsv"), "--model", "clipc-vit-t2-32",
+                 "--logs-root", str(tmp_path), "--name", "ddp", "--epochs", "3", "--batch-size", "16", "--workers", "0",
+                 "--episode-size", "128", "--distiller", "rkd,proto", "--k", "4", "--PBT", "--w-proto-external", "1",
+                 "--infonce-warmup-epoch", "1", "--lit-start-epoch", "2", "--add-projection-head",
+                 "--projection-hidden-dim", "32", "--log-level", "warning"], nproc=2, timeout=300)
+    before_lit, after_lit = (_checkpoint(tmp_path / "ddp" / "checkpoints" / f"epoch_{e}.pt") for e in (2, 3))
+    assert before_lit["job_state"]["clustered_episode"] == after_lit["job_state"]["clustered_episode"] == 1
+    weights_before, weights_after = before_lit["state_dict"], after_lit["state_dict"]
+    assert all(torch.equal(weights_before[k], weights_after[k]) for k in weights_before if k.startswith("visual."))
+    assert not torch.equal(weights_before["head.0.weight"], weights_after["head.0.weight"])
+    assert not torch.equal(weights_before["logit_scale"], weights_after["logit_scale"])
 
 
 def test_clip_teacher_is_referenced_by_its_weights_file_and_rebuilt_on_load(tmp_path):

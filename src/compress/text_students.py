@@ -217,14 +217,17 @@ class ImageStudent(nn.Module):
         features = self.text_encoder.to(device).encode(list(texts)).to(device)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, backbone_grad: bool = True) -> Dict[str, torch.Tensor]:
-        """Image features (through forward so DDP sees the computation). `backbone_grad=False` detaches
-        the backbone output (LiT phase: only the head and temperatures learn)."""
+    def forward(self, images: torch.Tensor, backbone_grad: bool = True,
+                scales: Sequence[str] = ("logit_scale",)) -> Dict[str, torch.Tensor]:
+        """Image features, and exp() of the temperatures named in `scales` — only those the caller's loss
+        uses, since under DDP every forward output must get a gradient. `backbone_grad=False` detaches the
+        backbone output (LiT phase: only the head and temperatures learn)."""
         backbone_features = self.visual(images).flatten(1)
         if not backbone_grad:
             backbone_features = backbone_features.detach()
-        return {"image_features": self.head(backbone_features), "logit_scale": self.logit_scale,
-                "logit_scale_proto": self.logit_scale_proto}
+        out = {"image_features": self.head(backbone_features)}
+        out.update({name: getattr(self, name).exp() for name in scales})
+        return out
 
 
 def image_student_spec(model_name: str, text_encoder: Dict[str, Any], embed_dim: int,

@@ -103,13 +103,14 @@ def proto_targets(target_centroids: torch.Tensor, labels: torch.Tensor, temperat
 
 
 def proto_loss(features: torch.Tensor, prototypes: torch.Tensor, target_centroids: torch.Tensor,
-               labels: torch.Tensor, logit_scale: torch.Tensor, target_temperature: float) -> torch.Tensor:
-    """ProtoCLIP's prototype loss: cross-entropy between softmax(τ · f Pᵀ) (f, P L2-normalised;
-    τ = exp(logit_scale)) and the targets of `proto_targets`. Rows with label −1 are ignored."""
+               labels: torch.Tensor, scale: torch.Tensor, target_temperature: float) -> torch.Tensor:
+    """ProtoCLIP's prototype loss: cross-entropy between softmax(τ · f Pᵀ) (f, P L2-normalised; `scale` = τ,
+    i.e. exp of the learnable log-temperature, as open_clip's ClipLoss takes it) and the targets of
+    `proto_targets`. Rows with label −1 are ignored."""
     keep = labels >= 0
     if not bool(keep.any()):
-        return features.sum() * 0.0
+        return (features.sum() + scale) * 0.0  # still part of the graph: DDP expects every used input's gradient
     features, labels = features[keep], labels[keep]
-    logits = logit_scale.exp() * F.normalize(features.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
+    logits = scale * F.normalize(features.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
     targets = proto_targets(target_centroids, labels, target_temperature).to(logits.device)
     return -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()

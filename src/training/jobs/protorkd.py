@@ -110,6 +110,8 @@ class ProtoRKDJob(Job):
             raise UserError(f"--distiller {args.distiller!r}: choose a comma list of {', '.join(DISTILLERS)}")
         self.uses_infonce = "infonce" in self.distillers or "proto" in self.distillers
         self.uses_proto = "proto" in self.distillers
+        if args.lit_start_epoch >= 0 and not self.uses_infonce:
+            raise UserError("--lit-start-epoch trains the head with InfoNCE only: add infonce (or proto) to --distiller")
         self.uses_external = self.uses_proto and args.w_proto_external > 0
         # episode state (all ranks hold the same values; saved in job_state)
         self.episode = -1
@@ -325,7 +327,9 @@ class ProtoRKDJob(Job):
     def loss(self, model, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         args = self.args
         lit = self.lit_phase(self.episode)
-        out = model(batch["image"], backbone_grad=not lit)
+        proto_now = self.proto_active(self.episode)
+        scales = ["logit_scale"] * self.uses_infonce + ["logit_scale_proto"] * proto_now
+        out = model(batch["image"], backbone_grad=not lit, scales=scales)
         student = out["image_features"].float()
         rows = batch["index"].cpu().numpy()
         teacher = torch.from_numpy(np.asarray(self.teacher_features[rows], dtype=np.float32)).to(student.device)
@@ -339,8 +343,8 @@ class ProtoRKDJob(Job):
                     losses["rkd_angle_loss"] = args.w_rkd_a * proto.rkd_angle_loss(student, teacher)
         if self.uses_infonce:
             losses["infonce_loss"] = args.w_clip * self.clip_loss(
-                F.normalize(student, dim=-1), F.normalize(teacher, dim=-1), out["logit_scale"].exp())
-        if self.proto_active(self.episode):
+                F.normalize(student, dim=-1), F.normalize(teacher, dim=-1), out["logit_scale"])
+        if proto_now:
             # ProtoCLIP averages image→text and text→image terms; with a frozen teacher the text→* terms
             # carry no gradient to the student, so only the image→* halves remain (same weight meaning)
             index = batch["index"].cpu()
