@@ -75,6 +75,7 @@ def main() -> None:
         base = dict(train_data=str(corpus / "train.tsv"), dataset_type="auto", csv_separator="\t",
                     csv_img_key="filepath", csv_caption_key="title", dataset_size=args.samples,
                     episode_size=0, train_num_samples=args.samples, dataset_resampled=False,
+                    allow_empty_captions=False,
                     workers=args.workers, batch_size=args.batch_size, seed=0)
         base.update(overrides)
         return SimpleNamespace(**base)

@@ -34,7 +34,7 @@ step "3/8 score the dense CLIP with the monitor"
 python src/utils/evaluate_checkpoints.py --logs-dir "$LOGS/clip" --eval-data-dir "$EVAL" --once --epoch 3 --log-level warning
 
 step "4/8 ProtoRKD: image student distilled from the bundled all-MiniLM-L6-v2, and the same student without a teacher"
-PROTO_COMMON=(--train-data "$CORPUS/train.tsv" --episode-size 8192 --model clipc-vit-t2-64 --epochs 2
+PROTO_COMMON=(--train-data "$CORPUS/train.tsv" --dataset-size 5000 --episode-size 8192 --model clipc-vit-t2-64 --epochs 2
               --batch-size 64 --lr 1e-3 --warmup 10 --workers 1 --logs-root "$LOGS" --log-level warning)
 python -m training.main --job protorkd "${PROTO_COMMON[@]}" --name protorkd_minilm \
     --add-projection-head --projection-hidden-dim 512 --distiller mse,infonce
@@ -54,9 +54,11 @@ python -m training.main --job distill --teacher-model clipc-vit-t2-64 --teacher-
     --distill-loss cosine,icl --train-data "$CORPUS/train.tsv" --epochs 2 --batch-size 64 --lr 1e-3 --warmup 20 \
     --workers 1 --logs-root "$LOGS" --name distill_student --log-level warning
 python -m compress.cascade --config scripts/experiments/cascade_topk_demo.toml \
-    --levels "$LOGS/distill_student/checkpoints/epoch_2.pt" "$DENSE" --eval-data-dir "$EVAL"
+    --levels "$LOGS/distill_student/checkpoints/epoch_2.pt" "$DENSE" --eval-data-dir "$EVAL" \
+    --plot "$LOGS/cascade_topk.png"
 python -m compress.cascade --config scripts/experiments/cascade_speedup_demo.toml --repeats 1 \
-    --levels "$LOGS/distill_student/checkpoints/epoch_2.pt" "$DENSE" --eval-data-dir "$EVAL"
+    --levels "$LOGS/distill_student/checkpoints/epoch_2.pt" "$DENSE" --eval-data-dir "$EVAL" \
+    --plot "$LOGS/cascade_speedup.png"
 
 step "7/8 post-training compression of the dense CLIP: low-rank, Fisher pruning under a MAC budget, token masking"
 python -m compress.lowrank      --pretrained "$DENSE" --out "$LOGS/lowrank_0.5" --ratio 0.5 --towers image,text
@@ -65,9 +67,11 @@ python -m compress.fisher_prune --pretrained "$DENSE" --out "$LOGS/fisher_mac0.6
 python -m compress.token_mask   --pretrained "$DENSE" --out "$LOGS/flip_0.5" --drop 0.5
 
 step "8/8 score every run with the monitor, then the compression report"
-for run in protorkd_minilm protorkd_no_teacher prune_p0.5_kd prune_p0.5 distill_student lowrank_0.5 fisher_mac0.6 flip_0.5; do
-  python src/utils/evaluate_checkpoints.py --logs-dir "$LOGS/$run" --eval-data-dir "$EVAL" --once --log-level warning \
-      --benchmarks zeroshot linear_probe retrieval > "$LOGS/$run.monitor.txt"
+# the last checkpoint of each run (the monitor scores every epoch_N.pt without --epoch)
+for run in protorkd_minilm:2 protorkd_no_teacher:2 prune_p0.5_kd:2 prune_p0.5:2 distill_student:2 lowrank_0.5:0 \
+           fisher_mac0.6:0 flip_0.5:0; do
+  python src/utils/evaluate_checkpoints.py --logs-dir "$LOGS/${run%:*}" --epoch "${run#*:}" --eval-data-dir "$EVAL" \
+      --once --log-level warning --benchmarks zeroshot linear_probe retrieval > "$LOGS/${run%:*}.monitor.txt"
 done
 python -m utils.report "$LOGS"/clip "$LOGS"/protorkd_minilm "$LOGS"/protorkd_no_teacher "$LOGS"/prune_p0.5_kd \
     "$LOGS"/prune_p0.5 "$LOGS"/distill_student "$LOGS"/lowrank_0.5 "$LOGS"/fisher_mac0.6 "$LOGS"/flip_0.5 \

@@ -231,7 +231,8 @@ def test_resume_mid_search_is_exact(full_run, tmp_path):
     reference = torch.load(full_run / "epoch_2.pt", weights_only=True)
     assert resumed["model_spec"] == reference["model_spec"]
     for key, value in reference["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][key], value, atol=0, rtol=0)
+        # tight, not bitwise: BLAS reductions may differ in the last bit when the thread count differs
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-8)
 
 
 def test_bad_epoch_split_is_one_clear_line(tmp_path, capsys):

@@ -41,8 +41,9 @@ def children_of(pid: int):
 
 
 def test_torchrun_max_restarts_resumes_a_killed_worker(tiny_corpus, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=3",
-           "--master-port", str(free_port()),
+    # elastic (c10d) rendezvous: each restart round gets a fresh rendezvous, as on a real cluster
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=5",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=restart-test",
            *trainer_args(tiny_corpus, tmp_path, "restart", "--epochs", "2", "--save-every-n-steps", "3",
                          "--resume", "latest")]
     launcher = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
@@ -56,7 +57,7 @@ def test_torchrun_max_restarts_resumes_a_killed_worker(tiny_corpus, tmp_path):
     workers = children_of(launcher.pid)
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
-    _, stderr = launcher.communicate(timeout=400)
+    _, stderr = launcher.communicate(timeout=240)
     assert launcher.returncode == 0, stderr[-3000:]
     log = (tmp_path / "restart" / "out.log").read_text()
     assert "resumed from" in log

@@ -196,3 +196,25 @@ def test_nonfinite_loss_stops_without_writing_a_checkpoint(tiny_corpus, tmp_path
     for path in (tmp_path / "nan" / "checkpoints").glob("*.pt"):
         state = torch.load(path, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
+
+
+def test_caption_less_images_train_image_only_distillation(tiny_corpus, tmp_path):
+    """Cosine/FD distillation needs no captions: with --allow-empty-captions, caption-less rows are kept."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = (tiny_corpus / "train.tsv").read_text().splitlines()
+    blanked = [rows[0]] + [f"{tiny_corpus / r.split(chr(9))[0]}\t" for r in rows[1:]]
+    (data / "no_captions.tsv").write_text("\n".join(blanked) + "\n")
+    teacher_args = common_args(tiny_corpus, tmp_path, "teacher", "--epochs", "1")
+    run_trainer(teacher_args)
+    args = common_args(tiny_corpus, tmp_path, "imgonly", "--epochs", "1", "--job", "distill", "--teacher-model", MODEL,
+                       "--teacher-pretrained", str(tmp_path / "teacher" / "checkpoints" / "epoch_1.pt"),
+                       "--student", "mobilenet_v3_small", "--distill-loss", "cosine,fd", "--allow-empty-captions")
+    args[args.index("--train-data") + 1] = str(data / "no_captions.tsv")
+    run_trainer(args)
+    rows = read_results(tmp_path / "imgonly")
+    assert rows[-1]["step"] == 256 // 16 and rows[-1]["data/skipped"] == 0
+    # without the flag every row is bad and the run stops with one line
+    args[args.index("--name") + 1] = "strict"
+    result = run_trainer(args[:-1], check=False)
+    assert result.returncode == 2 and "bad" in result.stderr and "Traceback" not in result.stderr

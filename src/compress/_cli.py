@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 from torch import nn
 
 from training.errors import UserError
+from utils.quiet_logs import quiet_open_clip
 
 
 def base_parser(description: str, calibration: bool = True) -> argparse.ArgumentParser:
@@ -126,6 +127,7 @@ def run_tool(parser: argparse.ArgumentParser, argv, transform: Callable[[nn.Modu
     """
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
+    quiet_open_clip()
     try:
         start = time.time()
         model = load_input_model(args.model, args.pretrained).to(args.device)

@@ -61,14 +61,14 @@ def load_image(source: str | bytes, what: str) -> Image.Image:
         raise BadSample(f"{what}: unreadable image ({type(e).__name__}: {e})")
 
 
-def check_caption(caption: Any, what: str) -> str:
+def check_caption(caption: Any, what: str, allow_empty: bool = False) -> str:
     if not isinstance(caption, str):
         raise BadSample(f"{what}: caption is not text")
     try:
         caption.encode("utf-8")  # surrogate escapes from invalid UTF-8 bytes fail here
     except UnicodeEncodeError:
         raise BadSample(f"{what}: caption is not valid UTF-8")
-    if not caption.strip():
+    if not caption.strip() and not allow_empty:
         raise BadSample(f"{what}: empty caption")
     return caption
 
@@ -80,7 +80,7 @@ class CsvDataset(Dataset):
     """Rows of (image path, caption); relative paths are resolved against the file's folder."""
 
     def __init__(self, path: str, transform: Callable, tokenizer: Callable, img_key: str = "filepath",
-                 caption_key: str = "title", sep: str = "\t"):
+                 caption_key: str = "title", sep: str = "\t", allow_empty_captions: bool = False):
         import pandas as pd
 
         if not os.path.isfile(path):
@@ -106,13 +106,14 @@ class CsvDataset(Dataset):
         self.captions = frame[caption_key].tolist()
         self.transform = transform
         self.tokenizer = tokenizer
+        self.allow_empty_captions = allow_empty_captions
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load_row(self, index: int) -> Dict[str, Any]:
         what = f"row {index} ({self.paths[index]})"
-        caption = check_caption(self.captions[index], what)
+        caption = check_caption(self.captions[index], what, self.allow_empty_captions)
         image = load_image(self.paths[index], what)
         return {"index": index, "image": self.transform(image), "text": self.tokenizer([caption])[0],
                 "caption": caption}
@@ -190,19 +191,20 @@ def shard_sizes(urls: List[str]) -> Optional[int]:
         return None
 
 
-def decode_shard_sample(sample: Dict[str, Any], transform: Callable, tokenizer: Callable) -> Dict[str, Any]:
+def decode_shard_sample(sample: Dict[str, Any], transform: Callable, tokenizer: Callable,
+                        allow_empty_captions: bool = False) -> Dict[str, Any]:
     what = f"shard sample {sample.get('__key__')} ({sample.get('__url__')})"
     try:
         image_bytes = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
         if image_bytes is None:
             raise BadSample(f"{what}: no image member")
-        if "txt" not in sample:
+        if "txt" not in sample and not allow_empty_captions:
             raise BadSample(f"{what}: no txt member")
         try:
-            caption = sample["txt"].decode("utf-8")
+            caption = sample.get("txt", b"").decode("utf-8")
         except UnicodeDecodeError:
             raise BadSample(f"{what}: caption is not valid UTF-8")
-        caption = check_caption(caption, what)
+        caption = check_caption(caption, what, allow_empty_captions)
         image = load_image(image_bytes, what)
         if "idx" in sample:
             index = int(sample["idx"].decode())
@@ -313,7 +315,8 @@ def get_data(args, transform: Callable, tokenizer: Callable, rank: int, world_si
 def _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size) -> DataInfo:
     if dataset_type == "csv":
         dataset = CsvDataset(args.train_data, transform, tokenizer, img_key=args.csv_img_key,
-                             caption_key=args.csv_caption_key, sep=args.csv_separator)
+                             caption_key=args.csv_caption_key, sep=args.csv_separator,
+                             allow_empty_captions=args.allow_empty_captions)
         if args.dataset_size:
             if args.dataset_size > len(dataset):
                 raise DataError(f"--dataset-size {args.dataset_size} but {args.train_data} has {len(dataset)} rows")
@@ -355,7 +358,7 @@ def _webdataset_data(args, transform, tokenizer, world_size) -> DataInfo:
     pipeline += [
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(1000, initial=100),
-        wds.map(lambda s: decode_shard_sample(s, transform, tokenizer)),
+        wds.map(lambda s: decode_shard_sample(s, transform, tokenizer, args.allow_empty_captions)),
         drop_bad_samples,
         wds.batched(args.batch_size, collation_fn=collate, partial=False),
     ]

@@ -5,12 +5,14 @@ epochs → end. What a run computes lives in the job (training/jobs/); the step 
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,9 +29,12 @@ from training.errors import UserError
 from training.jobs import available_jobs
 from training.params import parse_args
 from training.train import RunContext, train_one_epoch
+from utils.quiet_logs import quiet_open_clip
 
 
 def main(argv=None) -> None:
+    # `kill -USR1 <pid>` prints every thread's Python stack: the first thing to look at in a hung job
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         run(parse_args(argv))
     except UserError as e:
@@ -158,6 +163,7 @@ def setup_logging(log_dir: Path, dist_info: DistInfo, level: str) -> None:
         root.addHandler(file_handler)
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "sentence_transformers", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_open_clip()
 
 
 def make_tb_writer(args, log_dir: Path, dist_info: DistInfo):

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset-resampled", action="store_true",
                       help="sample shards with replacement (webdataset), as open_clip")
     data.add_argument("--workers", type=int, default=2, help="data-loader processes per rank")
+    data.add_argument("--allow-empty-captions", action="store_true",
+                      help="keep images whose caption is empty or missing (image-only losses, e.g. "
+                           "--job distill --distill-loss cosine/fd); by default they are skipped as bad")
     data.add_argument("--max-bad-fraction", type=float, default=0.01,
                       help="stop the run when more than this fraction of samples seen so far was bad")
 

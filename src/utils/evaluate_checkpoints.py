@@ -430,14 +430,10 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for name in ("evaluate_checkpoints", "eval"):
         logging.getLogger(name).setLevel(level.upper())
-    # Every model is built randomly initialised and then filled from the checkpoint, so open_clip's
-    # "No pretrained weights loaded … initialized randomly" warning would be wrong on every checkpoint.
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_drop_random_init_warning)
+    # every model is built randomly initialised, then filled from the checkpoint
+    from utils.quiet_logs import quiet_open_clip
 
-
-def _drop_random_init_warning(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("No pretrained weights loaded")
+    quiet_open_clip()
 
 
 def resolve_eval_data_dir(args: argparse.Namespace, experiment: Experiment) -> str:

@@ -87,6 +87,9 @@ class DistillJob(Job):
             raise UserError("--job distill needs --teacher-model (and usually --teacher-pretrained)")
         self.loss_names = parse_loss_names(args.distill_loss)
         self.needs_text = any(LOSSES[name][1] for name in self.loss_names)
+        if self.needs_text and args.allow_empty_captions:
+            raise UserError("--allow-empty-captions keeps caption-less images, which only the image losses "
+                            "(cosine, fd) can use; drop it or the caption losses")
         teacher = create_clip(args.teacher_model, args.teacher_pretrained)
         teacher.eval().requires_grad_(False)
         # pure-bf16 runs feed bf16 images: the teacher must take them too
