@@ -26,18 +26,19 @@ def trainer_args(corpus, logs, name, *extra):
             "--log-every-n-steps", "2", *extra]
 
 
-def children_of(pid: int):
-    """Direct child pids (from /proc: no psutil needed)."""
-    kids = []
+def trainer_pids(run_dir: Path):
+    """Pids of the trainer workers writing to `run_dir` (their command lines name it; no psutil needed).
+    The launcher's own helper processes (resource tracker, log tee) are not workers: never kill those."""
+    pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if int(fields[1]) == pid:
-                kids.append(int(entry.name))
-    return kids
+            if b"training.main" in cmdline and str(run_dir.parent).encode() in cmdline and b"torch.distributed.run" not in cmdline:
+                pids.append(int(entry.name))
+    return pids
 
 
 def test_torchrun_max_restarts_resumes_a_killed_worker(tiny_corpus, tmp_path):
@@ -54,7 +55,7 @@ def test_torchrun_max_restarts_resumes_a_killed_worker(tiny_corpus, tmp_path):
         assert launcher.poll() is None, launcher.stderr.read()[-3000:]
         assert time.time() < deadline
         time.sleep(0.05)
-    workers = children_of(launcher.pid)
+    workers = trainer_pids(tmp_path / "restart")
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
     _, stderr = launcher.communicate(timeout=240)
