@@ -37,7 +37,7 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def init_distributed(device_flag: str = "auto", backend: str | None = None, timeout_minutes: int = 30) -> DistInfo:
+def init_distributed(device_flag: str = "auto", backend: str | None = None, timeout_minutes: float = 30) -> DistInfo:
     """Join the process group the launcher describes (a no-op for a single process)."""
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     rank = _env_int("RANK", "SLURM_PROCID", default=0)

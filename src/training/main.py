@@ -34,7 +34,10 @@ from utils.quiet_logs import quiet_open_clip
 
 def main(argv=None) -> None:
     # `kill -USR1 <pid>` prints every thread's Python stack: the first thing to look at in a hung job
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (embedded, captured)
+        pass
     try:
         run(parse_args(argv))
     except UserError as e:
@@ -46,7 +49,7 @@ def main(argv=None) -> None:
 
 def run(args) -> Dict[str, Any]:
     # 1. processes and the run folder -----------------------------------------------------------------
-    dist_info = init_distributed(args.device, args.dist_backend)
+    dist_info = init_distributed(args.device, args.dist_backend, args.dist_timeout_minutes)
     args.name = broadcast_object(args.name or time.strftime("%Y_%m_%d-%H_%M_%S-") + args.model.replace("/", "-"))
     log_dir = prepare_run_dir(args, dist_info)
     setup_logging(log_dir, dist_info, args.log_level)

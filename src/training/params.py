@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--copy-codebase", action="store_true", help="copy src/ into the run folder (ProtoCLIP)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda")
     run.add_argument("--dist-backend", default=None, help="process-group backend (default: nccl on GPU, gloo on CPU)")
+    run.add_argument("--dist-timeout-minutes", type=float, default=30,
+                     help="how long a collective (and joining the group) may wait before the process fails, so "
+                          "torchrun can restart it; long in-loop evals on rank 0 make the other ranks wait this long")
     run.add_argument("--stop-after-steps", type=int, default=0,
                      help="end the run after this global step, as if interrupted (tests, soak runs)")
 
