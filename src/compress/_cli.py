@@ -22,6 +22,17 @@ from training.errors import UserError
 from utils.quiet_logs import quiet_open_clip
 
 
+def add_tower_flags(parser: argparse.ArgumentParser) -> None:
+    """--towers / --layers, shared by the tools that edit chosen transformer blocks."""
+    parser.add_argument("--towers", default="image", help="comma list of towers: image, text (default image)")
+    parser.add_argument("--layers", default="all", help="comma list of block indices in each tower (default all)")
+
+
+def parse_layers(text: Optional[str]) -> Optional[List[int]]:
+    """'all' (or empty) → None, '0,2' → [0, 2]."""
+    return None if text in (None, "", "all") else [int(t) for t in text.split(",")]
+
+
 def base_parser(description: str, calibration: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default=None,

@@ -304,14 +304,12 @@ def fisher_prune(model: nn.Module, batches: List[Batch], mac_constraint: float,
 
 
 def main(argv=None) -> None:
-    from compress._cli import base_parser, run_tool
-    from compress.lowrank import _int_list
+    from compress._cli import add_tower_flags, base_parser, parse_layers, run_tool
 
     parser = base_parser("retraining-free Fisher pruning of heads and MLP neurons under a MAC constraint (Kwon et al.)")
     parser.add_argument("--mac-constraint", type=float, required=True,
                         help="fraction of the chosen blocks' head+MLP MACs to keep (e.g. 0.6)")
-    parser.add_argument("--towers", default="image", help="comma list of towers: image, text (default image)")
-    parser.add_argument("--layers", default="all", help="comma list of block indices in each tower (default all)")
+    add_tower_flags(parser)
     parser.add_argument("--no-rearrange", action="store_true", help="skip the per-layer mask rearrangement")
     parser.add_argument("--no-rescale", action="store_true", help="skip the least-squares rescaling of kept units")
     parser.add_argument("--damping", type=float, default=1e-4,
@@ -319,7 +317,7 @@ def main(argv=None) -> None:
 
     def transform(model, args, batches):
         return fisher_prune(model, batches, args.mac_constraint, towers=args.towers.split(","),
-                            layers=_int_list(args.layers), rearrange_masks=not args.no_rearrange,
+                            layers=parse_layers(args.layers), rearrange_masks=not args.no_rearrange,
                             rescale=not args.no_rescale, damping=args.damping)
 
     run_tool(parser, argv, transform, tool="fisher_prune")

@@ -133,21 +133,19 @@ def prune_heads_by_sensitivity(model: nn.Module, num_heads: int, batches: List[B
 
 
 def main(argv=None) -> None:
-    from compress._cli import base_parser, run_tool
-    from compress.lowrank import _int_list
+    from compress._cli import add_tower_flags, base_parser, parse_layers, run_tool
 
     parser = base_parser("attention-head pruning by Fisher sensitivity of head masks (iterative)")
     parser.add_argument("--num-heads", type=int, required=True, help="total number of heads to remove")
     parser.add_argument("--heads-per-round", type=int, default=1,
                         help="heads removed before the scores are recomputed (default 1)")
-    parser.add_argument("--towers", default="image", help="comma list of towers: image, text (default image)")
-    parser.add_argument("--layers", default="all", help="comma list of block indices in each tower (default all)")
+    add_tower_flags(parser)
     parser.add_argument("--no-layer-normalization", action="store_true",
                         help="rank raw scores across layers instead of per-layer L2-normalised ones")
 
     def transform(model, args, batches):
         return prune_heads_by_sensitivity(model, args.num_heads, batches, towers=args.towers.split(","),
-                                          layers=_int_list(args.layers), heads_per_round=args.heads_per_round,
+                                          layers=parse_layers(args.layers), heads_per_round=args.heads_per_round,
                                           normalize_per_layer=not args.no_layer_normalization)
 
     run_tool(parser, argv, transform, tool="heads")

@@ -139,25 +139,20 @@ def low_rank(model: nn.Module, ratio: float, towers: Sequence[str] = ("image",),
     return refresh_spec(model)
 
 
-def _int_list(text: Optional[str]) -> Optional[List[int]]:
-    return None if text in (None, "", "all") else [int(t) for t in text.split(",")]
-
-
 def main(argv=None) -> None:
-    from compress._cli import base_parser, needs_calibration, run_tool
+    from compress._cli import add_tower_flags, base_parser, needs_calibration, parse_layers, run_tool
 
     parser = base_parser("low-rank factorisation (SVD / Fisher-weighted SVD) of transformer Linears")
     parser.add_argument("--ratio", type=float, required=True, help="kept-parameter ratio ρ of each factorised Linear")
     parser.add_argument("--method", choices=("svd", "fwsvd"), default="svd",
                         help="plain SVD, or Fisher-weighted SVD (needs --calib-data)")
-    parser.add_argument("--towers", default="image", help="comma list of towers: image, text (default image)")
-    parser.add_argument("--layers", default="all", help="comma list of block indices in each tower (default all)")
+    add_tower_flags(parser)
     parser.add_argument("--targets", default="attn,mlp",
                         help="comma list: attn, mlp, or q_proj,k_proj,v_proj,out_proj,c_fc,c_proj (default attn,mlp)")
 
     def transform(model, args, _batches):
         batches = needs_calibration(args) if args.method == "fwsvd" else None
-        return low_rank(model, args.ratio, towers=args.towers.split(","), layers=_int_list(args.layers),
+        return low_rank(model, args.ratio, towers=args.towers.split(","), layers=parse_layers(args.layers),
                         targets=args.targets.split(","), method=args.method, batches=batches)
 
     run_tool(parser, argv, transform, tool="lowrank", calibrate=False)
