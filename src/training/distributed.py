@@ -37,6 +37,25 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def _elastic_round_store(rank: int, world_size: int, timeout: timedelta):
+    """A store private to this restart round of a torchrun job, or None outside torchelastic.
+
+    torchrun's c10d rendezvous hands its workers one TCPStore server (TORCHELASTIC_USE_AGENT_STORE)
+    and keeps that same server across `--max-restarts` rounds, without a per-round key prefix
+    (pytorch/pytorch#135712). A restarted round then reads the dead round's gloo/nccl addresses
+    ("Gloo connectFullMesh failed ... Connection refused") or hangs. Every rank number joins exactly
+    once per round, so a per-rank join counter in that store gives all ranks the same round number
+    without any agreement step; the process group lives under that round's prefix.
+    (TORCHELASTIC_RESTART_COUNT is not usable: each node's agent counts its own restarts.)
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                           is_master=False, timeout=timeout)
+    generation = shared.add(f"clipcompress/joins/rank{rank}", 1)
+    return dist.PrefixStore(f"clipcompress/round{generation}", shared)
+
+
 def init_distributed(device_flag: str = "auto", backend: str | None = None, timeout_minutes: float = 30) -> DistInfo:
     """Join the process group the launcher describes (a no-op for a single process)."""
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
@@ -53,11 +72,14 @@ def init_distributed(device_flag: str = "auto", backend: str | None = None, time
     if world_size > 1 and not dist.is_initialized():
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))
-        dist.init_process_group(
-            backend=backend or ("nccl" if use_cuda else "gloo"),
-            init_method="env://",
-            timeout=timedelta(minutes=timeout_minutes),
-        )
+        timeout = timedelta(minutes=timeout_minutes)
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        round_store = _elastic_round_store(rank, world_size, timeout)
+        if round_store is not None:
+            dist.init_process_group(backend=backend, store=round_store, rank=rank,
+                                    world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
