@@ -21,9 +21,16 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# open_clip_train does not know our configs: register them, then hand over to its main
-OPEN_CLIP_LAUNCH = ("import sys; sys.path.insert(0, {src!r}); from utils.model_configs import register_model_configs; "
-                    "register_model_configs(); from open_clip_train.main import main; main(sys.argv[1:])")
+# open_clip_train does not know our configs: register them, then hand over to its main. Its log stamps
+# have whole seconds (datefmt '%Y-%m-%d,%H:%M:%S'), which is ±15% over a 12 s run: the launcher appends
+# logging's default stamp, which has milliseconds (only the stamp changes; nothing it runs does).
+OPEN_CLIP_LAUNCH = (
+    "import sys, logging; sys.path.insert(0, {src!r}); "
+    "_formatter_init = logging.Formatter.__init__; "
+    "logging.Formatter.__init__ = lambda self, fmt=None, datefmt=None, *a, **k: _formatter_init("
+    "self, fmt, None, *a, **k); "
+    "from utils.model_configs import register_model_configs; register_model_configs(); "
+    "from open_clip_train.main import main; main(sys.argv[1:])")
 
 
 def run_ours(args, logs: Path, name: str, env) -> float:
@@ -50,9 +57,9 @@ def run_open_clip(args, logs: Path, name: str, env, tsv: Path) -> float:
     # open_clip resolves TSV paths against the working directory: run it from the corpus folder
     subprocess.run(cmd, cwd=args.corpus, env=env, check=True, capture_output=True)
     log = (logs / name / "out.log").read_text()
-    # "2026-11-22,19:40:01 | INFO | Train Epoch: 0 [  512/1536 (33%)] ..."
-    points = [(datetime.strptime(stamp, "%Y-%m-%d,%H:%M:%S").timestamp(), int(seen))
-              for stamp, seen in re.findall(r"^(\S+) \| INFO \| Train Epoch: \d+ \[\s*(\d+)/", log, re.M)]
+    # "2026-11-22 19:40:01,123 | INFO | Train Epoch: 0 [  512/1536 (33%)] ..."
+    points = [(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp(), int(seen))
+              for stamp, seen in re.findall(r"^(\S+ \S+) \| INFO \| Train Epoch: \d+ \[\s*(\d+)/", log, re.M)]
     (t0, n0), (t1, n1) = points[0], points[-1]
     return (n1 - n0) / (t1 - t0)
 
