@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset-resampled", action="store_true",
                       help="sample shards with replacement (webdataset), as open_clip")
     data.add_argument("--workers", type=int, default=2, help="data-loader processes per rank")
+    data.add_argument("--token-cache-dir", default=None,
+                      help="where a TSV/CSV's caption tokens are cached (tokenized once, split across ranks, "
+                           "then read as a memmap every epoch); default <logs>/<name>/cache. Point several "
+                           "runs on the same data and tokenizer at one folder to tokenize once for all")
+    data.add_argument("--no-token-cache", action="store_true",
+                      help="tokenize captions in the loader workers every epoch instead (always so for shards)")
     data.add_argument("--allow-empty-captions", action="store_true",
                       help="keep images whose caption is empty or missing (image-only losses, e.g. "
                            "--job distill --distill-loss cosine/fd); by default they are skipped as bad")
@@ -61,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     opt.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
     opt.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
+    opt.add_argument("--optimizer-impl", default="fused", choices=["fused", "foreach"],
+                     help="AdamW kernel: fused (one kernel over all tensors; CPU and CUDA) or foreach "
+                          "(PyTorch's default, what open_clip_train uses); falls back to foreach elsewhere")
     opt.add_argument("--grad-clip-norm", "--max-grad-norm", dest="grad_clip_norm", type=float, default=None,
                      help="clip the global gradient norm to this value")
     opt.add_argument("--accum-freq", type=int, default=1,
