@@ -107,7 +107,7 @@ def _cluster_once(corpus: str, world_size: int, rank: int, out: str, episodes: i
     from compress.registry import get_preprocess
     from compress.text_students import ImageStudent, image_student_spec
     from training.data import CsvDataset, episode_indices
-    from training.jobs.protorkd import ProtoRKDJob, no_tokens
+    from training.jobs.protorkd import ProtoRKDJob
 
     args = types.SimpleNamespace(distiller="proto", w_proto_external=1.0, PBT=True, k=4, kmeans_max_iter=10,
                                  kmeans_nredo=1, seed=0, batch_size=8, workers=0, infonce_warmup_epoch=0,
@@ -119,7 +119,7 @@ def _cluster_once(corpus: str, world_size: int, rank: int, out: str, episodes: i
     torch.manual_seed(0)  # the same student on every rank, as the trainer guarantees
     spec = image_student_spec("clipc-vit-t2-32", {"type": "fake"}, FakeTeacher.dim, True, 32, 1)
     model = ImageStudent(spec, text_encoder=FakeTeacher())
-    dataset = CsvDataset(os.path.join(corpus, "train.tsv"), get_preprocess(spec), no_tokens)
+    dataset = CsvDataset(os.path.join(corpus, "train.tsv"), get_preprocess(spec))
     job.teacher = FakeTeacher()
     job.dataset_size, job.episode_size = len(dataset), args.episode_size
     job.teacher_features = np.random.default_rng(1).normal(size=(len(dataset), FakeTeacher.dim)).astype(np.float32)

@@ -19,8 +19,8 @@ Batch = Dict[str, Any]
 class _CaptionedImages:
     """(image path, caption) pairs as the training data's samples: index, image, text, caption."""
 
-    def __init__(self, pairs, transform: Callable, tokenizer: Callable):
-        self.pairs, self.transform, self.tokenizer = pairs, transform, tokenizer
+    def __init__(self, pairs, transform: Callable):
+        self.pairs, self.transform = pairs, transform
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -31,8 +31,7 @@ class _CaptionedImages:
         path, caption = self.pairs[index]
         with Image.open(path) as image:
             pixels = self.transform(image.convert("RGB"))
-        return {"index": index, "image": pixels, "text": self.tokenizer([caption])[0], "caption": caption,
-                "skipped_reasons": []}
+        return {"index": index, "image": pixels, "caption": caption, "skipped_reasons": []}
 
 
 def _coco_root(path: Path) -> Optional[Path]:
@@ -54,7 +53,7 @@ def calibration_batches(source: str, spec: Dict[str, Any], num_batches: int, bat
     from torch.utils.data import DataLoader, Subset
 
     from compress.registry import get_preprocess, get_tokenizer
-    from training.data import CsvDataset, collate
+    from training.data import BatchCollator, CsvDataset
     from training.errors import UserError
 
     transform, tokenizer = get_preprocess(spec), get_tokenizer(spec)
@@ -71,12 +70,12 @@ def calibration_batches(source: str, spec: Dict[str, Any], num_batches: int, bat
         for caption, image_index in zip(retrieval.captions, retrieval.text_to_image):
             first_caption.setdefault(image_index, caption)
         pairs = [(retrieval.image_paths[i], first_caption[i]) for i in sorted(first_caption)]
-        dataset = _CaptionedImages(pairs, transform, tokenizer)
+        dataset = _CaptionedImages(pairs, transform)
     else:
-        dataset = CsvDataset(source, transform, tokenizer, img_key=img_key, caption_key=caption_key, sep=sep)
+        dataset = CsvDataset(source, transform, img_key=img_key, caption_key=caption_key, sep=sep)
     count = min(len(dataset), num_batches * batch_size)
     rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-    loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False, collate_fn=BatchCollator(tokenizer))
     return [{"image": b["image"], "text": b["text"]} for b in loader]
 
 

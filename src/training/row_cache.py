@@ -1,11 +1,13 @@
-"""Teacher embeddings of a whole caption corpus, computed once and kept as a numpy memmap keyed by row.
+"""A per-row function of a whole caption corpus, computed once and kept as a numpy memmap keyed by row.
 
-A frozen teacher gives the same embedding for a caption every epoch, so ProtoRKD computes them once:
-batched, the work split across ranks (round r: rank i encodes rows [r·W·B + i·B, r·W·B + (i+1)·B)), the
-pieces all-gathered, and written to `<dir>/teacher_<key>.npy` by one process per node (so it also works
-without a shared filesystem). The key hashes the teacher's identity and the data file's path, size and
-mtime, so a new teacher or changed data builds a new cache and a resume reuses the old one. A `.json`
-beside the array, written last, marks it complete: an interrupted build is redone, never half-read.
+Two users: ProtoRKD's frozen-teacher embeddings (`kind="teacher"`, float32) and the loader's token ids
+(`kind="tokens"`, int32): a frozen function of a caption gives the same answer every epoch, so it is
+computed once: batched, the work split across ranks (round r: rank i encodes rows
+[r·W·B + i·B, r·W·B + (i+1)·B)), the pieces all-gathered, and written to `<dir>/<kind>_<key>.npy` by one
+process per node (so it also works without a shared filesystem). The key hashes the function's identity
+and the data file's path, size and mtime, so a new teacher/tokenizer or changed data builds a new cache
+and a resume reuses the old one. A `.json` beside the array, written last, marks it complete: an
+interrupted build is redone, never half-read.
 """
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 
-def cache_key(teacher: Dict[str, Any], data_path: str, num_rows: int) -> str:
-    """Hash of what determines the embeddings: the teacher and the data file's identity."""
+def cache_key(function: Dict[str, Any], data_path: str, num_rows: int) -> str:
+    """Hash of what determines the rows: the function's identity (teacher spec, tokenizer) and the data's."""
     stat = os.stat(data_path)
-    identity = {"teacher": teacher, "data": os.path.abspath(data_path), "size": stat.st_size,
+    identity = {"teacher": function, "data": os.path.abspath(data_path), "size": stat.st_size,
                 "mtime_ns": stat.st_mtime_ns, "rows": num_rows}
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -51,19 +53,21 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
-def load_or_build_teacher_cache(encode: Callable[[Sequence[str]], torch.Tensor], captions: Sequence[str], dim: int,
-                                cache_dir: str | os.PathLike, key: str, batch_size: int = 256,
-                                device: torch.device = torch.device("cpu"), show_progress: bool = True,
-                                local_rank: int = 0) -> np.memmap:
-    """The (len(captions), dim) float32 memmap of teacher embeddings (read-only), building it if needed.
+def load_or_build_row_cache(encode: Callable[[Sequence[str]], torch.Tensor], captions: Sequence[str], dim: int,
+                            cache_dir: str | os.PathLike, key: str, batch_size: int = 256,
+                            device: torch.device = torch.device("cpu"), show_progress: bool = True,
+                            local_rank: int = 0, kind: str = "teacher",
+                            dtype: torch.dtype = torch.float32) -> np.memmap:
+    """The (len(captions), dim) memmap of `encode`'s rows (read-only), building it if needed.
 
     Collective when distributed: every rank calls it with the same captions. `encode(list_of_str)` returns
     a (n, dim) tensor; it runs on this rank's share only."""
     cache_dir = Path(cache_dir)
-    array_path, done_path = cache_dir / f"teacher_{key}.npy", cache_dir / f"teacher_{key}.json"
+    array_path, done_path = cache_dir / f"{kind}_{key}.npy", cache_dir / f"{kind}_{key}.json"
+    label = {"teacher": "teacher embeddings", "tokens": "caption tokens"}.get(kind, kind)
     num_rows = len(captions)
     if _all_ranks_agree(done_path.exists(), device):
-        logging.info("teacher embeddings: reusing %s", array_path)
+        logging.info("%s: reusing %s", label, array_path)
         return np.load(array_path, mmap_mode="r")
 
     rank = dist.get_rank() if _distributed() else 0
@@ -72,17 +76,18 @@ def load_or_build_teacher_cache(encode: Callable[[Sequence[str]], torch.Tensor],
     if writer:
         cache_dir.mkdir(parents=True, exist_ok=True)
         # a name per writer: nodes sharing a filesystem each write their own, then atomically replace
-        partial_path = cache_dir / f"teacher_{key}.{socket.gethostname()}-{os.getpid()}.partial.npy"
-        out = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float32, shape=(num_rows, dim))
+        partial_path = cache_dir / f"{kind}_{key}.{socket.gethostname()}-{os.getpid()}.partial.npy"
+        numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        out = np.lib.format.open_memmap(partial_path, mode="w+", dtype=numpy_dtype, shape=(num_rows, dim))
     rows_per_round = batch_size * world_size
     rounds = (num_rows + rows_per_round - 1) // rows_per_round
-    progress = tqdm(total=num_rows, desc="teacher embeddings", unit="caption", disable=not show_progress)
+    progress = tqdm(total=num_rows, desc=label, unit="caption", disable=not show_progress)
     for r in range(rounds):
         start = r * rows_per_round + rank * batch_size
         mine = list(captions[start:min(start + batch_size, num_rows)])
-        embedded = torch.zeros(batch_size, dim, dtype=torch.float32, device=device)
+        embedded = torch.zeros(batch_size, dim, dtype=dtype, device=device)
         if mine:
-            embedded[:len(mine)] = encode(mine).float().to(device)
+            embedded[:len(mine)] = encode(mine).to(device, dtype)
         for source_rank, piece in enumerate(_all_gather(embedded)):
             begin = r * rows_per_round + source_rank * batch_size
             end = min(begin + batch_size, num_rows)
@@ -97,5 +102,5 @@ def load_or_build_teacher_cache(encode: Callable[[Sequence[str]], torch.Tensor],
         done_path.write_text(json.dumps({"rows": num_rows, "dim": dim}))
     if _distributed():
         dist.barrier()
-    logging.info("teacher embeddings: wrote %s (%d x %d)", array_path, num_rows, dim)
+    logging.info("%s: wrote %s (%d x %d)", label, array_path, num_rows, dim)
     return np.load(array_path, mmap_mode="r")

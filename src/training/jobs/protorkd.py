@@ -4,7 +4,7 @@ ProtoCLIP).
 Student: an image backbone (open_clip config's image tower, or a torchvision architecture) + projection
 head (compress/text_students.py). Teacher: a frozen sentence-transformers model (`--pretrained-text`,
 default all-MiniLM-L6-v2, bundled offline) or an open_clip CLIP's text tower (`--teacher-model`). The
-teacher's caption embeddings are computed once per corpus (training/teacher_cache.py) and looked up by
+teacher's caption embeddings are computed once per corpus (training/row_cache.py) and looked up by
 the batch's row index.
 
 Losses (`--distiller`, comma list): mse (SimReg), rkd (distance + angle), infonce (student image ↔
@@ -41,12 +41,6 @@ from training.jobs import Job, add_argument_once
 
 DISTILLERS = ("mse", "rkd", "infonce", "proto")
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps its temperature at 100
-
-
-def no_tokens(texts: List[str]) -> torch.Tensor:
-    """The loader's tokenizer: the teacher reads batch["caption"] (its embeddings are cached), so the
-    batch's `text` is a placeholder."""
-    return torch.zeros(len(texts), 1, dtype=torch.long)
 
 
 def _distributed() -> bool:
@@ -177,12 +171,12 @@ class ProtoRKDJob(Job):
         from compress.registry import get_preprocess
 
         # the teacher reads captions (batch["caption"]) and its embeddings are cached: no tokens needed
-        return get_preprocess(model.model_spec), no_tokens
+        return get_preprocess(model.model_spec), None
 
     # --- run start: teacher cache ---------------------------------------------------------------------
 
     def on_train_start(self, ctx) -> None:
-        from training.teacher_cache import cache_key, load_or_build_teacher_cache
+        from training.row_cache import cache_key, load_or_build_row_cache
 
         args = self.args
         dataset = ctx.data.dataset
@@ -196,7 +190,7 @@ class ProtoRKDJob(Job):
         cache_dir = args.teacher_cache_dir or Path(args.logs) / args.name / "cache"
         key = cache_key(self.teacher.spec, args.train_data, num_rows)
         self.teacher.to(self.device)
-        self.teacher_features = load_or_build_teacher_cache(
+        self.teacher_features = load_or_build_row_cache(
             lambda texts: self.teacher.encode(texts, batch_size=args.teacher_batch_size), dataset.captions,
             self.teacher.dim, cache_dir, key, batch_size=args.teacher_batch_size, device=self.device,
             show_progress=self.dist.is_master and args.log_level != "warning", local_rank=self.dist.local_rank)
@@ -299,7 +293,7 @@ class ProtoRKDJob(Job):
     def episode_image_features(self, ctx) -> torch.Tensor:
         """L2-normalised student image features of every episode position, in mapping order, on every rank.
         Each rank embeds an equal contiguous share (eval mode), then all_gather."""
-        from training.data import collate
+        from training.data import BatchCollator
 
         args, world_size, rank = self.args, self.dist.world_size, self.dist.rank
         model = ctx.unwrapped_model
@@ -308,7 +302,7 @@ class ProtoRKDJob(Job):
         per_rank = math.ceil(len(self.mapping) / world_size)
         mine = self.mapping[rank * per_rank:(rank + 1) * per_rank].tolist()
         loader = DataLoader(ctx.data.dataset, batch_size=args.batch_size, sampler=mine,
-                            num_workers=args.workers, collate_fn=collate)
+                            num_workers=args.workers, collate_fn=BatchCollator())
         dtype = next(model.parameters()).dtype
         pieces = [F.normalize(model.encode_image(b["image"].to(self.device, dtype)).float(), dim=1) for b in loader]
         features = torch.zeros(per_rank, self.teacher.dim if not pieces else pieces[0].shape[1], device=self.device)

@@ -1,0 +1,94 @@
+"""The TSV loader's token cache: the ids it serves are exactly the tokenizer's, bad rows stay skipped and
+counted, the cache is reused only for the same data and tokenizer, and an unfinished build is redone."""
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from compress.registry import get_preprocess, get_tokenizer, open_clip_spec
+from test_trainer import _write_bad_tsv
+from training.data import get_data
+from utils.model_configs import register_model_configs
+
+
+@pytest.fixture(scope="module")
+def spec():
+    register_model_configs()
+    return open_clip_spec("clipc-vit-t2-32")
+
+
+def loader_args(train_data, cache_dir, **overrides):
+    args = dict(train_data=str(train_data), dataset_type="auto", csv_separator="\t", csv_img_key="filepath",
+                csv_caption_key="title", dataset_size=None, episode_size=0, train_num_samples=None,
+                dataset_resampled=False, allow_empty_captions=False, workers=2, batch_size=16, seed=0,
+                token_cache_dir=str(cache_dir), no_token_cache=False, log_level="warning")
+    args.update(overrides)
+    return types.SimpleNamespace(**args)
+
+
+def epoch_batches(args, spec, tokenizer=None):
+    data = get_data(args, get_preprocess(spec), tokenizer or get_tokenizer(spec), rank=0, world_size=1)
+    data.set_epoch(0)
+    return list(data.loader)
+
+
+def test_cached_tokens_are_the_tokenizers_and_bad_rows_are_still_skipped(tiny_corpus, tmp_path, spec):
+    n_bad = _write_bad_tsv(tiny_corpus, tmp_path / "data")
+    tsv, tokenizer = tmp_path / "data" / "bad.tsv", get_tokenizer(spec)
+    cached = epoch_batches(loader_args(tsv, tmp_path / "cache"), spec)  # 2 workers read the memmap
+    fresh = epoch_batches(loader_args(tsv, tmp_path / "cache", no_token_cache=True), spec)
+
+    assert len(list((tmp_path / "cache").glob("tokens_*.npy"))) == 1
+    for batch, reference in zip(cached, fresh):
+        assert batch["text"].dtype == torch.long
+        torch.testing.assert_close(batch["text"], tokenizer(batch["caption"]), rtol=0, atol=0)
+        torch.testing.assert_close(batch["text"], reference["text"], rtol=0, atol=0)
+        assert batch["caption"] == reference["caption"]
+    assert sum(b["skipped"] for b in cached) == sum(b["skipped"] for b in fresh) == n_bad
+
+
+def test_cache_is_reused_only_for_the_same_data_and_tokenizer(tiny_corpus, tmp_path, spec):
+    cache = tmp_path / "cache"
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text((tiny_corpus / "train.tsv").read_text().replace("images/", str(tiny_corpus / "images") + "/"))
+    epoch_batches(loader_args(tsv, cache, workers=0), spec)
+    (first,) = cache.glob("tokens_*.npy")
+    built_at = first.stat().st_mtime_ns
+
+    epoch_batches(loader_args(tsv, cache, workers=0), spec)  # same data, same tokenizer: reused as is
+    assert list(cache.glob("tokens_*.npy")) == [first] and first.stat().st_mtime_ns == built_at
+
+    base = get_tokenizer(spec)
+
+    def tokenizer_64(texts):  # another context length: another cache
+        return base(texts, context_length=64)
+
+    batches = epoch_batches(loader_args(tsv, cache, workers=0), spec, tokenizer=tokenizer_64)
+    assert batches[0]["text"].shape[1] == 64
+    assert len(list(cache.glob("tokens_*.npy"))) == 2
+
+    with open(tsv, "a") as f:  # changed data: another cache
+        f.write(tsv.read_text().splitlines()[1] + "\n")
+    epoch_batches(loader_args(tsv, cache, workers=0), spec)
+    assert len(list(cache.glob("tokens_*.npy"))) == 3
+
+
+def test_an_unfinished_build_is_redone_not_read(tiny_corpus, tmp_path, spec):
+    cache = tmp_path / "cache"
+    tsv = tiny_corpus / "train.tsv"
+    epoch_batches(loader_args(tsv, cache, workers=0), spec)
+    (array,) = cache.glob("tokens_*.npy")
+    marker = array.with_suffix(".json")
+    assert json.loads(marker.read_text())["rows"] == 256
+    # a build killed before its marker: the array may hold anything
+    marker.unlink()
+    garbage = np.lib.format.open_memmap(array, mode="r+")
+    garbage[:] = 7
+    garbage.flush()
+    del garbage
+    tokenizer = get_tokenizer(spec)
+    for batch in epoch_batches(loader_args(tsv, cache, workers=0), spec):
+        torch.testing.assert_close(batch["text"], tokenizer(batch["caption"]), rtol=0, atol=0)
+    assert marker.exists()
