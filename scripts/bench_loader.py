@@ -5,15 +5,19 @@ side by side in one run (alternated, best of `--repeats`). Ours also validates e
 token ids; the plain baseline only decodes and transforms (a second baseline adds the same tokenizer, to
 show what that costs). Our TSV loader reads its tokens from the token cache (built once per corpus and
 tokenizer; its build time is printed separately) and is also shown without it (`--no-token-cache`);
-shards always tokenize in the workers.
+shards always tokenize in the workers. The shard loader is compared both with the plain decode of the
+JPEG files and, like for like, with a plain read of the same tar shards (Python's tarfile, as webdataset
+uses) + PIL decode + transform.
 
     python scripts/bench_loader.py --corpus DIR [--samples 4096] [--workers 2] [--batch-size 64]
 """
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -41,6 +45,23 @@ class PlainDataset(Dataset):
         if self.tokenizer is None:
             return image
         return image, self.tokenizer([self.captions[i]])[0]
+
+
+class PlainTarImages(IterableDataset):
+    """Each worker streams its share of the shards with tarfile and decodes every jpg member."""
+
+    def __init__(self, shards, transform):
+        self.shards, self.transform = shards, transform
+
+    def __iter__(self):
+        info = get_worker_info()
+        mine = self.shards[info.id::info.num_workers] if info else self.shards
+        for shard in mine:
+            with tarfile.open(shard, mode="r|") as tar:
+                for member in tar:
+                    if member.name.endswith(".jpg"):
+                        data = tar.extractfile(member).read()
+                        yield self.transform(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def rate(loader, n_batches: int, batch_size: int) -> float:
@@ -88,8 +109,9 @@ def main() -> None:
         data.set_epoch(0)
         return data.loader
 
+    shard_count = max(1, args.samples // 1000)
+
     def ours_shards():
-        shard_count = max(1, args.samples // 1000)
         pattern = str(corpus / "shards" / f"{{000000..{shard_count - 1:06d}}}.tar")
         data = get_data(loader_args(train_data=pattern, train_num_samples=shard_count * 1000), transform,
                         tokenizer, rank=0, world_size=1)
@@ -109,6 +131,9 @@ def main() -> None:
         "plain + tokenizer": lambda: plain(True),
         "ours, TSV": ours_tsv,
         "ours, TSV, --no-token-cache": lambda: ours_tsv(no_token_cache=True),
+        "plain tar read + decode + transform": lambda: DataLoader(
+            PlainTarImages([str(corpus / "shards" / f"{i:06d}.tar") for i in range(shard_count)], transform),
+            batch_size=args.batch_size, num_workers=args.workers, drop_last=True),
         "ours, webdataset shards": ours_shards,
     }
     best = {name: 0.0 for name in contenders}
@@ -118,11 +143,13 @@ def main() -> None:
     print(f"{args.samples} samples, batch {args.batch_size}, {args.workers} workers, best of {args.repeats}")
     print(f"token cache for {args.samples} captions built once in {cache_seconds:.2f} s (includes loader setup)")
     for name, value in best.items():
-        print(f"{name:30s} {value:9.1f} samples/s")
+        print(f"{name:36s} {value:9.1f} samples/s")
     base = best["plain PIL decode + transform"]
     print(f"ratio TSV / plain:                  {best['ours, TSV'] / base:.2f}")
     print(f"ratio TSV no token cache / plain:   {best['ours, TSV, --no-token-cache'] / base:.2f}")
     print(f"ratio shards / plain:               {best['ours, webdataset shards'] / base:.2f}")
+    print(f"ratio shards / plain tar read:      "
+          f"{best['ours, webdataset shards'] / best['plain tar read + decode + transform']:.2f}")
 
 
 if __name__ == "__main__":
