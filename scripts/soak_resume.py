@@ -52,6 +52,9 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=20, help="how many SIGKILLs")
     parser.add_argument("--save-every-n-steps", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--dataset-size", type=int, default=512,
+                        help="train on the first N rows (the kills spread over many short epochs, and the "
+                             "last start finishes in minutes)")
     parser.add_argument("--model", default="clipc-vit-t2-32")
     parser.add_argument("--min-delay", type=float, default=3.0, help="earliest kill after a (re)start, seconds")
     parser.add_argument("--max-delay", type=float, default=9.0, help="latest kill after a (re)start, seconds")
@@ -68,7 +71,7 @@ def main() -> int:
                "--model", args.model, "--logs-root", str(logs), "--name", "soak", "--batch-size", "16",
                "--workers", "1", "--epochs", str(args.epochs), "--warmup", "2", "--log-every-n-steps", "1",
                "--save-every-n-steps", str(args.save_every_n_steps), "--resume", "latest",
-               "--log-level", "warning"]
+               "--log-level", "warning", "--dataset-size", str(args.dataset_size)]
     if (corpus / "eval").exists():
         command += ["--zeroshot-frequency", "1", "--eval-data-dir", str(corpus / "eval")]
 
