@@ -291,6 +291,63 @@ def test_text_layer_dropping(dense, inputs):
         torch.testing.assert_close(roundtrip(twice).encode_text(text), twice.encode_text(text))
 
 
+@pytest.fixture(scope="module")
+def upop_pruned(dense):
+    """UPop's output: head dimensions (so the softmax scale no longer matches the head width) and MLP
+    units cut at random from both towers, every layer keeping at least one."""
+    from compress import pruning
+
+    model = pruning.with_prunable_attention(clone(dense))
+    generator = torch.Generator().manual_seed(7)
+    masks = pruning.init_masks(model, prune_heads=False)
+    for mask in masks.values():
+        mask.copy_((torch.rand(mask.shape, generator=generator) < 0.6).float())
+        mask[0] = 1.0
+    return pruning.prune_clip(model, masks).eval()
+
+
+def test_upop_pruned_model_converts_exactly_and_every_tool_takes_it(upop_pruned, inputs, batches):
+    images, text = inputs
+    assert upop_pruned.model_spec["kind"] == "pruned_clip"
+    with torch.no_grad():
+        reference_image, reference_text = upop_pruned.encode_image(images), upop_pruned.encode_text(text)
+
+    # converted but otherwise untouched (FLIP at p=0): the same function, all shapes in the compact spec
+    converted = refresh_spec(clone(upop_pruned))
+    blocks = converted.model_spec["blocks"]
+    assert converted.model_spec["kind"] == "compact_clip" and len(blocks) == 4  # 2 image + 2 text layers
+    pruned_block = upop_pruned.visual.transformer.resblocks[0].attn
+    assert blocks["visual.transformer.resblocks.0"]["head_dim"] == pruned_block.head_dim < 32
+    assert blocks["visual.transformer.resblocks.0"]["scale"] == pytest.approx(32 ** -0.5)
+    reloaded = roundtrip(converted)
+    with torch.no_grad():
+        for model in (converted, reloaded):
+            torch.testing.assert_close(model.encode_image(images), reference_image, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model.encode_text(text), reference_text, atol=1e-5, rtol=1e-5)
+
+    # each tool on the pruned model: a smaller (or masked) model that reloads to the same function
+    outputs = {
+        "lowrank": low_rank(upop_pruned, 0.5, towers=("image", "text"), targets=("attn", "mlp")),
+        "heads": prune_heads_by_sensitivity(upop_pruned, 1, batches, towers=("image",)),
+        "fisher": fisher_prune(upop_pruned, batches, 0.7, towers=("image",)),
+        "flip": mask_tokens(upop_pruned, 0.5, seed=0),
+        "text_layers": drop_text_layers(upop_pruned, drop=[1]),
+    }
+    pruned_params = sum(p.numel() for p in upop_pruned.parameters())
+    for tool, model in outputs.items():
+        assert model.model_spec["kind"] == "compact_clip", tool
+        again = roundtrip(model)
+        with torch.no_grad():
+            torch.testing.assert_close(again.encode_image(images), model.encode_image(images), atol=1e-5,
+                                       rtol=1e-5, msg=tool)
+            torch.testing.assert_close(again.encode_text(text), model.encode_text(text), atol=1e-5, rtol=1e-5,
+                                       msg=tool)
+        if tool != "flip":
+            assert sum(p.numel() for p in model.parameters()) < pruned_params, tool
+    # the input is left as it was
+    assert upop_pruned.model_spec["kind"] == "pruned_clip"
+
+
 def test_command_lines_chain_and_write_loadable_runs(tiny_corpus, tmp_path, dense, capsys):
     from compress import fisher_prune as fisher_cli
     from compress import lowrank as lowrank_cli

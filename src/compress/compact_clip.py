@@ -64,14 +64,17 @@ class SplitAttention(nn.Module):
     """Self-attention with separate q/k/v/out Linears and any number of heads of width `head_dim`.
 
     `head_mask` (one value per head, set only while searching what to prune) scales each head's output
-    before out_proj, so its gradient measures the head's importance.
+    before out_proj, so its gradient measures the head's importance. `scale` is the softmax scale when it
+    is not 1/sqrt(head_dim): a UPop-pruned block keeps its original head width's scale after losing
+    head dimensions (see compress.pruning.PrunedAttention).
     """
 
-    def __init__(self, width: int, num_heads: int, head_dim: int, ranks: Optional[Dict[str, int]] = None):
+    def __init__(self, width: int, num_heads: int, head_dim: int, ranks: Optional[Dict[str, int]] = None,
+                 scale: Optional[float] = None):
         super().__init__()
         ranks = ranks or {}
         inner = num_heads * head_dim
-        self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
         self.q_proj = make_linear(width, inner, ranks.get("q_proj"))
         self.k_proj = make_linear(width, inner, ranks.get("k_proj"))
         self.v_proj = make_linear(width, inner, ranks.get("v_proj"))
@@ -86,8 +89,8 @@ class SplitAttention(nn.Module):
             return t.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        # the softmax scale stays 1/sqrt(head_dim): pruning whole heads leaves every head's width unchanged
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        # pruning whole heads leaves every head's width, so its scale, unchanged
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         return out.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -126,14 +129,14 @@ class CompactBlock(nn.Module):
     """open_clip's ResidualAttentionBlock (same call signature and norms) around SplitAttention/CompactMLP."""
 
     def __init__(self, dense_block: nn.Module, heads: int, head_dim: int, mlp_width: int,
-                 ranks: Optional[Dict[str, int]] = None):
+                 ranks: Optional[Dict[str, int]] = None, scale: Optional[float] = None):
         super().__init__()
         width = dense_block.ln_1.normalized_shape[0]
         # norms, layer scales and the activation are reused as they are: they carry the config's choices
         # (LayerNorm vs LayerNormFp32, GELU vs QuickGELU, ls_init_value)
         self.ln_1, self.ls_1 = dense_block.ln_1, dense_block.ls_1
         self.ln_2, self.ls_2 = dense_block.ln_2, dense_block.ls_2
-        self.attn = SplitAttention(width, heads, head_dim, ranks)
+        self.attn = SplitAttention(width, heads, head_dim, ranks, scale)
         self.mlp = CompactMLP(width, mlp_width, dense_block.mlp.gelu, ranks)
 
     def forward(self, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask: Optional[torch.Tensor] = None):
@@ -148,27 +151,43 @@ class CompactBlock(nn.Module):
     def describe(self) -> Dict[str, Any]:
         ranks = {name: linear_rank(getattr(self.attn, name)) for name in ATTENTION_LINEARS}
         ranks.update({name: linear_rank(getattr(self.mlp, name)) for name in MLP_LINEARS})
-        return {"heads": self.attn.num_heads, "head_dim": self.attn.head_dim, "mlp_width": self.mlp.hidden,
-                "ranks": {name: r for name, r in ranks.items() if r is not None}}
+        shape = {"heads": self.attn.num_heads, "head_dim": self.attn.head_dim, "mlp_width": self.mlp.hidden,
+                 "ranks": {name: r for name, r in ranks.items() if r is not None}}
+        if self.attn.scale is not None:
+            shape["scale"] = self.attn.scale
+        return shape
 
 
 # --- converting a dense open_clip CLIP ---------------------------------------------------------------
 
 
 def compact_block_from_dense(block: nn.Module) -> CompactBlock:
-    """A CompactBlock computing exactly what the dense ResidualAttentionBlock `block` computes."""
+    """A CompactBlock computing exactly what the ResidualAttentionBlock `block` computes: a dense one
+    (nn.MultiheadAttention), or one reshaped by UPop pruning (PrunedAttention: any heads × head width,
+    softmax scale of the original head width)."""
+    from compress.pruning import PrunedAttention
+
     if isinstance(block, CompactBlock):
         return block
     attn = block.attn
-    if not isinstance(attn, nn.MultiheadAttention) or not attn.batch_first or attn.in_proj_weight is None:
+    if isinstance(attn, PrunedAttention):
+        if attn.unit_mask is not None or not attn.batch_first:
+            raise ValueError("cannot convert a PrunedAttention that is still under search (masks attached) "
+                             "or not batch-first")
+        heads, head_dim = attn.num_heads, attn.head_dim
+        scale = None if head_dim and abs(attn.scale - head_dim ** -0.5) < 1e-12 else attn.scale
+    elif isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn.in_proj_weight is not None:
+        heads, head_dim, scale = attn.num_heads, attn.embed_dim // attn.num_heads, None
+    else:
         raise ValueError(f"cannot convert {type(block).__name__}: expected a batch-first nn.MultiheadAttention "
-                         "with a packed in_proj (open_clip's default ResidualAttentionBlock)")
-    width, heads = attn.embed_dim, attn.num_heads
-    compact = CompactBlock(block, heads, width // heads, block.mlp.c_fc.out_features)
+                         "with a packed in_proj (open_clip's default ResidualAttentionBlock) or a UPop-pruned "
+                         "PrunedAttention")
+    inner = heads * head_dim  # q, k and v are packed as [q; k; v] rows in both
+    compact = CompactBlock(block, heads, head_dim, block.mlp.c_fc.out_features, scale=scale)
     with torch.no_grad():
         for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            getattr(compact.attn, name).weight.copy_(attn.in_proj_weight[i * width:(i + 1) * width])
-            getattr(compact.attn, name).bias.copy_(attn.in_proj_bias[i * width:(i + 1) * width])
+            getattr(compact.attn, name).weight.copy_(attn.in_proj_weight[i * inner:(i + 1) * inner])
+            getattr(compact.attn, name).bias.copy_(attn.in_proj_bias[i * inner:(i + 1) * inner])
         compact.attn.out_proj.weight.copy_(attn.out_proj.weight)
         compact.attn.out_proj.bias.copy_(attn.out_proj.bias)
         compact.mlp.c_fc.load_state_dict(block.mlp.c_fc.state_dict())
@@ -204,9 +223,26 @@ def compact_blocks(model: nn.Module, towers=("image", "text"),
 
 def base_model_name(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
     spec = getattr(model, "model_spec", None) or {}
-    if spec.get("kind") not in ("open_clip", KIND):
-        raise ValueError(f"post-training tools take an open_clip CLIP or a compact_clip; got kind {spec.get('kind')!r}")
+    if spec.get("kind") not in ("open_clip", "pruned_clip", KIND):
+        raise ValueError("post-training tools take an open_clip CLIP, a UPop-pruned pruned_clip or a "
+                         f"compact_clip; got kind {spec.get('kind')!r}")
     return spec["model"], dict(spec.get("model_kwargs", {}))
+
+
+def compact_pruned_blocks(model: nn.Module) -> nn.Module:
+    """In place: every UPop-pruned block (PrunedAttention) becomes a CompactBlock, so a pruned_clip's
+    shapes are all described by the compact_clip spec, including blocks no tool touched."""
+    from compress.pruning import PrunedAttention
+
+    for tower in TOWER_PREFIXES:
+        try:
+            blocks = tower_blocks(model, tower)
+        except ValueError:
+            continue
+        for index, block in enumerate(blocks):
+            if isinstance(getattr(block, "attn", None), PrunedAttention):
+                blocks[index] = compact_block_from_dense(block)
+    return model
 
 
 def compact_spec(model: nn.Module) -> Dict[str, Any]:
@@ -228,6 +264,8 @@ def compact_spec(model: nn.Module) -> Dict[str, Any]:
 def refresh_spec(model: nn.Module, **updates: Any) -> nn.Module:
     """Set `model.model_spec` to the spec of its current shapes (plus `updates`, e.g. text_layers)."""
     spec = getattr(model, "model_spec", None) or {}
+    if spec.get("kind") == "pruned_clip":
+        compact_pruned_blocks(model)
     spec = {**spec, **updates}
     model.model_spec = spec
     model.model_spec = compact_spec(model)
@@ -249,7 +287,7 @@ def build_compact_clip(spec: Dict[str, Any]) -> nn.Module:
         parent_name, index = name.rsplit(".", 1)
         blocks = model.get_submodule(parent_name)
         blocks[int(index)] = CompactBlock(blocks[int(index)], shape["heads"], shape["head_dim"],
-                                          shape["mlp_width"], shape.get("ranks"))
+                                          shape["mlp_width"], shape.get("ranks"), shape.get("scale"))
     if spec.get("token_mask"):
         model.visual.patch_dropout = TokenMask(**spec["token_mask"])
     return model
