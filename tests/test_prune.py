@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 import os
 import subprocess
 import sys
@@ -184,7 +185,7 @@ def job_args(logs, name, *extra):
     return ["--job", "prune", "--train-data", "synthetic", "--train-num-samples", "96", "--model", MODEL,
             "--batch-size", "32", "--workers", "0", "--epochs", "2", "--search-epochs", "1", "--p", "0.5",
             "--search-interval", "1", "--KD", "--warmup", "2", "--logs", str(logs), "--name", name,
-            "--log-level", "warning", "--report-to", "none", *extra]
+            "--log-level", "warning", "--report-to", "none", "--log-every-n-steps", "1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +219,27 @@ def test_search_surgery_finetune_end_to_end(full_run):
     images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 1000, (2, 16))
     with torch.no_grad():
         assert model.encode_image(images).shape == (2, 64) and model.encode_text(tokens).shape == (2, 64)
+
+
+def test_finetune_restarts_the_learning_rate_schedule_at_surgery(full_run):
+    """UPop fine-tunes on its own warm-up + cosine: 3 search steps, surgery, 3 fine-tune steps, warm-up 2."""
+    import json
+
+    from training.main import cosine_schedule
+
+    rows = [json.loads(line) for line in open(full_run.parent / "results.jsonl") if '"train/lr"' in line]
+    lr = {row["step"]: row["train/lr"] for row in rows}  # the rate set after optimizer step s = schedule(s)
+    base = 5e-4
+    assert lr[1] == pytest.approx(base)  # search: warm-up step 2 of 2
+    assert lr[3] == pytest.approx(base / 2)  # the first fine-tune step warms up again
+    assert lr[4] == pytest.approx(base)
+    assert lr[5] == pytest.approx(base)  # the fine-tune's cosine starts after its warm-up ...
+    assert lr[6] == pytest.approx(0.0, abs=1e-12)  # ... and ends at 0 with the run
+    # `--finetune-schedule continue`: one schedule over both phases (no restart at step 3)
+    args = types.SimpleNamespace(lr=base, warmup=2, lr_scheduler="cosine")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    single = cosine_schedule(optimizer, args, 6, [0])
+    assert single(3) == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 0.25)))
 
 
 def test_resume_mid_search_is_exact(full_run, tmp_path):

@@ -77,12 +77,14 @@ def run(args) -> Dict[str, Any]:
     # 4. optimizer, scaler, schedule ------------------------------------------------------------------
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler("cuda") if args.precision == "amp" and dist_info.device.type == "cuda" else None
-    scheduler = cosine_schedule(optimizer, args, total_steps)
+    lr_phase_starts = job.lr_phase_starts(data.num_batches // args.accum_freq)
+    scheduler = cosine_schedule(optimizer, args, total_steps, lr_phase_starts)
 
     ctx = RunContext(args=args, dist=dist_info, model=model, unwrapped_model=model, optimizer=optimizer,
                      scaler=scaler, scheduler=scheduler, data=data, tb_writer=make_tb_writer(args, log_dir, dist_info),
                      results_file=open(log_dir / "results.jsonl", "a") if dist_info.is_master else None)
     ctx.save_checkpoint = lambda kind: save_run_checkpoint(ctx, job, log_dir, kind)
+    ctx.extra["lr_phase_starts"] = lr_phase_starts
 
     # 5. resume: weights above; here optimizer, scaler, job state, position and RNG --------------------
     if checkpoint:
@@ -211,7 +213,8 @@ def replace_model(ctx: RunContext, new_model: nn.Module) -> None:
     ctx.unwrapped_model = place_model(new_model, ctx.args, ctx.dist)
     ctx.optimizer = build_optimizer(ctx.unwrapped_model, ctx.args)
     ctx.scheduler = cosine_schedule(ctx.optimizer, ctx.args,
-                                    ctx.data.num_batches // ctx.args.accum_freq * ctx.args.epochs)
+                                    ctx.data.num_batches // ctx.args.accum_freq * ctx.args.epochs,
+                                    ctx.extra.get("lr_phase_starts", (0,)))
     wrap_model(ctx)
 
 
@@ -239,18 +242,24 @@ def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, **implementation)
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, args, total_steps: int):
-    """Returns `set_lr(step) -> lr`: linear warm-up, then cosine to 0 (or constant)."""
+def cosine_schedule(optimizer: torch.optim.Optimizer, args, total_steps: int, phase_starts=(0,)):
+    """Returns `set_lr(step) -> lr`: linear warm-up, then cosine to 0 (or constant), restarted at each of
+    `phase_starts` (a job's phases, e.g. UPop's search then fine-tune). A pure function of the step, so a
+    resumed run gets the same rate."""
     base_lrs = [group.get("initial_lr", args.lr) for group in optimizer.param_groups]
     for group, lr in zip(optimizer.param_groups, base_lrs):
         group["initial_lr"] = lr
+    boundaries = sorted({0, *(s for s in phase_starts if 0 < s < total_steps)}) + [total_steps]
 
     def set_lr(step: int) -> float:
+        phase = max(i for i, start in enumerate(boundaries[:-1]) if start <= step) if step >= 0 else 0
+        start, length = boundaries[phase], boundaries[phase + 1] - boundaries[phase]
+        local = step - start
         factor = 1.0
-        if step < args.warmup:
-            factor = (step + 1) / args.warmup
+        if local < args.warmup:
+            factor = (local + 1) / args.warmup
         elif args.lr_scheduler == "cosine":
-            progress = (step - args.warmup) / max(1, total_steps - args.warmup)
+            progress = (local - args.warmup) / max(1, length - args.warmup)
             factor = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor

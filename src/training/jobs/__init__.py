@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
-from typing import Any, Callable, Dict, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -58,6 +58,11 @@ class Job:
     # --- step -------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    # --- schedule ---------------------------------------------------------------------------------
+    def lr_phase_starts(self, steps_per_epoch: int) -> List[int]:
+        """Optimizer steps at which the learning rate starts a fresh warm-up + cosine (one phase: [0])."""
+        return [0]
 
     # --- hooks ------------------------------------------------------------------------------------
     def on_train_start(self, ctx) -> None:

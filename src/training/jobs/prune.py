@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,9 @@ class PruneJob(Job):
                                 "model (default: --epochs minus --finetune-epochs, else half of --epochs)")
         group.add_argument("--finetune-epochs", type=int, default=None,
                            help="epochs of fine-tuning after surgery (alternative to --search-epochs)")
+        group.add_argument("--finetune-schedule", default="restart", choices=["restart", "continue"],
+                           help="learning rate after surgery: a fresh warm-up + cosine over the fine-tune epochs "
+                                "(restart, as UPop) or the rest of one schedule over search and fine-tune (continue)")
         group.add_argument("--search-interval", type=int, default=0,
                            help="update the masks every N optimizer steps (0: about 100 updates over the search)")
         group.add_argument("--prune-heads", action="store_true",
@@ -87,6 +90,12 @@ class PruneJob(Job):
         self.interval = 0
         self.loaded_state: Dict[str, Any] = {}
         self.teacher = None
+
+    def lr_phase_starts(self, steps_per_epoch: int) -> List[int]:
+        """Search, then fine-tune from surgery on its own schedule (UPop: cosine lr → 0 over the fine-tune)."""
+        if self.args.finetune_schedule == "continue":
+            return [0]
+        return [0, self.search_epochs * steps_per_epoch]
 
     # --- models -------------------------------------------------------------------------------------
 
