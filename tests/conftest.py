@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny generated corpus and a helper to run the trainer as a real subprocess."""
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,44 @@ def subprocess_env(**extra):
     return env
 
 
+def _descendants(pid: int):
+    """Every live process below `pid` (from /proc: no psutil needed)."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # the field after the parenthesised command name is the state, then the parent pid
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@contextlib.contextmanager
+def launched(cmd, **popen_kwargs):
+    """Popen whose whole process tree (a torchrun launcher *and its workers*, which torchrun starts in
+    sessions of their own) is killed on the way out, so a failed or timed-out test leaves nothing running."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
+    try:
+        yield proc
+    finally:
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
 def run_trainer(args, timeout=300, nproc=None, extra_torchrun=(), check=True, env=None):
     """`python -m training.main ARGS` (or under torchrun with `nproc` processes)."""
     if nproc:
@@ -29,8 +69,10 @@ def run_trainer(args, timeout=300, nproc=None, extra_torchrun=(), check=True, en
                "-m", "training.main", *args]
     else:
         cmd = [sys.executable, "-m", "training.main", *args]
-    result = subprocess.run(cmd, cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True,
-                            timeout=timeout)
+    with launched(cmd, cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                  text=True) as proc:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"trainer failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

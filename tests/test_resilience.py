@@ -1,4 +1,5 @@
 """Launcher-level resilience: torchrun restarts a killed worker, and a two-node rendezvous on loopback."""
+import contextlib
 import os
 import signal
 import socket
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, launched, subprocess_env
 
 MODEL = "clipc-vit-t2-32"
 
@@ -50,18 +51,18 @@ def test_torchrun_max_restarts_resumes_a_killed_worker(tiny_corpus, tmp_path, re
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=3", *rdzv,
            *trainer_args(tiny_corpus, tmp_path, "restart", "--epochs", "2", "--save-every-n-steps", "3",
                          "--resume", "latest")]
-    launcher = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-    latest = tmp_path / "restart" / "checkpoints" / "epoch_latest.pt"
-    deadline = time.time() + 240
-    while not latest.exists():
-        assert launcher.poll() is None, launcher.stderr.read()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.05)
-    workers = trainer_pids(tmp_path / "restart")
-    assert len(workers) == 2, workers
-    os.kill(workers[1], signal.SIGKILL)
-    _, stderr = launcher.communicate(timeout=240)
+    with launched(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                  text=True) as launcher:
+        latest = tmp_path / "restart" / "checkpoints" / "epoch_latest.pt"
+        deadline = time.time() + 240
+        while not latest.exists():
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        workers = trainer_pids(tmp_path / "restart")
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=240)
     assert launcher.returncode == 0, stderr[-3000:]
     # exactly one restart: the restarted round joins its process group at the first try. Without a
     # per-round store prefix it read the killed round's gloo addresses and failed (pytorch#135712).
@@ -75,15 +76,17 @@ def test_torchrun_max_restarts_resumes_a_killed_worker(tiny_corpus, tmp_path, re
 
 def test_two_nodes_rendezvous_on_loopback(tiny_corpus, tmp_path):
     port = str(free_port())
-    nodes = []
-    for node_rank in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
-               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-               *trainer_args(tiny_corpus, tmp_path, "nodes", "--epochs", "1", "--local-loss", "--gather-with-grad")]
-        nodes.append(subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True))
-    for node in nodes:
-        _, stderr = node.communicate(timeout=300)
-        assert node.returncode == 0, stderr[-3000:]
+    with contextlib.ExitStack() as stack:
+        nodes = []
+        for node_rank in (0, 1):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
+                   "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                   *trainer_args(tiny_corpus, tmp_path, "nodes", "--epochs", "1", "--local-loss",
+                                 "--gather-with-grad")]
+            nodes.append(stack.enter_context(launched(cmd, cwd=REPO, env=subprocess_env(),
+                                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+        for node in nodes:
+            _, stderr = node.communicate(timeout=300)
+            assert node.returncode == 0, stderr[-3000:]
     final = torch.load(tmp_path / "nodes" / "checkpoints" / "epoch_1.pt", weights_only=True)
     assert final["world_size"] == 2 and final["step"] == 256 // 32
