@@ -348,10 +348,10 @@ def get_data(args, transform: Callable, tokenizer: Optional[Callable], rank: int
     dataset_type = args.dataset_type if args.dataset_type != "auto" else infer_dataset_type(args.train_data)
     if dataset_type in ("csv", "synthetic"):
         data = _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size)
-        cache_dir = getattr(args, "token_cache_dir", None) or default_cache_dir
-        if dataset_type == "csv" and tokenizer is not None and not getattr(args, "no_token_cache", False) and cache_dir:
+        cache_dir = args.token_cache_dir or default_cache_dir
+        if dataset_type == "csv" and tokenizer is not None and not args.no_token_cache and cache_dir:
             attach_token_cache(data.dataset, tokenizer, args.train_data, cache_dir, device, local_rank,
-                               show_progress=rank == 0 and getattr(args, "log_level", "info") != "warning")
+                               show_progress=rank == 0 and args.log_level != "warning")
         return data
     return _webdataset_data(args, transform, tokenizer, world_size)
 
@@ -389,7 +389,7 @@ def attach_token_cache(dataset: "CsvDataset", tokenizer: Callable, data_path: st
 
 def _is_valid_caption(caption: Any) -> bool:
     try:
-        check_caption(caption, str, allow_empty=True)
+        check_caption(caption, lambda: "caption", allow_empty=True)
         return True
     except BadSample:
         return False
