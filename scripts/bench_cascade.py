@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
 from compress.cascade import Experiment, format_table, run_experiment  # noqa: E402
-from compress.registry import load_checkpoint_file  # noqa: E402
+from compress.models.registry import load_checkpoint_file  # noqa: E402
 
 STUDENT_FLAGS = ["--student", "teacher", "--student-layers", "1", "--student-width", "64", "--student-image-size", "32",
                  "--inherit-from-teacher", "--distill-loss", "cosine,icl"]

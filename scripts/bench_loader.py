@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from compress.registry import get_preprocess, get_tokenizer, open_clip_spec  # noqa: E402
+from compress.models.registry import get_preprocess, get_tokenizer, open_clip_spec  # noqa: E402
 from training.data import get_data  # noqa: E402
 
 
@@ -86,7 +86,7 @@ def main() -> None:
 
     corpus = Path(args.corpus)
     spec = open_clip_spec(args.model)
-    from utils.model_configs import register_model_configs
+    from foundation.model_configs import register_model_configs
 
     register_model_configs()
     transform, tokenizer = get_preprocess(spec), get_tokenizer(spec)

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from compress.lowrank import low_rank
-from compress.profile import make_flop_counter
-from compress.registry import build_model, open_clip_spec
+from compress.ops.lowrank import low_rank
+from compress.ops.profile import make_flop_counter
+from compress.models.registry import build_model, open_clip_spec
 
 
 def macs_per_image(model, image_size: int) -> int:

@@ -21,8 +21,9 @@ import time
 
 import torch
 
-from compress import pruning
-from compress.registry import build_model
+from compress.models import pruning
+from compress.ops.profile import params_and_macs
+from compress.models.registry import build_model
 
 
 def prune_image_tower(model, p: float, prune_heads: bool):
@@ -55,7 +56,7 @@ def main() -> None:
         models[f"pruned p={p:g}"] = prune_image_tower(models["dense (PrunedAttention, nothing cut)"], p,
                                                       args.prune_heads)
 
-    size = {name: pruning.params_and_macs(m) for name, m in models.items()}
+    size = {name: params_and_macs(m) for name, m in models.items()}
     image_params = {name: sum(q.numel() for q in m.visual.parameters()) for name, m in models.items()}
     image_size = dense.visual.image_size
     image_size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)

@@ -29,7 +29,7 @@ OPEN_CLIP_LAUNCH = (
     "_formatter_init = logging.Formatter.__init__; "
     "logging.Formatter.__init__ = lambda self, fmt=None, datefmt=None, *a, **k: _formatter_init("
     "self, fmt, None, *a, **k); "
-    "from utils.model_configs import register_model_configs; register_model_configs(); "
+    "from foundation.model_configs import register_model_configs; register_model_configs(); "
     "from open_clip_train.main import main; main(sys.argv[1:])")
 
 

@@ -16,9 +16,9 @@ def models(tmp_path_factory):
     import open_clip
 
     import compress
-    from compress.registry import open_clip_spec
-    from compress.students import copy_teacher_text_tower, student_clip_spec, student_image_spec
-    from utils.model_configs import register_model_configs
+    from compress.models.registry import open_clip_spec
+    from compress.models.students import copy_teacher_text_tower, student_clip_spec, student_image_spec
+    from foundation.model_configs import register_model_configs
 
     register_model_configs()
     torch.manual_seed(0)
@@ -39,7 +39,7 @@ def models(tmp_path_factory):
 def gallery(tiny_corpus, models):
     """Preprocessed gallery images and caption-query features of the tiny COCO-layout set."""
     from compress.cascade import load_gallery, load_images
-    from compress.registry import get_preprocess, get_tokenizer
+    from compress.models.registry import get_preprocess, get_tokenizer
 
     data = load_gallery(str(tiny_corpus / "eval"))
     spec = models["large"].model_spec

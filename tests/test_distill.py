@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_trainer
-from compress.distill_losses import affinity_loss, cosine_loss, crd_loss, fd_loss, icl_loss
+from compress.ops.distill_losses import affinity_loss, cosine_loss, crd_loss, fd_loss, icl_loss
 
 # --- losses, by hand ------------------------------------------------------------------------------------
 
@@ -92,8 +92,8 @@ def test_affinity_loss_by_hand_and_its_relation_to_crd():
 
 @pytest.mark.parametrize("arch", ["mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet34", "resnet50"])
 def test_torchvision_students_project_to_the_teacher_embedding(arch):
-    from compress.registry import build_model
-    from compress.students import student_clip_spec, student_image_spec
+    from compress.models.registry import build_model
+    from compress.models.students import student_clip_spec, student_image_spec
 
     spec = student_clip_spec(student_image_spec(arch, "clipc-vit-t2-32", input_size=32), "clipc-vit-t2-32")
     model = build_model(spec).eval()
@@ -104,8 +104,8 @@ def test_torchvision_students_project_to_the_teacher_embedding(arch):
 
 
 def test_freeze_backbone_trains_only_the_head_and_keeps_batchnorm_statistics():
-    from compress.registry import build_model
-    from compress.students import student_clip_spec, student_image_spec
+    from compress.models.registry import build_model
+    from compress.models.students import student_clip_spec, student_image_spec
 
     spec = student_clip_spec(student_image_spec("resnet18", "clipc-vit-t2-32", input_size=32, freeze_backbone=True),
                              "clipc-vit-t2-32")
@@ -120,8 +120,8 @@ def test_freeze_backbone_trains_only_the_head_and_keeps_batchnorm_statistics():
 def test_student_pretrained_fills_the_backbone(tmp_path):
     import torchvision
 
-    from compress.registry import build_model
-    from compress.students import load_torchvision_weights, student_clip_spec, student_image_spec
+    from compress.models.registry import build_model
+    from compress.models.students import load_torchvision_weights, student_clip_spec, student_image_spec
 
     source = torchvision.models.resnet18(weights=None)
     torch.save(source.state_dict(), tmp_path / "resnet18.pth")
@@ -134,7 +134,7 @@ def test_student_pretrained_fills_the_backbone(tmp_path):
 def _teacher_visual():
     import open_clip
 
-    from utils.model_configs import register_model_configs
+    from foundation.model_configs import register_model_configs
 
     register_model_configs()
     torch.manual_seed(0)
@@ -142,8 +142,8 @@ def _teacher_visual():
 
 
 def test_inheriting_the_whole_teacher_reproduces_it():
-    from compress.registry import build_model
-    from compress.students import inherit_vit_from_teacher, student_clip_spec, student_image_spec
+    from compress.models.registry import build_model
+    from compress.models.students import inherit_vit_from_teacher, student_clip_spec, student_image_spec
 
     teacher = _teacher_visual()
     student = build_model(student_clip_spec(student_image_spec("teacher", "clipc-vit-t2-64"), "clipc-vit-t2-64")).eval()
@@ -153,8 +153,8 @@ def test_inheriting_the_whole_teacher_reproduces_it():
 
 
 def test_inheritance_keeps_chosen_layers_leading_heads_and_dims():
-    from compress.registry import build_model
-    from compress.students import inherit_vit_from_teacher, student_clip_spec, student_image_spec
+    from compress.models.registry import build_model
+    from compress.models.students import inherit_vit_from_teacher, student_clip_spec, student_image_spec
 
     teacher = _teacher_visual()  # width 128, head width 64 (2 heads), 2 layers, 64 px / patch 8
     spec = student_image_spec("teacher", "clipc-vit-t2-64", input_size=32, width=64, layers=1)
@@ -182,8 +182,8 @@ def teacher_checkpoint(tmp_path_factory):
     """A random-init clipc-vit-t2-32 saved as one of our checkpoints (what --job clip writes)."""
     import open_clip
 
-    from compress.registry import open_clip_spec
-    from utils.model_configs import register_model_configs
+    from compress.models.registry import open_clip_spec
+    from foundation.model_configs import register_model_configs
 
     register_model_configs()
     torch.manual_seed(0)
@@ -240,7 +240,7 @@ def test_distill_job_builds_an_inherited_vit_student(teacher_checkpoint):
 
 def test_student_text_tower_trains_through_the_caption_losses(teacher_checkpoint):
     """--student-text: the student gets its own text tower; ICL (both directions) and CRD reach it."""
-    from compress.registry import get_tokenizer
+    from compress.models.registry import get_tokenizer
     from training.distributed import DistInfo
     from training.jobs.distill import DistillJob
     from training.params import parse_args

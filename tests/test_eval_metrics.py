@@ -322,8 +322,8 @@ def test_params_txt_values_and_open_clip_train_spec():
 def test_load_encoder_sources_and_errors(tmp_path):
     import open_clip
 
-    from compress.registry import open_clip_spec
-    from utils.model_configs import register_model_configs
+    from compress.models.registry import open_clip_spec
+    from foundation.model_configs import register_model_configs
 
     register_model_configs()
     model = open_clip.create_model("clipc-vit-t2-32")
@@ -354,7 +354,7 @@ def test_load_encoder_sources_and_errors(tmp_path):
 
 
 def test_profile_counts_each_tower_and_measures_latency():
-    from compress.profile import profile_encoder, profile_model
+    from compress.ops.profile import profile_encoder, profile_model
 
     encoder = clip_eval.load_encoder("clipc-vit-t2-32")
     model = encoder.model
@@ -371,7 +371,7 @@ def test_profile_counts_each_tower_and_measures_latency():
 
 
 def test_profile_model_with_string_text_input():
-    from compress.profile import profile_model
+    from compress.ops.profile import profile_model
 
     class StringTextModel(torch.nn.Module):
         def __init__(self):

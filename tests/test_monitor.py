@@ -67,8 +67,8 @@ def age(path: Path, seconds: float = 60) -> None:
 def our_checkpoint(epoch: int, step: int, seed: int) -> dict:
     import open_clip
 
-    from compress.registry import open_clip_spec
-    from utils.model_configs import register_model_configs
+    from compress.models.registry import open_clip_spec
+    from foundation.model_configs import register_model_configs
 
     register_model_configs()
     torch.manual_seed(seed)
@@ -171,7 +171,7 @@ def test_watching_retries_a_bad_file_only_after_it_changes(experiment, eval_root
 @pytest.mark.timeout(300)
 def test_monitor_reads_an_open_clip_train_log_dir(tmp_path, eval_root):
     """A real open_clip_train run (its own params.txt and checkpoint format) on our tiny config."""
-    launcher = ("import sys; sys.path.insert(0, 'src'); from utils.model_configs import register_model_configs; "
+    launcher = ("import sys; sys.path.insert(0, 'src'); from foundation.model_configs import register_model_configs; "
                 "register_model_configs(); from open_clip_train.main import main; main(sys.argv[1:])")
     command = [sys.executable, "-c", launcher, "--model", MODEL, "--dataset-type", "synthetic",
                "--train-num-samples", "16", "--batch-size", "4", "--epochs", "1", "--workers", "0",

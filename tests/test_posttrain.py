@@ -7,14 +7,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import compress
-from compress._calibration import squared_gradients
-from compress.compact_clip import FactorizedLinear, clone, compact_blocks, refresh_spec
-from compress.fisher_prune import _block_inputs, fisher_prune, rearrange, rescale_block, search_under_constraint
-from compress.heads import keep_heads, keep_neurons, prune_heads_by_sensitivity
-from compress.lowrank import factorize_linear, fisher_row_weights, low_rank, rank_for_ratio, svd_factors
-from compress.registry import build_model, open_clip_spec
-from compress.text_layers import drop_text_layers
-from compress.token_mask import mask_tokens
+from compress.ops.calibration import squared_gradients
+from compress.models.compact_clip import FactorizedLinear, clone, compact_blocks, refresh_spec
+from compress.ops.fisher_prune import _block_inputs, fisher_prune, rearrange, rescale_block, search_under_constraint
+from compress.ops.heads import keep_heads, keep_neurons, prune_heads_by_sensitivity
+from compress.ops.lowrank import factorize_linear, fisher_row_weights, low_rank, rank_for_ratio, svd_factors
+from compress.models.registry import build_model, open_clip_spec
+from compress.ops.text_layers import drop_text_layers
+from compress.ops.token_mask import mask_tokens
 
 torch.set_num_threads(1)
 
@@ -295,7 +295,7 @@ def test_text_layer_dropping(dense, inputs):
 def upop_pruned(dense):
     """UPop's output: head dimensions (so the softmax scale no longer matches the head width) and MLP
     units cut at random from both towers, every layer keeping at least one."""
-    from compress import pruning
+    from compress.models import pruning
 
     model = pruning.with_prunable_attention(clone(dense))
     generator = torch.Generator().manual_seed(7)

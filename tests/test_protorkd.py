@@ -104,8 +104,8 @@ class FakeTeacher:
 def _cluster_once(corpus: str, world_size: int, rank: int, out: str, episodes: int = 1,
                   clustering_frequency: int = 1) -> None:
     """Build the job and a tiny student, start `episodes` episodes (PBT + external), save the job state."""
-    from compress.registry import get_preprocess
-    from compress.text_students import ImageStudent, image_student_spec
+    from compress.models.registry import get_preprocess
+    from compress.models.text_students import ImageStudent, image_student_spec
     from training.data import CsvDataset, episode_indices
     from training.jobs.protorkd import ProtoRKDJob
 
@@ -250,8 +250,8 @@ def test_clip_teacher_is_referenced_by_its_weights_file_and_rebuilt_on_load(tmp_
     import open_clip
 
     import compress
-    from compress.text_students import FrozenTextEncoder, ImageStudent, image_student_spec
-    from utils.model_configs import register_model_configs
+    from compress.models.text_students import FrozenTextEncoder, ImageStudent, image_student_spec
+    from foundation.model_configs import register_model_configs
 
     register_model_configs()
     torch.manual_seed(0)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import compress
-from compress import pruning
-from compress.registry import build_model
+from compress.models import pruning
+from compress.ops.profile import params_and_macs
+from compress.models.registry import build_model
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MODEL = "clipc-vit-t2-32"
@@ -168,14 +169,14 @@ def test_checkpoint_round_trip_through_compress_load(dense, inputs, tmp_path):
 
 
 def test_params_and_macs_count_attention_and_shrink(dense):
-    size = pruning.params_and_macs(dense)
+    size = params_and_macs(dense)
     # image tower by hand: 17 tokens (16 patches + class), width 64, 2 layers: per layer 12·64² MACs per
     # token in the projections + 2·17·64 for QKᵀ and AV; patch conv 16·(3·8·8)·64; projection 64·64
     per_layer = 17 * 12 * 64 * 64 + 2 * 17 * 17 * 64
     assert size["macs_image"] == 2 * per_layer + 16 * 192 * 64 + 64 * 64
     model = pruning.with_prunable_attention(copy.deepcopy(dense))
     small = pruning.prune_clip(model, random_hard_masks(model, False))
-    assert pruning.params_and_macs(small)["macs_image"] < size["macs_image"]
+    assert params_and_macs(small)["macs_image"] < size["macs_image"]
 
 
 # --- the job -------------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def test_search_surgery_finetune_end_to_end(full_run):
     dense = compress.load(full_run / "epoch_1.pt")
     n_small, n_dense = (sum(p.numel() for p in m.parameters()) for m in (model, dense))
     assert n_small < n_dense
-    macs_small, macs_dense = pruning.params_and_macs(model), pruning.params_and_macs(dense)
+    macs_small, macs_dense = params_and_macs(model), params_and_macs(dense)
     for tower in ("image", "text"):
         assert macs_small[f"macs_{tower}"] < 0.8 * macs_dense[f"macs_{tower}"]
     images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 1000, (2, 16))

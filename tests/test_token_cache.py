@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from compress.registry import get_preprocess, get_tokenizer, open_clip_spec
+from compress.models.registry import get_preprocess, get_tokenizer, open_clip_spec
 from test_trainer import _write_bad_tsv
 from training.data import get_data
-from utils.model_configs import register_model_configs
+from foundation.model_configs import register_model_configs
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def test_one_process_run_writes_everything(tiny_corpus, tmp_path):
 def test_dense_checkpoint_loads_in_stock_open_clip(tiny_corpus, tmp_path):
     import open_clip
 
-    from utils.model_configs import register_model_configs
+    from foundation.model_configs import register_model_configs
 
     run_trainer(common_args(tiny_corpus, tmp_path, "stock", "--epochs", "1"))
     register_model_configs()

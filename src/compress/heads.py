@@ -1,154 +1,35 @@
-"""Attention-head pruning by sensitivity (Michel et al. 2019, as casCLIP applied it to CLIP).
+"""`python -m compress.heads`: attention-head pruning by sensitivity (Michel et al. 2019, as casCLIP applied it).
 
-Every head h of a chosen block gets a mask variable ξ_h = 1 that scales its output before out_proj. The
-importance of a head is its Fisher score I_h = Σ_batches (∂L/∂ξ_h)² over calibration batches (L = CLIP's
-contrastive loss), normalised per layer by its L2 norm (Michel et al.: scores of different layers live on
-different scales). Pruning is iterative: remove the `heads_per_round` least important heads, physically
-(q/k/v lose those heads' rows, out_proj their columns), recompute the scores on the smaller model, repeat
-until `num_heads` heads are gone. The result is a `compact_clip` with per-layer head counts.
+    python -m compress.heads --pretrained CKPT --out RUN_DIR --num-heads 4 --calib-data TSV
 
-    python -m compress.heads --pretrained CKPT --out RUN_DIR --num-heads 2 --calib-data train.tsv
+The algorithm is `compress.ops.heads.prune_heads_by_sensitivity`; this module is its command line.
 """
-from __future__ import annotations
+import argparse
 
-import logging
-from typing import Callable, Dict, List, Optional, Sequence
-
-import torch
-from torch import nn
-
-from compress._calibration import Batch, contrastive_loss, squared_gradients
-from compress.compact_clip import CompactBlock, FactorizedLinear, clone, compact_blocks, make_linear, refresh_spec
+from compress.cli import add_tower_flags, base_parser, parse_layers, run_tool
+from compress.ops.heads import prune_heads_by_sensitivity
 
 
-# --- physical slicing (Linear or FactorizedLinear) --------------------------------------------------
-
-
-def keep_outputs(layer: nn.Module, index: torch.Tensor) -> nn.Module:
-    """`layer` restricted to output features `index`."""
-    if isinstance(layer, FactorizedLinear):
-        layer.up = keep_outputs(layer.up, index)
-        layer.out_features = layer.up.out_features
-        return layer
-    new = make_linear(layer.in_features, len(index), bias=layer.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(layer.weight[index])
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias[index])
-    return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
-
-
-def keep_inputs(layer: nn.Module, index: torch.Tensor) -> nn.Module:
-    """`layer` restricted to input features `index` (bias unchanged)."""
-    if isinstance(layer, FactorizedLinear):
-        layer.down = keep_inputs(layer.down, index)
-        layer.in_features = layer.down.in_features
-        return layer
-    new = make_linear(len(index), layer.out_features, bias=layer.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(layer.weight[:, index])
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias)
-    return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
-
-
-def keep_heads(block: CompactBlock, heads: Sequence[int]) -> CompactBlock:
-    """In place: keep only attention heads `heads` of `block`."""
-    attn = block.attn
-    heads = sorted(int(h) for h in heads)
-    device = next(block.parameters()).device
-    index = torch.tensor([h * attn.head_dim + i for h in heads for i in range(attn.head_dim)],
-                         dtype=torch.long, device=device)
-    for name in ("q_proj", "k_proj", "v_proj"):
-        setattr(attn, name, keep_outputs(getattr(attn, name), index))
-    attn.out_proj = keep_inputs(attn.out_proj, index)
-    attn.num_heads = len(heads)
-    attn.head_mask = None
-    return block
-
-
-def keep_neurons(block: CompactBlock, neurons: Sequence[int]) -> CompactBlock:
-    """In place: keep only MLP hidden units `neurons` of `block`."""
-    mlp = block.mlp
-    index = torch.tensor(sorted(int(n) for n in neurons), dtype=torch.long, device=next(block.parameters()).device)
-    mlp.c_fc = keep_outputs(mlp.c_fc, index)
-    mlp.c_proj = keep_inputs(mlp.c_proj, index)
-    mlp.neuron_mask = None
-    return block
-
-
-# --- head-mask Fisher scores ------------------------------------------------------------------------
-
-
-def head_importance(model: nn.Module, blocks: Dict[str, CompactBlock], batches: List[Batch],
-                    loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = contrastive_loss) -> Dict[str, torch.Tensor]:
-    """Σ_batches (∂L/∂ξ_h)² for every head of every block (blocks with no head left are skipped)."""
-    live = {name: block for name, block in blocks.items() if block.attn.num_heads > 0}
-    device = next(model.parameters()).device
-    masks = []
-    for block in live.values():
-        block.attn.head_mask = torch.ones(block.attn.num_heads, device=device, requires_grad=True)
-        masks.append(block.attn.head_mask)
-    try:
-        scores = squared_gradients(model, masks, batches, loss_fn)
-    finally:
-        for block in live.values():
-            block.attn.head_mask = None
-    return dict(zip(live, scores))
-
-
-def prune_heads_by_sensitivity(model: nn.Module, num_heads: int, batches: List[Batch],
-                               towers: Sequence[str] = ("image",), layers: Optional[List[int]] = None,
-                               heads_per_round: int = 1, normalize_per_layer: bool = True,
-                               loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = contrastive_loss) -> nn.Module:
-    """A copy of `model` with `num_heads` attention heads removed from the chosen towers/layers."""
-    if num_heads < 0 or heads_per_round < 1:
-        raise ValueError("--num-heads must be >= 0 and --heads-per-round >= 1")
-    if not batches:
-        raise ValueError("head pruning needs calibration batches (--calib-data)")
-    model = clone(model)
-    blocks = dict(compact_blocks(model, towers, layers))
-    available = sum(block.attn.num_heads for block in blocks.values())
-    if num_heads > available:
-        raise ValueError(f"--num-heads {num_heads} exceeds the {available} heads of the chosen layers")
-    removed = 0
-    while removed < num_heads:
-        scores = head_importance(model, blocks, batches, loss_fn)
-        candidates = []
-        for name, score in scores.items():
-            if normalize_per_layer:
-                score = score / score.norm().clamp_min(1e-30)
-            candidates += [(float(s), name, h) for h, s in enumerate(score)]
-        candidates.sort()
-        doomed = candidates[:min(heads_per_round, num_heads - removed)]
-        by_block: Dict[str, List[int]] = {}
-        for _, name, head in doomed:
-            by_block.setdefault(name, []).append(head)
-        for name, heads in by_block.items():
-            block = blocks[name]
-            keep_heads(block, [h for h in range(block.attn.num_heads) if h not in heads])
-            logging.info("pruned head(s) %s of %s (%d left)", heads, name, block.attn.num_heads)
-        removed += len(doomed)
-    return refresh_spec(model)
-
-
-def main(argv=None) -> None:
-    from compress._cli import add_tower_flags, base_parser, parse_layers, run_tool
-
-    parser = base_parser("attention-head pruning by Fisher sensitivity of head masks (iterative)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser("attention-head pruning by Fisher sensitivity of head masks (iterative)",
+                         prog="python -m compress.heads")
     parser.add_argument("--num-heads", type=int, required=True, help="total number of heads to remove")
     parser.add_argument("--heads-per-round", type=int, default=1,
                         help="heads removed before the scores are recomputed (default 1)")
     add_tower_flags(parser)
     parser.add_argument("--no-layer-normalization", action="store_true",
                         help="rank raw scores across layers instead of per-layer L2-normalised ones")
+    return parser
 
-    def transform(model, args, batches):
-        return prune_heads_by_sensitivity(model, args.num_heads, batches, towers=args.towers.split(","),
-                                          layers=parse_layers(args.layers), heads_per_round=args.heads_per_round,
-                                          normalize_per_layer=not args.no_layer_normalization)
 
-    run_tool(parser, argv, transform, tool="heads")
+def transform(model, args, batches):
+    return prune_heads_by_sensitivity(model, args.num_heads, batches, towers=args.towers.split(","),
+                                      layers=parse_layers(args.layers), heads_per_round=args.heads_per_round,
+                                      normalize_per_layer=not args.no_layer_normalization)
+
+
+def main(argv=None) -> None:
+    run_tool(build_parser(), argv, transform, tool="heads")
 
 
 if __name__ == "__main__":

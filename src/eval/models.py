@@ -22,14 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import compress
-from compress.registry import (
+from compress.models.registry import (
     get_preprocess,
     get_tokenizer,
     load_checkpoint_file,
     open_clip_spec,
     strip_module_prefix,
 )
-from utils.model_configs import register_model_configs
+from foundation.model_configs import register_model_configs
 
 
 @dataclass

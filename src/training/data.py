@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from training.errors import DataError
+from foundation.errors import DataError
 
 Image.MAX_IMAGE_PIXELS = None  # CC3M has a few huge images; decoding them is fine, a warning per image is not
 

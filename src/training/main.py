@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from training import checkpoint as ckpt_io
+from foundation import checkpoint as ckpt_io
 from training.data import get_data
 from training.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
-from training.errors import UserError
+from foundation.errors import UserError
 from training.jobs import available_jobs
 from training.params import parse_args
 from training.train import RunContext, train_one_epoch
-from utils.quiet_logs import quiet_open_clip
+from foundation.logs import quiet_open_clip
 
 
 def main(argv=None) -> None:

@@ -7,9 +7,9 @@ from typing import Optional
 
 from torch import nn
 
-from compress.registry import open_clip_spec
-from training.errors import UserError
-from utils.model_configs import register_model_configs
+from compress.models.registry import open_clip_spec
+from foundation.errors import UserError
+from foundation.model_configs import register_model_configs
 
 
 def create_clip(model_name: str, pretrained: Optional[str] = None) -> nn.Module:
@@ -19,7 +19,7 @@ def create_clip(model_name: str, pretrained: Optional[str] = None) -> nn.Module:
 
     register_model_configs()
     if model_name not in open_clip.list_models():
-        raise UserError(f"unknown --model {model_name!r}; see open_clip.list_models() or src/utils/model_configs/")
+        raise UserError(f"unknown --model {model_name!r}; see open_clip.list_models() or src/foundation/configs/")
     if pretrained and not os.path.exists(pretrained) and "://" not in pretrained and not pretrained.startswith("hf-hub:"):
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:

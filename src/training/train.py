@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training.distributed import DistInfo, all_reduce_mean, all_reduce_sum
-from training.errors import DataError, NonFiniteLossError
+from foundation.errors import DataError, NonFiniteLossError
 
 
 @dataclass

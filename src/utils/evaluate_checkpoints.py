@@ -301,8 +301,8 @@ class Monitor:
         self.failed[path] = (stat.st_size, stat.st_mtime_ns)
 
     def score(self, epoch_from_name: int, path: Path) -> Dict[str, Any]:
-        from compress.profile import profile_encoder
-        from compress.registry import load_checkpoint_file
+        from compress.ops.profile import profile_encoder
+        from compress.models.registry import load_checkpoint_file
         from eval import encoder_from_model, run_benchmarks
         from eval.models import model_from_checkpoint
 
@@ -431,7 +431,7 @@ def configure_logging(level: str) -> None:
     for name in ("evaluate_checkpoints", "eval"):
         logging.getLogger(name).setLevel(level.upper())
     # every model is built randomly initialised, then filled from the checkpoint
-    from utils.quiet_logs import quiet_open_clip
+    from foundation.logs import quiet_open_clip
 
     quiet_open_clip()
 

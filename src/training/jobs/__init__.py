@@ -51,7 +51,7 @@ class Job:
     def data_transforms(self, model: nn.Module) -> Tuple[Callable, Callable]:
         """(image transform, tokenizer) for the training data; tokenizer None when the job reads only
         batch["caption"] (the batch then has no `text`)."""
-        from compress.registry import get_preprocess, get_tokenizer
+        from compress.models.registry import get_preprocess, get_tokenizer
 
         return get_preprocess(model.model_spec), get_tokenizer(model.model_spec)
 

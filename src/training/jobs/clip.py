@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 import torch
 from open_clip.loss import ClipLoss
 
-from compress.registry import build_model, open_clip_spec
+from compress.models.registry import build_model, open_clip_spec
 from training.jobs import Job
 from training.models import create_clip, lock_towers
 

@@ -17,9 +17,9 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from compress.distill_losses import LOSSES, affinity_loss, cosine_loss, crd_loss, fd_loss, icl_loss
-from compress.registry import build_model, get_tokenizer
-from compress.students import (
+from compress.ops.distill_losses import LOSSES, affinity_loss, cosine_loss, crd_loss, fd_loss, icl_loss
+from compress.models.registry import build_model, get_tokenizer
+from compress.models.students import (
     copy_teacher_text_tower,
     default_inherited_layers,
     inherit_vit_from_teacher,
@@ -27,7 +27,7 @@ from compress.students import (
     student_clip_spec,
     student_image_spec,
 )
-from training.errors import UserError
+from foundation.errors import UserError
 from training.jobs import Job, add_argument_once
 from training.models import create_clip
 

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from training import proto
 from training.distributed import broadcast_object
-from training.errors import UserError
+from foundation.errors import UserError
 from training.jobs import Job, add_argument_once
 
 DISTILLERS = ("mse", "rkd", "infonce", "proto")
@@ -128,7 +128,7 @@ class ProtoRKDJob(Job):
         return {"type": "sentence_transformers", "name": args.pretrained_text}
 
     def build_model(self, resume_spec: Optional[Dict[str, Any]] = None):
-        from compress.text_students import FrozenTextEncoder, ImageStudent, image_student_spec
+        from compress.models.text_students import FrozenTextEncoder, ImageStudent, image_student_spec
 
         args = self.args
         text_spec = resume_spec["text_encoder"] if resume_spec else self.text_encoder_spec()
@@ -168,7 +168,7 @@ class ProtoRKDJob(Job):
         return model
 
     def data_transforms(self, model):
-        from compress.registry import get_preprocess
+        from compress.models.registry import get_preprocess
 
         # the teacher reads captions (batch["caption"]) and its embeddings are cached: no tokens needed
         return get_preprocess(model.model_spec), None

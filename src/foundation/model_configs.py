@@ -11,7 +11,7 @@ from pathlib import Path
 
 import open_clip
 
-CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _registered = False
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.registry import build_model, register_model_kind
+from compress.models.registry import build_model, register_model_kind
 
 TOWERS = ("visual", "text")
 ATTENTION_UNITS = ("head_dim", "head")
@@ -452,38 +452,3 @@ def masked_spec(base_spec: Dict, masks: Masks) -> Dict:
 def build_masked_clip(spec: Dict) -> nn.Module:
     model = with_prunable_attention(build_model(spec["base"]))
     return attach_masks(model, {k: torch.tensor(v) for k, v in spec["masks"].items()})
-
-
-# --- size and cost -------------------------------------------------------------------------------------
-
-
-def params_and_macs(model: nn.Module) -> Dict[str, int]:
-    """Parameters and per-sample MACs of each tower (torch.utils.flop_counter).
-
-    Two blind spots of FlopCounterMode are covered so dense and pruned models compare fairly: in eval
-    mode nn.MultiheadAttention runs a fused native kernel it does not see (so a dense model is counted
-    through an equivalent PrunedAttention copy), and on CPU the fused attention kernel has no formula
-    (one is registered here to count QKᵀ and AV)."""
-    from compress.profile import make_flop_counter
-
-    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
-        model = with_prunable_attention(copy.deepcopy(model))
-
-    param = next(model.parameters())
-    image_size = model.visual.image_size
-    image_size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
-    images = torch.zeros(1, 3, *image_size, device=param.device, dtype=param.dtype)
-    context_length = getattr(model, "context_length", None) or model.text.context_length
-    tokens = torch.ones(1, context_length, dtype=torch.long, device=param.device)
-    result = {"params": sum(p.numel() for p in model.parameters())}
-    was_training = model.training
-    model.eval()
-    try:
-        for name, forward in (("image", lambda: model.encode_image(images)), ("text", lambda: model.encode_text(tokens))):
-            counter = make_flop_counter()
-            with torch.no_grad(), counter:
-                forward()
-            result[f"macs_{name}"] = counter.get_total_flops() // 2
-    finally:
-        model.train(was_training)
-    return result

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.registry import register_model_kind, strip_module_prefix
-from utils.model_configs import register_model_configs
+from compress.models.registry import register_model_kind, strip_module_prefix
+from foundation.model_configs import register_model_configs
 
 
 # --- specs ---------------------------------------------------------------------------------------------
