@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.cascade import Cascade, main, recall_at_k
+from compress.cascade import build_parser, main
+from compress.ops.cascade import Cascade
+from eval.metrics import ranks_in_ranking, recall_at_ks
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +107,26 @@ def test_large_level_encodes_only_the_candidates_and_caches_them(models, gallery
 
 def test_recall_at_k_by_hand():
     ranked = torch.tensor([[3, 1, 2], [0, 2, 1], [2, 0, 1]])
+    scores = torch.tensor([[0.9, 0.5, 0.1]] * 3, dtype=torch.float64)  # no ties: the list order is the rank
     targets = torch.tensor([3, 2, 1])
-    assert recall_at_k(ranked, targets, [1, 2, 3]) == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0}
+    ranks = ranks_in_ranking(ranked, scores, targets)
+    assert recall_at_ks(ranks, [1, 2, 3]) == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0}
+
+
+def test_recall_counts_a_tie_in_the_results_against_the_model():
+    """The search puts the lower index first among equal scores; recall must not credit that order (the
+    eval.metrics rule), including a tie with a result just past the largest k, and a target not returned."""
+    ranked = torch.tensor([[4, 7, 2], [5, 1, 3], [6, 0, 8]])
+    scores = torch.tensor([[0.8, 0.8, 0.1], [0.9, 0.4, 0.4], [0.7, 0.6, 0.5]], dtype=torch.float64)
+    targets = torch.tensor([4, 1, 9])
+    assert ranks_in_ranking(ranked, scores, targets)[:2].tolist() == [1, 2]
+    assert recall_at_ks(ranks_in_ranking(ranked, scores, targets), [1, 2]) == {1: 0.0, 2: pytest.approx(1 / 3)}
+
+
+def test_cli_parser_names_its_command_and_explains_every_flag():
+    parser = build_parser()
+    assert parser.prog == "python -m compress.cascade"
+    assert all(action.help for action in parser._actions)
 
 
 def test_bad_candidate_counts_are_rejected(gallery):

@@ -11,7 +11,7 @@ from PIL import Image
 
 import eval as clip_eval
 from eval.data import discover_datasets, read_flickr_results_csv, read_karpathy_test_split
-from eval.metrics import classification_metrics, feature_statistics, retrieval_metrics
+from eval.metrics import classification_metrics, feature_statistics, ranks_in_ranking, recall_at_ks, retrieval_metrics
 from eval.models import open_clip_train_spec, parse_param_value
 
 # `eval.linear_probe` the attribute is the function; the module is needed to spy on its selection step.
@@ -112,6 +112,21 @@ def test_retrieval_matches_brute_force_topk_and_is_chunk_invariant():
     for name, hits in expected.items():
         assert whole[name] == pytest.approx(hits.float().mean().item())
         assert chunked[name] == whole[name]
+
+
+def test_recall_from_a_ranked_list_follows_the_same_tie_rule():
+    """A search that returns best-first lists (the cascade) scores like retrieval_metrics, ties included."""
+    generator = torch.Generator().manual_seed(1)
+    # 3 distinct directions for 12 images: many exact ties, which index order alone would resolve favourably
+    images = one_hot(torch.arange(12) % 3, 4)
+    text_to_image = torch.randint(0, 12, (30,), generator=generator)
+    captions = F.normalize(images[text_to_image] + 0.5 * one_hot(torch.randint(0, 4, (30,), generator=generator), 4), dim=-1)
+    scores = captions.double() @ images.double().T
+    best = torch.sort(scores, dim=1, descending=True, stable=True)
+    listed = recall_at_ks(ranks_in_ranking(best.indices[:, :11], best.values[:, :11], text_to_image), (1, 5, 10))
+    whole = retrieval_metrics(images, captions, text_to_image, ks=(1, 5, 10))
+    assert listed == {k: pytest.approx(whole[f"image_retrieval_recall@{k}"]) for k in (1, 5, 10)}
+    assert listed[1] < (best.indices[:, 0] == text_to_image).float().mean().item()  # index order would flatter
 
 
 def test_feature_statistics():

@@ -1,164 +1,30 @@
-"""Cascaded text→image search (casCLIP, Cascade CLIP): a cheap encoder shortlists, larger encoders re-rank.
-
-Level 1 embeds the whole gallery once with the cheapest image encoder into a faiss inner-product index
-(normalised features: cosine). For a query, level 1 returns its top-m_1 gallery images; level 2 embeds those
-candidates it has not seen yet (lazily, cached for every later query) and keeps the top-m_2 by its own
-scores; … the last level returns the top-k. Every level scores against the same query embedding, so all
-image encoders must live in one text embedding space (a distilled student paired with its teacher's text
-tower, a pruned copy of the large CLIP, …).
-
-Scoring after level 1 is exact (float64 dot products over the candidates); ties go to the lower gallery
-index. Level 1 uses faiss (float32) only to choose the candidates. An encoder that appears at several
-levels is embedded once (its cache is shared), so a cascade of one encoder ranks exactly like that encoder.
+"""casCLIP's topk and speedup experiments on the cascaded image search of compress.ops.cascade, from a TOML config.
 
     python -m compress.cascade --config scripts/experiments/cascade_topk_demo.toml
 
 runs casCLIP's two experiment kinds on a COCO-layout retrieval set (captions are the queries, images the
 gallery): `topk` (recall@k of each cascade vs the last level alone) and `speedup` (measured wall time of
 the whole search "lifetime" — embedding the gallery and answering every query — and per query), printing
-a table and plotting recall vs measured speedup over m.
+a table and plotting recall vs measured speedup over m. Recall is eval.metrics' image_retrieval_recall@k
+(ties count against the model), computed from each system's ranked results and their scores.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
+from compress.ops.cascade import Cascade
+from eval.metrics import ranks_in_ranking, recall_at_ks
+
 log = logging.getLogger(__name__)
-
-
-# --- the cascade ----------------------------------------------------------------------------------------
-
-
-class CachedImageEncoder:
-    """Embeds gallery images by index, each at most once. Missing images are embedded in ascending index
-    order in batches of `batch_size`, so results do not depend on which query asked first."""
-
-    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 256):
-        self.encode = encode
-        self.images = images
-        self.batch_size = batch_size
-        self.features: Optional[torch.Tensor] = None
-        self.done = torch.zeros(len(images), dtype=torch.bool)
-        self.encoded = 0  # images embedded so far (the cost this level paid)
-        self.seconds = 0.0  # wall time spent embedding them
-
-    @torch.no_grad()
-    def ensure(self, indices: torch.Tensor) -> None:
-        missing = torch.unique(indices.flatten())
-        missing = missing[~self.done[missing]]
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start:start + self.batch_size]
-            began = time.perf_counter()
-            features = self.encode(self.images[chunk]).float().cpu()
-            self.seconds += time.perf_counter() - began
-            if self.features is None:
-                self.features = torch.zeros(len(self.images), features.shape[1], dtype=torch.float32)
-            self.features[chunk] = features
-            self.done[chunk] = True
-            self.encoded += len(chunk)
-
-    def all_features(self) -> torch.Tensor:
-        self.ensure(torch.arange(len(self.images)))
-        return self.features
-
-
-def rank_candidates(query_features: torch.Tensor, gallery_features: torch.Tensor, candidates: torch.Tensor,
-                    keep: int) -> torch.Tensor:
-    """(Q, keep) candidates with the highest float64 scores, best first; ties → lower gallery index."""
-    candidates, _ = candidates.sort(dim=1)  # the stable sort below then breaks ties by index
-    # gathered candidate features are Q×m×D: score in query chunks of ≲ 2**24 elements (m = N on COCO is big)
-    rows = max(1, (1 << 24) // max(1, candidates.shape[1] * gallery_features.shape[1]))
-    scores = torch.cat([
-        torch.einsum("qd,qmd->qm", query_features[i:i + rows].double(), gallery_features[candidates[i:i + rows]].double())
-        for i in range(0, len(candidates), rows)])
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]
-    return candidates.gather(1, order)
-
-
-class Cascade:
-    """r-level cascade over one gallery. `encoders[i]` maps an image batch to (normalised) features;
-    `ms[i]` is how many candidates level i+1 passes on (len(ms) == len(encoders) - 1)."""
-
-    def __init__(self, encoders: Sequence[Callable[[torch.Tensor], torch.Tensor]], ms: Sequence[int],
-                 images: Sequence[torch.Tensor] | torch.Tensor, batch_size: int = 256):
-        if len(ms) != len(encoders) - 1:
-            raise ValueError(f"{len(encoders)} levels need {len(encoders) - 1} candidate counts m, got {list(ms)}")
-        if isinstance(images, torch.Tensor):
-            images = [images] * len(encoders)
-        self.gallery_size = len(images[0])
-        self.ms = [min(int(m), self.gallery_size) for m in ms]
-        if any(m < 1 for m in self.ms):
-            raise ValueError(f"candidate counts must be positive, got {list(ms)}")
-        caches: Dict[Tuple[int, int], CachedImageEncoder] = {}
-        self.levels: List[CachedImageEncoder] = []
-        for encode, level_images in zip(encoders, images):
-            key = (id(encode), id(level_images))  # one encoder on the same images: one cache
-            if key not in caches:
-                caches[key] = CachedImageEncoder(encode, level_images, batch_size)
-            self.levels.append(caches[key])
-        self.index = None
-
-    def build(self) -> None:
-        """Level 1 embeds the whole gallery into a faiss inner-product index."""
-        import faiss
-
-        features = np.ascontiguousarray(self.levels[0].all_features().numpy(), dtype=np.float32)
-        self.index = faiss.IndexFlatIP(features.shape[1])
-        self.index.add(features)
-
-    @torch.no_grad()
-    def search(self, query_features: torch.Tensor, k: int) -> torch.Tensor:
-        """(Q, k) gallery indices, best first, for L2-normalised query features (Q, D)."""
-        if self.index is None:
-            self.build()
-        k = min(k, self.gallery_size)
-        query_features = query_features.float().cpu()
-        keeps = self.ms + [k]  # how many candidates each level passes on; the last level gives the top-k
-        if keeps[0] >= self.gallery_size:  # everything passes: no search needed
-            candidates = torch.arange(self.gallery_size).expand(len(query_features), -1)
-        else:
-            _, found = self.index.search(np.ascontiguousarray(query_features.numpy()), keeps[0])
-            candidates = torch.from_numpy(found).long()
-        # level 1's own order only matters when it is the last level
-        for level_index in range(0 if len(self.levels) == 1 else 1, len(self.levels)):
-            level = self.levels[level_index]
-            level.ensure(candidates)
-            keep = min(keeps[level_index], candidates.shape[1])
-            candidates = rank_candidates(query_features, level.features, candidates, keep)
-        return candidates[:, :k]
-
-    def _unique_levels(self) -> List[Optional[CachedImageEncoder]]:
-        seen, unique = set(), []
-        for level in self.levels:
-            unique.append(None if id(level) in seen else level)
-            seen.add(id(level))
-        return unique
-
-    def images_encoded(self) -> List[int]:
-        """Images each level embedded so far (shared caches count once, at their first level)."""
-        return [level.encoded if level else 0 for level in self._unique_levels()]
-
-    def image_seconds(self) -> float:
-        """Wall time all levels spent embedding images so far."""
-        return sum(level.seconds for level in self._unique_levels() if level)
-
-
-def recall_at_k(ranked: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> Dict[int, float]:
-    """Fraction of queries whose target is within the first k results (casCLIP's / CLIP_benchmark's
-    image_retrieval_recall@k)."""
-    hits = ranked == targets.view(-1, 1)
-    return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 
 
 # --- measured runs -------------------------------------------------------------------------------------
@@ -167,6 +33,7 @@ def recall_at_k(ranked: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) 
 @dataclass
 class SearchRun:
     ranked: torch.Tensor
+    scores: torch.Tensor  # the last level's scores of `ranked`: recall needs them to see ties
     lifetime_s: float  # embed the gallery at level 1 + embed and answer every query
     images_encoded: List[int]
     image_s: float  # of which: embedding images (all levels)
@@ -179,14 +46,17 @@ def run_lifetime(make_cascade: Callable[[], Cascade], encode_text: Callable[[Lis
     start = time.perf_counter()
     cascade = make_cascade()
     cascade.build()
-    ranked, text_s = [], 0.0
+    ranked, scores, text_s = [], [], 0.0
     for begin in range(0, len(queries), query_batch_size):
         text_start = time.perf_counter()
         text = encode_text(queries[begin:begin + query_batch_size])
         text_s += time.perf_counter() - text_start
-        ranked.append(cascade.search(text, k))
+        found, found_scores = cascade.search_scored(text, k)
+        ranked.append(found)
+        scores.append(found_scores)
     elapsed = time.perf_counter() - start
-    return SearchRun(torch.cat(ranked), elapsed, cascade.images_encoded(), cascade.image_seconds(), text_s)
+    return SearchRun(torch.cat(ranked), torch.cat(scores), elapsed, cascade.images_encoded(), cascade.image_seconds(),
+                     text_s)
 
 
 def first_query_seconds(make_cascade: Callable[[], Cascade], encode_text: Callable[[List[str]], torch.Tensor],
@@ -326,7 +196,9 @@ def run_experiment(exp: Experiment) -> Dict[str, Any]:
 
     encode_fns = [lambda x, e=e: e.encode_image(x, normalize=True) for e in encoders]
     large = encoders[-1]  # the text tower every level shares (a student carries its teacher's)
-    k_max = max(exp.ks)
+    # one result more than the largest k: a result tied with the target right after the k-th must be seen for
+    # the tie to count against the model (eval.metrics.ranks_in_ranking)
+    depth = max(exp.ks) + 1
 
     def encode_text(texts: List[str]) -> torch.Tensor:
         return large.encode_text(texts, normalize=True).cpu()
@@ -342,7 +214,7 @@ def run_experiment(exp: Experiment) -> Dict[str, Any]:
     systems += [("cascade m=" + ",".join(map(str, ms)), list(range(len(encoders))), ms) for ms in exp.ms]
 
     for _, ids, ms in systems[:1]:  # warm-up: first calls pay allocator / thread-pool start-up
-        run_lifetime(factory(ids, ms), encode_text, queries[: exp.query_batch_size], k_max, exp.query_batch_size)
+        run_lifetime(factory(ids, ms), encode_text, queries[: exp.query_batch_size], depth, exp.query_batch_size)
     # a sparser workload (fewer queries than gallery images) is where a cascade's lifetime pays off: the
     # large model then embeds only the union of few shortlists
     sparse = (queries[:: max(1, len(queries) // exp.lifetime_queries)][: exp.lifetime_queries]
@@ -351,23 +223,23 @@ def run_experiment(exp: Experiment) -> Dict[str, Any]:
                                           for name, _, _ in systems}
     for _ in range(max(1, exp.repeats)):  # interleaved repeats: machine load hits every system alike
         for name, ids, ms in systems:
-            run = run_lifetime(factory(ids, ms), encode_text, queries, k_max, exp.query_batch_size)
+            run = run_lifetime(factory(ids, ms), encode_text, queries, depth, exp.query_batch_size)
             entry = results[name]
             if sparse:
-                sparse_run = run_lifetime(factory(ids, ms), encode_text, sparse, k_max, exp.query_batch_size)
+                sparse_run = run_lifetime(factory(ids, ms), encode_text, sparse, depth, exp.query_batch_size)
                 entry["sparse"].append(sparse_run.lifetime_s)
                 entry["sparse_encoded"] = sparse_run.images_encoded
             entry["lifetimes"].append(run.lifetime_s)
             entry["image_s"].append(run.image_s)
             entry["text_s"].append(run.text_s)
-            entry["recall"] = recall_at_k(run.ranked, targets, exp.ks)
+            entry["recall"] = recall_at_ks(ranks_in_ranking(run.ranked, run.scores, targets), exp.ks)
             entry["encoded"] = run.images_encoded
     if exp.kind == "speedup":
         sample = queries[:: max(1, len(queries) // max(1, exp.per_query_queries))][: exp.per_query_queries]
         cold_sample = sample[: exp.first_query_queries]
         for name, ids, ms in systems:
-            results[name]["per_query_s"] = per_query_seconds(factory(ids, ms), encode_text, sample, k_max)
-            results[name]["first_query_s"] = first_query_seconds(factory(ids, ms), encode_text, cold_sample, k_max)
+            results[name]["per_query_s"] = per_query_seconds(factory(ids, ms), encode_text, sample, depth)
+            results[name]["first_query_s"] = first_query_seconds(factory(ids, ms), encode_text, cold_sample, depth)
 
     base = results["large alone"]
     base_lifetime = statistics.median(base["lifetimes"])
@@ -479,7 +351,7 @@ def plot_recall_vs_speedup(rows: List[Dict[str, Any]], ks: Sequence[int], path: 
     plt.close(fig)
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m compress.cascade", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="experiment TOML (scripts/experiments/*.toml)")
     parser.add_argument("--levels", nargs="+", default=None,
@@ -489,7 +361,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--plot", default=None, help="override where the recall-vs-speedup PNG goes")
     parser.add_argument("--repeats", type=int, default=None, help="override the config's timing repeats")
     parser.add_argument("--json", default=None, help="also write the table's numbers to this JSON file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     exp = read_experiment(args.config, args)
     summary = run_experiment(exp)

@@ -9,6 +9,10 @@ candidates that score at least as high as it. Two consequences are deliberate:
 - Counting needs no top-k list, so recall@k for every k comes from one pass, and a k larger than the gallery
   is simply "always a hit".
 
+A search that returns only a best-first list (the cascade, compress.ops.cascade) is scored by the same rule:
+`ranks_in_ranking` counts, from the list's scores, the listed candidates that score at least as high as the
+target, and `recall_at_ks` turns any ranks into recall@k for both kinds of caller.
+
 Similarities are computed in chunks of queries, so a 5k × 25k or a 100k gallery needs only
 `chunk × gallery` floats at a time.
 """
@@ -36,7 +40,9 @@ def _finite_scores(scores: torch.Tensor) -> torch.Tensor:
 
 def rank_of_true_class(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """For each row, how many *other* classes score >= the true class (0 = correct at top-1)."""
-    logits = _finite_scores(logits.float())
+    # Half precision is widened for the comparisons; float64 (the cascade's exact scores) is kept, because
+    # rounding it to float32 could merge close scores into ties that would then count against the model.
+    logits = _finite_scores(logits if logits.dtype == torch.float64 else logits.float())
     true_scores = logits.gather(1, labels.view(-1, 1))
     # The true class ties with itself; subtract it.
     return (logits >= true_scores).sum(dim=1) - 1
@@ -67,6 +73,31 @@ def classification_metrics(
 
 
 # --- retrieval -----------------------------------------------------------------------------------------
+
+
+def recall_at_ks(ranks: torch.Tensor, ks: Iterable[int]) -> Dict[int, float]:
+    """{k: fraction of queries whose right answer has rank < k}, rank as `retrieval_ranks` and
+    `ranks_in_ranking` count it (wrong candidates scoring >= the right one)."""
+    return {k: (ranks < k).float().mean().item() for k in ks}
+
+
+# Rank of a target that a result list does not hold: a miss at every k.
+NOT_RETRIEVED = torch.iinfo(torch.long).max
+
+
+def ranks_in_ranking(ranked: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Rank of each query's target within its best-first result list: `ranked[q]` (Q, L) gallery indices,
+    `scores[q]` their scores, `targets[q]` the right gallery index. Ties count against the model, as in
+    `retrieval_ranks`; a target missing from the list gets NOT_RETRIEVED.
+
+    Only listed candidates are counted, so for a top-L list of a larger candidate set the ranks decide
+    recall@k exactly for k < L: a candidate tied with the target but cut off after position L can only push
+    it to rank L or beyond. Ask the search for one result more than the largest k.
+    """
+    found = ranked == targets.view(-1, 1).to(ranked.device)
+    position = found.int().argmax(dim=1)  # first match; 0 (ignored below) where there is none
+    ranks = rank_of_true_class(scores, position)
+    return torch.where(found.any(dim=1), ranks, torch.full_like(ranks, NOT_RETRIEVED))
 
 
 @torch.no_grad()
@@ -146,11 +177,10 @@ def retrieval_metrics(
         raise ValueError(f"text_to_image has {text_to_image.numel()} entries for {text_features.shape[0]} captions")
     image_features, text_features = image_features.float(), text_features.float()
     t_ranks, i_ranks = retrieval_ranks(image_features, text_features, text_to_image, max_chunk_elements)
+    ks = list(ks)
     metrics: Dict[str, float] = {}
-    for k in ks:
-        metrics[f"image_retrieval_recall@{k}"] = (i_ranks < k).float().mean().item()
-    for k in ks:
-        metrics[f"text_retrieval_recall@{k}"] = (t_ranks < k).float().mean().item()
+    for direction, ranks in (("image", i_ranks), ("text", t_ranks)):
+        metrics.update({f"{direction}_retrieval_recall@{k}": v for k, v in recall_at_ks(ranks, ks).items()})
     recalls = [v for name, v in metrics.items() if "_recall@" in name]
     metrics["mean_recall"] = sum(recalls) / len(recalls)
     return metrics
