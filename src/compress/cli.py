@@ -27,7 +27,7 @@ from compress.ops.calibration import Batch
 from compress.ops.profile import profile_model
 from eval.data import load_coco_captions
 from eval.models import image_size_of_transform
-from foundation.checkpoint import save_checkpoint
+from foundation.checkpoint import atomic_write_bytes, save_checkpoint
 from foundation.errors import UserError
 from foundation.logs import quiet_open_clip
 from training.data import BatchCollator, CsvDataset
@@ -64,9 +64,10 @@ def base_parser(description: str, calibration: bool = True, prog: Optional[str] 
         group.add_argument("--calib-batches", type=int, default=8, help="number of calibration batches")
         group.add_argument("--calib-batch-size", type=int, default=32, help="calibration batch size")
         group.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration row subset")
-        group.add_argument("--csv-separator", default="\t")
-        group.add_argument("--csv-img-key", default="filepath")
-        group.add_argument("--csv-caption-key", default="title")
+        group.add_argument("--csv-separator", default="\t", help="column separator of a --calib-data TSV/CSV")
+        group.add_argument("--csv-img-key", default="filepath",
+                           help="column of a --calib-data TSV/CSV with image paths (relative to its folder or absolute)")
+        group.add_argument("--csv-caption-key", default="title", help="column of a --calib-data TSV/CSV with captions")
     return parser
 
 
@@ -167,11 +168,10 @@ def write_output(model: nn.Module, out: str, tool: str, args: argparse.Namespace
     }
     save_checkpoint(state, checkpoint_path)
     if not is_file:
-        with open(out_path / "params.txt", "w") as f:
-            f.write(f"job: {tool}\nname: {name}\nmodel: {model.model_spec.get('model')}\n")
-            for key in sorted(vars(args)):
-                if key not in ("spec", "model", "name", "job"):
-                    f.write(f"{key}: {getattr(args, key)}\n")
+        lines = [f"job: {tool}", f"name: {name}", f"model: {model.model_spec.get('model')}"]
+        lines += [f"{key}: {getattr(args, key)}" for key in sorted(vars(args)) if key not in ("spec", "model", "name", "job")]
+        # atomic like the checkpoint: the monitor may read params.txt of a run folder while it is written
+        atomic_write_bytes(out_path / "params.txt", "".join(line + "\n" for line in lines).encode("utf-8"))
     return checkpoint_path
 
 

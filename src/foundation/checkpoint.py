@@ -10,7 +10,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, BinaryIO, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -21,13 +21,16 @@ LATEST = "epoch_latest.pt"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
-def save_checkpoint(state: Dict[str, Any], path: str | Path) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`write(binary_file)` into a temp file beside `path`, fsync it, rename it over `path`, fsync the folder:
+    readers see the old file or the whole new one. The temp name (`.NAME.tmp.PID`) never looks like a
+    checkpoint or a result file to a directory scan."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -39,6 +42,16 @@ def save_checkpoint(state: Dict[str, Any], path: str | Path) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """`data` as the whole new content of `path`, written crash-safe (`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def save_checkpoint(state: Dict[str, Any], path: str | Path) -> None:
+    # streamed into the temp file rather than serialised to bytes first: a checkpoint can be large
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
@@ -65,8 +78,11 @@ def epoch_checkpoints(checkpoint_dir: str | Path) -> Dict[int, Path]:
 def find_resume_checkpoint(checkpoint_dir: str | Path) -> Optional[Path]:
     """The most advanced readable checkpoint: `epoch_latest.pt`, else the highest `epoch_N.pt`.
 
-    Candidates are ordered by (epoch, step) as stored inside them, so a stale epoch_latest.pt from
-    before the last epoch checkpoint does not win.
+    Candidates are ordered by (epoch, step) as stored inside them: the epoch says how much of the
+    run is done, and the global step orders checkpoints within an epoch (a mid-epoch epoch_latest.pt
+    after epoch_N.pt). So a stale epoch_latest.pt from before the last epoch checkpoint does not win,
+    even when its step is higher: one left by a run that had more steps per epoch (another batch size
+    or data), from which the run was restarted at an earlier epoch_N.pt.
     """
     checkpoint_dir = Path(checkpoint_dir)
     candidates = list(epoch_checkpoints(checkpoint_dir).values())
@@ -78,7 +94,7 @@ def find_resume_checkpoint(checkpoint_dir: str | Path) -> Optional[Path]:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
             continue
-        key = (int(ckpt.get("step", 0)), int(ckpt.get("epoch", 0)))
+        key = (int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0)))
         if best_key is None or key > best_key:
             best, best_key = path, key
     return best

@@ -30,9 +30,8 @@ import csv
 import json
 import logging
 import math
-import os
+import io
 import re
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -41,25 +40,24 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from foundation import checkpoint as checkpoint_io
+from foundation.errors import UserError
+
 log = logging.getLogger("evaluate_checkpoints")
 
 CSV_NAME = "evaluation_metrics_all.csv"
 LEADING_COLUMNS = ["checkpoint", "epoch", "step"]
-EPOCH_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pt$")
 # A file whose size and mtime have not moved for this long is taken as complete (open_clip_train's epoch_N.pt
 # is written in place, not atomically).
 SETTLE_SECONDS = 2.0
 
 
-class UserError(Exception):
-    """Something the user can fix (a path, a flag): reported in one line, no traceback."""
-
-
 # --- command line --------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python src/utils/evaluate_checkpoints.py",
         description="Score each epoch_N.pt of an experiment once: zero-shot, linear probe, retrieval, "
         "feature stats, params/MACs/latency. With no arguments, asks for the experiment dir."
     )
@@ -72,8 +70,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--benchmarks", nargs="+", default=None,
                         help="any of zeroshot linear_probe retrieval features (default: all)")
     parser.add_argument("--datasets", nargs="+", default=None, help="restrict to these dataset names")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where models are scored (default: cuda when available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images (and captions) per encoder forward")
     parser.add_argument("--workers", type=int, default=2, help="data loader workers for image decoding")
     parser.add_argument("--model", default=None,
                         help="open_clip model name for open_clip_train checkpoints (default: params.txt `model`)")
@@ -81,8 +80,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice); 1-2 keeps a monitor beside a "
                         "CPU training run from slowing it down")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    return parser.parse_args(argv)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
+                        help="verbosity of the monitor's own log lines (debug adds tracebacks of failed scorings)")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def ask_interactively() -> List[str]:
@@ -148,14 +152,8 @@ def open_experiment(logs_dir: str) -> Experiment:
 
 def epoch_checkpoints(experiment: Experiment, only_epoch: Optional[int] = None) -> List[Tuple[int, Path]]:
     """(epoch, path) of every checkpoints/epoch_N.pt, by epoch; epoch_latest.pt and temp files never match."""
-    if not experiment.checkpoints.is_dir():
-        return []
-    found = []
-    for path in experiment.checkpoints.iterdir():
-        match = EPOCH_CHECKPOINT.match(path.name)
-        if match and (only_epoch is None or int(match.group(1)) == only_epoch):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    found = checkpoint_io.epoch_checkpoints(experiment.checkpoints)
+    return sorted((epoch, path) for epoch, path in found.items() if only_epoch is None or epoch == only_epoch)
 
 
 # --- results: CSV, JSON, tensorboard -------------------------------------------------------------------
@@ -167,21 +165,6 @@ def read_results(csv_path: Path) -> Tuple[List[str], List[Dict[str, str]]]:
     with open(csv_path, newline="") as handle:
         reader = csv.DictReader(handle)
         return list(reader.fieldnames or []), list(reader)
-
-
-def _atomic_write_text(path: Path, write) -> None:
-    """Write through a temp file in the same dir + os.replace, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def append_result(csv_path: Path, row: Dict[str, Any]) -> None:
@@ -197,12 +180,11 @@ def append_result(csv_path: Path, row: Dict[str, Any]) -> None:
     columns = LEADING_COLUMNS + [c for c in columns if c not in LEADING_COLUMNS]
     rows.append({key: _csv_value(value) for key, value in row.items()})
 
-    def write(handle) -> None:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-    _atomic_write_text(csv_path, write)
+    text = io.StringIO(newline="")  # csv writes its own \r\n row ends; nothing may translate them
+    writer = csv.DictWriter(text, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    checkpoint_io.atomic_write_bytes(csv_path, text.getvalue().encode("utf-8"))
 
 
 def _csv_value(value: Any) -> Any:
@@ -210,7 +192,7 @@ def _csv_value(value: Any) -> Any:
 
 
 def write_json(path: Path, row: Dict[str, Any]) -> None:
-    _atomic_write_text(path, lambda handle: json.dump(row, handle, indent=2, sort_keys=False))
+    checkpoint_io.atomic_write_bytes(path, json.dumps(row, indent=2, sort_keys=False).encode("utf-8"))
 
 
 class TensorboardScalars:
@@ -285,9 +267,9 @@ class Monitor:
             except SkipCheckpoint as reason:
                 self._remember_failure(path)
                 log.warning("skipping %s: %s (retried only if the file changes)", path.name, reason)
-            except UserError:
-                raise
-            except Exception as error:  # keep watching whatever one checkpoint does; details at --log-level debug
+            # keep watching whatever one checkpoint does (a UserError from loading it, such as a refused
+            # model_spec, is about that file too); details at --log-level debug
+            except Exception as error:
                 self._remember_failure(path)
                 log.warning("failed to score %s: %s: %s", path.name, type(error).__name__, _first_line(error))
                 log.debug("traceback", exc_info=True)
