@@ -240,3 +240,9 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
     with pytest.raises(FileExistsError):
         mc.make_corpus(str(foreign), train_size=5, eval_size=5)
     assert (foreign / "precious.txt").read_text() == "keep me"
+
+
+def test_parser_names_the_module_and_explains_every_flag():
+    parser = mc.build_parser()
+    assert parser.prog == "python -m utils.make_corpus"
+    assert all(action.help for action in parser._actions)

@@ -228,3 +228,9 @@ def test_runs_as_a_plain_script(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().startswith("error: no arguments and no terminal")
     assert "Traceback" not in result.stderr
+
+
+def test_parser_names_the_script_and_explains_every_flag():
+    parser = monitor_cli.build_parser()
+    assert parser.prog == "python src/utils/evaluate_checkpoints.py"
+    assert all(action.help for action in parser._actions)

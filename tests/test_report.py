@@ -87,3 +87,9 @@ def test_missing_runs_are_skipped_and_none_is_an_error(runs, tmp_path, capsys):
     assert "never_scored" in capsys.readouterr().err
     assert report.main([str(root / "never_scored"), "--out-dir", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: no scored runs")
+
+
+def test_parser_names_the_module_and_explains_every_flag():
+    parser = report.build_parser()
+    assert parser.prog == "python -m utils.report"
+    assert all(action.help for action in parser._actions)

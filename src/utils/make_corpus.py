@@ -665,7 +665,7 @@ def make_corpus(
     return {**summary, "out": out, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m utils.make_corpus",
         description="Generate a deterministic synthetic captioned-shapes corpus (CC3M/COCO/ImageFolder stand-in).",
@@ -679,7 +679,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard-size", type=int, default=1000, help="training samples per webdataset shard")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes drawing images; the output does not depend on it")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

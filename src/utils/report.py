@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from foundation.errors import UserError
+
 CSV_NAME = "evaluation_metrics_all.csv"
 # (column regex, header) in table order; a column appears when some run has it
 TABLE_COLUMNS: List[Tuple[str, str]] = [
@@ -33,10 +35,6 @@ TABLE_COLUMNS: List[Tuple[str, str]] = [
     (r"^retrieval/(.+)/text_retrieval_recall@(\d+)$", "{} i2t R@{}"),
 ]
 MILLIONS = {"params", "macs_image", "macs_text"}
-
-
-class ReportError(Exception):
-    """A user-fixable problem (no CSV, unknown column): one line, exit 2."""
 
 
 def read_rows(log_dir: Path) -> List[Dict[str, str]]:
@@ -90,11 +88,11 @@ def gather(log_dirs: Sequence[str], select: str = "last", metric: Optional[str] 
             continue
         runs.append((log_dir, rows))
     if not runs:
-        raise ReportError("no scored runs: none of the given folders has an evaluation_metrics_all.csv")
+        raise UserError("no scored runs: none of the given folders has an evaluation_metrics_all.csv")
     columns = sorted({c for _, rows in runs for row in rows for c in row})
     metric = metric or default_metric(columns)
     if select == "best" and metric not in columns:
-        raise ReportError(f"--metric {metric!r} is not a column of the CSVs; some columns: {columns[:12]}")
+        raise UserError(f"--metric {metric!r} is not a column of the CSVs; some columns: {columns[:12]}")
     gathered = []
     for log_dir, rows in runs:
         if all_checkpoints:
@@ -211,8 +209,9 @@ def build_report(log_dirs: Sequence[str], out_dir: str | Path, select: str = "la
     return table
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="table + Pareto plot over the monitor CSVs of several runs")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m utils.report",
+                                     description="table + Pareto plot over the monitor CSVs of several runs")
     parser.add_argument("log_dirs", nargs="+", metavar="LOGDIR", help="run folders holding evaluation_metrics_all.csv")
     parser.add_argument("--out-dir", default=None,
                         help="where report.csv, report.md, pareto.png go (default: <parent of first LOGDIR>/report)")
@@ -222,11 +221,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="accuracy column for --select best and the plot (default: first zeroshot/*/acc1)")
     parser.add_argument("--latency", default="latency_image_ms", help="latency column of the plot's x axis")
     parser.add_argument("--all-checkpoints", action="store_true", help="one row per checkpoint instead of per run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     out_dir = args.out_dir or Path(args.log_dirs[0]).resolve().parent / "report"
     try:
         table = build_report(args.log_dirs, out_dir, args.select, args.metric, args.latency, args.all_checkpoints)
-    except ReportError as error:
+    except UserError as error:  # no CSV, unknown column: one line, exit 2
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(table)
