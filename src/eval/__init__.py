@@ -9,7 +9,7 @@ Knows nothing of training. Typical use:
 Metric names follow CLIP_benchmark: acc1, acc5, mean_per_class_recall, lp_acc1…,
 image_retrieval_recall@k, text_retrieval_recall@k, mean_recall.
 """
-from eval.benchmarks import BENCHMARKS, evaluate_classification, evaluate_retrieval, run_benchmarks
+from eval.benchmarks import BENCHMARKS, evaluate_dataset, run_benchmarks
 from eval.data import discover_datasets
 from eval.features import extract_image_features, extract_text_features
 from eval.linear_probe import fit_logistic_regression, linear_probe, select_weight_decay
@@ -23,8 +23,7 @@ __all__ = [
     "classification_metrics",
     "discover_datasets",
     "encoder_from_model",
-    "evaluate_classification",
-    "evaluate_retrieval",
+    "evaluate_dataset",
     "extract_image_features",
     "extract_text_features",
     "feature_statistics",

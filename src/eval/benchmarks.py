@@ -82,64 +82,59 @@ def run_benchmarks(
                     raise ValueError(f"{name}: cannot read it under {eval_data_dir}: {error}") from None
                 log.warning("%s: cannot read it (%s); skipped", name, error)
                 continue
-            if entry.task == "classification":
-                scores = evaluate_classification(encoder, dataset, benchmarks, batch_size, workers, metric_device)
-            else:
-                scores = evaluate_retrieval(encoder, dataset, benchmarks, batch_size, workers, metric_device)
-            metrics.update(scores)
+            metrics.update(evaluate_dataset(encoder, dataset, benchmarks, batch_size, workers, metric_device))
             log.info("%s scored in %.1fs", name, time.perf_counter() - started)
     finally:
         encoder.model.train(was_training)
     return metrics
 
 
-def evaluate_classification(
+def evaluate_dataset(
     encoder,
-    dataset: ClassificationSet,
-    benchmarks: Sequence[str] = ("zeroshot", "linear_probe"),
+    dataset: ClassificationSet | RetrievalSet,
+    benchmarks: Sequence[str] = BENCHMARKS,
     batch_size: int = 64,
     workers: int = 0,
     device: str | torch.device = "cpu",
 ) -> Dict[str, float]:
+    """`<benchmark>/<dataset>/<metric>` for the benchmarks in `benchmarks` that apply to `dataset`
+    (zeroshot and linear_probe to a ClassificationSet, retrieval and features to a RetrievalSet)."""
     name = dataset.name
-    test_features, test_labels = extract_image_features(encoder, dataset.test, batch_size, workers, f"{name} test")
-    metrics: Dict[str, float] = {}
+
+    def image_features(images, part: str):
+        return extract_image_features(encoder, images, batch_size, workers, f"{name} {part}")
+
+    score = _classification_scores if isinstance(dataset, ClassificationSet) else _retrieval_scores
+    by_benchmark = score(encoder, dataset, benchmarks, image_features, torch.device(device))
+    return {f"{benchmark}/{name}/{metric}": value
+            for benchmark, scores in by_benchmark.items() for metric, value in scores.items()}
+
+
+def _classification_scores(encoder, dataset: ClassificationSet, benchmarks: Sequence[str], image_features,
+                           device: torch.device) -> Dict[str, Dict[str, float]]:
+    test_features, test_labels = image_features(dataset.test, "test")
+    scores: Dict[str, Dict[str, float]] = {}
     if "zeroshot" in benchmarks:
         classifier = zero_shot_classifier(encoder, dataset.classnames, dataset.templates)
-        scores = zero_shot_metrics(test_features.to(device), test_labels, classifier)
-        metrics.update({f"zeroshot/{name}/{metric}": value for metric, value in scores.items()})
+        scores["zeroshot"] = zero_shot_metrics(test_features.to(device), test_labels, classifier)
     if "linear_probe" in benchmarks:
         if dataset.train is None:
-            log.info("%s: no train split; linear probe skipped", name)
+            log.info("%s: no train split; linear probe skipped", dataset.name)
         else:
-            train_features, train_labels = extract_image_features(
-                encoder, dataset.train, batch_size, workers, f"{name} train"
-            )
-            scores = linear_probe(train_features, train_labels, test_features, test_labels,
-                                  num_classes=len(dataset.classnames), device=device)
-            metrics.update({f"linear_probe/{name}/{metric}": value for metric, value in scores.items()})
-    return metrics
+            train_features, train_labels = image_features(dataset.train, "train")
+            scores["linear_probe"] = linear_probe(train_features, train_labels, test_features, test_labels,
+                                                  num_classes=len(dataset.classnames), device=device)
+    return scores
 
 
-def evaluate_retrieval(
-    encoder,
-    dataset: RetrievalSet,
-    benchmarks: Sequence[str] = ("retrieval", "features"),
-    batch_size: int = 64,
-    workers: int = 0,
-    device: str | torch.device = "cpu",
-) -> Dict[str, float]:
-    name = dataset.name
-    image_features, _ = extract_image_features(
-        encoder, dataset.images(encoder.preprocess), batch_size, workers, f"{name} images"
-    )
-    text_features = extract_text_features(encoder, dataset.captions, desc=f"{name} captions")
-    image_features, text_features = image_features.to(device), text_features.to(device)
-    metrics: Dict[str, float] = {}
+def _retrieval_scores(encoder, dataset: RetrievalSet, benchmarks: Sequence[str], image_features,
+                      device: torch.device) -> Dict[str, Dict[str, float]]:
+    images, _ = image_features(dataset.images(encoder.preprocess), "images")
+    captions = extract_text_features(encoder, dataset.captions, desc=f"{dataset.name} captions")
+    images, captions = images.to(device), captions.to(device)
+    scores: Dict[str, Dict[str, float]] = {}
     if "retrieval" in benchmarks:
-        scores = retrieval_metrics(image_features, text_features, dataset.text_to_image)
-        metrics.update({f"retrieval/{name}/{metric}": value for metric, value in scores.items()})
+        scores["retrieval"] = retrieval_metrics(images, captions, dataset.text_to_image)
     if "features" in benchmarks:
-        scores = feature_statistics(image_features, text_features)
-        metrics.update({f"features/{name}/{metric}": value for metric, value in scores.items()})
-    return metrics
+        scores["features"] = feature_statistics(images, captions)
+    return scores
