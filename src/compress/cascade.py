@@ -147,12 +147,11 @@ def read_experiment(path: str, overrides: argparse.Namespace) -> Experiment:
 
 def load_gallery(eval_data_dir: str, max_images: int = 0):
     """The COCO-layout retrieval set under `eval_data_dir` (`coco2017/…`, or the coco2017 folder itself)."""
-    from eval.data import load_coco_captions
+    from eval.data import find_coco_root, load_coco_captions
 
-    root = Path(eval_data_dir)
-    coco_root = root if (root / "annotations").is_dir() else root / "coco2017"
-    if not (coco_root / "annotations" / "captions_val2017.json").is_file():
-        raise SystemExit(f"error: no COCO captions at {coco_root}/annotations/captions_val2017.json")
+    coco_root = find_coco_root(eval_data_dir)
+    if coco_root is None:
+        raise SystemExit(f"error: no COCO captions at {Path(eval_data_dir) / 'coco2017'}/annotations/captions_val2017.json")
     data = load_coco_captions(coco_root)
     if max_images:
         keep = [j for j, i in enumerate(data.text_to_image) if i < max_images]

@@ -25,7 +25,7 @@ import compress
 from compress.models.registry import get_preprocess, get_tokenizer, load_checkpoint_file
 from compress.ops.calibration import Batch
 from compress.ops.profile import profile_model
-from eval.data import load_coco_captions
+from eval.data import find_coco_root, load_coco_captions
 from eval.models import image_size_of_transform
 from foundation.checkpoint import atomic_write_bytes, save_checkpoint
 from foundation.errors import UserError
@@ -105,14 +105,6 @@ class _CaptionedImages:
         return {"index": index, "image": pixels, "caption": caption, "skipped_reasons": []}
 
 
-def _coco_root(path: Path) -> Optional[Path]:
-    """The coco2017 folder of an eval data root (or the folder itself), when it has val2017 captions."""
-    for candidate in (path, path / "coco2017"):
-        if (candidate / "annotations" / "captions_val2017.json").is_file():
-            return candidate
-    return None
-
-
 def calibration_batches(source: str, spec: Dict[str, Any], num_batches: int, batch_size: int, seed: int = 0,
                         sep: str = "\t", img_key: str = "filepath", caption_key: str = "title") -> List[Batch]:
     """`num_batches` batches of a seeded random subset of `source`, held in memory.
@@ -124,7 +116,7 @@ def calibration_batches(source: str, spec: Dict[str, Any], num_batches: int, bat
     transform, tokenizer = get_preprocess(spec), get_tokenizer(spec)
     path = Path(source)
     if path.is_dir():
-        coco = _coco_root(path)
+        coco = find_coco_root(path)
         if coco is None:
             raise UserError(f"--calib-data {source}: a folder must be an eval data root with "
                             "coco2017/annotations/captions_val2017.json (or pass a TSV)")

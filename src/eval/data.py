@@ -189,6 +189,16 @@ def _torchvision_builder(name: str, folder: Path) -> Callable[[Transform], Class
 # --- retrieval sets ------------------------------------------------------------------------------------
 
 
+def find_coco_root(path: str | Path) -> Optional[Path]:
+    """The coco2017 folder of an eval data root, or `path` itself when it is that folder: the first of the two
+    with annotations/captions_val2017.json; None when neither has it."""
+    path = Path(path)
+    for candidate in (path, path / "coco2017"):
+        if (candidate / "annotations" / "captions_val2017.json").is_file():
+            return candidate
+    return None
+
+
 def load_coco_captions(coco_root: Path, split: str = "val2017") -> RetrievalSet:
     """All images of the split that have captions, with all their captions (5k images × ~25k for val2017)."""
     annotations = json.loads((coco_root / "annotations" / f"captions_{split}.json").read_text())
