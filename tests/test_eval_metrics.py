@@ -120,7 +120,8 @@ def test_recall_from_a_ranked_list_follows_the_same_tie_rule():
     # 3 distinct directions for 12 images: many exact ties, which index order alone would resolve favourably
     images = one_hot(torch.arange(12) % 3, 4)
     text_to_image = torch.randint(0, 12, (30,), generator=generator)
-    captions = F.normalize(images[text_to_image] + 0.5 * one_hot(torch.randint(0, 4, (30,), generator=generator), 4), dim=-1)
+    noise = one_hot(torch.randint(0, 4, (30,), generator=generator), 4)
+    captions = F.normalize(images[text_to_image] + 0.5 * noise, dim=-1)
     scores = captions.double() @ images.double().T
     best = torch.sort(scores, dim=1, descending=True, stable=True)
     listed = recall_at_ks(ranks_in_ranking(best.indices[:, :11], best.values[:, :11], text_to_image), (1, 5, 10))

@@ -151,7 +151,8 @@ def load_gallery(eval_data_dir: str, max_images: int = 0):
 
     coco_root = find_coco_root(eval_data_dir)
     if coco_root is None:
-        raise SystemExit(f"error: no COCO captions at {Path(eval_data_dir) / 'coco2017'}/annotations/captions_val2017.json")
+        expected = Path(eval_data_dir) / "coco2017" / "annotations" / "captions_val2017.json"
+        raise SystemExit(f"error: no COCO captions at {expected}")
     data = load_coco_captions(coco_root)
     if max_images:
         keep = [j for j, i in enumerate(data.text_to_image) if i < max_images]

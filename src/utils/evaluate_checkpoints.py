@@ -27,10 +27,10 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import csv
+import io
 import json
 import logging
 import math
-import io
 import re
 import time
 import zipfile

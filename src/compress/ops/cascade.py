@@ -64,7 +64,8 @@ def rank_candidates(query_features: torch.Tensor, gallery_features: torch.Tensor
     # gathered candidate features are Q×m×D: score in query chunks of ≲ 2**24 elements (m = N on COCO is big)
     rows = max(1, (1 << 24) // max(1, candidates.shape[1] * gallery_features.shape[1]))
     scores = torch.cat([
-        torch.einsum("qd,qmd->qm", query_features[i:i + rows].double(), gallery_features[candidates[i:i + rows]].double())
+        torch.einsum("qd,qmd->qm", query_features[i:i + rows].double(),
+                     gallery_features[candidates[i:i + rows]].double())
         for i in range(0, len(candidates), rows)])
     best = torch.sort(scores, dim=1, descending=True, stable=True)
     return candidates.gather(1, best.indices[:, :keep]), best.values[:, :keep]
