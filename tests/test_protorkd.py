@@ -101,9 +101,9 @@ class FakeTeacher:
     spec = {"type": "fake"}
 
 
-def _cluster_once(corpus: str, world_size: int, rank: int, out: str, episodes: int = 1,
-                  clustering_frequency: int = 1) -> None:
-    """Build the job and a tiny student, start `episodes` episodes (PBT + external), save the job state."""
+def _job_and_context(corpus: str, world_size: int, rank: int, clustering_frequency: int = 1):
+    """The job (PBT + external prototypes) with a fake teacher's cached embeddings, and the part of the
+    trainer's RunContext it reads: a tiny student and the data's episodes."""
     from compress.models.registry import get_preprocess
     from compress.models.text_students import ImageStudent, image_student_spec
     from training.data import CsvDataset, episode_indices
@@ -126,10 +126,18 @@ def _cluster_once(corpus: str, world_size: int, rank: int, out: str, episodes: i
     job.external_features = np.random.default_rng(2).normal(size=(len(dataset), 8)).astype(np.float32)
     data = types.SimpleNamespace(dataset=dataset, episode_indices=lambda epoch: episode_indices(
         len(dataset), args.episode_size, args.seed, epoch))  # the trainer's DataInfo, as far as the job sees it
+    return job, types.SimpleNamespace(unwrapped_model=model, data=data)
+
+
+def _cluster_once(corpus: str, world_size: int, rank: int, out: str, episodes: int = 1,
+                  clustering_frequency: int = 1) -> None:
+    """Start `episodes` episodes; save the job state of each, with the episode's rows this rank computed."""
+    job, ctx = _job_and_context(corpus, world_size, rank, clustering_frequency)
     states = []
     for episode in range(episodes):
-        job.on_epoch_start(episode, types.SimpleNamespace(unwrapped_model=model, data=data))
-        states.append(job.state_dict())
+        job.on_epoch_start(episode, ctx)
+        assert "mapping" not in job.state_dict()  # a pure function of (seed, episode): nothing to save
+        states.append({**job.state_dict(), "mapping": job.mapping})
     torch.save({"state": states[0], "states": states, "teacher": torch.from_numpy(job.teacher_features)},
                os.path.join(out, f"rank{rank}.pt"))
 
@@ -162,6 +170,23 @@ def test_two_ranks_hold_identical_prototypes_equal_to_one_process(tiny_corpus, t
     assert torch.equal(s0["prototypes"]["text_labels"], s["prototypes"]["text_labels"])
     for name in ("image_prototypes", "image_prototypes_external"):
         assert torch.allclose(s0["prototypes"][name], s["prototypes"][name], atol=1e-5), name
+
+
+def test_an_old_checkpoints_saved_mapping_is_ignored_on_resume(tiny_corpus):
+    """Checkpoints from before the mapping was recomputed hold it in job_state: a resume mid-episode
+    recomputes the rows (the same ones), keeps the saved prototypes and labels the rows by them."""
+    job, ctx = _job_and_context(str(tiny_corpus), 1, 0)
+    job.on_epoch_start(0, ctx)
+    old_state = {**job.state_dict(), "mapping": torch.zeros(64, dtype=torch.long)}  # a stale copy, wrong on purpose
+    resumed, resumed_ctx = _job_and_context(str(tiny_corpus), 1, 0)
+    resumed.load_state_dict(old_state)
+    resumed.on_epoch_start(0, resumed_ctx)
+    assert torch.equal(resumed.mapping, ctx.data.episode_indices(0)) and torch.equal(resumed.mapping, job.mapping)
+    for name, value in job.prototypes.items():
+        assert torch.equal(resumed.prototypes[name], value), name  # restored, not re-clustered
+    for name, lookup in job.label_of_row.items():
+        assert torch.equal(resumed.label_of_row[name], lookup), name
+    assert "mapping" not in resumed.state_dict()
 
 
 def test_between_clusterings_a_new_episode_is_labelled_by_nearest_centroid(tiny_corpus, tmp_path):
@@ -206,12 +231,12 @@ def test_end_to_end_and_mid_episode_resume(tiny_corpus, tmp_path):
     resumed = _checkpoint(logs / "cut" / "checkpoints" / "epoch_2.pt")
     for state in (whole["job_state"], resumed["job_state"]):
         assert state["episode"] == 1 and state["clustered_episode"] == 1
-    # the resumed run kept the episode and prototypes it was cut in (no re-clustering on a changed model) …
-    assert torch.equal(resumed["job_state"]["mapping"], mid["job_state"]["mapping"])
+    # the episode's rows are recomputed from (seed, episode), never saved; the resumed run kept the
+    # prototypes it was cut in (no re-clustering on a changed model) …
+    assert not any("mapping" in ckpt["job_state"] for ckpt in (mid, whole, resumed))
     for name, value in mid["job_state"]["prototypes"].items():
         assert torch.equal(resumed["job_state"]["prototypes"][name], value), name
     # … which are those of the uninterrupted run, and so are the weights it ends with
-    assert torch.equal(whole["job_state"]["mapping"], resumed["job_state"]["mapping"])
     for name, value in whole["job_state"]["prototypes"].items():
         assert torch.allclose(resumed["job_state"]["prototypes"][name].float(), value.float(), atol=1e-6), name
     for key, value in whole["state_dict"].items():

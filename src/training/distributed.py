@@ -83,6 +83,11 @@ def init_distributed(device_flag: str = "auto", backend: str | None = None, time
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def is_distributed() -> bool:
+    """More than one process in an initialised group: when a collective has anyone to talk to."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

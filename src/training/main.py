@@ -70,28 +70,25 @@ def run(args) -> Dict[str, Any]:
     transform, tokenizer = job.data_transforms(model)
     data = get_data(args, transform, tokenizer, dist_info.rank, dist_info.world_size, device=dist_info.device,
                     local_rank=dist_info.local_rank, default_cache_dir=os.path.join(log_dir, "cache"))
-    total_steps = data.num_batches // args.accum_freq * args.epochs
     logging.info("%d samples per epoch, %d batches per rank, %d optimizer steps in all",
-                 data.num_samples, data.num_batches, total_steps)
+                 data.num_samples, data.num_batches, data.num_batches // args.accum_freq * args.epochs)
 
     # 4. optimizer, scaler, schedule ------------------------------------------------------------------
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler("cuda") if args.precision == "amp" and dist_info.device.type == "cuda" else None
-    lr_phase_starts = job.lr_phase_starts(data.num_batches // args.accum_freq)
-    scheduler = cosine_schedule(optimizer, args, total_steps, lr_phase_starts)
 
     ctx = RunContext(args=args, dist=dist_info, model=model, unwrapped_model=model, optimizer=optimizer,
-                     scaler=scaler, scheduler=scheduler, data=data, tb_writer=make_tb_writer(args, log_dir, dist_info),
+                     scaler=scaler, scheduler=run_schedule(optimizer, args, data, job), data=data,
+                     tb_writer=make_tb_writer(args, log_dir, dist_info),
                      results_file=open(log_dir / "results.jsonl", "a") if dist_info.is_master else None)
     ctx.save_checkpoint = lambda kind: save_run_checkpoint(ctx, job, log_dir, kind)
-    ctx.extra["lr_phase_starts"] = lr_phase_starts
 
     # 5. resume: weights above; here optimizer, scaler, job state, position and RNG --------------------
     if checkpoint:
         restore_run_state(ctx, job, checkpoint)
         logging.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)",
                      resume_from, ctx.epoch, ctx.step, ctx.step_in_epoch)
-    wrap_model(ctx)
+    wrap_model(ctx, job)
     job.on_train_start(ctx)
 
     # 6. epochs ------------------------------------------------------------------------------------------
@@ -99,10 +96,10 @@ def run(args) -> Dict[str, Any]:
         ctx.epoch = epoch
         replacement = job.on_epoch_start(epoch, ctx)
         if replacement is not None:  # e.g. pruning surgery: a smaller model continues the run
-            replace_model(ctx, replacement)
+            replace_model(ctx, job, replacement)
         data.set_epoch(epoch, ctx.step_in_epoch)
         train_one_epoch(ctx, job)
-        if ctx.extra.get("stopped_early"):
+        if ctx.stopped_early:
             logging.info("stopping at step %d (--stop-after-steps)", ctx.step)
             ctx.save_checkpoint("latest")
             break
@@ -113,7 +110,7 @@ def run(args) -> Dict[str, Any]:
         evaluate_in_loop(ctx, job)
 
     # 7. end ---------------------------------------------------------------------------------------------
-    if not ctx.extra.get("stopped_early"):
+    if not ctx.stopped_early:
         job.on_train_end(ctx)
     summary = {"name": args.name, "job": args.job, "epochs": ctx.epoch, "steps": ctx.step,
                "samples_skipped": ctx.samples_skipped}
@@ -196,26 +193,24 @@ def place_model(model: nn.Module, args, dist_info: DistInfo) -> nn.Module:
     return model
 
 
-def wrap_model(ctx: RunContext) -> None:
+def wrap_model(ctx: RunContext, job) -> None:
     """DDP (and torch.compile) around the plain model; the plain one stays in ctx.unwrapped_model."""
     model = ctx.unwrapped_model
     if ctx.dist.distributed and any(p.requires_grad for p in model.parameters()):
         device_ids = [ctx.dist.local_rank] if ctx.dist.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=device_ids, find_unused_parameters=getattr(ctx.args, "ddp_find_unused", False))
+            model, device_ids=device_ids, find_unused_parameters=job.ddp_find_unused_parameters())
     if ctx.args.torchcompile:
         model = torch.compile(model)
     ctx.model = model
 
 
-def replace_model(ctx: RunContext, new_model: nn.Module) -> None:
+def replace_model(ctx: RunContext, job, new_model: nn.Module) -> None:
     """A job changed the architecture: new optimizer over the new parameters, re-wrapped."""
     ctx.unwrapped_model = place_model(new_model, ctx.args, ctx.dist)
     ctx.optimizer = build_optimizer(ctx.unwrapped_model, ctx.args)
-    ctx.scheduler = cosine_schedule(ctx.optimizer, ctx.args,
-                                    ctx.data.num_batches // ctx.args.accum_freq * ctx.args.epochs,
-                                    ctx.extra.get("lr_phase_starts", (0,)))
-    wrap_model(ctx)
+    ctx.scheduler = run_schedule(ctx.optimizer, ctx.args, ctx.data, job)
+    wrap_model(ctx, job)
 
 
 # --- optimizer and schedule --------------------------------------------------------------------------
@@ -240,6 +235,13 @@ def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
         p.is_floating_point() and p.device.type in ("cpu", "cuda") for _, p in named)
     implementation = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, **implementation)
+
+
+def run_schedule(optimizer: torch.optim.Optimizer, args, data, job):
+    """The run's schedule over `optimizer`: --epochs of the data's optimizer steps, in the job's phases
+    (the same at the start and for a job's replacement model, so the rate carries on by step)."""
+    steps_per_epoch = data.num_batches // args.accum_freq
+    return cosine_schedule(optimizer, args, steps_per_epoch * args.epochs, job.lr_phase_starts(steps_per_epoch))
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, args, total_steps: int, phase_starts=(0,)):
@@ -366,9 +368,7 @@ def evaluate_in_loop(ctx: RunContext, job) -> None:
                                       ("retrieval", args.retrieval_frequency)) if freq and ctx.epoch % freq == 0]
     if not wanted:
         return
-    if not args.eval_data_dir:
-        raise UserError("--zeroshot/--linear/--retrieval-frequency need --eval-data-dir")
-    if ctx.dist.is_master:
+    if ctx.dist.is_master:  # --eval-data-dir is there: parse_args checks it before anything runs
         from training.evaluation import evaluate_model
 
         metrics = evaluate_model(ctx.unwrapped_model, args.eval_data_dir, wanted, ctx.dist.device,

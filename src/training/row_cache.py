@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from training.distributed import is_distributed
+
 
 def cache_key(function: Dict[str, Any], data_path: str, num_rows: int) -> str:
     """Hash of what determines the rows: the function's identity (teacher spec, tokenizer) and the data's."""
@@ -33,12 +35,8 @@ def cache_key(function: Dict[str, Any], data_path: str, num_rows: int) -> str:
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _all_gather(tensor: torch.Tensor) -> List[torch.Tensor]:
-    if not _distributed():
+    if not is_distributed():
         return [tensor]
     pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(pieces, tensor.contiguous())
@@ -46,7 +44,7 @@ def _all_gather(tensor: torch.Tensor) -> List[torch.Tensor]:
 
 
 def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
-    if not _distributed():
+    if not is_distributed():
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
@@ -70,8 +68,8 @@ def load_or_build_row_cache(encode: Callable[[Sequence[str]], torch.Tensor], cap
         logging.info("%s: reusing %s", label, array_path)
         return np.load(array_path, mmap_mode="r")
 
-    rank = dist.get_rank() if _distributed() else 0
-    world_size = dist.get_world_size() if _distributed() else 1
+    rank = dist.get_rank() if is_distributed() else 0
+    world_size = dist.get_world_size() if is_distributed() else 1
     writer = local_rank == 0  # one writer per node
     if writer:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +98,7 @@ def load_or_build_row_cache(encode: Callable[[Sequence[str]], torch.Tensor], cap
         del out
         os.replace(partial_path, array_path)
         done_path.write_text(json.dumps({"rows": num_rows, "dim": dim}))
-    if _distributed():
+    if is_distributed():
         dist.barrier()
     logging.info("%s: wrote %s (%d x %d)", label, array_path, num_rows, dim)
     return np.load(array_path, mmap_mode="r")

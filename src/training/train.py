@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -40,7 +39,7 @@ class RunContext:
     samples_seen: int = 0
     samples_skipped: int = 0
     save_checkpoint: Callable[[str], None] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False  # the loop reached --stop-after-steps: the run ends as if interrupted
 
     def log_scalars(self, scalars: Dict[str, float], step: Optional[int] = None) -> None:
         """Tensorboard + results.jsonl, rank 0 only."""
@@ -134,16 +133,14 @@ def train_one_epoch(ctx: RunContext, job) -> None:
         if dist_info.distributed:
             finite = all_reduce_sum(finite) / dist_info.world_size
         if finite.item() < 1:
-            optimizer.zero_grad(set_to_none=True)
             if not args.skip_nonfinite_loss:
                 raise NonFiniteLossError(
                     f"loss is {total.item()} at step {ctx.step + 1} (epoch {ctx.epoch}); stopping before any "
                     f"checkpoint is written (lower --lr, use --grad-clip-norm, or --skip-nonfinite-loss)")
+            # a skipped step still counts: the schedule, the job's step hooks, the logs, checkpoints,
+            # --stop-after-steps and the epoch's end all see the same step numbers as without the skip
             logging.warning("skipping step %d: non-finite loss %s", ctx.step + 1, total.item())
-            ctx.step += 1
-            continue
-
-        if scaler is not None:
+        elif scaler is not None:
             if args.grad_clip_norm is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
@@ -153,7 +150,7 @@ def train_one_epoch(ctx: RunContext, job) -> None:
             if args.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
             optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients go with it
         ctx.step += 1
         lr = ctx.scheduler(ctx.step)
         job.on_step_end(ctx)
@@ -189,7 +186,7 @@ def train_one_epoch(ctx: RunContext, job) -> None:
         if args.save_every_n_steps and ctx.step % args.save_every_n_steps == 0 and ctx.step_in_epoch < num_batches:
             ctx.save_checkpoint("latest")
         if args.stop_after_steps and ctx.step >= args.stop_after_steps:
-            ctx.extra["stopped_early"] = True
+            ctx.stopped_early = True
             break
         if ctx.step_in_epoch >= steps_per_epoch * args.accum_freq:
             break

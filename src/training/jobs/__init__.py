@@ -10,27 +10,39 @@ automatically (`--job NAME`), and its flags are added by its `add_arguments`. Ho
     job.on_train_start(ctx)
     per epoch:  new = job.on_epoch_start(epoch, ctx)     # may return a replacement model (surgery)
                 per step: losses = job.loss(ddp_model, batch)  → {"loss": total, ...parts}
-                          job.on_step_end(ctx)             # after optimizer.step: clamps, mask updates
+                          job.on_step_end(ctx)             # after optimizer.step (or a skipped step):
+                                                           # temperature clamp, mask updates
                 job.on_epoch_end(epoch, ctx)
     job.on_train_end(ctx)
     job.state_dict() / job.load_state_dict()    # saved in the checkpoint's job_state → exact resume
 
 `ctx` is the trainer's `RunContext` (model, step, epoch, data, args, dist info, tensorboard writer).
+What a job tells the trainer beyond these hooks is declared here too: `lr_phase_starts` (its schedule
+phases), `ddp_find_unused_parameters` (how DDP must wrap its model) and `temperatures` (the log-temperatures
+the base `on_step_end` clamps).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import pkgutil
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
 
+# CLIP clamps its learnable temperature at 100 (logit_scale = log τ⁻¹ ≤ log 100): past it training is unstable
+MAX_LOGIT_SCALE = math.log(100)
+
 
 class Job:
     name: str = ""
     help: str = ""
+    temperatures: Tuple[str, ...] = ("logit_scale",)
+    """Attributes of the trainable model holding a learnable log-temperature; the base `on_step_end`
+    clamps each to [0, MAX_LOGIT_SCALE] after every step. Every model trained here is CLIP-like and has
+    `logit_scale`; a job whose model has another (or none) says so."""
 
     def __init__(self, args: argparse.Namespace, dist_info):
         self.args = args
@@ -55,9 +67,23 @@ class Job:
 
         return get_preprocess(model.model_spec), get_tokenizer(model.model_spec)
 
+    def ddp_find_unused_parameters(self) -> bool:
+        """Whether DDP must look for parameters without a gradient in a step (slower: a graph walk per
+        step). True when some steps leave trainable parameters out of the loss, e.g. losses switched on
+        and off by epoch; otherwise DDP waits for their gradients forever."""
+        return False
+
     # --- step -------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def make_clip_loss(self):
+        """open_clip's contrastive loss, distributed as the trainer's flags ask (--local-loss,
+        --gather-with-grad) over this run's ranks."""
+        from open_clip.loss import ClipLoss
+
+        return ClipLoss(local_loss=self.args.local_loss, gather_with_grad=self.args.gather_with_grad,
+                        cache_labels=True, rank=self.dist.rank, world_size=self.dist.world_size)
 
     # --- schedule ---------------------------------------------------------------------------------
     def lr_phase_starts(self, steps_per_epoch: int) -> List[int]:
@@ -72,7 +98,11 @@ class Job:
         return None
 
     def on_step_end(self, ctx) -> None:
-        pass
+        """After every optimizer step (a skipped non-finite step too, so step-indexed schedules stay in
+        line with ctx.step). Clamps `temperatures`; an override calls this first."""
+        with torch.no_grad():
+            for name in self.temperatures:
+                getattr(ctx.unwrapped_model, name).clamp_(0, MAX_LOGIT_SCALE)
 
     def on_epoch_end(self, epoch: int, ctx) -> None:
         pass

@@ -11,13 +11,12 @@ captions through the teacher's text tower (and the student's, when it has one).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from compress.ops.distill_losses import LOSSES, affinity_loss, cosine_loss, crd_loss, fd_loss, icl_loss
+from compress.ops.distill_losses import LOSSES, DistillFeatures
 from compress.models.registry import build_model, get_tokenizer
 from compress.models.students import (
     copy_teacher_text_tower,
@@ -30,8 +29,6 @@ from compress.models.students import (
 from foundation.errors import UserError
 from training.jobs import Job, add_argument_once
 from training.models import create_clip
-
-MAX_LOGIT_SCALE = math.log(100)
 
 
 def parse_loss_names(text: str) -> List[str]:
@@ -76,8 +73,9 @@ class DistillJob(Job):
                                 "(default: every (teacher/student)-th layer)")
         group.add_argument("--distill-loss", default="cosine",
                            help=f"comma-separated losses from {', '.join(LOSSES)}")
-        for loss_name, (_, _, weight) in LOSSES.items():
-            group.add_argument(f"--{loss_name}-weight", type=float, default=weight, help=f"weight of the {loss_name} loss")
+        for loss_name, entry in LOSSES.items():
+            group.add_argument(f"--{loss_name}-weight", type=float, default=entry.default_weight,
+                               help=f"weight of the {loss_name} loss")
 
     # --- models -------------------------------------------------------------------------------------
 
@@ -86,7 +84,7 @@ class DistillJob(Job):
         if not args.teacher_model:
             raise UserError("--job distill needs --teacher-model (and usually --teacher-pretrained)")
         self.loss_names = parse_loss_names(args.distill_loss)
-        self.needs_text = any(LOSSES[name][1] for name in self.loss_names)
+        self.needs_text = any(LOSSES[name].needs_text for name in self.loss_names)
         if self.needs_text and args.allow_empty_captions:
             raise UserError("--allow-empty-captions keeps caption-less images, which only the image losses "
                             "(cosine, fd) can use; drop it or the caption losses")
@@ -152,31 +150,15 @@ class DistillJob(Job):
                 teacher_text = self.teacher.encode_text(tokens, normalize=True)
         own_text = self.needs_text and self.student_has_text
         out = model(images, batch["text"] if own_text else None)
-        student_image = out["image_features"]
-        # with the teacher's (frozen) text tower the student's text features *are* the teacher's
-        student_text = out["text_features"] if own_text else teacher_text
-        scale = out["logit_scale"]
-
-        parts: Dict[str, torch.Tensor] = {}
-        for name in self.loss_names:
-            if name == "cosine":
-                value = cosine_loss(student_image, teacher_image)
-            elif name == "fd":
-                value = fd_loss(student_image, teacher_image)
-            elif name == "icl":
-                value = icl_loss(student_image, teacher_text, scale)
-                if own_text:  # CLIP-KD's ICL is symmetric: the teacher's images against the student's captions too
-                    value = 0.5 * (value + icl_loss(teacher_image, student_text, scale))
-            elif name == "crd":
-                value = crd_loss(student_image, student_text, teacher_image, teacher_text, scale, teacher_scale)
-            else:
-                value = affinity_loss(student_image, student_text, teacher_image, teacher_text, scale, teacher_scale)
-            parts[f"{name}_loss"] = getattr(self.args, f"{name}_weight") * value
+        features = DistillFeatures(
+            student_image=out["image_features"], teacher_image=teacher_image,
+            # with the teacher's (frozen) text tower the student's text features *are* the teacher's
+            student_text=out["text_features"] if own_text else teacher_text, teacher_text=teacher_text,
+            logit_scale=out["logit_scale"], teacher_logit_scale=teacher_scale, student_has_text=own_text)
+        parts: Dict[str, torch.Tensor] = {
+            f"{name}_loss": getattr(self.args, f"{name}_weight") * LOSSES[name].compute(features)
+            for name in self.loss_names}
         total = sum(parts.values())
         with torch.no_grad():
-            parts["teacher_cosine"] = F.cosine_similarity(student_image, teacher_image, dim=-1).mean()
+            parts["teacher_cosine"] = F.cosine_similarity(features.student_image, teacher_image, dim=-1).mean()
         return {"loss": total, **parts}
-
-    def on_step_end(self, ctx) -> None:
-        with torch.no_grad():
-            ctx.unwrapped_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)

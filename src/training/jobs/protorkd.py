@@ -13,13 +13,11 @@ k-means prototypes of the teacher embeddings, optionally back-translated into th
 external-teacher prototypes). The formulas live in training/proto.py.
 
 Episodes: each epoch is an episode of `--episode-size` row indices drawn with replacement from the first
-`--dataset-size` rows (`--episode-size 0`: every row once, shuffled). Rank 0 draws the mapping and
-clusters; the mapping, prototypes and labels reach the other ranks through torch.distributed (no files)
-and are saved in the checkpoint's job_state, so a resume continues the same episode with the same
-prototypes.
-
-The trainer's sampler walks the episodes (`--episode-size`, training/data.py); this job reads the same
-mapping through `ctx.data.episode_indices(epoch)`.
+`--dataset-size` rows (`--episode-size 0`: every row once, shuffled). The mapping is a pure function of
+(seed, epoch) (`training.data.episode_indices`, the one the trainer's sampler walks): every rank computes
+it, and a resume recomputes it, so it is neither sent nor saved. Rank 0 clusters; the prototypes and
+labels reach the other ranks through torch.distributed (no files) and are saved in the checkpoint's
+job_state, so a resume continues the episode with the same prototypes.
 """
 from __future__ import annotations
 
@@ -35,21 +33,27 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from training import proto
-from training.distributed import broadcast_object
+from training.distributed import broadcast_object, is_distributed
 from foundation.errors import UserError
 from training.jobs import Job, add_argument_once
 
 DISTILLERS = ("mse", "rkd", "infonce", "proto")
-MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps its temperature at 100
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+# the loss weights: (flag, default, what it weighs)
+LOSS_WEIGHTS = (
+    ("--w-simreg", 1.0, "the mse (SimReg) loss"),
+    ("--w-rkd-d", 0.5, "the RKD distance term"),
+    ("--w-rkd-a", 1.0, "the RKD angle term (0 skips its O(B³) cost)"),
+    ("--w-clip", 1.0, "InfoNCE (infonce and proto)"),
+    ("--w-proto", 1.0, "the prototype loss"),
+    ("--w-proto-external", 0.0, "the external-prototype loss"),
+)
 
 
 class ProtoRKDJob(Job):
     name = "protorkd"
     help = "distil a frozen text teacher into an image student (SimReg/RKD/InfoNCE/ProtoCLIP), episodic"
+    temperatures = ("logit_scale", "logit_scale_proto")
 
     @staticmethod
     def add_arguments(group) -> None:
@@ -85,12 +89,8 @@ class ProtoRKDJob(Job):
         group.add_argument("--external-teacher", default=None,
                            help=".npy of per-row embeddings (rows = TSV rows) whose clusters give the external "
                                 "prototypes (default: the teacher's embeddings)")
-        group.add_argument("--w-simreg", type=float, default=1.0, help="weight of the mse (SimReg) loss")
-        group.add_argument("--w-rkd-d", type=float, default=0.5, help="weight of the RKD distance term")
-        group.add_argument("--w-rkd-a", type=float, default=1.0, help="weight of the RKD angle term (0 skips its O(B³) cost)")
-        group.add_argument("--w-clip", type=float, default=1.0, help="weight of InfoNCE (infonce and proto)")
-        group.add_argument("--w-proto", type=float, default=1.0, help="weight of the prototype loss")
-        group.add_argument("--w-proto-external", type=float, default=0.0, help="weight of the external-prototype loss")
+        for flag, default, weighed in LOSS_WEIGHTS:
+            group.add_argument(flag, type=float, default=default, help=f"weight of {weighed}")
         group.add_argument("--infonce-warmup-epoch", type=int, default=0,
                            help="proto: InfoNCE only for the first N episodes")
         group.add_argument("--lit-start-epoch", type=int, default=-1,
@@ -107,7 +107,8 @@ class ProtoRKDJob(Job):
         if args.lit_start_epoch >= 0 and not self.uses_infonce:
             raise UserError("--lit-start-epoch trains the head with InfoNCE only: add infonce (or proto) to --distiller")
         self.uses_external = self.uses_proto and args.w_proto_external > 0
-        # episode state (all ranks hold the same values; saved in job_state)
+        # episode state (all ranks hold the same values; saved in job_state, except the mapping, which
+        # every rank recomputes from (seed, episode))
         self.episode = -1
         self.mapping: Optional[torch.Tensor] = None
         self.prototypes: Dict[str, torch.Tensor] = {}
@@ -157,15 +158,13 @@ class ProtoRKDJob(Job):
         # temperatures train only when a loss uses them (an unused parameter would stall DDP)
         model.logit_scale.requires_grad_(self.uses_infonce)
         model.logit_scale_proto.requires_grad_(self.uses_proto)
-        # losses switched on/off by episode (warm-up, LiT) leave parameters without gradient in some steps
-        if self.uses_proto or args.lit_start_epoch >= 0:
-            args.ddp_find_unused = True
         self.teacher = teacher
-        from open_clip.loss import ClipLoss
-
-        self.clip_loss = ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
-                                  cache_labels=True, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.clip_loss = self.make_clip_loss()
         return model
+
+    def ddp_find_unused_parameters(self) -> bool:
+        # losses switched on/off by episode (warm-up, LiT) leave parameters without gradient in some steps
+        return self.uses_proto or self.args.lit_start_epoch >= 0
 
     def data_transforms(self, model):
         from compress.models.registry import get_preprocess
@@ -211,8 +210,8 @@ class ProtoRKDJob(Job):
     # --- episodes -------------------------------------------------------------------------------------
 
     def episode_indices(self, episode: int, ctx) -> torch.Tensor:
-        """Row indices of `episode`, as the trainer's sampler walks them (a pure function of seed and
-        episode, training/data.py); rank 0's copy is broadcast so every rank clusters the same rows."""
+        """Row indices of `episode`, as the trainer's sampler walks them: a pure function of seed and
+        episode (training/data.py), so every rank computes the same rows without being sent them."""
         mapping = ctx.data.episode_indices(episode)
         # a full pass (no --episode-size): the trainer shuffles; the prototypes cover every row
         return mapping if mapping is not None else torch.arange(self.dataset_size)
@@ -224,9 +223,8 @@ class ProtoRKDJob(Job):
         return 0 <= self.args.lit_start_epoch <= episode
 
     def on_epoch_start(self, epoch: int, ctx):
-        if self.episode != epoch:  # a fresh episode (a resume mid-episode keeps the restored one)
-            mapping = self.episode_indices(epoch, ctx) if self.dist.is_master else None
-            self.mapping = broadcast_object(mapping)
+        # recomputed on every rank and at every start, a resume mid-episode included (it is not saved)
+        self.mapping = self.episode_indices(epoch, ctx)
         if self.proto_active(epoch):
             due = (not self.prototypes or self.clustered_episode < 0
                    or epoch - self.clustered_episode >= self.args.clustering_frequency)
@@ -309,7 +307,7 @@ class ProtoRKDJob(Job):
         if pieces:
             local = torch.cat(pieces)
             features[:len(local)] = local
-        if _distributed():
+        if is_distributed():
             gathered = [torch.empty_like(features) for _ in range(world_size)]
             dist.all_gather(gathered, features)
             features = torch.cat(gathered)
@@ -355,17 +353,10 @@ class ProtoRKDJob(Job):
         losses["loss"] = sum(losses.values())
         return losses
 
-    def on_step_end(self, ctx) -> None:
-        with torch.no_grad():
-            ctx.unwrapped_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            ctx.unwrapped_model.logit_scale_proto.clamp_(0, MAX_LOGIT_SCALE)
-
     # --- state ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
         state: Dict[str, Any] = {"episode": self.episode, "clustered_episode": self.clustered_episode}
-        if self.mapping is not None:
-            state["mapping"] = self.mapping
         if self.prototypes:
             state["prototypes"] = dict(self.prototypes)
         return state
@@ -373,5 +364,5 @@ class ProtoRKDJob(Job):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.episode = int(state.get("episode", -1))
         self.clustered_episode = int(state.get("clustered_episode", -1))
-        self.mapping = state.get("mapping")
+        # checkpoints written before the mapping was recomputed also hold "mapping": the same rows, unused
         self.prototypes = dict(state.get("prototypes") or {})

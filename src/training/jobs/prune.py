@@ -23,7 +23,6 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
 
 from compress.models import pruning
 from compress.ops.profile import params_and_macs
@@ -31,7 +30,6 @@ from compress.models.registry import build_model, open_clip_spec
 from training.distributed import all_reduce_sum
 from foundation.errors import UserError
 from training.jobs import Job, add_argument_once
-from training.jobs.clip import MAX_LOGIT_SCALE
 from training.models import create_clip
 
 
@@ -127,8 +125,7 @@ class PruneJob(Job):
         model.output_dict = True
         if args.grad_checkpointing:
             model.set_grad_checkpointing(True)  # kept by surgery (prune_clip copies the model)
-        self.clip_loss = ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
-                                  cache_labels=True, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.clip_loss = self.make_clip_loss()
         return model
 
     # --- hooks --------------------------------------------------------------------------------------
@@ -174,8 +171,7 @@ class PruneJob(Job):
         return pruned
 
     def on_step_end(self, ctx) -> None:
-        with torch.no_grad():
-            ctx.unwrapped_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        super().on_step_end(ctx)  # the temperature clamp
         if self.pruned:
             return
         t = ctx.step - 1  # index of the step just taken
