@@ -1,5 +1,6 @@
 """The trainer spine, run for real as subprocesses: one process, torchrun, kill -9 + resume, bad data."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -196,6 +197,57 @@ def test_nonfinite_loss_stops_without_writing_a_checkpoint(tiny_corpus, tmp_path
     for path in (tmp_path / "nan" / "checkpoints").glob("*.pt"):
         state = torch.load(path, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
+
+
+def test_skipped_nonfinite_steps_still_count(tiny_corpus, tmp_path):
+    """--skip-nonfinite-loss: a skipped step advances the schedule and meets --stop-after-steps and the end
+    of the epoch like any other. 1e30 blows the weights up at step 1, so steps 2… are non-finite and skipped;
+    with --accum-freq 3 an epoch is 5 steps (15 of its 16 batches), 10 steps in the 2 epochs."""
+    args = common_args(tiny_corpus, tmp_path, "skip", "--epochs", "2", "--lr", "1e30", "--warmup", "1",
+                       "--accum-freq", "3", "--skip-nonfinite-loss", "--stop-after-steps", "8")
+    result = run_trainer(args)
+    for step in (5, 8):  # the last step of epoch 0 and the one --stop-after-steps ends on were skipped
+        assert f"skipping step {step}: non-finite loss" in result.stderr
+    checkpoints = tmp_path / "skip" / "checkpoints"
+    assert {p.name for p in checkpoints.iterdir()} == {"epoch_1.pt", "epoch_latest.pt"}  # stopped in epoch 1
+
+    def scheduled_lr(step):  # warm-up 1, then cosine over the 10 steps (training.main.cosine_schedule)
+        return 1e30 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 9))
+
+    epoch_end = torch.load(checkpoints / "epoch_1.pt", weights_only=True)
+    assert epoch_end["step"] == 5 and epoch_end["samples_seen"] == 15 * 16  # the 16th batch was left out
+    assert epoch_end["optimizer"]["param_groups"][0]["lr"] == pytest.approx(scheduled_lr(5))
+    stopped = torch.load(checkpoints / "epoch_latest.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["step"], stopped["step_in_epoch"]) == (1, 8, 9)
+    assert stopped["optimizer"]["param_groups"][0]["lr"] == pytest.approx(scheduled_lr(8))
+
+
+def test_in_loop_eval_without_eval_data_fails_before_training(tiny_corpus, tmp_path):
+    started = time.perf_counter()
+    result = run_trainer(common_args(tiny_corpus, tmp_path, "noeval", "--epochs", "1", "--zeroshot-frequency", "1"),
+                         check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --zeroshot/--linear/--retrieval-frequency need --eval-data-dir"
+    assert not (tmp_path / "noeval").exists()  # no run folder: it stopped at the flags
+    assert time.perf_counter() - started < 60, "failed, but only after training"
+
+
+def test_resume_latest_orders_checkpoints_by_epoch_then_step(tmp_path):
+    from foundation.checkpoint import find_resume_checkpoint
+
+    def write(name, epoch, step):
+        torch.save({"epoch": epoch, "step": step}, tmp_path / name)
+
+    write("epoch_1.pt", 1, 100)
+    write("epoch_2.pt", 2, 150)
+    # left by the same run before a restart from epoch_1.pt with fewer steps per epoch: a higher step, but
+    # older (fewer epochs done) than epoch_2.pt
+    write("epoch_latest.pt", 1, 180)
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "epoch_2.pt"
+    write("epoch_latest.pt", 2, 160)  # mid-epoch 2, after epoch_2.pt
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "epoch_latest.pt"
+    (tmp_path / "epoch_3.pt").write_bytes(b"truncated")  # unreadable: passed over
+    assert find_resume_checkpoint(tmp_path) != tmp_path / "epoch_3.pt"
 
 
 def test_caption_less_images_train_image_only_distillation(tiny_corpus, tmp_path):
