@@ -177,9 +177,11 @@ def render(entry: EntryPoint, parser: argparse.ArgumentParser) -> str:
     for group in parser._action_groups:
         actions = [a for a in group._group_actions if not isinstance(a, argparse._HelpAction)
                    and a.help is not argparse.SUPPRESS]
-        if not actions:
-            continue
         title = default_titles.get(id(group), group.title or "")
+        if not actions:
+            if id(group) not in default_titles:  # a declared group, e.g. a job without flags of its own
+                lines += [f"## {_escape(title)}", "", "No flags of its own.", ""]
+            continue
         lines += [f"## {_escape(title)}", ""]
         if group.description:
             lines += [_escape(group.description), ""]
