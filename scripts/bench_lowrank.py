@@ -15,17 +15,9 @@ import time
 
 import torch
 
-from compress.ops.lowrank import low_rank
-from compress.ops.profile import make_flop_counter
 from compress.models.registry import build_model, open_clip_spec
-
-
-def macs_per_image(model, image_size: int) -> int:
-    # grad enabled: under no_grad nn.MultiheadAttention takes a fused fast path FlopCounterMode does not count
-    counter = make_flop_counter()
-    with torch.enable_grad(), counter:
-        model.encode_image(torch.randn(1, 3, image_size, image_size))
-    return counter.get_total_flops() // 2
+from compress.ops.lowrank import low_rank
+from compress.ops.profile import params_and_macs
 
 
 def image_params(model) -> int:
@@ -64,9 +56,10 @@ def main() -> None:
                 times[name].append((time.perf_counter() - start) * 1000)
 
     with torch.no_grad():
-        error = (factorised.encode_image(images[:4]) - dense.encode_image(images[:4])).norm() / dense.encode_image(images[:4]).norm()
+        reference = dense.encode_image(images[:4])
+        error = (factorised.encode_image(images[:4]) - reference).norm() / reference.norm()
     dense_ms, lowrank_ms = statistics.median(times["dense"]), statistics.median(times["lowrank"])
-    dense_macs, lowrank_macs = macs_per_image(dense, image_size), macs_per_image(factorised, image_size)
+    dense_macs, lowrank_macs = (params_and_macs(m)["macs_image"] for m in (dense, factorised))
     print(f"{'':10}{'image params':>14}{'MACs/image':>14}{'ms/batch':>12}   (batch {args.batch_size}, "
           f"median of {args.repeats}, {torch.get_num_threads()} threads)")
     print(f"{'dense':10}{image_params(dense):>14,}{dense_macs:>14,}{dense_ms:>12.1f}")

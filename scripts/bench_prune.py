@@ -4,7 +4,7 @@ and p = 0.75, measured side by side in one run.
     PYTHONPATH=src python scripts/bench_prune.py                  # CPU, batch 32
     PYTHONPATH=src python scripts/bench_prune.py --device cuda --repeats 20
 
-The masks come from weight magnitudes (compress.pruning.magnitude_prune_scores) through the same unified
+The masks come from weight magnitudes (compress.models.pruning.magnitude_prune_scores) through the same unified
 allocation the prune job uses, applied to the image tower only: no data is needed to measure speed, and
 the pruned shapes are what a search at the same p yields up to which units are cut. Latencies are medians
 of interleaved repeats (each round times every model once, so machine load hits them alike). On a shared
@@ -22,12 +22,13 @@ import time
 import torch
 
 from compress.models import pruning
-from compress.ops.profile import params_and_macs
+from compress.models.compact_clip import to_compact
 from compress.models.registry import build_model
+from compress.ops.profile import params_and_macs
 
 
 def prune_image_tower(model, p: float, prune_heads: bool):
-    masks = pruning.init_masks(model, prune_heads=prune_heads, towers=("visual",))
+    masks = pruning.init_masks(model, prune_heads=prune_heads, towers=("image",))
     scores = pruning.magnitude_prune_scores(model, masks)
     final = pruning.allocate_masks(scores, pruning.mask_costs(model, masks), target=p, p=p)
     return pruning.prune_clip(model, final)
@@ -51,9 +52,9 @@ def main() -> None:
 
     dense = build_model({"kind": "open_clip", "model": args.model}).eval()
     models = {"dense (nn.MultiheadAttention)": dense,
-              "dense (PrunedAttention, nothing cut)": pruning.with_prunable_attention(copy.deepcopy(dense))}
+              "dense (CompactBlock, nothing cut)": to_compact(copy.deepcopy(dense))}
     for p in (float(x) for x in args.ps.split(",")):
-        models[f"pruned p={p:g}"] = prune_image_tower(models["dense (PrunedAttention, nothing cut)"], p,
+        models[f"pruned p={p:g}"] = prune_image_tower(models["dense (CompactBlock, nothing cut)"], p,
                                                       args.prune_heads)
 
     size = {name: params_and_macs(m) for name, m in models.items()}
@@ -98,9 +99,9 @@ def main() -> None:
               f"{ms:9.1f} {base_ms / ms:7.2f}x {cpu:9.1f} {base_cpu / cpu:7.2f}x")
     for name in towers:
         if name.startswith("pruned"):
-            widths = pruning.layer_shapes(models[name])["visual"]
-            print(f"{name}: head_dim per layer {[l['head_dim'] for l in widths]}, heads {[l['heads'] for l in widths]}, "
-                  f"mlp {[l['mlp_width'] for l in widths]}")
+            widths = pruning.layer_shapes(models[name])["image"]
+            print(f"{name}: head_dim per layer {[w['head_dim'] for w in widths]}, "
+                  f"heads {[w['heads'] for w in widths]}, mlp {[w['mlp_width'] for w in widths]}")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,20 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import compress
-from compress.ops.calibration import squared_gradients
-from compress.models.compact_clip import FactorizedLinear, clone, compact_blocks, refresh_spec
-from compress.ops.fisher_prune import _block_inputs, fisher_prune, rearrange, rescale_block, search_under_constraint
-from compress.ops.heads import keep_heads, keep_neurons, prune_heads_by_sensitivity
-from compress.ops.lowrank import factorize_linear, fisher_row_weights, low_rank, rank_for_ratio, svd_factors
+from compress.models.compact_clip import (
+    FactorizedLinear,
+    clone,
+    compact_blocks,
+    keep_heads,
+    keep_neurons,
+    refresh_spec,
+    to_compact,
+)
 from compress.models.registry import build_model, open_clip_spec
+from compress.ops.calibration import squared_gradients
+from compress.ops.fisher_prune import _block_inputs, fisher_prune, rearrange, rescale_block, search_under_constraint
+from compress.ops.heads import prune_heads_by_sensitivity
+from compress.ops.lowrank import factorize_linear, fisher_row_weights, low_rank, rank_for_ratio, svd_factors
 from compress.ops.text_layers import drop_text_layers
 from compress.ops.token_mask import mask_tokens
 
@@ -238,7 +246,8 @@ def test_rearrangement_uses_interactions_within_a_layer():
     diagonal_choice = torch.tensor([False, True, False])
     assert rearrange(gradients, diagonal_choice).tolist() == [False, False, True]
     # never worse than the diagonal choice
-    assert rearrange(torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([True, False, False])).tolist() == [True, False, False]
+    lone = torch.tensor([True, False, False])
+    assert rearrange(torch.tensor([[1.0, 0.0, 0.0]]), lone).tolist() == [True, False, False]
 
 
 def test_fisher_pruning_meets_the_mac_constraint(dense, inputs, batches):
@@ -297,7 +306,7 @@ def upop_pruned(dense):
     units cut at random from both towers, every layer keeping at least one."""
     from compress.models import pruning
 
-    model = pruning.with_prunable_attention(clone(dense))
+    model = to_compact(clone(dense))
     generator = torch.Generator().manual_seed(7)
     masks = pruning.init_masks(model, prune_heads=False)
     for mask in masks.values():

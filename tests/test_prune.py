@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
-import types
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ import torch
 
 import compress
 from compress.models import pruning
-from compress.ops.profile import params_and_macs
+from compress.models.compact_clip import CompactBlock, clone, compact_spec, refresh_spec, to_compact, tower_blocks
 from compress.models.registry import build_model
+from compress.ops.profile import params_and_macs
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MODEL = "clipc-vit-t2-32"
@@ -60,49 +62,50 @@ def test_schedule_endpoints_and_shape():
 
 def test_allocation_matches_hand_computed_cut():
     scores = {
-        "visual.0.head_dim": torch.tensor([2.0, -2.0]),
+        "image.0.head_dim": torch.tensor([2.0, -2.0]),
         "text.0.head_dim": torch.tensor([0.5, -0.5]),
-        "visual.0.mlp": torch.tensor([4.0, 1.0, 0.0, -1.0]),
+        "image.0.mlp": torch.tensor([4.0, 1.0, 0.0, -1.0]),
         "text.0.mlp": torch.tensor([0.5, -0.5, -2.0, -2.0]),
     }
-    costs = {"visual.0.head_dim": 3, "text.0.head_dim": 3, "visual.0.mlp": 1, "text.0.mlp": 1}
+    costs = {"image.0.head_dim": 3, "text.0.head_dim": 3, "image.0.mlp": 1, "text.0.mlp": 1}
     # standardised per group (mean 0; std 1.6833 attention, 1.9457 mlp), sorted high → low with costs:
     # vm0 2.056 (1), va0 1.188 (3), vm1 0.514 (1), ta0 0.297 (3), tm0 0.257 (1), vm2 0 (1), tm1 (1),
     # ta1 (3), vm3 (1), tm2 (1), tm3 (1), va1 (3); cumulative 1 4 5 8 9 10 11 14 15 16 17 20 of 20.
     # target 0.4 → 8 params: the first four are cut, at value 1 − 0.4/0.8 = 0.5
     masks = pruning.allocate_masks(scores, costs, target=0.4, p=0.8)
-    assert masks["visual.0.head_dim"].tolist() == [0.5, 1.0]
+    assert masks["image.0.head_dim"].tolist() == [0.5, 1.0]
     assert masks["text.0.head_dim"].tolist() == [0.5, 1.0]
-    assert masks["visual.0.mlp"].tolist() == [0.5, 0.5, 1.0, 1.0]
+    assert masks["image.0.mlp"].tolist() == [0.5, 0.5, 1.0, 1.0]
     assert masks["text.0.mlp"].tolist() == [1.0, 1.0, 1.0, 1.0]
     # target p = 0.8 → 16 params: the first ten are cut (value 0); that would empty text attention and the
     # visual MLP, so each keeps its most important entry (ta1, vm3)
     masks = pruning.allocate_masks(scores, costs, target=0.8, p=0.8)
-    assert masks["visual.0.head_dim"].tolist() == [0.0, 1.0]
+    assert masks["image.0.head_dim"].tolist() == [0.0, 1.0]
     assert masks["text.0.head_dim"].tolist() == [0.0, 1.0]
-    assert masks["visual.0.mlp"].tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert masks["image.0.mlp"].tolist() == [0.0, 0.0, 0.0, 1.0]
     assert masks["text.0.mlp"].tolist() == [0.0, 0.0, 0.0, 1.0]
 
 
 def test_every_layer_keeps_a_unit_at_extreme_targets(dense):
-    model = pruning.with_prunable_attention(copy.deepcopy(dense))
+    model = to_compact(copy.deepcopy(dense))
     masks = pruning.init_masks(model)
     scores = {k: torch.randn(m.shape) for k, m in masks.items()}
     final = pruning.allocate_masks(scores, pruning.mask_costs(model, masks), target=0.99, p=0.99)
     assert all(bool((m == 1).any()) for m in final.values())
     assert set(torch.cat(list(final.values())).tolist()) <= {0.0, 1.0}
     small = pruning.prune_clip(model, final)
-    for layers in small.model_spec["towers"].values():
-        assert all(l["heads"] >= 1 and l["head_dim"] >= 1 and l["mlp_width"] >= 1 for l in layers)
+    layers = small.model_spec["blocks"].values()
+    assert len(layers) == 4  # every layer of both towers (2 + 2)
+    assert all(shape["heads"] >= 1 and shape["head_dim"] >= 1 and shape["mlp_width"] >= 1 for shape in layers)
 
 
 def test_mask_costs_are_the_parameters_removed(dense):
-    model = pruning.with_prunable_attention(copy.deepcopy(dense))
+    model = to_compact(copy.deepcopy(dense))
     for prune_heads in (False, True):
         masks = random_hard_masks(model, prune_heads)
         costs = pruning.mask_costs(model, masks)
         # width 64, 2 heads of 32: a head dim carries 2·(3·65 + 64) = 518 params, a head 32·259, an MLP unit 129
-        assert costs["visual.0.head" if prune_heads else "visual.0.head_dim"] == (32 * 259 if prune_heads else 518)
+        assert costs["image.0.head" if prune_heads else "image.0.head_dim"] == (32 * 259 if prune_heads else 518)
         assert costs["text.1.mlp"] == 129
         removed = sum(costs[k] * int((m == 0).sum()) for k, m in masks.items())
         small = pruning.prune_clip(model, masks)
@@ -116,7 +119,7 @@ def test_mask_costs_are_the_parameters_removed(dense):
 @pytest.mark.parametrize("prune_heads", [False, True])
 def test_surgery_equals_hard_masked_model(dense, inputs, prune_heads):
     images, tokens = inputs
-    masked = pruning.with_prunable_attention(copy.deepcopy(dense))
+    masked = to_compact(copy.deepcopy(dense))
     masks = random_hard_masks(masked, prune_heads, seed=3)
     pruning.attach_masks(masked, masks)
     small = pruning.prune_clip(masked, masks)
@@ -127,15 +130,15 @@ def test_surgery_equals_hard_masked_model(dense, inputs, prune_heads):
     # genuinely smaller: sliced shapes, fewer parameters
     kept = {k: int((m != 0).sum()) for k, m in masks.items()}
     unit = "head" if prune_heads else "head_dim"
-    layer = small.model_spec["towers"]["visual"][0]
-    assert layer["heads" if prune_heads else "head_dim"] == kept[f"visual.0.{unit}"]
-    assert layer["mlp_width"] == kept["visual.0.mlp"] == small.visual.transformer.resblocks[0].mlp.c_fc.out_features
+    layer = small.model_spec["blocks"]["visual.transformer.resblocks.0"]
+    assert layer["heads" if prune_heads else "head_dim"] == kept[f"image.0.{unit}"]
+    assert layer["mlp_width"] == kept["image.0.mlp"] == small.visual.transformer.resblocks[0].mlp.c_fc.out_features
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in dense.parameters())
 
 
 def test_soft_mask_values_are_folded_into_the_weights(dense, inputs):
     images, tokens = inputs
-    masked = pruning.with_prunable_attention(copy.deepcopy(dense))
+    masked = to_compact(copy.deepcopy(dense))
     masks = random_hard_masks(masked, False, seed=5)
     for mask in masks.values():
         mask.mul_(torch.linspace(0.3, 1.0, mask.numel()))  # kept entries at fractional values (mid-search)
@@ -148,7 +151,7 @@ def test_soft_mask_values_are_folded_into_the_weights(dense, inputs):
 
 def test_checkpoint_round_trip_through_compress_load(dense, inputs, tmp_path):
     images, tokens = inputs
-    model = pruning.with_prunable_attention(copy.deepcopy(dense))
+    model = to_compact(copy.deepcopy(dense))
     masks = random_hard_masks(model, False, seed=7)
     small = pruning.prune_clip(model, masks)
     torch.save({"model_spec": small.model_spec, "state_dict": small.state_dict()}, tmp_path / "pruned.pt")
@@ -168,13 +171,98 @@ def test_checkpoint_round_trip_through_compress_load(dense, inputs, tmp_path):
         torch.testing.assert_close(searched.encode_image(images), small.encode_image(images), atol=1e-5, rtol=0)
 
 
+def packed_like_before_compact_blocks(state_dict):
+    """A state dict as the code before the compact block wrote it: UPop's attention (PrunedAttention) held
+    nn.MultiheadAttention's names, q, k and v packed as [q; k; v] rows of `in_proj_weight`/`in_proj_bias`."""
+    qkv = ("q_proj", "k_proj", "v_proj")
+    packed = {key: value for key, value in state_dict.items() if not any(f".attn.{n}." in key for n in qkv)}
+    for key in state_dict:
+        for part in ("weight", "bias"):
+            if key.endswith(f".attn.q_proj.{part}"):
+                prefix = key[: -len(f"q_proj.{part}")]
+                packed[f"{prefix}in_proj_{part}"] = torch.cat([state_dict[f"{prefix}{n}.{part}"] for n in qkv])
+    return packed
+
+
+def test_checkpoints_in_the_format_before_compact_blocks_still_load(dense, inputs, tmp_path):
+    images, tokens = inputs
+    model = to_compact(copy.deepcopy(dense))
+    masks = random_hard_masks(model, False, seed=11)
+    small = pruning.prune_clip(model, masks)
+    # the old pruned_clip spec: the dense config and per-tower lists of layer shapes, towers named visual/text
+    shapes = pruning.layer_shapes(small)
+    old_spec = {"kind": "pruned_clip", "model": MODEL, "towers": {"visual": shapes["image"], "text": shapes["text"]}}
+
+    # nothing cut: the old code wrote the dense CLIP's own state dict, and the model computed the dense function
+    full = {"kind": "pruned_clip", "model": MODEL, "towers": {
+        "visual": [{"heads": 2, "head_dim": 32, "mlp_width": 256}] * 2,
+        "text": [{"heads": 2, "head_dim": 32, "mlp_width": 256}] * 2}}
+    torch.save({"model_spec": full, "state_dict": dense.state_dict()}, tmp_path / "old_full.pt")
+    unpruned = compress.load(tmp_path / "old_full.pt")
+    assert all(isinstance(block, CompactBlock) for tower in ("image", "text")
+               for block in tower_blocks(unpruned, tower))
+    with torch.no_grad():
+        torch.testing.assert_close(unpruned.encode_image(images), dense.encode_image(images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(unpruned.encode_text(tokens), dense.encode_text(tokens), atol=1e-5, rtol=0)
+
+    # pruned: the same shapes, weights and function; cut head dims keep the dense head width's softmax scale
+    torch.save({"model_spec": old_spec, "state_dict": packed_like_before_compact_blocks(small.state_dict())},
+               tmp_path / "old_pruned.pt")
+    loaded = compress.load(tmp_path / "old_pruned.pt")
+    assert loaded.model_spec == old_spec and pruning.layer_shapes(loaded) == shapes
+    attn = loaded.visual.transformer.resblocks[0].attn
+    assert attn.head_dim < 32 and attn.softmax_scale == pytest.approx(32 ** -0.5)
+    assert compact_spec(loaded)["blocks"] == compact_spec(small)["blocks"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), small.encode_image(images), atol=0, rtol=0)
+        torch.testing.assert_close(loaded.encode_text(tokens), small.encode_text(tokens), atol=0, rtol=0)
+
+    # the old masked_clip: mask names with the visual tower, the dense weights under their packed names
+    old_masks = {key.replace("image.", "visual.", 1): mask for key, mask in masks.items()}
+    old_search = pruning.masked_spec({"kind": "open_clip", "model": MODEL}, old_masks)
+    torch.save({"model_spec": old_search, "state_dict": dense.state_dict()}, tmp_path / "old_search.pt")
+    searched = compress.load(tmp_path / "old_search.pt")
+    assert set(pruning.attached_masks(searched)) == set(masks)
+    with torch.no_grad():
+        torch.testing.assert_close(searched.encode_image(images), small.encode_image(images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(searched.encode_text(tokens), small.encode_text(tokens), atol=1e-5, rtol=0)
+
+
+def test_compress_load_does_not_report_a_random_model(dense, tmp_path, caplog):
+    """open_clip warns that a model built without weights "initialized randomly"; compress.load fills the
+    weights right after, so none of its builds may say so."""
+    import open_clip
+
+    def random_init_warnings():
+        return [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+    with caplog.at_level(logging.DEBUG):
+        open_clip.create_model(MODEL, pretrained=None)
+    assert random_init_warnings()  # the record reaches caplog when nothing silences it
+
+    model = to_compact(copy.deepcopy(dense))
+    masks = random_hard_masks(model, False)
+    small = pruning.prune_clip(model, masks)
+    pruning.attach_masks(model, masks)
+    checkpoints = {"open_clip": (dense.model_spec, dense), "pruned_clip": (small.model_spec, small),
+                   "compact_clip": (refresh_spec(clone(small)).model_spec, small),
+                   "masked_clip": (pruning.masked_spec(dense.model_spec, masks), model)}
+    for kind, (spec, weights) in checkpoints.items():
+        torch.save({"model_spec": spec, "state_dict": weights.state_dict()}, tmp_path / f"{kind}.pt")
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG):
+            loaded = compress.load(tmp_path / f"{kind}.pt")
+        assert loaded.model_spec["kind"] == kind
+        assert not random_init_warnings(), kind
+
+
 def test_params_and_macs_count_attention_and_shrink(dense):
     size = params_and_macs(dense)
     # image tower by hand: 17 tokens (16 patches + class), width 64, 2 layers: per layer 12·64² MACs per
     # token in the projections + 2·17·64 for QKᵀ and AV; patch conv 16·(3·8·8)·64; projection 64·64
     per_layer = 17 * 12 * 64 * 64 + 2 * 17 * 17 * 64
     assert size["macs_image"] == 2 * per_layer + 16 * 192 * 64 + 64 * 64
-    model = pruning.with_prunable_attention(copy.deepcopy(dense))
+    model = to_compact(copy.deepcopy(dense))
     small = pruning.prune_clip(model, random_hard_masks(model, False))
     assert params_and_macs(small)["macs_image"] < size["macs_image"]
 

@@ -22,13 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import compress
-from compress.models.registry import (
-    get_preprocess,
-    get_tokenizer,
-    load_checkpoint_file,
-    open_clip_spec,
-    strip_module_prefix,
-)
+from compress.models.registry import get_preprocess, get_tokenizer, open_clip_spec
+from foundation.checkpoint import load_checkpoint
 from foundation.model_configs import register_model_configs
 
 
@@ -95,7 +90,7 @@ def load_encoder(
     if isinstance(source, Mapping):
         checkpoint = source
     elif os.path.isfile(source):
-        checkpoint = load_checkpoint_file(os.fspath(source))
+        checkpoint = load_checkpoint(os.fspath(source))
         params = read_params_beside_checkpoint(source)
     elif _looks_like_a_path(source):
         raise FileNotFoundError(f"checkpoint not found: {source}")

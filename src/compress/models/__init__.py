@@ -1,6 +1,6 @@
 """Model kinds: what a checkpoint's `model_spec` can describe, and how each kind is rebuilt.
 
-Importing this package registers every kind (the registry comes first: the kind modules register into it).
+Importing this package registers every kind: each kind module registers its builders into
+`compress.models.registry` when imported.
 """
-from compress.models import registry  # noqa: F401  (first: the kind modules below register into it)
-from compress.models import compact_clip, pruning, students, text_students  # noqa: F401
+from compress.models import compact_clip, pruning, registry, students, text_students  # noqa: F401

@@ -1,20 +1,26 @@
-"""The `compact_clip` model kind: an open_clip CLIP whose transformer blocks were reshaped after training.
+"""The compact transformer block, and the `compact_clip` model kind: an open_clip CLIP whose blocks were reshaped.
 
-Every post-training tool (low-rank, head pruning, Fisher pruning, token masking, text-layer dropping) edits a
-live open_clip CLIP by swapping modules, and they compose: a model can be pruned, then factorised, then
-token-masked. What changed is read back from the live model (`compact_spec`), so the spec stays true whatever
-order the tools ran in, and `build_compact_clip(spec)` rebuilds exactly those shapes:
+Every compression that changes a block's shape produces a `CompactBlock`: UPop's surgery (compress.models.pruning)
+and each post-training tool (low-rank, head pruning, Fisher pruning), as well as token masking and text-layer
+dropping, which the same spec records. They compose: a model can be pruned, then factorised, then token-masked.
+What changed is read back from the live model (`compact_spec`), so the spec stays true whatever order the tools
+ran in, and `build_compact_clip(spec)` rebuilds exactly those shapes:
 
     {"kind": "compact_clip", "model": "<open_clip config>", "model_kwargs": {...},
      "text_layers": [kept original indices] | None,            # text-encoder layer dropping
      "token_mask": {"drop": p, "seed": s} | None,              # FLIP masking at inference
      "blocks": {"visual.transformer.resblocks.0": {"heads": h, "head_dim": d, "mlp_width": f,
-                                                   "ranks": {"q_proj": r, ..., "c_fc": r, ...}}}}
+                                                   "ranks": {"q_proj": r, ..., "c_fc": r, ...},
+                                                   "scale": s}}}   # "scale" only where not 1/sqrt(d)
 
 nn.MultiheadAttention keeps q, k and v packed in one `in_proj_weight`, which can neither be factorised per
-projection nor lose heads without re-implementing its forward. A `CompactBlock` therefore computes attention
-from separate q/k/v Linears (each possibly a `FactorizedLinear`) with any number of heads, through
-`F.scaled_dot_product_attention`; converted from a dense block it reproduces the block's outputs exactly.
+projection nor lose heads or head dimensions without re-implementing its forward. A `CompactBlock` therefore
+computes attention from separate q/k/v Linears (each possibly a `FactorizedLinear`) with any number of heads of
+any width, through `F.scaled_dot_product_attention`; converted from a dense block it reproduces the block's
+outputs. A state dict with the packed `in_proj_weight` (a dense CLIP's, or one written before this block held
+UPop's pruned layers) loads into it directly.
+
+Towers are named "image" and "text" everywhere (`TOWERS`); a block's qualified name is its module path.
 """
 from __future__ import annotations
 
@@ -26,13 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.models.registry import register_model_kind
-from foundation.model_configs import register_model_configs
+from compress.models.registry import create_open_clip, register_model_kind
 
 KIND = "compact_clip"
+TOWERS = ("image", "text")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj")
+QKV_LINEARS = ATTENTION_LINEARS[:3]
 MLP_LINEARS = ("c_fc", "c_proj")
-TOWER_PREFIXES = {"image": "visual.transformer.resblocks", "text": "transformer.resblocks"}
+# a softmax scale this close to 1/sqrt(head_dim) is that default (the spec then leaves it out)
+SCALE_TOLERANCE = 1e-12
+
+
+# --- Linears: dense or factorised, sliced and rescaled alike -------------------------------------------
 
 
 class FactorizedLinear(nn.Module):
@@ -60,13 +71,83 @@ def linear_rank(layer: nn.Module) -> Optional[int]:
     return layer.rank if isinstance(layer, FactorizedLinear) else None
 
 
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The out×in matrix a Linear or FactorizedLinear applies."""
+    if isinstance(layer, FactorizedLinear):
+        return layer.up.weight @ layer.down.weight
+    return layer.weight
+
+
+def output_bias(layer: nn.Module) -> Optional[torch.Tensor]:
+    return layer.up.bias if isinstance(layer, FactorizedLinear) else layer.bias
+
+
+def keep_outputs(layer: nn.Module, index: torch.Tensor) -> nn.Module:
+    """`layer` restricted to output features `index`."""
+    if isinstance(layer, FactorizedLinear):
+        layer.up = keep_outputs(layer.up, index)
+        layer.out_features = layer.up.out_features
+        return layer
+    new = make_linear(layer.in_features, len(index), bias=layer.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(layer.weight[index])
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias[index])
+    return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def keep_inputs(layer: nn.Module, index: torch.Tensor) -> nn.Module:
+    """`layer` restricted to input features `index` (bias unchanged)."""
+    if isinstance(layer, FactorizedLinear):
+        layer.down = keep_inputs(layer.down, index)
+        layer.in_features = layer.down.in_features
+        return layer
+    new = make_linear(len(index), layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(layer.weight[:, index])
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)
+    return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+@torch.no_grad()
+def scale_outputs(layer: nn.Module, factors: torch.Tensor) -> None:
+    """In place: output feature i (its weights and bias) times factors[i]."""
+    target = layer.up if isinstance(layer, FactorizedLinear) else layer
+    factors = factors.to(target.weight)
+    target.weight.mul_(factors[:, None])
+    if target.bias is not None:
+        target.bias.mul_(factors)
+
+
+@torch.no_grad()
+def scale_inputs(layer: nn.Module, factors: torch.Tensor) -> None:
+    """In place: input feature j times factors[j] (the bias is untouched)."""
+    target = layer.down if isinstance(layer, FactorizedLinear) else layer
+    target.weight.mul_(factors.to(target.weight)[None, :])
+
+
+def normalised_scale(scale: float, head_dim: int) -> Optional[float]:
+    """`scale`, or None where it is the default 1/sqrt(head_dim) that the spec leaves out."""
+    return None if head_dim and abs(scale - head_dim ** -0.5) < SCALE_TOLERANCE else scale
+
+
+# --- the block ---------------------------------------------------------------------------------------------
+
+
 class SplitAttention(nn.Module):
     """Self-attention with separate q/k/v/out Linears and any number of heads of width `head_dim`.
 
-    `head_mask` (one value per head, set only while searching what to prune) scales each head's output
-    before out_proj, so its gradient measures the head's importance. `scale` is the softmax scale when it
-    is not 1/sqrt(head_dim): a UPop-pruned block keeps its original head width's scale after losing
-    head dimensions (see compress.pruning.PrunedAttention).
+    `scale` is the softmax scale when it is not 1/sqrt(head_dim): UPop cuts head dimensions but keeps the
+    original head width's softmax temperature for the rest.
+
+    Two kinds of mask, set only while searching what to prune (plain attributes, not buffers: DDP would
+    broadcast buffers in place every step, which autograd forbids on a tensor that collects gradients; they
+    follow the activations' device instead):
+    - `head_mask`, one value per head, scales each head's output before out_proj, so its gradient measures
+      the head's importance (Michel et al.; Kwon et al.);
+    - `qkv_mask` (UPop), one value per head dimension shared by all heads (`qkv_mask_unit` "head_dim") or one
+      per head ("head"), multiplies q, k and v alike.
     """
 
     def __init__(self, width: int, num_heads: int, head_dim: int, ranks: Optional[Dict[str, int]] = None,
@@ -80,6 +161,13 @@ class SplitAttention(nn.Module):
         self.v_proj = make_linear(width, inner, ranks.get("v_proj"))
         self.out_proj = make_linear(inner, width, ranks.get("out_proj"))
         self.head_mask: Optional[torch.Tensor] = None
+        self.qkv_mask: Optional[torch.Tensor] = None
+        self.qkv_mask_unit: Optional[str] = None
+        self.register_load_state_dict_pre_hook(_unpack_in_proj)
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else self.head_dim ** -0.5
 
     def head_outputs(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-head attention outputs, (batch, tokens, heads, head_dim), before out_proj."""
@@ -89,7 +177,10 @@ class SplitAttention(nn.Module):
             return t.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        # pruning whole heads leaves every head's width, so its scale, unchanged
+        if self.qkv_mask is not None:
+            mask = self.qkv_mask.to(q.device, q.dtype)
+            mask = mask.view(1, 1, 1, -1) if self.qkv_mask_unit == "head_dim" else mask.view(1, -1, 1, 1)
+            q, k, v = q * mask, k * mask, v * mask
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         return out.transpose(1, 2)
 
@@ -99,12 +190,27 @@ class SplitAttention(nn.Module):
             return self.out_proj(x.new_zeros(batch, tokens, 0))
         heads = self.head_outputs(x, attn_mask)
         if self.head_mask is not None:
-            heads = heads * self.head_mask.view(1, 1, -1, 1).to(heads.dtype)
+            heads = heads * self.head_mask.to(heads.device, heads.dtype).view(1, 1, -1, 1)
         return self.out_proj(heads.reshape(batch, tokens, self.num_heads * self.head_dim))
 
 
+def _unpack_in_proj(module: SplitAttention, state_dict: Dict[str, torch.Tensor], prefix: str, *_args) -> None:
+    """load_state_dict pre-hook: a packed `in_proj_weight`/`in_proj_bias` ([q; k; v] rows, nn.MultiheadAttention's
+    and the pre-compact-block UPop layers' names) becomes the q/k/v Linears' entries."""
+    weight = state_dict.pop(prefix + "in_proj_weight", None)
+    if weight is None:
+        return
+    bias = state_dict.pop(prefix + "in_proj_bias")
+    inner = weight.shape[0] // 3
+    for name, w, b in zip(QKV_LINEARS, weight.view(3, inner, weight.shape[1]), bias.view(3, inner)):
+        state_dict[f"{prefix}{name}.weight"], state_dict[f"{prefix}{name}.bias"] = w, b
+
+
 class CompactMLP(nn.Module):
-    """c_fc → activation → c_proj (open_clip's names), any hidden width; `neuron_mask` as `head_mask`."""
+    """c_fc → activation → c_proj (open_clip's names), any hidden width.
+
+    `neuron_mask` (one value per hidden unit, set only while searching, like SplitAttention's masks)
+    multiplies the activations: the input of c_proj."""
 
     def __init__(self, width: int, hidden: int, activation: nn.Module, ranks: Optional[Dict[str, int]] = None):
         super().__init__()
@@ -121,7 +227,7 @@ class CompactMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.gelu(self.c_fc(x))
         if self.neuron_mask is not None:
-            hidden = hidden * self.neuron_mask.to(hidden.dtype)
+            hidden = hidden * self.neuron_mask.to(hidden.device, hidden.dtype)
         return self.c_proj(hidden)
 
 
@@ -158,64 +264,115 @@ class CompactBlock(nn.Module):
         return shape
 
 
-# --- converting a dense open_clip CLIP ---------------------------------------------------------------
+# --- physical slicing of a block (heads, head dimensions, MLP units) -----------------------------------------
 
 
-def compact_block_from_dense(block: nn.Module) -> CompactBlock:
-    """A CompactBlock computing exactly what the ResidualAttentionBlock `block` computes: a dense one
-    (nn.MultiheadAttention), or one reshaped by UPop pruning (PrunedAttention: any heads × head width,
-    softmax scale of the original head width)."""
-    from compress.models.pruning import PrunedAttention
+def _keep_attention_features(attn: SplitAttention, index: torch.Tensor) -> None:
+    for name in QKV_LINEARS:
+        setattr(attn, name, keep_outputs(getattr(attn, name), index))
+    attn.out_proj = keep_inputs(attn.out_proj, index)
+    attn.head_mask = attn.qkv_mask = attn.qkv_mask_unit = None
 
-    if isinstance(block, CompactBlock):
-        return block
+
+def keep_heads(block: CompactBlock, heads: Sequence[int]) -> CompactBlock:
+    """In place: keep only attention heads `heads` of `block`."""
     attn = block.attn
-    if isinstance(attn, PrunedAttention):
-        if attn.unit_mask is not None or not attn.batch_first:
-            raise ValueError("cannot convert a PrunedAttention that is still under search (masks attached) "
-                             "or not batch-first")
-        heads, head_dim = attn.num_heads, attn.head_dim
-        scale = None if head_dim and abs(attn.scale - head_dim ** -0.5) < 1e-12 else attn.scale
-    elif isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn.in_proj_weight is not None:
-        heads, head_dim, scale = attn.num_heads, attn.embed_dim // attn.num_heads, None
+    heads = sorted(int(h) for h in heads)
+    device = next(block.parameters()).device
+    index = torch.tensor([h * attn.head_dim + i for h in heads for i in range(attn.head_dim)],
+                         dtype=torch.long, device=device)
+    _keep_attention_features(attn, index)
+    attn.num_heads = len(heads)
+    return block
+
+
+def keep_head_dims(block: CompactBlock, dims: Sequence[int]) -> CompactBlock:
+    """In place: keep only dimensions `dims` of every head of `block` (UPop's head-dim unit). The softmax
+    keeps the scale it had: cutting dimensions must not change the temperature of the others."""
+    attn = block.attn
+    dims = sorted(int(i) for i in dims)
+    device = next(block.parameters()).device
+    index = torch.tensor([h * attn.head_dim + i for h in range(attn.num_heads) for i in dims],
+                         dtype=torch.long, device=device)
+    scale = attn.softmax_scale
+    _keep_attention_features(attn, index)
+    attn.head_dim = len(dims)
+    attn.scale = normalised_scale(scale, attn.head_dim)
+    return block
+
+
+def keep_neurons(block: CompactBlock, neurons: Sequence[int]) -> CompactBlock:
+    """In place: keep only MLP hidden units `neurons` of `block`."""
+    mlp = block.mlp
+    index = torch.tensor(sorted(int(n) for n in neurons), dtype=torch.long, device=next(block.parameters()).device)
+    mlp.c_fc = keep_outputs(mlp.c_fc, index)
+    mlp.c_proj = keep_inputs(mlp.c_proj, index)
+    mlp.neuron_mask = None
+    return block
+
+
+# --- finding and converting the blocks of an open_clip CLIP --------------------------------------------------
+
+
+def _tower_transformer(model: nn.Module, tower: str) -> Tuple[str, nn.Module]:
+    """(module path, open_clip Transformer) of `tower`; the text tower is the CLIP's own or a CustomTextCLIP's."""
+    if tower not in TOWERS:
+        raise ValueError(f"unknown tower {tower!r}; choose from {', '.join(TOWERS)}")
+    if tower == "image":
+        candidates = [("visual.transformer", getattr(getattr(model, "visual", None), "transformer", None))]
     else:
-        raise ValueError(f"cannot convert {type(block).__name__}: expected a batch-first nn.MultiheadAttention "
-                         "with a packed in_proj (open_clip's default ResidualAttentionBlock) or a UPop-pruned "
-                         "PrunedAttention")
-    inner = heads * head_dim  # q, k and v are packed as [q; k; v] rows in both
-    compact = CompactBlock(block, heads, head_dim, block.mlp.c_fc.out_features, scale=scale)
-    with torch.no_grad():
-        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            getattr(compact.attn, name).weight.copy_(attn.in_proj_weight[i * inner:(i + 1) * inner])
-            getattr(compact.attn, name).bias.copy_(attn.in_proj_bias[i * inner:(i + 1) * inner])
-        compact.attn.out_proj.weight.copy_(attn.out_proj.weight)
-        compact.attn.out_proj.bias.copy_(attn.out_proj.bias)
-        compact.mlp.c_fc.load_state_dict(block.mlp.c_fc.state_dict())
-        compact.mlp.c_proj.load_state_dict(block.mlp.c_proj.state_dict())
-    return compact.to(device=attn.in_proj_weight.device, dtype=attn.in_proj_weight.dtype)
+        candidates = [("transformer", getattr(model, "transformer", None)),
+                      ("text.transformer", getattr(getattr(model, "text", None), "transformer", None))]
+    for path, owner in candidates:
+        if hasattr(owner, "resblocks"):
+            return path, owner
+    raise ValueError(f"this model has no open_clip {tower} transformer (a ViT image tower and a text "
+                     "transformer) to compress")
 
 
 def tower_blocks(model: nn.Module, tower: str) -> nn.ModuleList:
     """The resblocks ModuleList of `tower` ("image" or "text")."""
-    if tower not in TOWER_PREFIXES:
-        raise ValueError(f"unknown tower {tower!r}; choose from {sorted(TOWER_PREFIXES)}")
-    owner = model.visual.transformer if tower == "image" else getattr(model, "transformer", None)
-    if owner is None or not hasattr(owner, "resblocks"):
-        raise ValueError(f"this model has no open_clip {tower} transformer to compress")
-    return owner.resblocks
+    return _tower_transformer(model, tower)[1].resblocks
 
 
-def compact_blocks(model: nn.Module, towers=("image", "text"),
+def tower_prefix(model: nn.Module, tower: str) -> str:
+    """Module path of `tower`'s resblocks: a block's qualified name is `{prefix}.{index}`."""
+    return _tower_transformer(model, tower)[0] + ".resblocks"
+
+
+def compact_block_from_dense(block: nn.Module) -> CompactBlock:
+    """A CompactBlock computing what open_clip's ResidualAttentionBlock `block` computes (itself if it is one)."""
+    if isinstance(block, CompactBlock):
+        return block
+    attn = getattr(block, "attn", None)
+    if not (isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn.in_proj_weight is not None
+            and attn.in_proj_bias is not None and attn.bias_k is None and hasattr(getattr(block, "mlp", None), "c_fc")):
+        raise ValueError(f"cannot convert {type(block).__name__}: expected open_clip's default ResidualAttentionBlock "
+                         "(a batch-first nn.MultiheadAttention with packed, biased q/k/v, and mlp.c_fc/c_proj)")
+    compact = CompactBlock(block, attn.num_heads, attn.embed_dim // attn.num_heads, block.mlp.c_fc.out_features)
+    compact.to(device=attn.in_proj_weight.device, dtype=attn.in_proj_weight.dtype)
+    compact.load_state_dict(block.state_dict())  # the packed q/k/v unpack on the way (_unpack_in_proj)
+    return compact
+
+
+def compact_blocks(model: nn.Module, towers: Sequence[str] = TOWERS,
                    layers: Optional[List[int]] = None) -> Iterator[Tuple[str, CompactBlock]]:
     """Convert the chosen blocks to CompactBlocks in place (once) and yield (qualified name, block)."""
     for tower in towers:
-        blocks = tower_blocks(model, tower)
+        blocks, prefix = tower_blocks(model, tower), tower_prefix(model, tower)
         chosen = range(len(blocks)) if layers is None else layers
         for index in chosen:
             if not 0 <= index < len(blocks):
                 raise ValueError(f"--layers {index} is out of range: the {tower} tower has {len(blocks)} layers")
             blocks[index] = compact_block_from_dense(blocks[index])
-            yield f"{TOWER_PREFIXES[tower]}.{index}", blocks[index]
+            yield f"{prefix}.{index}", blocks[index]
+
+
+def to_compact(model: nn.Module) -> nn.Module:
+    """In place: every block of both towers becomes a CompactBlock (same function, same weights)."""
+    for _ in compact_blocks(model):
+        pass
+    return model
 
 
 # --- the spec ---------------------------------------------------------------------------------------
@@ -229,30 +386,14 @@ def base_model_name(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
     return spec["model"], dict(spec.get("model_kwargs", {}))
 
 
-def compact_pruned_blocks(model: nn.Module) -> nn.Module:
-    """In place: every UPop-pruned block (PrunedAttention) becomes a CompactBlock, so a pruned_clip's
-    shapes are all described by the compact_clip spec, including blocks no tool touched."""
-    from compress.models.pruning import PrunedAttention
-
-    for tower in TOWER_PREFIXES:
-        try:
-            blocks = tower_blocks(model, tower)
-        except ValueError:
-            continue
-        for index, block in enumerate(blocks):
-            if isinstance(getattr(block, "attn", None), PrunedAttention):
-                blocks[index] = compact_block_from_dense(block)
-    return model
-
-
-def compact_spec(model: nn.Module) -> Dict[str, Any]:
-    """The spec that rebuilds `model`'s current shapes (read from the live modules)."""
+def compact_spec(model: nn.Module, kind: str = KIND) -> Dict[str, Any]:
+    """The spec that rebuilds `model`'s current shapes (read from the live modules), under `kind`."""
     name, kwargs = base_model_name(model)
     old = getattr(model, "model_spec", {}) or {}
     blocks = {name_: module.describe() for name_, module in model.named_modules() if isinstance(module, CompactBlock)}
     token_mask = getattr(model.visual, "patch_dropout", None)
     return {
-        "kind": KIND,
+        "kind": kind,
         "model": name,
         "model_kwargs": kwargs,
         "text_layers": old.get("text_layers"),
@@ -262,11 +403,11 @@ def compact_spec(model: nn.Module) -> Dict[str, Any]:
 
 
 def refresh_spec(model: nn.Module, **updates: Any) -> nn.Module:
-    """Set `model.model_spec` to the spec of its current shapes (plus `updates`, e.g. text_layers)."""
-    spec = getattr(model, "model_spec", None) or {}
-    if spec.get("kind") == "pruned_clip":
-        compact_pruned_blocks(model)
-    spec = {**spec, **updates}
+    """Set `model.model_spec` to the compact_clip spec of its current shapes (plus `updates`, e.g. text_layers).
+
+    A pruned_clip becomes a compact_clip here: its blocks already are CompactBlocks, and once a tool has
+    edited it the model is no longer UPop's output, which `--job prune` resumes as its own."""
+    spec = {**(getattr(model, "model_spec", None) or {}), **updates}
     model.model_spec = spec
     model.model_spec = compact_spec(model)
     return model
@@ -277,14 +418,15 @@ def refresh_spec(model: nn.Module, **updates: Any) -> nn.Module:
 
 def keep_text_layers(model: nn.Module, kept: Sequence[int], _refresh: bool = True) -> nn.Module:
     """In place: keep only text blocks `kept` (indices into the current blocks, in order)."""
-    blocks = tower_blocks(model, "text")
+    _, transformer = _tower_transformer(model, "text")
+    blocks = transformer.resblocks
     kept = sorted(set(int(i) for i in kept))
     if not kept:
         raise ValueError("cannot drop every text layer")
     if kept[0] < 0 or kept[-1] >= len(blocks):
         raise ValueError(f"text layer indices {kept} out of range: the text tower has {len(blocks)} layers")
-    model.transformer.resblocks = nn.ModuleList([blocks[i] for i in kept])
-    model.transformer.layers = len(kept)
+    transformer.resblocks = nn.ModuleList([blocks[i] for i in kept])
+    transformer.layers = len(kept)
     if _refresh:
         # compact block names are re-read from the live model (positions in the new list); the spec keeps
         # the original indices, which the builder applies to a fresh model before placing those blocks
@@ -319,12 +461,9 @@ class TokenMask(nn.Module):
         return torch.cat([cls_token, patches], dim=1)
 
 
-@register_model_kind(KIND)
-def build_compact_clip(spec: Dict[str, Any]) -> nn.Module:
-    import open_clip
-
-    register_model_configs()
-    model = open_clip.create_model(spec["model"], pretrained=None, **spec.get("model_kwargs", {}))
+def place_compact_blocks(model: nn.Module, spec: Dict[str, Any]) -> nn.Module:
+    """In place on a freshly built dense `model`: the text layers, block shapes and token mask of a compact spec
+    (weights unset: `compress.load` fills them next)."""
     if spec.get("text_layers") is not None:
         keep_text_layers(model, spec["text_layers"], _refresh=False)
     for name, shape in spec.get("blocks", {}).items():
@@ -335,6 +474,11 @@ def build_compact_clip(spec: Dict[str, Any]) -> nn.Module:
     if spec.get("token_mask"):
         model.visual.patch_dropout = TokenMask(**spec["token_mask"])
     return model
+
+
+@register_model_kind(KIND)
+def build_compact_clip(spec: Dict[str, Any]) -> nn.Module:
+    return place_compact_blocks(create_open_clip(spec["model"], **spec.get("model_kwargs", {})), spec)
 
 
 def clone(model: nn.Module) -> nn.Module:

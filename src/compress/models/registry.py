@@ -12,11 +12,14 @@ before `build_model` is first called.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Dict
 
 import torch
 from torch import nn
 
+from foundation.checkpoint import load_checkpoint
+from foundation.logs import open_clip_chatter
 from foundation.model_configs import register_model_configs
 
 ModelBuilder = Callable[[Dict[str, Any]], nn.Module]
@@ -50,15 +53,15 @@ def strip_module_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.
     return state_dict
 
 
-def load_checkpoint_file(path: str, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
-    """torch.load with `weights_only=True` (our checkpoints hold only tensors and plain containers)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+# compress.cli, utils/evaluate_checkpoints.py and scripts/bench_cascade.py still import the old name; it is
+# foundation's reader itself, not a second one (drop it once they import foundation.checkpoint directly)
+load_checkpoint_file = load_checkpoint
 
 
 def load(path_or_checkpoint: str | Dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild and fill the model of one of our checkpoints, in eval mode."""
     checkpoint = (
-        load_checkpoint_file(path_or_checkpoint)
+        load_checkpoint(path_or_checkpoint)
         if isinstance(path_or_checkpoint, (str, bytes)) or hasattr(path_or_checkpoint, "__fspath__")
         else path_or_checkpoint
     )
@@ -77,12 +80,27 @@ def open_clip_spec(model_name: str) -> Dict[str, Any]:
     return {"kind": "open_clip", "model": model_name}
 
 
-@register_model_kind("open_clip")
-def _build_open_clip(spec: Dict[str, Any]) -> nn.Module:
+def create_open_clip(model_name: str, **model_kwargs: Any) -> nn.Module:
+    """open_clip's `model_name` architecture, randomly initialised, for a builder whose weights come next.
+
+    open_clip logs on the root logger that such a model "initialized randomly"; the weights `load` puts in
+    right after make that false news, so its build chatter is filtered while this one build runs (a
+    root-logger filter: open_clip's records are created there, so no handler, pytest's included, sees them).
+    """
     import open_clip
 
     register_model_configs()
-    return open_clip.create_model(spec["model"], pretrained=None, **spec.get("model_kwargs", {}))
+    root = logging.getLogger()
+    root.addFilter(open_clip_chatter)
+    try:
+        return open_clip.create_model(model_name, pretrained=None, **model_kwargs)
+    finally:
+        root.removeFilter(open_clip_chatter)
+
+
+@register_model_kind("open_clip")
+def _build_open_clip(spec: Dict[str, Any]) -> nn.Module:
+    return create_open_clip(spec["model"], **spec.get("model_kwargs", {}))
 
 
 # --- tokenizer and image transform of a spec ----------------------------------------------------

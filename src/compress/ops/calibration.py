@@ -6,8 +6,7 @@ contrastive loss on the batch (single process, no gather).
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List
 
 import torch
 import torch.nn.functional as F

@@ -33,9 +33,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from compress.models.compact_clip import (
+    CompactBlock,
+    clone,
+    compact_blocks,
+    dense_weight,
+    keep_heads,
+    keep_neurons,
+    output_bias,
+    refresh_spec,
+    scale_inputs,
+)
 from compress.ops.calibration import Batch, contrastive_loss, per_batch_gradients
-from compress.models.compact_clip import CompactBlock, FactorizedLinear, clone, compact_blocks, refresh_spec
-from compress.ops.heads import keep_heads, keep_neurons
 
 
 def head_macs(tokens: int, width: int, head_dim: int) -> int:
@@ -123,18 +132,6 @@ class _StopForward(Exception):
     pass
 
 
-def _effective_weight(layer: nn.Module) -> torch.Tensor:
-    if isinstance(layer, FactorizedLinear):
-        return layer.up.weight @ layer.down.weight
-    return layer.weight
-
-
-def _scale_input_columns(layer: nn.Module, scales: torch.Tensor) -> None:
-    target = layer.down if isinstance(layer, FactorizedLinear) else layer
-    with torch.no_grad():
-        target.weight.mul_(scales.to(target.weight.dtype)[None, :])
-
-
 def _solve(gram: torch.Tensor, rhs: torch.Tensor, damping: float) -> Optional[torch.Tensor]:
     ridge = damping * gram.diagonal().mean().clamp_min(1e-12)
     solution = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), rhs)
@@ -172,9 +169,9 @@ def rescale_block(pruned: CompactBlock, dense: CompactBlock, inputs, damping: fl
     """Least-squares scales of the kept heads, then of the kept neurons, folded into out_proj / c_proj."""
     attn = pruned.attn
     if attn.num_heads > 0:
-        out_weight = _effective_weight(attn.out_proj).double()
+        out_weight = dense_weight(attn.out_proj).double()
         out_weight = out_weight.view(out_weight.shape[0], attn.num_heads, attn.head_dim)
-        bias = attn.out_proj.up.bias if isinstance(attn.out_proj, FactorizedLinear) else attn.out_proj.bias
+        bias = output_bias(attn.out_proj)
         gram = torch.zeros(attn.num_heads, attn.num_heads, dtype=torch.float64)
         rhs = torch.zeros(attn.num_heads, dtype=torch.float64)
         for x, mask in inputs:
@@ -185,11 +182,11 @@ def rescale_block(pruned: CompactBlock, dense: CompactBlock, inputs, damping: fl
             rhs += torch.einsum("blkw,blw->k", contributions, target).cpu()
         scales = _solve(gram, rhs, damping)
         if scales is not None:
-            _scale_input_columns(attn.out_proj, scales.repeat_interleave(attn.head_dim).to(out_weight.device))
+            scale_inputs(attn.out_proj, scales.repeat_interleave(attn.head_dim).to(out_weight.device))
     mlp = pruned.mlp
     if mlp.hidden > 0:
-        proj_weight = _effective_weight(mlp.c_proj).double()
-        bias = mlp.c_proj.up.bias if isinstance(mlp.c_proj, FactorizedLinear) else mlp.c_proj.bias
+        proj_weight = dense_weight(mlp.c_proj).double()
+        bias = output_bias(mlp.c_proj)
         gram = torch.zeros(mlp.hidden, mlp.hidden, dtype=torch.float64)
         rhs = torch.zeros(mlp.hidden, dtype=torch.float64)
         weight_gram = (proj_weight.t() @ proj_weight).cpu()
@@ -202,7 +199,7 @@ def rescale_block(pruned: CompactBlock, dense: CompactBlock, inputs, damping: fl
             rhs += (activations * (target @ proj_weight)).sum(0).cpu()
         scales = _solve(gram, rhs, damping)
         if scales is not None:
-            _scale_input_columns(mlp.c_proj, scales.to(proj_weight.device))
+            scale_inputs(mlp.c_proj, scales.to(proj_weight.device))
 
 
 # --- the whole procedure -----------------------------------------------------------------------------
@@ -268,7 +265,8 @@ def fisher_prune(model: nn.Module, batches: List[Batch], mac_constraint: float,
     for name, block in blocks.items():
         width = block.ln_1.normalized_shape[0]
         head_scores.append((head_grads[name] ** 2).sum(0))
-        head_costs.append(torch.full((block.attn.num_heads,), float(head_macs(tokens[name], width, block.attn.head_dim))))
+        head_cost = float(head_macs(tokens[name], width, block.attn.head_dim))
+        head_costs.append(torch.full((block.attn.num_heads,), head_cost))
         neuron_scores.append((neuron_grads[name] ** 2).sum(0))
         neuron_costs.append(torch.full((block.mlp.hidden,), float(neuron_macs(tokens[name], width))))
     full = sum(block_macs(block, tokens[name]) for name, block in blocks.items())

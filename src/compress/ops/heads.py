@@ -17,65 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from compress.models.compact_clip import CompactBlock, clone, compact_blocks, keep_heads, refresh_spec
 from compress.ops.calibration import Batch, contrastive_loss, squared_gradients
-from compress.models.compact_clip import CompactBlock, FactorizedLinear, clone, compact_blocks, make_linear, refresh_spec
-
-
-# --- physical slicing (Linear or FactorizedLinear) --------------------------------------------------
-
-
-def keep_outputs(layer: nn.Module, index: torch.Tensor) -> nn.Module:
-    """`layer` restricted to output features `index`."""
-    if isinstance(layer, FactorizedLinear):
-        layer.up = keep_outputs(layer.up, index)
-        layer.out_features = layer.up.out_features
-        return layer
-    new = make_linear(layer.in_features, len(index), bias=layer.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(layer.weight[index])
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias[index])
-    return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
-
-
-def keep_inputs(layer: nn.Module, index: torch.Tensor) -> nn.Module:
-    """`layer` restricted to input features `index` (bias unchanged)."""
-    if isinstance(layer, FactorizedLinear):
-        layer.down = keep_inputs(layer.down, index)
-        layer.in_features = layer.down.in_features
-        return layer
-    new = make_linear(len(index), layer.out_features, bias=layer.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(layer.weight[:, index])
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias)
-    return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
-
-
-def keep_heads(block: CompactBlock, heads: Sequence[int]) -> CompactBlock:
-    """In place: keep only attention heads `heads` of `block`."""
-    attn = block.attn
-    heads = sorted(int(h) for h in heads)
-    device = next(block.parameters()).device
-    index = torch.tensor([h * attn.head_dim + i for h in heads for i in range(attn.head_dim)],
-                         dtype=torch.long, device=device)
-    for name in ("q_proj", "k_proj", "v_proj"):
-        setattr(attn, name, keep_outputs(getattr(attn, name), index))
-    attn.out_proj = keep_inputs(attn.out_proj, index)
-    attn.num_heads = len(heads)
-    attn.head_mask = None
-    return block
-
-
-def keep_neurons(block: CompactBlock, neurons: Sequence[int]) -> CompactBlock:
-    """In place: keep only MLP hidden units `neurons` of `block`."""
-    mlp = block.mlp
-    index = torch.tensor(sorted(int(n) for n in neurons), dtype=torch.long, device=next(block.parameters()).device)
-    mlp.c_fc = keep_outputs(mlp.c_fc, index)
-    mlp.c_proj = keep_inputs(mlp.c_proj, index)
-    mlp.neuron_mask = None
-    return block
-
 
 # --- head-mask Fisher scores ------------------------------------------------------------------------
 

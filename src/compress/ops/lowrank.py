@@ -22,9 +22,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from compress.models.compact_clip import (
+    ATTENTION_LINEARS,
+    MLP_LINEARS,
+    FactorizedLinear,
+    clone,
+    compact_blocks,
+    refresh_spec,
+)
 from compress.ops.calibration import Batch, contrastive_loss, squared_gradients
-from compress.models.compact_clip import (ATTENTION_LINEARS, MLP_LINEARS, FactorizedLinear, clone, compact_blocks,
-                                   refresh_spec)
 
 TARGET_GROUPS = {"attn": ATTENTION_LINEARS, "mlp": MLP_LINEARS}
 ALL_TARGETS = ATTENTION_LINEARS + MLP_LINEARS
@@ -60,7 +66,8 @@ def factorize_linear(linear: nn.Linear, rank: int, row_weights: Optional[torch.T
     """Two Linears (in→rank→out) replacing `linear`; exact when rank = min(in, out) and no row weights."""
     out_features, in_features = linear.weight.shape
     if not 1 <= rank <= min(out_features, in_features):
-        raise ValueError(f"rank {rank} must be in [1, {min(out_features, in_features)}] for a {out_features}x{in_features} Linear")
+        raise ValueError(f"rank {rank} must be in [1, {min(out_features, in_features)}] for a "
+                         f"{out_features}x{in_features} Linear")
     up, down = svd_factors(linear.weight, rank, row_weights)
     factorized = FactorizedLinear(in_features, out_features, rank, bias=linear.bias is not None)
     with torch.no_grad():

@@ -9,13 +9,16 @@ One helper for every model the project makes (dense, pruned, low-rank, students)
   itself, a student may hang a sentence-transformer on it. Parameters shared by both towers count in both;
   `params` counts every parameter of the model once (logit_scale included).
 - MACs per sample = FLOPs / 2 from `torch.utils.flop_counter.FlopCounterMode` at batch 1 (matmuls, convs,
-  attention; elementwise ops are not counted, as usual).
+  attention; elementwise ops are not counted, as usual). Two blind spots of FlopCounterMode are covered, so
+  dense and compressed models compare fairly: on CPU the fused attention kernel has no formula (one is
+  registered, `make_flop_counter`), and in eval mode nn.MultiheadAttention takes a fused native fast path
+  the counter does not see — which the parameter recorder, a TorchFunctionMode active during the same
+  forward, switches off (the fast path is skipped whenever a torch function mode is active).
 - Latency: median wall time of `repeats` forwards at `batch_size` under no_grad, after warm-up
   (CUDA-synchronised on GPU). Milliseconds per batch.
 """
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set
@@ -25,8 +28,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
-
-from compress.models.pruning import with_prunable_attention
 
 PROFILE_CAPTION = "a photo of a small red circle on a plain background."
 
@@ -66,10 +67,22 @@ def _measure(forward: Callable[[], Any], model: nn.Module) -> Dict[str, int]:
     """(parameters used, MACs) of one forward."""
     recorder = _ParameterUseRecorder()
     flop_counter = make_flop_counter()
+    # the recorder must be active around the counted forward: it is what keeps nn.MultiheadAttention off
+    # its uncounted fast path (module docstring)
     with torch.no_grad(), flop_counter, recorder:
         forward()
     used = sum(p.numel() for p in _unique_parameters(model) if id(p) in recorder.used_ids)
     return {"params": used, "macs": flop_counter.get_total_flops() // 2}
+
+
+def tower_costs(model: nn.Module, images: torch.Tensor, text_input: Any) -> Dict[str, int]:
+    """`params` (every parameter once), and per tower the parameters used and MACs of one sample:
+    `params_image`, `params_text`, `macs_image`, `macs_text` (the first sample of `images`, `text_input`)."""
+    image_cost = _measure(lambda: model.encode_image(images[:1]), model)
+    text_cost = _measure(lambda: model.encode_text(text_input[:1]), model)
+    return {"params": sum(p.numel() for p in _unique_parameters(model)),
+            "params_image": image_cost["params"], "params_text": text_cost["params"],
+            "macs_image": image_cost["macs"], "macs_text": text_cost["macs"]}
 
 
 def _time_ms(forward: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
@@ -143,18 +156,13 @@ def profile_model(
         raise ValueError(f"text_input holds {len(text_input)} captions; need batch_size={batch_size}")
 
     try:
-        image_cost = _measure(lambda: model.encode_image(images[:1]), model)
-        text_cost = _measure(lambda: model.encode_text(text_input[:1]), model)
+        costs = tower_costs(model, images, text_input)
         latency_image = _time_ms(lambda: model.encode_image(images), device, warmup, repeats)
         latency_text = _time_ms(lambda: model.encode_text(text_input[:batch_size]), device, warmup, repeats)
     finally:
         model.train(was_training)
     return {
-        "params": sum(p.numel() for p in _unique_parameters(model)),
-        "params_image": image_cost["params"],
-        "params_text": text_cost["params"],
-        "macs_image": image_cost["macs"],
-        "macs_text": text_cost["macs"],
+        **costs,
         "latency_image_ms": latency_image,
         "latency_text_ms": latency_text,
         "latency_batch_size": batch_size,
@@ -175,30 +183,18 @@ def profile_encoder(encoder, batch_size: int = 32, repeats: int = 5, warmup: int
 
 
 def params_and_macs(model: nn.Module) -> Dict[str, int]:
-    """Parameters and per-sample MACs of each tower (torch.utils.flop_counter).
-
-    Two blind spots of FlopCounterMode are covered so dense and pruned models compare fairly: in eval
-    mode nn.MultiheadAttention runs a fused native kernel it does not see (so a dense model is counted
-    through an equivalent PrunedAttention copy), and on CPU the fused attention kernel has no formula
-    (one is registered here to count QKᵀ and AV)."""
-    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
-        model = with_prunable_attention(copy.deepcopy(model))
-
+    """`params`, `macs_image` and `macs_text` (per sample) of a CLIP-like model at its own image size and
+    context length, without timing anything (`tower_costs` on one blank image and caption)."""
     param = next(model.parameters())
     image_size = model.visual.image_size
     image_size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
     images = torch.zeros(1, 3, *image_size, device=param.device, dtype=param.dtype)
     context_length = getattr(model, "context_length", None) or model.text.context_length
     tokens = torch.ones(1, context_length, dtype=torch.long, device=param.device)
-    result = {"params": sum(p.numel() for p in model.parameters())}
     was_training = model.training
     model.eval()
     try:
-        for name, forward in (("image", lambda: model.encode_image(images)), ("text", lambda: model.encode_text(tokens))):
-            counter = make_flop_counter()
-            with torch.no_grad(), counter:
-                forward()
-            result[f"macs_{name}"] = counter.get_total_flops() // 2
+        costs = tower_costs(model, images, tokens)
     finally:
         model.train(was_training)
-    return result
+    return {key: costs[key] for key in ("params", "macs_image", "macs_text")}

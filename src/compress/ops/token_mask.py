@@ -10,9 +10,6 @@ forward, so a given batch always keeps the same tokens. p = 0 is the identity.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
-
-import torch
 from torch import nn
 
 from compress.models.compact_clip import TokenMask, clone, refresh_spec

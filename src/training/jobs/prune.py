@@ -6,9 +6,9 @@
 Epochs `0 … search_epochs-1` search: masks on both towers (per head dim or per head, and per MLP unit) are
 multiplied into the dense model; every `--search-interval` steps their accumulated gradients decide, in
 one pool over both towers, which entries are cut for the current target π_t = p·sqrt((1 − cos(π(t+1)/T))/2)
-(compress.pruning.allocate_masks). Cut entries fade as 1 − π_t/p and reach 0 at the last search step.
+(compress.models.pruning.allocate_masks). Cut entries fade as 1 − π_t/p and reach 0 at the last search step.
 At the start of epoch `search_epochs` the weights are sliced into a genuinely smaller model
-(compress.pruning.prune_clip), which the trainer swaps in (new optimizer), and the remaining epochs
+(compress.models.pruning.prune_clip), which the trainer swaps in (new optimizer), and the remaining epochs
 fine-tune it. With `--KD` a frozen copy of the starting model teaches throughout.
 
 Checkpoints: during search the spec is `masked_clip` (dense weights + current masks, so the monitor scores
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.models import pruning
+from compress.models.compact_clip import to_compact
 from compress.ops.profile import params_and_macs
 from compress.models.registry import build_model, open_clip_spec
 from training.distributed import all_reduce_sum
@@ -110,7 +111,7 @@ class PruneJob(Job):
             if not args.pretrained:
                 logging.warning("--job prune without --pretrained: pruning a randomly initialised %s", args.model)
         if resume_spec is None:
-            model = pruning.with_prunable_attention(copy.deepcopy(start))
+            model = to_compact(copy.deepcopy(start))
             self.masks = pruning.init_masks(model, prune_heads=args.prune_heads)
             pruning.attach_masks(model, self.masks)
             model.model_spec = pruning.masked_spec(open_clip_spec(args.model), self.masks)
@@ -135,7 +136,7 @@ class PruneJob(Job):
         if self.pruned:
             self._log_size("pruned", model, ctx)
             return
-        # masks are plain tensors (not buffers: see PrunedAttention), so they follow the model here
+        # masks are plain tensors (not buffers: see compact_clip.SplitAttention), so they follow the model here
         device = next(model.parameters()).device
         self.masks = {k: m.detach().to(device) for k, m in pruning.attached_masks(model).items()}
         pruning.attach_masks(model, self.masks)
@@ -265,3 +266,6 @@ class PruneJob(Job):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.loaded_state = dict(state)
+        for entry in ("masks", "mask_grads"):  # a checkpoint from before the towers were renamed: visual.* names
+            if entry in state:
+                self.loaded_state[entry] = pruning.current_mask_names(state[entry])
