@@ -4,24 +4,25 @@ Sources: a CSV/TSV of image paths and captions (CC3M style), webdataset shards, 
 Every sample is a dict `{"index": row index, "image": tensor, "text": tokens, "caption": str}`; the row
 index lets episodic jobs and teacher caches key their per-sample state.
 
-Bad samples (missing/0-byte/truncated/non-image files, empty or non-UTF-8 captions) never crash a run:
+Bad samples (missing/0-byte/truncated/non-image files, images over `--max-image-pixels`, malformed
+TSV/CSV rows, empty or non-UTF-8 captions) never crash a run:
  * TSV: the dataset substitutes the next good row and reports what it skipped, so every batch keeps its
    size — distributed feature gathering needs equal batches on every rank;
  * shards: bad samples are dropped before batching.
 Each batch carries `skipped` (count) and `skipped_reasons`; the trainer logs them, writes
-`data/skipped` to tensorboard, and stops past `--max-bad-fraction`.
+`data/skipped` to tensorboard, and stops past `--max-bad-fraction`. Each reason names its kind ("missing
+file", "image too large", "malformed row", ...). Images are decoded by `foundation.images.open_rgb`, the
+rules eval and the compression tools use too.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
-import io
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,8 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from foundation.errors import DataError
-
-Image.MAX_IMAGE_PIXELS = None  # CC3M has a few huge images; decoding them is fine, a warning per image is not
+from foundation.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ImageTooLarge, open_rgb
 
 # How many following rows a TSV sample may try before giving up: a run of more bad rows than this
 # means the data is broken, not noisy.
@@ -41,28 +41,15 @@ class BadSample(Exception):
     pass
 
 
-def load_image(source: str | bytes, what: Callable[[], str]) -> Image.Image:
-    """Decode fully (PIL is lazy; a truncated JPEG only fails on load) or raise BadSample.
+def load_image(source: str | bytes, what: Callable[[], str],
+               max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """The decoded RGB image (`open_rgb`'s rules: too large is refused before decoding) or BadSample.
     `what()` names the sample; it is only built for the error message."""
     try:
-        if isinstance(source, (bytes, bytearray)):
-            if len(source) == 0:
-                raise BadSample(f"{what()}: empty image bytes")
-            img = Image.open(io.BytesIO(source))
-        else:
-            img = Image.open(source)
-        img.load()
-        # convert() copies even when the mode is already RGB
-        return img if img.mode == "RGB" else img.convert("RGB")
-    except BadSample:
-        raise
-    except FileNotFoundError:
-        raise BadSample(f"{what()}: missing file")
-    except Exception as e:
-        # the stat only on failure: a good sample should not pay a syscall for a clearer message
-        if not isinstance(source, (bytes, bytearray)) and os.path.exists(source) and os.path.getsize(source) == 0:
-            raise BadSample(f"{what()}: 0-byte file")
-        raise BadSample(f"{what()}: unreadable image ({type(e).__name__}: {e})")
+        return open_rgb(source, max_pixels)
+    except ImageError as e:
+        hint = "; --max-image-pixels sets the limit" if isinstance(e, ImageTooLarge) else ""
+        raise BadSample(f"{what()}: {e.why}{hint}") from None
 
 
 def check_caption(caption: Any, what: Callable[[], str], allow_empty: bool = False) -> str:
@@ -79,37 +66,166 @@ def check_caption(caption: Any, what: Callable[[], str], allow_empty: bool = Fal
 
 # --- CSV / TSV --------------------------------------------------------------------------------------
 
+# A quoted CSV field may hold newlines (a caption of several lines); a record spanning more lines than
+# this is taken for an unterminated quote, which would otherwise swallow the rows after it.
+MAX_RECORD_LINES = 16
+
+# (line number, fields or None, what is wrong or ""): one record of a table, see table_records
+Record = Tuple[int, Optional[List[str]], str]
+
+
+def uses_quotes(sep: str, quoting: str = "auto") -> bool:
+    """Whether fields may be quoted: "csv" yes, "none" no, "auto": yes unless tab-separated (CC3M-style
+    TSVs carry captions with unbalanced quotes; a tab inside a TSV field is not allowed instead)."""
+    if quoting not in ("auto", "csv", "none"):
+        raise DataError(f"--csv-quoting {quoting!r}: one of auto, csv, none")
+    return quoting == "csv" or (quoting == "auto" and sep != "\t")
+
+
+def table_records(lines: Iterable[str], sep: str, quoted: bool) -> Iterator[Record]:
+    """The records of a table, header first, empty lines left out. A row whose field count differs from
+    the header's, or that cannot be parsed, comes as (its first line, None, why): it is skipped without
+    shifting any other row's columns. `lines`: the file's physical lines, line ends kept (newline="").
+
+    Quoted: standard CSV (RFC 4180 / Excel: a field in double quotes may hold the separator, newlines,
+    and "" for a quote). Not quoted: every line is one row split at `sep`, quotes are plain characters."""
+    if not quoted:
+        yield from _plain_records(lines, sep)
+        return
+    if len(sep) != 1:
+        raise DataError(f"a quoted CSV needs a one-character separator, not {sep!r} (or --csv-quoting none)")
+    source = _Lines(lines)
+    reader = csv.reader(source, delimiter=sep, quotechar='"', doublequote=True, strict=True)
+    width, number = None, 1  # number: the line the next record starts on
+    while True:
+        source.taken = []
+        try:
+            fields, problem = next(reader), ""
+        except StopIteration:
+            return
+        except (csv.Error, _RecordTooLong) as error:
+            fields, problem = None, f"cannot be parsed as CSV ({error})"
+        taken = len(source.taken)
+        if fields == []:  # an empty line
+            number += 1
+            continue
+        if fields is not None and width is not None and len(fields) != width:
+            fields, problem = None, (f"{len(fields)} fields where the header has {width} (a separator "
+                                     f"inside a field that is not quoted?)")
+        if fields is None and taken > 1:
+            # blame the first line only and read again from the next: an unterminated quote there must
+            # not take the rows after it along
+            source.give_back(source.taken[1:])
+            taken = 1
+        if fields is not None and width is None:
+            width = len(fields)
+        yield number, fields, problem
+        number += taken
+
+
+def _plain_records(lines: Iterable[str], sep: str) -> Iterator[Record]:
+    width = None
+    for number, line in enumerate(lines, 1):
+        text = line.rstrip("\r\n")
+        if not text:  # an empty line is no row (as pandas read them before); "\t" is a row, a bad one
+            continue
+        fields = text.split(sep)
+        if width is None:
+            width = len(fields)
+        elif len(fields) != width:
+            hint = " (a tab inside a field? TSV fields are not quoted)" if sep == "\t" else ""
+            yield number, None, f"{len(fields)} fields where the header has {width}{hint}"
+            continue
+        yield number, fields, ""
+
+
+class _RecordTooLong(Exception):
+    def __str__(self) -> str:
+        return f"a quoted field runs over more than {MAX_RECORD_LINES} lines: an unterminated quote?"
+
+
+class _Lines:
+    """An iterator over lines that remembers what the current record took and can be given lines back,
+    so that the CSV reader can read them again after a bad record."""
+
+    def __init__(self, lines: Iterable[str]):
+        self._lines, self._back, self.taken = iter(lines), [], []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if len(self.taken) == MAX_RECORD_LINES:
+            raise _RecordTooLong()
+        line = self._back.pop() if self._back else next(self._lines)
+        self.taken.append(line)
+        return line
+
+    def give_back(self, lines: List[str]) -> None:
+        self._back.extend(reversed(lines))
+
 
 class CsvDataset(Dataset):
-    """Rows of (image path, caption); relative paths are resolved against the file's folder."""
+    """Rows of (image path, caption); relative paths are resolved against the file's folder.
+
+    Row i is the i-th data row of the file (empty lines left out). A malformed row (wrong field count,
+    unparsable quoting) keeps its index, so every other row keeps its own (token and teacher caches key
+    on it); loading it raises BadSample naming its line, like a bad image. See table_records for how
+    `quoting` ("auto", "csv", "none"; see uses_quotes) reads the file."""
 
     def __init__(self, path: str, transform: Callable, img_key: str = "filepath",
-                 caption_key: str = "title", sep: str = "\t", allow_empty_captions: bool = False):
-        import pandas as pd
-
+                 caption_key: str = "title", sep: str = "\t", allow_empty_captions: bool = False,
+                 max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, quoting: str = "auto"):
         if not os.path.isfile(path):
             raise DataError(f"--train-data {path} does not exist")
+        self.source = path
+        self.paths: List[str] = []
+        self.captions: List[str] = []
+        self.malformed: Dict[int, Tuple[int, str]] = {}  # row -> (line number, what is wrong)
+        root = os.path.dirname(os.path.abspath(path))
         try:
             # surrogateescape keeps invalid UTF-8 bytes visible (check_caption rejects them) instead of
-            # failing the whole file or silently replacing characters
-            frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8",
-                                encoding_errors="surrogateescape", quoting=3)
-        except Exception as e:
-            raise DataError(f"cannot read {path} as a table with separator {sep!r}: {e}")
-        missing = [k for k in (img_key, caption_key) if k not in frame.columns]
-        if missing:
-            raise DataError(
-                f"{path}: no column(s) {', '.join(repr(m) for m in missing)}; columns found: "
-                f"{', '.join(repr(c) for c in frame.columns)} (set --csv-img-key/--csv-caption-key, "
-                f"and --csv-separator if there is only one column)"
-            )
-        if len(frame) == 0:
+            # failing the whole file or silently replacing characters; utf-8-sig drops a BOM
+            with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+                records = table_records(f, sep, uses_quotes(sep, quoting))
+                header = next(records, None)
+                if header is None:
+                    raise DataError(f"{path} is empty")
+                if header[1] is None:
+                    raise DataError(f"{path}: the header (line {header[0]}) {header[2]}")
+                columns = header[1]
+                missing = [k for k in (img_key, caption_key) if k not in columns]
+                if missing:
+                    raise DataError(
+                        f"{path}: no column(s) {', '.join(repr(m) for m in missing)}; columns found: "
+                        f"{', '.join(repr(c) for c in columns)} (set --csv-img-key/--csv-caption-key, "
+                        f"and --csv-separator if there is only one column)"
+                    )
+                img_column, caption_column = columns.index(img_key), columns.index(caption_key)
+                for number, fields, problem in records:
+                    if fields is None:
+                        # placeholders: the caption "" is what the token cache tokenizes for a bad row
+                        self.malformed[len(self.paths)] = (number, problem)
+                        self.paths.append("")
+                        self.captions.append("")
+                        continue
+                    image = fields[img_column]
+                    self.paths.append(image if os.path.isabs(image) else os.path.join(root, image))
+                    self.captions.append(fields[caption_column])
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e}")
+        if not self.paths:
             raise DataError(f"{path} has no rows")
-        root = os.path.dirname(os.path.abspath(path))
-        self.paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in frame[img_key].tolist()]
-        self.captions = frame[caption_key].tolist()
+        if self.malformed:
+            first_line, first_problem = next(iter(self.malformed.values()))
+            if len(self.malformed) == len(self.paths):
+                raise DataError(f"{path}: no row can be read (line {first_line}: {first_problem}); is "
+                                f"--csv-separator {sep!r} right?")
+            logging.warning("%s: %d malformed row(s) of %d are skipped as bad samples (first: line %d, %s)",
+                            path, len(self.malformed), len(self.paths), first_line, first_problem)
         self.transform = transform
         self.allow_empty_captions = allow_empty_captions
+        self.max_pixels = max_pixels
         self.token_cache_path: Optional[str] = None  # set by use_token_cache
         self._tokens: Optional[np.ndarray] = None
 
@@ -133,9 +249,12 @@ class CsvDataset(Dataset):
         return len(self.paths)
 
     def load_row(self, index: int) -> Dict[str, Any]:
+        if index in self.malformed:
+            line, problem = self.malformed[index]
+            raise BadSample(f"row {index} (line {line} of {self.source}): malformed row: {problem}")
         what = lambda: f"row {index} ({self.paths[index]})"  # noqa: E731 (built only for an error)
         caption = check_caption(self.captions[index], what, self.allow_empty_captions)
-        image = load_image(self.paths[index], what)
+        image = load_image(self.paths[index], what, self.max_pixels)
         sample = {"index": index, "image": self.transform(image), "caption": caption}
         if self.token_cache_path is not None:
             sample["text"] = self.row_tokens(index)
@@ -214,7 +333,8 @@ def shard_sizes(urls: List[str]) -> Optional[int]:
         return None
 
 
-def decode_shard_sample(sample: Dict[str, Any], transform: Callable, allow_empty_captions: bool = False) -> Dict[str, Any]:
+def decode_shard_sample(sample: Dict[str, Any], transform: Callable, allow_empty_captions: bool = False,
+                        max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Dict[str, Any]:
     what = lambda: f"shard sample {sample.get('__key__')} ({sample.get('__url__')})"  # noqa: E731
     try:
         image_bytes = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
@@ -227,7 +347,7 @@ def decode_shard_sample(sample: Dict[str, Any], transform: Callable, allow_empty
         except UnicodeDecodeError:
             raise BadSample(f"{what()}: caption is not valid UTF-8")
         caption = check_caption(caption, what, allow_empty_captions)
-        image = load_image(image_bytes, what)
+        image = load_image(image_bytes, what, max_pixels)
         if "idx" in sample:
             index = int(sample["idx"].decode())
         else:
@@ -380,7 +500,9 @@ def attach_token_cache(dataset: "CsvDataset", tokenizer: Callable, data_path: st
         # rows whose caption is bad are skipped by load_row before their tokens are read
         return tokenizer([c if _is_valid_caption(c) else "" for c in captions])
 
-    key = cache_key(identity, data_path, len(dataset))
+    # the reader is part of the key: before table_records, a TSV whose first row had an extra field was
+    # read with every column shifted, and a cache built from that must not be served for the right rows
+    key = cache_key({**identity, "reader": "table_records"}, data_path, len(dataset))
     tokens = load_or_build_row_cache(tokenize_valid, dataset.captions, identity["context_length"], cache_dir, key,
                                      batch_size=1024, device=device, show_progress=show_progress,
                                      local_rank=local_rank, kind="tokens", dtype=torch.int32)
@@ -395,11 +517,17 @@ def _is_valid_caption(caption: Any) -> bool:
         return False
 
 
+def _max_pixels(args) -> Optional[int]:
+    # callers that build their own namespace (tests, tools) may leave the flag out: PIL's default then
+    return getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+
+
 def _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size) -> DataInfo:
     if dataset_type == "csv":
         dataset = CsvDataset(args.train_data, transform, img_key=args.csv_img_key,
                              caption_key=args.csv_caption_key, sep=args.csv_separator,
-                             allow_empty_captions=args.allow_empty_captions)
+                             allow_empty_captions=args.allow_empty_captions, max_pixels=_max_pixels(args),
+                             quoting=getattr(args, "csv_quoting", "auto"))
         if args.dataset_size:
             if args.dataset_size > len(dataset):
                 raise DataError(f"--dataset-size {args.dataset_size} but {args.train_data} has {len(dataset)} rows")
@@ -422,6 +550,7 @@ def _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size) 
 def _webdataset_data(args, transform, tokenizer, world_size) -> DataInfo:
     import webdataset as wds
 
+    max_pixels = _max_pixels(args)
     urls = expand_urls(args.train_data)
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not os.path.exists(u)]
@@ -441,7 +570,7 @@ def _webdataset_data(args, transform, tokenizer, world_size) -> DataInfo:
     pipeline += [
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(1000, initial=100),
-        wds.map(lambda s: decode_shard_sample(s, transform, args.allow_empty_captions)),
+        wds.map(lambda s: decode_shard_sample(s, transform, args.allow_empty_captions, max_pixels)),
         drop_bad_samples,
         wds.batched(args.batch_size, collation_fn=BatchCollator(tokenizer), partial=False),
     ]

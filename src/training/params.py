@@ -57,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "--job distill --distill-loss cosine/fd); by default they are skipped as bad")
     data.add_argument("--max-bad-fraction", type=float, default=0.01,
                       help="stop the run when more than this fraction of samples seen so far was bad")
+    data.add_argument("--max-image-pixels", type=int, default=89_478_485,
+                      help="skip an image whose header says it has more pixels (width x height) than this, "
+                           "before decoding it, as a bad sample 'image too large' (the default is PIL's own "
+                           "limit, about 9459x9459; a 20000x20000 PNG of 438 KB takes 3.7 GB to decode). "
+                           "0: no limit but PIL's, which refuses more than twice its default")
+    data.add_argument("--csv-quoting", default="auto", choices=["auto", "csv", "none"],
+                      help="how the TSV/CSV's fields are quoted. csv: standard CSV (a field in double quotes "
+                           "may hold the separator, newlines and \"\" for a quote); none: no quoting, every line "
+                           "is one row and quotes are plain text (CC3M captions hold quotes); auto: none for a "
+                           "tab separator, else csv. A row of the wrong field count is skipped as a bad sample "
+                           "'malformed row', naming its line")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, default=64, help="batch size per process")
