@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from eval.templates import IMAGENET_CLASSNAMES, templates_for
+from foundation.images import open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image.convert("RGB")), index
+        # the training data's decoding rules (16-bit, transparency, size limit): scores compare like with like
+        return self.transform(open_rgb(self.paths[index])), index
 
 
 # --- discovery -----------------------------------------------------------------------------------------
@@ -131,8 +132,10 @@ def discover_datasets(root: str | Path) -> Tuple[Dict[str, FoundDataset], List[s
 def image_folder_set(folder: Path, name: str, transform: Transform, test_split: str = "test") -> ClassificationSet:
     from torchvision.datasets import ImageFolder
 
-    test = ImageFolder(str(folder / test_split), transform=transform)
-    train = ImageFolder(str(folder / "train"), transform=transform) if (folder / "train").is_dir() else None
+    # loader: the training data's decoding rules, not torchvision's plain convert("RGB")
+    test = ImageFolder(str(folder / test_split), transform=transform, loader=open_rgb)
+    train = (ImageFolder(str(folder / "train"), transform=transform, loader=open_rgb)
+             if (folder / "train").is_dir() else None)
     if train is not None and train.classes != test.classes:
         log.warning("%s: train and %s class folders differ; linear probe skipped", name, test_split)
         train = None
