@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from compress.ops.cascade import Cascade
+from foundation.images import open_rgb
 from eval.metrics import ranks_in_ranking, recall_at_ks
 
 log = logging.getLogger(__name__)
@@ -163,9 +164,7 @@ def load_gallery(eval_data_dir: str, max_images: int = 0):
 
 
 def load_images(paths: Sequence[Path], preprocess: Callable) -> torch.Tensor:
-    from PIL import Image
-
-    return torch.stack([preprocess(Image.open(path).convert("RGB")) for path in paths])
+    return torch.stack([preprocess(open_rgb(path)) for path in paths])
 
 
 def run_experiment(exp: Experiment) -> Dict[str, Any]:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -29,6 +28,7 @@ from eval.data import find_coco_root, load_coco_captions
 from eval.models import image_size_of_transform
 from foundation.checkpoint import atomic_write_bytes, save_checkpoint
 from foundation.errors import UserError
+from foundation.images import open_rgb
 from foundation.logs import quiet_open_clip
 from training.data import BatchCollator, CsvDataset
 from training.models import create_clip
@@ -100,8 +100,7 @@ class _CaptionedImages:
 
     def __getitem__(self, index: int) -> Batch:
         path, caption = self.pairs[index]
-        with Image.open(path) as image:
-            pixels = self.transform(image.convert("RGB"))
+        pixels = self.transform(open_rgb(path))  # the training data's decoding rules (foundation.images)
         return {"index": index, "image": pixels, "caption": caption, "skipped_reasons": []}
 
 
