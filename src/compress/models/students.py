@@ -11,8 +11,8 @@ Model kind `student_clip` (rebuilt by `compress.load` from the checkpoint's mode
      "tokenizer_model": "clipc-vit-t2-64",                # open_clip tokenizer of the text tower
      "preprocess": {"image_size": 64, "mean": [...], "std": [...]}}   # the teacher's: same images
 
-- torchvision students (`torchvision.models.get_model(arch)`, any classification architecture): the last
-  Linear of the network (the classifier's output layer) becomes a Linear to `embed_dim`; that Linear is the
+- torchvision students (`torchvision.models.get_model(arch)`, any classification architecture): the
+  classifier's output layer becomes a Linear to `embed_dim` (compress.models.backbones); that Linear is the
   "head" `--freeze-backbone` trains (casCLIP's setting).
 - open_clip ViT students: an open_clip `VisionTransformer` whose `proj` maps to `embed_dim`; smaller ViTs can
   be initialised from the teacher with `inherit_vit_from_teacher` (TinyCLIP manual inheritance).
@@ -31,28 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.models.backbones import (
+    is_torchvision_arch,
+    open_clip_image_tower,
+    open_clip_model_config,
+    torchvision_backbone,
+)
 from compress.models.registry import register_model_kind, strip_module_prefix
-from foundation.model_configs import register_model_configs
-
 
 # --- specs ---------------------------------------------------------------------------------------------
-
-
-def open_clip_model_config(model_name: str) -> Dict[str, Any]:
-    """The open_clip config dict of a model name (ours included); ValueError if unknown."""
-    import open_clip
-
-    register_model_configs()
-    config = open_clip.get_model_config(model_name)
-    if config is None:
-        raise ValueError(f"unknown open_clip model {model_name!r}")
-    return config
-
-
-def is_torchvision_arch(name: str) -> bool:
-    import torchvision
-
-    return name in torchvision.models.list_models(module=torchvision.models)
 
 
 def student_image_spec(student: str, teacher_model: str, input_size: Optional[int] = None,
@@ -87,7 +74,8 @@ def teacher_text_spec(text_model: str) -> Dict[str, Any]:
             "from": text_model}
 
 
-def student_clip_spec(image_tower: Dict[str, Any], teacher_model: str, text_model: Optional[str] = None) -> Dict[str, Any]:
+def student_clip_spec(image_tower: Dict[str, Any], teacher_model: str,
+                      text_model: Optional[str] = None) -> Dict[str, Any]:
     """Spec of a student CLIP: `image_tower` + the text tower of `text_model` (default: the teacher's),
     in the teacher's embedding space and with the teacher's preprocessing."""
     import open_clip
@@ -109,13 +97,6 @@ def student_clip_spec(image_tower: Dict[str, Any], teacher_model: str, text_mode
 # --- image towers --------------------------------------------------------------------------------------
 
 
-def _last_linear_name(net: nn.Module) -> str:
-    names = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
-    if not names:
-        raise ValueError(f"{type(net).__name__} has no Linear classifier to replace by a projection")
-    return names[-1]
-
-
 class StudentImageTower(nn.Module):
     """A student image network ending in a projection to the joint embedding size."""
 
@@ -123,17 +104,10 @@ class StudentImageTower(nn.Module):
         super().__init__()
         self.spec = spec
         if spec["type"] == "torchvision":
-            import torchvision
-
-            net = torchvision.models.get_model(spec["arch"], weights=None)
-            self.head_name = _last_linear_name(net)
-            old_head = net.get_submodule(self.head_name)
-            net.set_submodule(self.head_name, nn.Linear(old_head.in_features, embed_dim))
             self.input_size = int(spec["input_size"])
+            net, self.head_name = torchvision_backbone(spec["arch"], self.input_size, out_dim=embed_dim)
         elif spec["type"] == "open_clip_vit":
-            from open_clip.model import _build_vision_tower
-
-            net = _build_vision_tower(embed_dim, spec["vision_cfg"], spec.get("quick_gelu", False))
+            net = open_clip_image_tower(spec["vision_cfg"], embed_dim, spec.get("quick_gelu", False))
             self.head_name = "proj"
             self.input_size = int(spec["vision_cfg"]["image_size"])
         else:

@@ -28,6 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.models.backbones import (
+    is_open_clip_config,
+    is_torchvision_arch,
+    open_clip_config_image_tower,
+    open_clip_image_size,
+    torchvision_backbone,
+)
 from compress.models.registry import register_model_kind
 from foundation.model_configs import register_model_configs
 
@@ -73,7 +80,8 @@ class FrozenTextEncoder:
                 raise ValueError(
                     f"cannot load sentence-transformers model {spec['name']!r} ({type(error).__name__}: "
                     f"{str(error).splitlines()[0][:200]}); pass a local folder or a model in your cache") from None
-            get_dim = getattr(self.module, "get_embedding_dimension", None) or self.module.get_sentence_embedding_dimension
+            get_dim = (getattr(self.module, "get_embedding_dimension", None)
+                       or self.module.get_sentence_embedding_dimension)
             self.dim = int(get_dim())
             self.tokenizer = None
         elif spec["type"] == "open_clip":
@@ -124,63 +132,12 @@ def projection_head(in_dim: int, out_dim: int, hidden_dim: int = 2048, n_layers:
     return nn.Sequential(*layers)
 
 
-def is_open_clip_config(name: str) -> bool:
-    import open_clip
-
-    register_model_configs()
-    return name in open_clip.list_models()
-
-
-def is_torchvision_model(name: str) -> bool:
-    import torchvision
-
-    return name in torchvision.models.list_models(module=torchvision.models)
-
-
-def open_clip_image_size(name: str) -> int:
-    import open_clip
-
-    register_model_configs()
-    size = (open_clip.get_model_config(name) or {}).get("vision_cfg", {}).get("image_size", 224)
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
-def _strip_classifier(model: nn.Module, name: str) -> nn.Module:
-    """Remove a torchvision classifier's last layer so the model outputs its pooled features."""
-    if hasattr(model, "heads"):  # vision transformers
-        model.heads = nn.Identity()
-    elif isinstance(getattr(model, "fc", None), nn.Linear):  # resnets, regnets, googlenet, inception
-        model.fc = nn.Identity()
-    elif name.startswith("squeezenet"):  # its classifier is a 1x1 conv to the classes, then pooling
-        model.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    elif isinstance(getattr(model, "classifier", None), nn.Linear):  # densenets
-        model.classifier = nn.Identity()
-    elif isinstance(getattr(model, "classifier", None), nn.Sequential):  # alexnet, vgg, convnext, mobilenets
-        last = max(i for i, m in enumerate(model.classifier) if isinstance(m, nn.Linear))
-        model.classifier[last] = nn.Identity()
-    else:
-        raise ValueError(f"don't know how to remove the classifier of torchvision model {name!r}")
-    return model
-
-
 def build_backbone(backbone: Dict[str, Any]) -> nn.Module:
     """An open_clip config's image tower (`.visual`) or a torchvision architecture without classifier,
     randomly initialised (weights come from the checkpoint or from training)."""
     if backbone["type"] == "open_clip":
-        import open_clip
-
-        register_model_configs()
-        kwargs = {}
-        if backbone.get("image_size") and backbone["image_size"] != open_clip_image_size(backbone["name"]):
-            kwargs["force_image_size"] = backbone["image_size"]
-        return open_clip.create_model(backbone["name"], pretrained=None, **kwargs).visual
-    import torchvision
-
-    kwargs = {"aux_logits": False, "init_weights": True} if backbone["name"] in ("inception_v3", "googlenet") else {}
-    if backbone["name"].startswith("vit_"):
-        kwargs["image_size"] = backbone["image_size"]
-    model = torchvision.models.get_model(backbone["name"], weights=None, **kwargs)
-    return _strip_classifier(model, backbone["name"])
+        return open_clip_config_image_tower(backbone["name"], backbone.get("image_size"))
+    return torchvision_backbone(backbone["name"], backbone["image_size"])[0]
 
 
 def backbone_feature_dim(module: nn.Module, image_size: int) -> int:
@@ -240,8 +197,9 @@ def image_student_spec(model_name: str, text_encoder: Dict[str, Any], embed_dim:
     import open_clip
 
     if is_open_clip_config(model_name):
-        backbone = {"type": "open_clip", "name": model_name, "image_size": image_size or open_clip_image_size(model_name)}
-    elif is_torchvision_model(model_name):
+        backbone = {"type": "open_clip", "name": model_name,
+                    "image_size": image_size or open_clip_image_size(model_name)}
+    elif is_torchvision_arch(model_name):
         backbone = {"type": "torchvision", "name": model_name, "image_size": image_size or 224}
     else:
         raise ValueError(f"--model {model_name!r} is neither an open_clip config nor a torchvision model name")
