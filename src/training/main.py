@@ -42,7 +42,7 @@ def main(argv=None) -> None:
         run(parse_args(argv))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        logging.getLogger().handlers and logging.error("%s", e)
+        log_to_files_only(logging.ERROR, str(e))  # out.log keeps it too; the console has it once, above
         cleanup()
         sys.exit(2)
 
@@ -90,6 +90,7 @@ def run(args) -> Dict[str, Any]:
                      resume_from, ctx.epoch, ctx.step, ctx.step_in_epoch)
     wrap_model(ctx, job)
     job.on_train_start(ctx)
+    record_run(args, log_dir, dist_info)
 
     # 6. epochs ------------------------------------------------------------------------------------------
     for epoch in range(ctx.epoch, args.epochs):
@@ -136,18 +137,44 @@ def prepare_run_dir(args, dist_info: DistInfo) -> Path:
                        f"or choose another --name")
         else:
             (log_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            with open(log_dir / "params.txt", "w") as f:
-                for key in sorted(vars(args)):
-                    f.write(f"{key}: {getattr(args, key)}\n")
-            if args.copy_codebase:
-                src = Path(__file__).resolve().parents[1]
-                shutil.copytree(src, log_dir / "code" / "src", dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns("__pycache__"))
     problem = broadcast_object(problem)
     if problem:
         raise UserError(problem)
     barrier()
     return log_dir
+
+
+def record_run(args, log_dir: Path, dist_info: DistInfo) -> None:
+    """params.txt (and --copy-codebase's copy), written once every start-up check has passed: a run refused at
+    start leaves only its out.log, so the same --name can be used again."""
+    if not dist_info.is_master:
+        return
+    lines = "".join(f"{key}: {getattr(args, key)}\n" for key in sorted(vars(args)))
+    ckpt_io.atomic_write_bytes(log_dir / "params.txt", lines.encode("utf-8"))
+    if args.copy_codebase:
+        copy_codebase(Path(__file__).resolve().parents[1], log_dir / "code" / "src")
+
+
+# what --copy-codebase copies: the package source and its data files, nothing else that may sit beside it
+CODEBASE_SUFFIXES = (".py", ".json")
+
+
+def copy_codebase(src: Path, dest: Path) -> int:
+    """Copy the packages under `src` (ProtoCLIP's --copy-codebase). Only regular files with a source suffix;
+    no symlink is followed or copied, and no dotfile or dot-folder (.env, keys, .git) is entered."""
+    copied = 0
+    for root, dirs, files in os.walk(src, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__"
+                         and not os.path.islink(os.path.join(root, d)))
+        for name in sorted(files):
+            path = Path(root) / name
+            if name.startswith(".") or path.is_symlink() or not path.is_file() or path.suffix not in CODEBASE_SUFFIXES:
+                continue
+            target = dest / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target, follow_symlinks=False)
+            copied += 1
+    return copied
 
 
 def setup_logging(log_dir: Path, dist_info: DistInfo, level: str) -> None:
@@ -167,6 +194,15 @@ def setup_logging(log_dir: Path, dist_info: DistInfo, level: str) -> None:
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "sentence_transformers", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet_open_clip()
+
+
+def log_to_files_only(level: int, message: str) -> None:
+    """A record for the run's log files (out.log), not the console handler."""
+    root = logging.getLogger()
+    record = root.makeRecord(root.name, level, __file__, 0, message, (), None)
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler) and level >= handler.level:
+            handler.handle(record)
 
 
 def make_tb_writer(args, log_dir: Path, dist_info: DistInfo):
@@ -302,9 +338,20 @@ def save_run_checkpoint(ctx: RunContext, job, log_dir: Path, kind: str) -> None:
     args = ctx.args
     rng_states = gather_rng_states()
     job_state = job.state_dict()
-    if not ctx.dist.is_master:
-        barrier()
-        return
+    problem = None
+    if ctx.dist.is_master:
+        try:
+            write_run_checkpoint(ctx, job_state, rng_states, log_dir, kind)
+        except UserError as e:  # a failed write (disk full): the previous checkpoint is still whole
+            problem = str(e)
+    # collective: a failed save stops every rank with the same one line; none waits on a barrier for it
+    problem = broadcast_object(problem)
+    if problem:
+        raise UserError(problem)
+
+
+def write_run_checkpoint(ctx: RunContext, job_state, rng_states, log_dir: Path, kind: str) -> None:
+    args = ctx.args
     model = ctx.unwrapped_model
     state = {
         "epoch": ctx.epoch,
@@ -336,7 +383,6 @@ def save_run_checkpoint(ctx: RunContext, job, log_dir: Path, kind: str) -> None:
         if args.save_most_recent or args.save_every_n_steps:
             ckpt_io.save_checkpoint(state, checkpoint_dir / ckpt_io.LATEST)
     logging.info("saved %s checkpoint at epoch %d step %d", kind, ctx.epoch, ctx.step)
-    barrier()
 
 
 def restore_run_state(ctx: RunContext, job, checkpoint: Dict[str, Any]) -> None:

@@ -26,8 +26,9 @@ def create_clip(model_name: str, pretrained: Optional[str] = None) -> nn.Module:
             raise UserError(f"--pretrained {pretrained!r} is neither a file nor a tag of {model_name} ({tags or 'none'})")
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained or None)
-    except RuntimeError as e:
-        raise UserError(f"cannot load --pretrained {pretrained} into {model_name}: {e}")
+    except Exception as e:  # not a checkpoint (UnpicklingError), truncated, wrong shapes (RuntimeError)…
+        reason = str(e).splitlines()[0][:300] if str(e) else ""
+        raise UserError(f"cannot load --pretrained {pretrained} into {model_name} ({type(e).__name__}: {reason})")
     if pretrained:
         logging.info("loaded %s weights from %s", model_name, pretrained)
     model.model_spec = open_clip_spec(model_name)

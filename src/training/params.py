@@ -145,7 +145,38 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("--train-data is required (a TSV, shards, or 'synthetic')")
     if args.accum_freq < 1 or args.batch_size < 1:
         parser.error("--batch-size and --accum-freq must be at least 1")
+    check_ranges(args)
+    check_run_name(args.name)
     if (args.zeroshot_frequency or args.linear_frequency or args.retrieval_frequency) and not args.eval_data_dir:
         # here, not at the first eval, which comes after a whole epoch of training
         raise UserError("--zeroshot/--linear/--retrieval-frequency need --eval-data-dir")
     return args
+
+
+# flag → (smallest allowed value, what it means): values argparse's types accept but a run cannot use
+_MINIMUMS = {
+    "lr": (0.0, "a learning rate"),
+    "wd": (0.0, "a weight decay"),
+    "warmup": (0, "a number of warm-up steps"),
+    "workers": (0, "a number of data-loader processes"),
+    "log_every_n_steps": (1, "a logging interval in steps"),
+    "epochs": (1, "a number of epochs"),
+    "save_frequency": (0, "an epoch interval (0: never)"),
+    "save_every_n_steps": (0, "a step interval (0: never)"),
+}
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    for key, (minimum, meaning) in _MINIMUMS.items():
+        value = getattr(args, key, None)
+        if value is not None and not value >= minimum:  # `not >=` also refuses NaN
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag} {value}: must be at least {minimum} ({meaning})")
+
+
+def check_run_name(name: Optional[str]) -> None:
+    """`--name` is one folder under --logs: never a path that leaves it (`..`, `/abs`, `a/../..`)."""
+    if name is None:
+        return
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("~"):
+        raise UserError(f"--name {name!r}: must be a single folder name under --logs (no '/', '..' or absolute path)")

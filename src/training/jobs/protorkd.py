@@ -132,11 +132,18 @@ class ProtoRKDJob(Job):
         from compress.models.text_students import FrozenTextEncoder, ImageStudent, image_student_spec
 
         args = self.args
-        text_spec = resume_spec["text_encoder"] if resume_spec else self.text_encoder_spec()
+        # the teacher always comes from this run's flags, never from a name or path written in the checkpoint
+        text_spec = self.text_encoder_spec()
+        if resume_spec is not None and resume_spec.get("text_encoder") != text_spec:
+            raise UserError(f"the checkpoint's student was distilled from {resume_spec.get('text_encoder')}, not "
+                            f"{text_spec}: resume with the same --pretrained-text / --teacher-model flags")
         try:
             teacher = FrozenTextEncoder(text_spec)
-        except ValueError as error:
-            raise UserError(str(error))
+        except Exception as error:
+            # a weights file that is no checkpoint (UnpicklingError, IndexError), one of another architecture
+            # (RuntimeError, open_clip's AssertionError), a missing model (OSError): one line, no traceback
+            reason = str(error).splitlines()[0][:300] if str(error) else ""
+            raise UserError(f"cannot load the text teacher {text_spec} ({type(error).__name__}: {reason})")
         if resume_spec is None:
             embed_dim = args.projection_dim or teacher.dim
             try:
