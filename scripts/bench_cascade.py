@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
 from compress.cascade import Experiment, format_table, run_experiment  # noqa: E402
-from compress.models.registry import load_checkpoint_file  # noqa: E402
+from foundation.checkpoint import load_checkpoint  # noqa: E402
 
 STUDENT_FLAGS = ["--student", "teacher", "--student-layers", "1", "--student-width", "64", "--student-image-size", "32",
                  "--inherit-from-teacher", "--distill-loss", "cosine,icl"]
@@ -68,7 +68,7 @@ def main() -> None:
     if student is None:
         if not args.train_data:
             parser.error("give --student, or --train-data to distil one")
-        teacher_model = load_checkpoint_file(args.teacher)["model_spec"]["model"]
+        teacher_model = load_checkpoint(args.teacher)["model_spec"]["model"]
         student = distil(args.teacher, teacher_model, args.train_data, args.logs or tempfile.mkdtemp(),
                          args.distill_epochs, args.distill_batch_size)
 

@@ -21,12 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import compress
-from compress.models.registry import get_preprocess, get_tokenizer, load_checkpoint_file
+from compress.models.registry import get_preprocess, get_tokenizer
 from compress.ops.calibration import Batch
 from compress.ops.profile import profile_model
 from eval.data import find_coco_root, load_coco_captions
 from eval.models import image_size_of_transform
-from foundation.checkpoint import atomic_write_bytes, save_checkpoint
+from foundation.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from foundation.errors import UserError
 from foundation.images import open_rgb
 from foundation.logs import quiet_open_clip
@@ -75,10 +75,7 @@ def load_input_model(model_name: Optional[str], pretrained: str) -> nn.Module:
     """Our checkpoint via compress.load, else open_clip `model_name` with a weights file."""
     if not os.path.isfile(pretrained):
         raise UserError(f"--pretrained {pretrained}: no such file")
-    try:
-        checkpoint = load_checkpoint_file(pretrained)
-    except Exception as e:
-        raise UserError(f"--pretrained {pretrained} cannot be read ({type(e).__name__}: {e})")
+    checkpoint = load_checkpoint(pretrained)  # weights_only; its own one-line UserError for a bad file
     if isinstance(checkpoint, dict) and "model_spec" in checkpoint:
         spec = checkpoint["model_spec"]
         if model_name and spec.get("model") not in (None, model_name):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +80,12 @@ def load_encoder(
     pretrained: Optional[str] = None,
     device: str | torch.device = "cpu",
     model_name: Optional[str] = None,
+    allowed_text_encoders: Iterable[str] = (),
 ) -> Encoder:
     """An `Encoder` (eval mode, on `device`) for a checkpoint file, a loaded checkpoint dict, or a model name.
 
     `model_name` is needed only for open_clip_train checkpoints whose log dir has no params.txt.
+    `allowed_text_encoders`: text-encoder names or files you trust a checkpoint to name (compress.models.spec).
     Raises FileNotFoundError / ValueError with a one-line message for anything a user can get wrong.
     """
     params: Dict[str, Any] = {}
@@ -97,12 +99,14 @@ def load_encoder(
     else:
         return _load_open_clip_model(str(source), pretrained, device)
 
-    model = model_from_checkpoint(checkpoint, model_name=model_name, params=params)
+    model = model_from_checkpoint(checkpoint, model_name=model_name, params=params,
+                                  allowed_text_encoders=allowed_text_encoders)
     return encoder_from_model(model.to(device).eval(), device=device)
 
 
 def model_from_checkpoint(
-    checkpoint: Mapping[str, Any], model_name: Optional[str] = None, params: Optional[Dict[str, Any]] = None
+    checkpoint: Mapping[str, Any], model_name: Optional[str] = None, params: Optional[Dict[str, Any]] = None,
+    allowed_text_encoders: Iterable[str] = (),
 ) -> nn.Module:
     """Rebuild and fill the model of our checkpoint (via its `model_spec`) or of an open_clip_train one."""
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
@@ -111,11 +115,8 @@ def model_from_checkpoint(
         # An open_clip_train checkpoint: give it the spec its params.txt describes, then load it like ours.
         spec = open_clip_train_spec(params or {}, model_name)
         checkpoint = {"model_spec": spec, "state_dict": checkpoint["state_dict"]}
-    try:
-        return compress.load(dict(checkpoint))
-    except RuntimeError as error:  # load_state_dict's multi-page key listing, cut to one readable line
-        summary = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])
-        raise ValueError(f"checkpoint does not fit model_spec {checkpoint['model_spec']}: {summary[:300]}") from None
+    # compress.load validates the spec and reports a state_dict that does not fit it in one line
+    return compress.load(dict(checkpoint), allowed_text_encoders=allowed_text_encoders)
 
 
 # --- open_clip_train log dirs --------------------------------------------------------------------------

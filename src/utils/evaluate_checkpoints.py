@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where models are scored (default: cuda when available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=64, help="images (and captions) per encoder forward")
+    parser.add_argument("--allow-text-encoder", action="append", default=[], metavar="NAME_OR_FILE",
+                        help="a sentence-transformers model or open_clip text-teacher weights file that a ProtoRKD "
+                             "checkpoint may name (repeatable); by default only the bundled all-MiniLM-L6-v2 is "
+                             "loaded, since a checkpoint never chooses what is read or downloaded")
     parser.add_argument("--workers", type=int, default=2, help="data loader workers for image decoding")
     parser.add_argument("--model", default=None,
                         help="open_clip model name for open_clip_train checkpoints (default: params.txt `model`)")
@@ -284,20 +288,24 @@ class Monitor:
 
     def score(self, epoch_from_name: int, path: Path) -> Dict[str, Any]:
         from compress.ops.profile import profile_encoder
-        from compress.models.registry import load_checkpoint_file
+        from foundation.checkpoint import load_checkpoint
         from eval import encoder_from_model, run_benchmarks
+        from compress.models.spec import SpecError
         from eval.models import model_from_checkpoint
 
         started = time.perf_counter()
         log.info("scoring %s", path)
         try:
-            checkpoint = load_checkpoint_file(str(path))
+            checkpoint = load_checkpoint(str(path))
         except Exception as error:  # truncated zip, not a torch file, unsafe pickle, …
             if not zipfile.is_zipfile(path):  # torch.save writes zip archives; torch's own message misleads here
                 raise SkipCheckpoint("unreadable: not a complete torch checkpoint (truncated or another format)") from None
             raise SkipCheckpoint(f"unreadable ({type(error).__name__}: {_first_line(error)})") from None
         try:
-            model = model_from_checkpoint(checkpoint, model_name=self.args.model, params=self.experiment.params)
+            model = model_from_checkpoint(checkpoint, model_name=self.args.model, params=self.experiment.params,
+                                          allowed_text_encoders=self.args.allow_text_encoder)
+        except SpecError as error:  # a spec its schema refuses: never built, named in the skip reason
+            raise SkipCheckpoint(f"refused ({_first_line(error)})") from None
         except (ValueError, KeyError, TypeError) as error:
             raise SkipCheckpoint(f"unknown checkpoint format ({_first_line(error)})") from None
         encoder = encoder_from_model(model.to(self.args.device), device=self.args.device)

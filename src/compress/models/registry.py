@@ -13,11 +13,12 @@ before `build_model` is first called.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Iterable
 
 import torch
 from torch import nn
 
+from compress.models.spec import SpecError, validate_spec
 from foundation.checkpoint import load_checkpoint
 from foundation.logs import open_clip_chatter
 from foundation.model_configs import register_model_configs
@@ -36,12 +37,16 @@ def register_model_kind(kind: str) -> Callable[[ModelBuilder], ModelBuilder]:
     return decorate
 
 
-def build_model(spec: Dict[str, Any]) -> nn.Module:
-    """The architecture described by `spec`, randomly initialised, with `model.model_spec = spec`."""
-    kind = spec.get("kind")
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {kind!r} in model_spec; known kinds: {sorted(MODEL_KINDS)}")
-    model = MODEL_KINDS[kind](spec)
+def build_model(spec: Dict[str, Any], allowed_text_encoders: Iterable[str] = ()) -> nn.Module:
+    """The architecture described by `spec`, randomly initialised, with `model.model_spec` set.
+
+    The spec is validated first (`compress.models.spec`: a spec is untrusted data), and the model is built
+    from, and carries, the validated copy: no key a schema does not know reaches a builder or a file we write.
+    `allowed_text_encoders`: text-encoder names or weights files the caller itself chose (a flag), which a
+    spec may then name besides the bundled default.
+    """
+    spec = validate_spec(spec, allowed_text_encoders)
+    model = MODEL_KINDS[spec["kind"]](spec)
     model.model_spec = spec
     return model
 
@@ -53,22 +58,24 @@ def strip_module_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.
     return state_dict
 
 
-# compress.cli, utils/evaluate_checkpoints.py and scripts/bench_cascade.py still import the old name; it is
-# foundation's reader itself, not a second one (drop it once they import foundation.checkpoint directly)
-load_checkpoint_file = load_checkpoint
-
-
-def load(path_or_checkpoint: str | Dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild and fill the model of one of our checkpoints, in eval mode."""
+def load(path_or_checkpoint: str | Dict[str, Any], device: str | torch.device = "cpu",
+         allowed_text_encoders: Iterable[str] = ()) -> nn.Module:
+    """Rebuild and fill the model of one of our checkpoints, in eval mode (its spec validated, see build_model)."""
     checkpoint = (
         load_checkpoint(path_or_checkpoint)
         if isinstance(path_or_checkpoint, (str, bytes)) or hasattr(path_or_checkpoint, "__fspath__")
         else path_or_checkpoint
     )
-    if "model_spec" not in checkpoint:
-        raise ValueError("not a clipcompress checkpoint: it has no 'model_spec' entry")
-    model = build_model(checkpoint["model_spec"])
-    model.load_state_dict(strip_module_prefix(checkpoint["state_dict"]))
+    if not isinstance(checkpoint, dict) or "model_spec" not in checkpoint:
+        raise SpecError("not a clipcompress checkpoint: it has no 'model_spec' entry")
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise SpecError("checkpoint's state_dict is not a mapping of tensors")
+    model = build_model(checkpoint["model_spec"], allowed_text_encoders)
+    try:
+        model.load_state_dict(strip_module_prefix(state_dict))
+    except RuntimeError as e:  # shapes that do not match the spec: one line, not torch's page of keys
+        raise SpecError(f"checkpoint's state_dict does not fit its model_spec ({str(e).splitlines()[0][:300]})")
     return model.to(device).eval()
 
 

@@ -128,7 +128,13 @@ class ProtoRKDJob(Job):
             return {"type": "open_clip", "model": args.teacher_model, "pretrained": args.teacher_pretrained}
         return {"type": "sentence_transformers", "name": args.pretrained_text}
 
+    @staticmethod
+    def allowed_text_encoders(text_spec: Dict[str, Any]) -> List[str]:
+        """The teacher this run's own flags name: the one a resumed spec may name too."""
+        return [value for value in (text_spec.get("name"), text_spec.get("pretrained")) if value]
+
     def build_model(self, resume_spec: Optional[Dict[str, Any]] = None):
+        from compress.models.spec import validate_spec
         from compress.models.text_students import FrozenTextEncoder, ImageStudent, image_student_spec
 
         args = self.args
@@ -153,8 +159,8 @@ class ProtoRKDJob(Job):
                                           else args.force_image_size)
             except ValueError as error:
                 raise UserError(str(error))
-        else:
-            spec = resume_spec
+        else:  # the student is built here, not by build_model: validate the checkpoint's spec the same way
+            spec = validate_spec(resume_spec, allowed_text_encoders=self.allowed_text_encoders(text_spec))
         needs_same_width = [d for d in self.distillers if d in ("mse", "infonce", "proto")]
         if needs_same_width and spec["embed_dim"] != teacher.dim:
             raise UserError(f"--distiller {','.join(needs_same_width)} compares student and teacher features: "

