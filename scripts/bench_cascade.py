@@ -85,7 +85,8 @@ def main() -> None:
 
     for row in summary["rows"][2:]:
         sparse = (f"; {row['sparse_queries']}-query lifetime {row['sparse_lifetime_speedup']:.2f}x "
-                  f"(large model embedded {100 * row['sparse_large_encoded_fraction']:.0f}%)" if "sparse_queries" in row else "")
+                  f"(large model embedded {100 * row['sparse_large_encoded_fraction']:.0f}%)"
+                  if "sparse_queries" in row else "")
         print(f"{row['system']}: ΔR@10 {row['dR@10']:+.2f} points; all-caption lifetime {row['lifetime_speedup']:.2f}x "
               f"(image embedding {row['image_speedup']:.2f}x, large model embedded "
               f"{100 * row['large_encoded_fraction']:.0f}% of the gallery){sparse}; first query "

@@ -36,7 +36,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     images = torch.nn.functional.normalize(torch.randn(args.images, args.dim, generator=generator), dim=-1).to(device)
     num_captions = args.images * args.captions_per_image
-    captions = torch.nn.functional.normalize(torch.randn(num_captions, args.dim, generator=generator), dim=-1).to(device)
+    captions = torch.nn.functional.normalize(torch.randn(num_captions, args.dim, generator=generator),
+                                             dim=-1).to(device)
     caption_image = torch.arange(num_captions, device=device) // args.captions_per_image
 
     def synchronise() -> None:
@@ -65,7 +66,8 @@ def main() -> None:
     chunk_mib = DEFAULT_CHUNK_ELEMENTS * 4 / 2**20
     print(f"{args.images} images x {num_captions} captions, dim {args.dim}, {device}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"bare matmul img @ txt.T        : {matmul_s * 1000:9.1f} ms  (holds the full {full_matrix_mib:.0f} MiB matrix)")
+    print(f"bare matmul img @ txt.T        : {matmul_s * 1000:9.1f} ms  "
+          f"(holds the full {full_matrix_mib:.0f} MiB matrix)")
     print(f"retrieval_metrics (i2t + t2i)  : {recall_s * 1000:9.1f} ms  (chunks of <= {chunk_mib:.0f} MiB of scores)")
     print(f"ratio recall / matmul          : {recall_s / matmul_s:9.2f}x")
 

@@ -97,7 +97,8 @@ def test_large_level_encodes_only_the_candidates_and_caches_them(models, gallery
     large_features = F.normalize(models["large"].encode_image(images), dim=-1)
     for q in range(3):
         candidates = shortlist[q]
-        order = torch.sort(first[q].double() @ large_features[candidates].double().T, descending=True, stable=True).indices
+        order = torch.sort(first[q].double() @ large_features[candidates].double().T,
+                           descending=True, stable=True).indices
         assert set(result[q].tolist()) <= set(candidates.tolist())
         assert torch.equal(result[q], candidates[order][:3])
     encoded = cascade.images_encoded()[1]

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_trainer
+
 from compress.ops.distill_losses import affinity_loss, cosine_loss, crd_loss, fd_loss, icl_loss
 
 # --- losses, by hand ------------------------------------------------------------------------------------
@@ -84,7 +84,8 @@ def test_affinity_loss_by_hand_and_its_relation_to_crd():
     value = affinity_loss(IMAGE, TEXT, TEACHER_IMAGE, TEXT, 2.0, 3.0).item()
     assert value == pytest.approx(expected, abs=1e-6)
     # soft cross-entropy = KL + the teacher's entropy
-    assert value == pytest.approx(crd_loss(IMAGE, TEXT, TEACHER_IMAGE, TEXT, 2.0, 3.0).item() + teacher_entropy, abs=1e-6)
+    assert value == pytest.approx(crd_loss(IMAGE, TEXT, TEACHER_IMAGE, TEXT, 2.0, 3.0).item() + teacher_entropy,
+                                  abs=1e-6)
 
 
 # --- students -------------------------------------------------------------------------------------------
@@ -197,7 +198,8 @@ def test_distill_job_checkpoint_loads_and_encodes_in_the_teacher_space(tiny_corp
     import compress
     from eval.models import load_encoder
 
-    run_trainer(["--job", "distill", "--teacher-model", "clipc-vit-t2-32", "--teacher-pretrained", str(teacher_checkpoint),
+    run_trainer(["--job", "distill", "--teacher-model", "clipc-vit-t2-32",
+                 "--teacher-pretrained", str(teacher_checkpoint),
                  "--student", "mobilenet_v3_small", "--distill-loss", "cosine,fd,icl,crd,affinity",
                  "--train-data", str(tiny_corpus / "train.tsv"), "--batch-size", "16", "--workers", "0",
                  "--epochs", "1", "--stop-after-steps", "3", "--log-every-n-steps", "1", "--report-to", "none",

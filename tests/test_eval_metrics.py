@@ -1,8 +1,7 @@
 """eval/ on inputs with known answers: metrics, zero-shot, linear probe, retrieval, datasets, profiling."""
+import importlib
 import json
 from pathlib import Path
-
-import importlib
 
 import pytest
 import torch
@@ -44,7 +43,8 @@ def test_classification_metrics_known_values():
     assert metrics["acc5"] == pytest.approx(3 / 4)
     # class 0: 1 of 2, class 1: 0 of 1, class 2: 0 of 1; classes absent from labels are not averaged in
     assert metrics["mean_per_class_recall"] == pytest.approx((0.5 + 0 + 0) / 3)
-    assert set(classification_metrics(logits, labels, prefix="lp_")) == {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall"}
+    assert set(classification_metrics(logits, labels, prefix="lp_")) == {"lp_acc1", "lp_acc5",
+                                                                         "lp_mean_per_class_recall"}
 
 
 def test_acc5_with_fewer_classes_than_k_and_nan_logits():
@@ -185,7 +185,8 @@ def write_colour_root(root: Path, train_per_class=4, test_per_class=2):
         for caption in (f"a {name} square", f"something {name}"):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption})
     images.append({"id": 99, "file_name": "uncaptioned.jpg"})  # no captions: left out of retrieval
-    (coco / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    (coco / "annotations" / "captions_val2017.json").write_text(
+        json.dumps({"images": images, "annotations": annotations}))
 
 
 def test_zero_shot_classifier_is_mean_of_normalised_template_embeddings():

@@ -14,7 +14,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, run_trainer, subprocess_env
 
 MODEL = "clipc-vit-t2-32"
@@ -96,7 +95,8 @@ HOSTILE_SPECS = [
       "embed_dim": 384, "text_encoder": {"type": "sentence_transformers", "name": "all-MiniLM-L6-v2"}},
      "model_spec.backbone.name"),
     ({"kind": "student_clip", "embed_dim": 64,
-      "image_tower": {"type": "open_clip_vit", "vision_cfg": {"timm_model_name": "vit_base", "timm_model_pretrained": True}},
+      "image_tower": {"type": "open_clip_vit",
+                      "vision_cfg": {"timm_model_name": "vit_base", "timm_model_pretrained": True}},
       "text_tower": {"text_cfg": {"width": 64}}}, "model_spec.image_tower.vision_cfg.timm_model_name: unknown key"),
     ({"kind": "student_clip", "embed_dim": 64, "image_tower": {"type": "torchvision", "arch": "resnet18",
                                                                "input_size": 32},

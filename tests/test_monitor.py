@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, subprocess_env
 from PIL import Image, ImageDraw
 
-from conftest import REPO, subprocess_env
 from utils import evaluate_checkpoints as monitor_cli
 
 MODEL = "clipc-vit-t2-32"
@@ -54,7 +54,8 @@ def eval_root(tmp_path_factory):
         images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg"})
         for caption in (f"a {name.replace('_', ' ')}", f"one {name.split('_')[0]} shape"):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": caption})
-    (coco / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    (coco / "annotations" / "captions_val2017.json").write_text(
+        json.dumps({"images": images, "annotations": annotations}))
     return root
 
 
@@ -119,7 +120,8 @@ def test_monitor_scores_good_checkpoints_once_and_survives_bad_ones(experiment, 
     assert monitor_cli.main(monitor_args(experiment, eval_root, "--once")) == 0
 
     rows = csv_rows(experiment)
-    assert [(r["checkpoint"], r["epoch"], r["step"]) for r in rows] == [("epoch_1.pt", "1", "10"), ("epoch_2.pt", "2", "20")]
+    assert [(r["checkpoint"], r["epoch"], r["step"]) for r in rows] == [("epoch_1.pt", "1", "10"),
+                                                                        ("epoch_2.pt", "2", "20")]
     for column in ("zeroshot/shapes/acc1", "linear_probe/shapes/lp_acc1", "retrieval/coco2017/mean_recall",
                    "retrieval/coco2017/image_retrieval_recall@10", "features/coco2017/modality_gap",
                    "params", "params_image", "macs_image", "macs_text", "latency_image_ms", "latency_text_ms"):
@@ -150,7 +152,8 @@ def test_watching_retries_a_bad_file_only_after_it_changes(experiment, eval_root
     monitor = monitor_cli.Monitor(monitor_cli.open_experiment(args.logs_dir), args, str(eval_root))
     assert monitor.poll() == 2
     assert monitor.poll() == 0  # nothing new; corrupt files not retried
-    warnings = [r.getMessage() for r in caplog.records if r.name == "evaluate_checkpoints" and r.levelno == logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "evaluate_checkpoints" and r.levelno == logging.WARNING]
     assert len(warnings) == 2
 
     # The writer finishes epoch_4.pt: it changes, so it is tried again and scored.
@@ -203,7 +206,8 @@ def test_interactive_prompt_and_single_epoch(experiment, eval_root, monkeypatch)
 
 def test_user_errors_are_one_line(experiment, eval_root, tmp_path, capsys):
     cases = [
-        (["--logs-dir", str(tmp_path / "missing"), "--eval-data-dir", str(eval_root), "--once"], "experiment dir not found"),
+        (["--logs-dir", str(tmp_path / "missing"), "--eval-data-dir", str(eval_root), "--once"],
+         "experiment dir not found"),
         (["--logs-dir", str(experiment), "--once"], "--eval-data-dir"),
         (["--logs-dir", str(experiment), "--eval-data-dir", str(tmp_path / "nope"), "--once"], "not found"),
         (monitor_args(experiment, eval_root, "--once", "--datasets", "cifar10"), "cifar10"),

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, launched, subprocess_env
 
 MODEL = "clipc-vit-t2-32"
@@ -38,7 +37,8 @@ def trainer_pids(run_dir: Path):
                 cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"training.main" in cmdline and str(run_dir.parent).encode() in cmdline and b"torch.distributed.run" not in cmdline:
+            if (b"training.main" in cmdline and str(run_dir.parent).encode() in cmdline
+                    and b"torch.distributed.run" not in cmdline):
                 pids.append(int(entry.name))
     return pids
 
@@ -46,7 +46,7 @@ def trainer_pids(run_dir: Path):
 @pytest.mark.parametrize("rendezvous", ["c10d", "static"])
 def test_torchrun_max_restarts_resumes_a_killed_worker(tiny_corpus, tmp_path, rendezvous):
     # c10d is the elastic rendezvous of real clusters; static is torchrun's default
-    rdzv = ([f"--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=restart-test"]
+    rdzv = (["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=restart-test"]
             if rendezvous == "c10d" else [f"--master-port={free_port()}"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=3", *rdzv,
            *trainer_args(tiny_corpus, tmp_path, "restart", "--epochs", "2", "--save-every-n-steps", "3",

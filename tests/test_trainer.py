@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, run_trainer, subprocess_env
 
 MODEL = "clipc-vit-t2-32"
@@ -40,7 +39,8 @@ def test_one_process_run_writes_everything(tiny_corpus, tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     rows = read_results(run)
     assert rows[-1]["step"] == 2 * (256 // 16)
-    assert {"train/loss", "train/lr", "train/logit_scale", "train/samples_per_second", "train/data_time"} <= set(rows[-1])
+    assert {"train/loss", "train/lr", "train/logit_scale", "train/samples_per_second",
+            "train/data_time"} <= set(rows[-1])
     ckpt = final_state(run, 2)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 32 and ckpt["model_spec"] == {"kind": "open_clip", "model": MODEL}
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])

@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from compress.ops.cascade import Cascade
-from foundation.images import open_rgb
 from eval.metrics import ranks_in_ranking, recall_at_ks
+from foundation.images import open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -281,12 +281,14 @@ def format_table(summary: Dict[str, Any], ks: Sequence[int]) -> str:
     kind = summary["experiment"]
     lines = [f"{summary['name']} ({kind}): {summary['gallery']} gallery images, {summary['queries']} caption "
              f"queries; levels (cheapest first): {', '.join(summary['levels'])}",
-             f"image decoding + preprocessing, shared by every system and not timed below: {summary['decode_s']:.2f} s"]
+             f"image decoding + preprocessing, shared by every system and not timed below: "
+             f"{summary['decode_s']:.2f} s"]
     if kind == "topk":
-        header = ["system"] + [f"R@{k}" for k in ks] + [f"ΔR@{k}" for k in ks] + ["large enc.", "lifetime ×", "images ×"]
+        header = (["system"] + [f"R@{k}" for k in ks] + [f"ΔR@{k}" for k in ks]
+                  + ["large enc.", "lifetime ×", "images ×"])
     else:
-        header = ["system", "lifetime s", "lifetime ×", "images ×", "text s", "large enc.", "1st query s", "1st query ×",
-                  "warm query ms", "warm query ×"] + [f"R@{k}" for k in ks]
+        header = ["system", "lifetime s", "lifetime ×", "images ×", "text s", "large enc.", "1st query s",
+                  "1st query ×", "warm query ms", "warm query ×"] + [f"R@{k}" for k in ks]
         sparse_queries = summary["rows"][0].get("sparse_queries")
         if sparse_queries:
             header[6:6] = [f"lifetime × {sparse_queries}q", f"large enc. {sparse_queries}q"]
@@ -298,16 +300,20 @@ def format_table(summary: Dict[str, Any], ks: Sequence[int]) -> str:
                          [f"{100 * row['large_encoded_fraction']:.0f}%", f"{row['lifetime_speedup']:.2f}x",
                           f"{row['image_speedup']:.2f}x"])
         else:
-            cells = [row["system"], f"{row['lifetime_s']:.3f}", f"{row['lifetime_speedup']:.2f}x",
-                     f"{row['image_speedup']:.2f}x", f"{row['text_s']:.3f}", f"{100 * row['large_encoded_fraction']:.0f}%",
-                     f"{row['first_query_s']:.3f}", f"{row['first_query_speedup']:.2f}x",
-                     f"{row['per_query_ms']:.2f}", f"{row['per_query_speedup']:.2f}x"] + [f"{row[f'R@{k}']:.2f}" for k in ks]
+            cells = ([row["system"], f"{row['lifetime_s']:.3f}", f"{row['lifetime_speedup']:.2f}x",
+                      f"{row['image_speedup']:.2f}x", f"{row['text_s']:.3f}",
+                      f"{100 * row['large_encoded_fraction']:.0f}%",
+                      f"{row['first_query_s']:.3f}", f"{row['first_query_speedup']:.2f}x",
+                      f"{row['per_query_ms']:.2f}", f"{row['per_query_speedup']:.2f}x"]
+                     + [f"{row[f'R@{k}']:.2f}" for k in ks])
             if sparse_queries:
-                cells[6:6] = [f"{row['sparse_lifetime_speedup']:.2f}x", f"{100 * row['sparse_large_encoded_fraction']:.0f}%"]
+                cells[6:6] = [f"{row['sparse_lifetime_speedup']:.2f}x",
+                              f"{100 * row['sparse_large_encoded_fraction']:.0f}%"]
             table.append(cells)
     widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
     for i, r in enumerate(table):
-        lines.append("  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        lines.append("  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w)
+                               for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("lifetime = measured wall time to embed the gallery at level 1, then embed, search and lazily "

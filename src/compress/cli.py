@@ -50,7 +50,8 @@ def base_parser(description: str, calibration: bool = True, prog: Optional[str] 
     parser.add_argument("--model", default=None,
                         help="open_clip config name (needed when --pretrained is not one of our checkpoints)")
     parser.add_argument("--pretrained", required=True,
-                        help="our checkpoint (epoch_N.pt, any model kind this tool accepts) or an open_clip weights file")
+                        help="our checkpoint (epoch_N.pt, any model kind this tool accepts) "
+                             "or an open_clip weights file")
     parser.add_argument("--out", required=True,
                         help="run folder to write (OUT/checkpoints/epoch_0.pt + OUT/params.txt), or a .pt file path")
     parser.add_argument("--device", default="cpu", help="device for calibration and surgery (cpu, cuda, cuda:1)")
@@ -66,7 +67,8 @@ def base_parser(description: str, calibration: bool = True, prog: Optional[str] 
         group.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration row subset")
         group.add_argument("--csv-separator", default="\t", help="column separator of a --calib-data TSV/CSV")
         group.add_argument("--csv-img-key", default="filepath",
-                           help="column of a --calib-data TSV/CSV with image paths (relative to its folder or absolute)")
+                           help="column of a --calib-data TSV/CSV with image paths "
+                                "(relative to its folder or absolute)")
         group.add_argument("--csv-caption-key", default="title", help="column of a --calib-data TSV/CSV with captions")
     return parser
 
@@ -126,7 +128,8 @@ def calibration_batches(source: str, spec: Dict[str, Any], num_batches: int, bat
         dataset = CsvDataset(source, transform, img_key=img_key, caption_key=caption_key, sep=sep)
     count = min(len(dataset), num_batches * batch_size)
     rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-    loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False, collate_fn=BatchCollator(tokenizer))
+    loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False,
+                        collate_fn=BatchCollator(tokenizer))
     return [{"image": b["image"], "text": b["text"]} for b in loader]
 
 
@@ -157,7 +160,8 @@ def write_output(model: nn.Module, out: str, tool: str, args: argparse.Namespace
     save_checkpoint(state, checkpoint_path)
     if not is_file:
         lines = [f"job: {tool}", f"name: {name}", f"model: {model.model_spec.get('model')}"]
-        lines += [f"{key}: {getattr(args, key)}" for key in sorted(vars(args)) if key not in ("spec", "model", "name", "job")]
+        lines += [f"{key}: {getattr(args, key)}" for key in sorted(vars(args))
+                  if key not in ("spec", "model", "name", "job")]
         # atomic like the checkpoint: the monitor may read params.txt of a run folder while it is written
         atomic_write_bytes(out_path / "params.txt", "".join(line + "\n" for line in lines).encode("utf-8"))
     return checkpoint_path

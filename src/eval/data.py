@@ -222,7 +222,8 @@ def load_flickr30k(flickr_root: Path) -> RetrievalSet:
         entries = read_karpathy_test_split(karpathy)
     else:
         entries = read_flickr_results_csv(flickr_root / "results.csv")
-    return _retrieval_set("flickr30k", [(image_dir / Path(file_name).name, captions) for file_name, captions in entries])
+    return _retrieval_set("flickr30k",
+                          [(image_dir / Path(file_name).name, captions) for file_name, captions in entries])
 
 
 def read_flickr_results_csv(path: Path) -> List[Tuple[str, List[str]]]:

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from foundation import checkpoint as ckpt_io
+from foundation.errors import UserError
+from foundation.logs import quiet_open_clip
 from training.data import get_data
 from training.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
-from foundation.errors import UserError
 from training.jobs import available_jobs
 from training.params import parse_args
 from training.train import RunContext, train_one_epoch
-from foundation.logs import quiet_open_clip
 
 
 def main(argv=None) -> None:
@@ -335,7 +335,6 @@ def gather_rng_states() -> list:
 
 def save_run_checkpoint(ctx: RunContext, job, log_dir: Path, kind: str) -> None:
     """kind 'latest': mid-epoch epoch_latest.pt; 'epoch': epoch_N.pt (+ latest when asked). Collective."""
-    args = ctx.args
     rng_states = gather_rng_states()
     job_state = job.state_dict()
     problem = None

@@ -20,10 +20,12 @@ def create_clip(model_name: str, pretrained: Optional[str] = None) -> nn.Module:
     register_model_configs()
     if model_name not in open_clip.list_models():
         raise UserError(f"unknown --model {model_name!r}; see open_clip.list_models() or src/foundation/configs/")
-    if pretrained and not os.path.exists(pretrained) and "://" not in pretrained and not pretrained.startswith("hf-hub:"):
+    if (pretrained and not os.path.exists(pretrained) and "://" not in pretrained
+            and not pretrained.startswith("hf-hub:")):
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in tags:
-            raise UserError(f"--pretrained {pretrained!r} is neither a file nor a tag of {model_name} ({tags or 'none'})")
+            raise UserError(f"--pretrained {pretrained!r} is neither a file nor a tag of {model_name} "
+                            f"({tags or 'none'})")
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained or None)
     except Exception as e:  # not a checkpoint (UnpicklingError), truncated, wrong shapes (RuntimeError)…

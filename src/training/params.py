@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset-type", default="auto", choices=["auto", "csv", "webdataset", "synthetic"],
                       help="data source type (auto: from --train-data)")
     data.add_argument("--csv-separator", default="\t", help="column separator of the TSV/CSV")
-    data.add_argument("--csv-img-key", default="filepath", help="column with image paths (relative to the file's folder or absolute)")
+    data.add_argument("--csv-img-key", default="filepath",
+                      help="column with image paths (relative to the file's folder or absolute)")
     data.add_argument("--csv-caption-key", default="title", help="column with captions")
     data.add_argument("--dataset-size", type=int, default=None,
                       help="number of rows in the training set (episodic jobs; default: read from the data)")
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default="clipc-vit-t2-64", help="open_clip model config (ours or open_clip's)")
     model.add_argument("--pretrained", default=None, help="weights: a local file, or an open_clip tag when online")
     model.add_argument("--precision", default="fp32", choices=["fp32", "amp", "amp_bf16", "bf16"],
-                       help="fp32; amp (fp16 autocast + grad scaler on GPU); amp_bf16 (bf16 autocast); bf16 (pure bf16 weights)")
+                       help="fp32; amp (fp16 autocast + grad scaler on GPU); amp_bf16 (bf16 autocast); "
+                            "bf16 (pure bf16 weights)")
     model.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in the towers")
     model.add_argument("--torchcompile", action="store_true", help="torch.compile the model")
     model.add_argument("--local-loss", action="store_true",
@@ -101,10 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--gather-with-grad", action="store_true",
                        help="all-gather features with gradients (needed for exact gradients with --local-loss)")
     model.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
-    model.add_argument("--lock-image-unlocked-groups", type=int, default=0, help="leave the last N image groups trainable")
-    model.add_argument("--lock-image-freeze-bn-stats", action="store_true", help="freeze BatchNorm statistics of a locked image tower")
+    model.add_argument("--lock-image-unlocked-groups", type=int, default=0,
+                       help="leave the last N image groups trainable")
+    model.add_argument("--lock-image-freeze-bn-stats", action="store_true",
+                       help="freeze BatchNorm statistics of a locked image tower")
     model.add_argument("--lock-text", action="store_true", help="freeze the text tower")
-    model.add_argument("--lock-text-unlocked-layers", type=int, default=0, help="leave the last N text layers trainable")
+    model.add_argument("--lock-text-unlocked-layers", type=int, default=0,
+                       help="leave the last N text layers trainable")
 
     run = parser.add_argument_group("run, logging and checkpoints")
     run.add_argument("--seed", type=int, default=0, help="random seed (data order, init)")

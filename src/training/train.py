@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.distributed import DistInfo, all_reduce_mean, all_reduce_sum
 from foundation.errors import DataError, NonFiniteLossError
+from training.distributed import DistInfo, all_reduce_mean, all_reduce_sum
 
 
 @dataclass
@@ -52,7 +52,8 @@ class RunContext:
         if self.results_file is not None:
             import json
 
-            self.results_file.write(json.dumps({"step": step, "epoch": self.epoch, "time": time.time(), **scalars}) + "\n")
+            self.results_file.write(
+                json.dumps({"step": step, "epoch": self.epoch, "time": time.time(), **scalars}) + "\n")
             self.results_file.flush()
 
 

@@ -287,11 +287,11 @@ class Monitor:
         self.failed[path] = (stat.st_size, stat.st_mtime_ns)
 
     def score(self, epoch_from_name: int, path: Path) -> Dict[str, Any]:
-        from compress.ops.profile import profile_encoder
-        from foundation.checkpoint import load_checkpoint
-        from eval import encoder_from_model, run_benchmarks
         from compress.models.spec import SpecError
+        from compress.ops.profile import profile_encoder
+        from eval import encoder_from_model, run_benchmarks
         from eval.models import model_from_checkpoint
+        from foundation.checkpoint import load_checkpoint
 
         started = time.perf_counter()
         log.info("scoring %s", path)
@@ -299,7 +299,8 @@ class Monitor:
             checkpoint = load_checkpoint(str(path))
         except Exception as error:  # truncated zip, not a torch file, unsafe pickle, …
             if not zipfile.is_zipfile(path):  # torch.save writes zip archives; torch's own message misleads here
-                raise SkipCheckpoint("unreadable: not a complete torch checkpoint (truncated or another format)") from None
+                raise SkipCheckpoint("unreadable: not a complete torch checkpoint "
+                                     "(truncated or another format)") from None
             raise SkipCheckpoint(f"unreadable ({type(error).__name__}: {_first_line(error)})") from None
         try:
             model = model_from_checkpoint(checkpoint, model_name=self.args.model, params=self.experiment.params,

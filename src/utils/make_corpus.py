@@ -565,7 +565,8 @@ def _write_imagefolder(root: str, split: str, samples: Iterable[tuple[bytes, lis
 def _prepare_destination(out: str) -> None:
     """Refuse to clobber a directory that is not a previous corpus."""
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "corpus.json")):
-        raise FileExistsError(f"{out} exists, is not empty and is not a corpus (no corpus.json); refusing to replace it")
+        raise FileExistsError(f"{out} exists, is not empty and is not a corpus (no corpus.json); "
+                              "refusing to replace it")
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"{out} exists and is not a directory")
 
@@ -628,7 +629,8 @@ def make_corpus(
                           eval_size, pool, "coco eval"),
             image_size,
         )
-        for folder, split, per_class in (("train", "shapes_train", per_class_train), ("test", "shapes_test", per_class_test)):
+        for folder, split, per_class in (("train", "shapes_train", per_class_train),
+                                         ("test", "shapes_test", per_class_test)):
             _write_imagefolder(
                 staging, folder,
                 _generate_all(functools.partial(_generate_imagefolder_sample, split=split, **common),

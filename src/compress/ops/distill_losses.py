@@ -41,7 +41,8 @@ def _affinity_logits(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
     return logits_per_image, logits_per_image.T
 
 
-def icl_loss(student_image: torch.Tensor, teacher_text: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+def icl_loss(student_image: torch.Tensor, teacher_text: torch.Tensor,
+             logit_scale: torch.Tensor | float) -> torch.Tensor:
     """½[CE(s·I_s T_tᵀ, diag) + CE(s·T_t I_sᵀ, diag)]: the student's images must find their captions in
     the teacher's text space."""
     logits_per_image, logits_per_text = _affinity_logits(student_image, teacher_text, logit_scale)

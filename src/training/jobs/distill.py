@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from compress.ops.distill_losses import LOSSES, DistillFeatures
 from compress.models.registry import build_model, get_tokenizer
 from compress.models.students import (
     copy_teacher_text_tower,
@@ -26,6 +25,7 @@ from compress.models.students import (
     student_clip_spec,
     student_image_spec,
 )
+from compress.ops.distill_losses import LOSSES, DistillFeatures
 from foundation.errors import UserError
 from training.jobs import Job, add_argument_once
 from training.models import create_clip
@@ -48,7 +48,8 @@ class DistillJob(Job):
         add_argument_once(group, "--teacher-model", default=None,
                           help="teacher: open_clip model config name (frozen)")
         add_argument_once(group, "--teacher-pretrained", default=None,
-                          help="teacher weights: a local file (one of our clip-job checkpoints works) or an open_clip tag")
+                          help="teacher weights: a local file (one of our clip-job checkpoints works) "
+                               "or an open_clip tag")
         add_argument_once(group, "--student", default="mobilenet_v3_small",
                           help="student image tower: a torchvision architecture (mobilenet_v3_small, resnet18, …), "
                                "an open_clip ViT config name, or 'teacher' (the teacher's ViT config, to shrink "
@@ -146,7 +147,8 @@ class DistillJob(Job):
             teacher_scale = self.teacher.logit_scale.exp()
             teacher_text = None
             if self.needs_text:
-                tokens = batch["text"] if self.same_tokenizer else self.teacher_tokenizer(batch["caption"]).to(images.device)
+                tokens = (batch["text"] if self.same_tokenizer
+                          else self.teacher_tokenizer(batch["caption"]).to(images.device))
                 teacher_text = self.teacher.encode_text(tokens, normalize=True)
         own_text = self.needs_text and self.student_has_text
         out = model(images, batch["text"] if own_text else None)

@@ -32,9 +32,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from foundation.errors import UserError
 from training import proto
 from training.distributed import broadcast_object, is_distributed
-from foundation.errors import UserError
 from training.jobs import Job, add_argument_once
 
 DISTILLERS = ("mse", "rkd", "infonce", "proto")
@@ -58,7 +58,8 @@ class ProtoRKDJob(Job):
     @staticmethod
     def add_arguments(group) -> None:
         group.add_argument("--distiller", default="mse",
-                           help=f"comma list of losses: {', '.join(DISTILLERS)} (proto = ProtoCLIP: InfoNCE + prototypes)")
+                           help=f"comma list of losses: {', '.join(DISTILLERS)} "
+                                "(proto = ProtoCLIP: InfoNCE + prototypes)")
         group.add_argument("--pretrained-text", default="all-MiniLM-L6-v2",
                            help="frozen sentence-transformers teacher: a name in your cache or a local folder "
                                 "(all-MiniLM-L6-v2 resolves offline to the bundled copy)")
@@ -83,7 +84,8 @@ class ProtoRKDJob(Job):
         group.add_argument("--kmeans-max-iter", type=int, default=20, help="k-means iterations")
         group.add_argument("--kmeans-nredo", type=int, default=1, help="k-means restarts (best kept)")
         group.add_argument("--PBT", action="store_true",
-                           help="Prototypical Back Translation: image-space prototypes = mean image feature per teacher cluster")
+                           help="Prototypical Back Translation: image-space prototypes = "
+                                "mean image feature per teacher cluster")
         group.add_argument("--target-temperature", type=float, default=-1.0,
                            help="soft proto targets softmax(C[y]Cᵀ/T); -1: hard labels")
         group.add_argument("--external-teacher", default=None,
@@ -94,7 +96,8 @@ class ProtoRKDJob(Job):
         group.add_argument("--infonce-warmup-epoch", type=int, default=0,
                            help="proto: InfoNCE only for the first N episodes")
         group.add_argument("--lit-start-epoch", type=int, default=-1,
-                           help="from this episode on, freeze the backbone and train the head with InfoNCE only (-1: never)")
+                           help="from this episode on, freeze the backbone and train the head "
+                                "with InfoNCE only (-1: never)")
 
     def __init__(self, args, dist_info):
         super().__init__(args, dist_info)
@@ -105,7 +108,8 @@ class ProtoRKDJob(Job):
         self.uses_infonce = "infonce" in self.distillers or "proto" in self.distillers
         self.uses_proto = "proto" in self.distillers
         if args.lit_start_epoch >= 0 and not self.uses_infonce:
-            raise UserError("--lit-start-epoch trains the head with InfoNCE only: add infonce (or proto) to --distiller")
+            raise UserError("--lit-start-epoch trains the head with InfoNCE only: "
+                            "add infonce (or proto) to --distiller")
         self.uses_external = self.uses_proto and args.w_proto_external > 0
         # episode state (all ranks hold the same values; saved in job_state, except the mapping, which
         # every rank recomputes from (seed, episode))

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 
 from compress.models import pruning
 from compress.models.compact_clip import to_compact
-from compress.ops.profile import params_and_macs
 from compress.models.registry import build_model, open_clip_spec
-from training.distributed import all_reduce_sum
+from compress.ops.profile import params_and_macs
 from foundation.errors import UserError
+from training.distributed import all_reduce_sum
 from training.jobs import Job, add_argument_once
 from training.models import create_clip
 
@@ -79,7 +79,8 @@ class PruneJob(Job):
         if search is None:
             search = args.epochs - finetune if finetune is not None else max(1, args.epochs // 2)
         if finetune is not None and search + finetune != args.epochs:
-            raise UserError(f"--search-epochs {search} + --finetune-epochs {finetune} must equal --epochs {args.epochs}")
+            raise UserError(f"--search-epochs {search} + --finetune-epochs {finetune} "
+                            f"must equal --epochs {args.epochs}")
         if not 1 <= search < args.epochs:
             raise UserError(f"need 1 <= search epochs ({search}) < --epochs ({args.epochs}): the pruned model is "
                             f"fine-tuned for the remaining epochs")
