@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import tarfile
 import tempfile
@@ -23,7 +22,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 

@@ -14,10 +14,10 @@ import json
 import os
 import re
 import statistics
-from datetime import datetime
 import subprocess
 import sys
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import run_trainer
-from training import proto
 
+from training import proto
 
 # --- losses, hand-computed -----------------------------------------------------------------------------
 

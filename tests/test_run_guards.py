@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, launched, run_trainer, subprocess_env
 
 MODEL = "clipc-vit-t2-32"

@@ -6,11 +6,11 @@ import types
 import numpy as np
 import pytest
 import torch
+from test_trainer import _write_bad_tsv
 
 from compress.models.registry import get_preprocess, get_tokenizer, open_clip_spec
-from test_trainer import _write_bad_tsv
-from training.data import get_data
 from foundation.model_configs import register_model_configs
+from training.data import get_data
 
 
 @pytest.fixture(scope="module")
