@@ -112,7 +112,8 @@ def _default(action: argparse.Action) -> str:
         # repr shows control characters escaped (the TSV separator is '\t')
         return _code(repr(action.default)[1:-1] or "''")
     if isinstance(action.default, (list, tuple)):
-        return _code(" ".join(map(str, action.default)))
+        # an empty list (a repeatable flag given no times) has nothing to show
+        return _code(" ".join(map(str, action.default))) if action.default else ""
     return _code(str(action.default))
 
 
