@@ -6,7 +6,7 @@ setup(
     description="Train, distil and compress CLIP models at scale (ProtoRKD, UPop+KD pruning, student distillation)",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"foundation": ["configs/*.json"]},
+    package_data={"foundation": ["configs/*.json"], "eval": ["*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch==2.14.1",
@@ -25,10 +25,14 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-timeout", "import-linter>=2.1", "ruff>=0.6", "mkdocs>=1.6"],
         "gpu": ["faiss-gpu"],
+        # --report-to wandb (optional: the trainer names this extra when it is missing)
+        "wandb": ["wandb"],
     },
     entry_points={
         "console_scripts": [
             "clipcompress-train=training.main:main",
+            # torchrun without option abbreviations: the ProtoRKD/UPop command lines' --logs and --p pass through
+            "clipcompress-torchrun=training.launch:main",
             "clipcompress-corpus=utils.make_corpus:main",
             "clipcompress-monitor=utils.evaluate_checkpoints:main",
             "clipcompress-report=utils.report:main",

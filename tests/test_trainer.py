@@ -35,7 +35,10 @@ def test_one_process_run_writes_everything(tiny_corpus, tmp_path):
     run = tmp_path / "one"
     assert (run / "params.txt").read_text().count("model: clipc-vit-t2-32") == 1
     assert (run / "out.log").stat().st_size > 0
-    assert {p.name for p in (run / "checkpoints").iterdir()} == {"epoch_1.pt", "epoch_2.pt"}
+    # epoch_latest.pt by default, as ProtoCLIP's log tree has it (--no-save-most-recent leaves it out)
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"epoch_1.pt", "epoch_2.pt", "epoch_latest.pt"}
+    latest = torch.load(run / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert latest["epoch"] == 2 and latest["step"] == 32
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     rows = read_results(run)
     assert rows[-1]["step"] == 2 * (256 // 16)

@@ -54,6 +54,8 @@ def run(args) -> Dict[str, Any]:
     log_dir = prepare_run_dir(args, dist_info)
     setup_logging(log_dir, dist_info, args.log_level)
     logging.info("run %s: job %s, %d process(es) on %s", args.name, args.job, dist_info.world_size, dist_info.device)
+    if getattr(args, "job_from_flags", None):  # the ProtoRKD README's commands carry no --job
+        logging.info("no --job given: running --job %s, the job of %s", args.job, args.job_from_flags)
 
     # 2. job and model (same init on every rank, then per-rank randomness) --------------------------
     seed_everything(args.seed)
@@ -206,11 +208,10 @@ def log_to_files_only(level: int, message: str) -> None:
 
 
 def make_tb_writer(args, log_dir: Path, dist_info: DistInfo):
-    if args.report_to != "tensorboard" or not dist_info.is_master:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
+    """The --report-to sinks (tensorboard, wandb) as one writer on rank 0 (training/reporting.py)."""
+    from training.reporting import make_writer
 
-    return SummaryWriter(str(log_dir / "tensorboard"))
+    return make_writer(args, log_dir, dist_info.is_master)
 
 
 def seed_everything(seed: int) -> None:

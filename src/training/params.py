@@ -6,7 +6,8 @@ import argparse
 from typing import List, Optional
 
 from foundation.errors import UserError
-from training.jobs import available_jobs
+from training.jobs import available_jobs, mark_job_flag
+from training.reporting import parse_report_to
 
 
 def _frequency_flags(group) -> None:
@@ -114,16 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run, logging and checkpoints")
     run.add_argument("--seed", type=int, default=0, help="random seed (data order, init)")
     run.add_argument("--logs", "--logs-root", dest="logs", default="./logs",
-                     help="root folder of run directories (under torchrun spell it --logs-root: "
-                          "torchrun's own --logs-specs makes a bare --logs ambiguous)")
+                     help="root folder of run directories (plain torchrun takes a bare --logs for its own "
+                          "--logs-specs: launch with clipcompress-torchrun, or spell it --logs-root)")
     run.add_argument("--name", default=None, help="run name (folder under --logs); default: a timestamp and the model")
     run.add_argument("--save-frequency", type=int, default=1, help="write epoch_N.pt every N epochs (0: never)")
     run.add_argument("--save-every-n-steps", type=int, default=0, help="also write epoch_latest.pt every N steps")
-    run.add_argument("--save-most-recent", action="store_true", help="write epoch_latest.pt at each epoch end too")
+    run.add_argument("--save-most-recent", action=argparse.BooleanOptionalAction, default=True,
+                     help="write epoch_latest.pt at each epoch end too (ProtoCLIP's log tree has it; a resume reads "
+                          "it); --no-save-most-recent writes only epoch_N.pt")
     run.add_argument("--delete-previous-checkpoint", action="store_true", help="keep only the newest epoch_N.pt")
     run.add_argument("--resume", default=None,
                      help="checkpoint path, or 'latest' (the newest of this run; a fresh start if none)")
-    run.add_argument("--report-to", default="tensorboard", choices=["tensorboard", "none"], help="metrics sink")
+    run.add_argument("--report-to", default="tensorboard",
+                     help="metrics sinks, a comma list of tensorboard, wandb (needs the wandb package: pip install "
+                          "'clipcompress[wandb]'; WANDB_MODE=offline logs without network) or none")
+    run.add_argument("--wandb-project-name", default="clipcompress", help="the wandb project of --report-to wandb")
     run.add_argument("--log-every-n-steps", type=int, default=10, help="log losses/lr/throughput every N steps")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"], help="console log level")
     run.add_argument("--copy-codebase", action="store_true", help="copy src/ into the run folder (ProtoCLIP)")
@@ -139,13 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     _frequency_flags(evaluation)
 
     for job_name, job_class in sorted(jobs.items()):
-        job_class.add_arguments(parser.add_argument_group(f"--job {job_name}"))
+        group = parser.add_argument_group(f"--job {job_name}")
+        job_class.add_arguments(group)
+        for action in group._group_actions:  # add_argument_once marks the flags it shares itself
+            mark_job_flag(action, group)
     return parser
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    resolve_job(parser, args, given_flags(argv))
+    args.report_to = parse_report_to(args.report_to)
     if args.train_data is None:
         parser.error("--train-data is required (a TSV, shards, or 'synthetic')")
     if args.accum_freq < 1 or args.batch_size < 1:
@@ -156,6 +167,42 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         # here, not at the first eval, which comes after a whole epoch of training
         raise UserError("--zeroshot/--linear/--retrieval-frequency need --eval-data-dir")
     return args
+
+
+def given_flags(argv: Optional[List[str]]) -> set:
+    """The dests of the flags the command line actually spells (not those left at their default): parsed
+    again by a parser whose defaults are all suppressed, so only given flags land in the namespace."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    given, _ = probe.parse_known_args(argv)
+    return set(vars(given))
+
+
+def _flag_names(action: argparse.Action) -> str:
+    return "/".join(action.option_strings)
+
+
+def resolve_job(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set) -> None:
+    """A flag of another job than the one run is refused (it would be silently ignored); without --job, the
+    job whose flags the command uses is run (the ProtoRKD README's commands carry no --job).
+
+    Sets `args.job` and `args.job_from_flags` (the flags a job was picked by, for the run's log; None when
+    --job was given or nothing was picked)."""
+    owned = [action for action in parser._actions if getattr(action, "jobs", None) and action.dest in given]
+    args.job_from_flags = None
+    if "job" not in given and owned:
+        candidates = frozenset.intersection(*(action.jobs for action in owned))
+        if len(candidates) != 1:
+            listed = ", ".join(f"{_flag_names(a)} (--job {' or '.join(sorted(a.jobs))})" for a in owned)
+            raise UserError(f"no --job given and these flags do not name one job: {listed}; pass --job")
+        args.job = next(iter(candidates))
+        args.job_from_flags = ", ".join(action.option_strings[0] for action in owned)
+    foreign = [action for action in owned if args.job not in action.jobs]
+    if foreign:
+        listed = "; ".join(f"{_flag_names(a)} belongs to --job {' and '.join(sorted(a.jobs))}" for a in foreign)
+        raise UserError(f"{listed}: not a flag of --job {args.job}, the job this command runs "
+                        f"(pass the --job it belongs to, or drop it)")
 
 
 # flag → (smallest allowed value, what it means): values argparse's types accept but a run cannot use

@@ -118,11 +118,28 @@ class Job:
         pass
 
 
+# the trainer's parser gives each job's flags an argument group titled "--job NAME" (training/params.py)
+JOB_GROUP_PREFIX = "--job "
+
+
+def mark_job_flag(action: argparse.Action, group) -> None:
+    """Record on `action` that the job whose argument group is `group` takes it (`action.jobs`, a frozenset of
+    job names): the trainer refuses a flag of another job than the one it runs, and picks the job from its
+    flags when no --job is given."""
+    title = getattr(group, "title", None) or ""
+    if title.startswith(JOB_GROUP_PREFIX):
+        action.jobs = getattr(action, "jobs", frozenset()) | {title[len(JOB_GROUP_PREFIX):]}
+
+
 def add_argument_once(group, *names: str, **kwargs) -> None:
-    """Add a flag unless another job already defined it (jobs share e.g. --teacher-model)."""
-    existing = {opt for action in group._actions for opt in action.option_strings}
-    if not existing.intersection(names):
-        group.add_argument(*names, **kwargs)
+    """Add a flag unless another job already defined it (jobs share e.g. --teacher-model); either way the flag
+    belongs to this group's job too."""
+    existing = {opt: action for action in group._actions for opt in action.option_strings}
+    shared = next((existing[name] for name in names if name in existing), None)
+    if shared is None:
+        mark_job_flag(group.add_argument(*names, **kwargs), group)
+    elif getattr(shared, "jobs", None):  # another job's flag; a trainer flag stays everyone's
+        mark_job_flag(shared, group)
 
 
 def available_jobs() -> Dict[str, Type[Job]]:
