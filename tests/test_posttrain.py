@@ -11,6 +11,7 @@ from compress.models.compact_clip import (
     FactorizedLinear,
     clone,
     compact_blocks,
+    image_keys,
     keep_heads,
     keep_neurons,
     refresh_spec,
@@ -187,7 +188,9 @@ def test_token_masking_keeps_patches_with_their_own_positions(dense, inputs):
     with torch.no_grad():  # by hand: 4x4 patches + positions 1..16, the class token with position 0
         patches = visual.conv1(images).flatten(2).transpose(1, 2) + visual.positional_embedding[1:]
         cls = visual.class_embedding + visual.positional_embedding[0]
-    kept = torch.rand(4, 16, generator=torch.Generator().manual_seed(3)).topk(8, dim=1).indices.sort(dim=1).values
+    # each image's own draw, seeded by the keyed hash of its pixels
+    kept = torch.stack([torch.rand(16, generator=torch.Generator().manual_seed(key))
+                        for key in image_keys(images, 3)]).topk(8, dim=1).indices.sort(dim=1).values
     expected = torch.cat([cls.expand(4, 1, -1), torch.stack([patches[b, kept[b]] for b in range(4)])], dim=1)
     assert seen[0].shape == (4, 1 + 8, 64)
     torch.testing.assert_close(seen[0], expected)

@@ -8,7 +8,7 @@ ran in, and `build_compact_clip(spec)` rebuilds exactly those shapes:
 
     {"kind": "compact_clip", "model": "<open_clip config>", "model_kwargs": {...},
      "text_layers": [kept original indices] | None,            # text-encoder layer dropping
-     "token_mask": {"drop": p, "seed": s} | None,              # FLIP masking at inference
+     "token_mask": {"drop": p, "seed": s, "per_image": true} | None,   # FLIP masking at inference
      "blocks": {"visual.transformer.resblocks.0": {"heads": h, "head_dim": d, "mlp_width": f,
                                                    "ranks": {"q_proj": r, ..., "c_fc": r, ...},
                                                    "scale": s}}}   # "scale" only where not 1/sqrt(d)
@@ -25,6 +25,7 @@ Towers are named "image" and "text" everywhere (`TOWERS`); a block's qualified n
 from __future__ import annotations
 
 import copy
+import hashlib
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -436,16 +437,37 @@ def keep_text_layers(model: nn.Module, kept: Sequence[int], _refresh: bool = Tru
 
 
 class TokenMask(nn.Module):
-    """Keep max(1, round((1 − drop)·N)) of the N patch tokens of each image (random, seeded); the class token stays."""
+    """Keep max(1, round((1 − drop)·N)) of the N patch tokens of each image (random, seeded); the class token stays.
 
-    def __init__(self, drop: float, seed: int = 0):
+    FLIP's masking at inference: a random choice of tokens, seeded. With `per_image` (what every spec written
+    since records) the choice is a function of the image and the seed alone: the image tower's forward
+    pre-hook (`install_token_mask`) hands the mask the input pixels, each image's pixel bytes are hashed with
+    the seed as key (`image_keys`: neither the batch nor the device changes the hash), and the image's token
+    scores come from a generator seeded with that hash. The same image therefore keeps the
+    same tokens alone, at any position of any batch, and in every later search: a cascade that embeds a
+    candidate lazily, in whatever batch, gets the feature the index was built with.
+
+    Without `per_image` (specs written before the field existed) one generator draw covers the whole batch,
+    so an image's tokens depended on its position in the batch; those checkpoints keep that rule so they
+    score as they did when they were written.
+    """
+
+    def __init__(self, drop: float, seed: int = 0, per_image: bool = False):
         super().__init__()
         if not 0.0 <= drop < 1.0:
             raise ValueError(f"token drop fraction must be in [0, 1); got {drop}")
-        self.drop, self.seed = float(drop), int(seed)
+        self.drop, self.seed, self.per_image = float(drop), int(seed), bool(per_image)
+        self._image_keys: Optional[List[int]] = None  # set by the tower's pre-hook for the next forward
 
     def describe(self) -> Dict[str, Any]:
-        return {"drop": self.drop, "seed": self.seed}
+        spec: Dict[str, Any] = {"drop": self.drop, "seed": self.seed}
+        if self.per_image:
+            spec["per_image"] = True
+        return spec
+
+    def observe_pixels(self, images: torch.Tensor) -> None:
+        """Remember one key per image of the batch the tower is about to embed."""
+        self._image_keys = image_keys(images, self.seed) if self.per_image and self.drop > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.drop == 0.0:
@@ -453,12 +475,45 @@ class TokenMask(nn.Module):
         cls_token, patches = x[:, :1], x[:, 1:]
         batch, num_patches, _ = patches.shape
         keep = max(1, round((1.0 - self.drop) * num_patches))
-        generator = torch.Generator().manual_seed(self.seed)
-        scores = torch.rand(batch, num_patches, generator=generator)
+        if self.per_image:
+            keys, self._image_keys = self._image_keys, None
+            if keys is None or len(keys) != batch:
+                raise RuntimeError("a per-image TokenMask needs the image tower's input pixels: put it in place "
+                                   "with compress.models.compact_clip.install_token_mask")
+            scores = torch.stack([torch.rand(num_patches, generator=torch.Generator().manual_seed(key))
+                                  for key in keys])
+        else:
+            scores = torch.rand(batch, num_patches, generator=torch.Generator().manual_seed(self.seed))
         # sorted indices keep the surviving patches in raster order (irrelevant to attention, nicer to inspect)
         kept = scores.topk(keep, dim=1).indices.sort(dim=1).values.to(x.device)
         patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
         return torch.cat([cls_token, patches], dim=1)
+
+
+def image_keys(images: torch.Tensor, seed: int) -> List[int]:
+    """One generator seed per image: a keyed BLAKE2 hash of the image's pixel bytes (float32) and `seed`.
+    A hash of the bytes, not of arithmetic on them, so the key does not depend on the rest of the batch, on
+    summation order or on the device."""
+    pixels = images.detach().float().cpu().contiguous().numpy()
+    salt = int(seed).to_bytes(8, "little", signed=False)
+    return [int.from_bytes(hashlib.blake2b(image.tobytes(), digest_size=8, key=salt).digest(), "little") >> 1
+            for image in pixels]
+
+
+def _show_pixels_to_token_mask(visual: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of an image tower: its TokenMask (if any) sees the pixels before the patch embedding.
+    Looked up at call time, so a copied model or a replaced mask needs no new hook."""
+    mask = getattr(visual, "patch_dropout", None)
+    if isinstance(mask, TokenMask) and args and torch.is_tensor(args[0]):
+        mask.observe_pixels(args[0])
+
+
+def install_token_mask(visual: nn.Module, mask: TokenMask) -> None:
+    """Make `mask` the image tower's patch dropout, with the pre-hook that shows it each batch's pixels."""
+    visual.patch_dropout = mask
+    if not getattr(visual, "_token_mask_hook", False):
+        visual.register_forward_pre_hook(_show_pixels_to_token_mask)
+        visual._token_mask_hook = True
 
 
 def place_compact_blocks(model: nn.Module, spec: Dict[str, Any]) -> nn.Module:
@@ -472,7 +527,7 @@ def place_compact_blocks(model: nn.Module, spec: Dict[str, Any]) -> nn.Module:
         blocks[int(index)] = CompactBlock(blocks[int(index)], shape["heads"], shape["head_dim"],
                                           shape["mlp_width"], shape.get("ranks"), shape.get("scale"))
     if spec.get("token_mask"):
-        model.visual.patch_dropout = TokenMask(**spec["token_mask"])
+        install_token_mask(model.visual, TokenMask(**spec["token_mask"]))
     return model
 
 

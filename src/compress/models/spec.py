@@ -323,7 +323,9 @@ BLOCK_NAME = r"(visual\.transformer|text\.transformer|transformer)\.resblocks\.\
 COMPACT_OPTIONAL = {
     **OPEN_CLIP_OPTIONAL,
     "text_layers": optional(list_of(integer(0, 4095), 1)),
-    "token_mask": optional(record({"drop": number(0.0, 0.999999)}, {"seed": integer(0, (1 << 63) - 1)})),
+    # per_image: the tokens kept are a function of the image and the seed (written since; absent in older specs)
+    "token_mask": optional(record({"drop": number(0.0, 0.999999)},
+                                  {"seed": integer(0, (1 << 63) - 1), "per_image": FLAG})),
     "blocks": mapping(BLOCK_NAME, BLOCK_SHAPE),
 }
 

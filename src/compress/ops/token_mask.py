@@ -3,8 +3,9 @@
 open_clip adds the positional embedding to every token *before* its `patch_dropout` hook, so dropping tokens
 there keeps each kept patch with its own positional embedding, and the class token (never dropped) with its
 own — the off-by-one of casCLIP's implementation cannot happen. Unlike open_clip's PatchDropout (training
-only, unseeded), `TokenMask` acts in eval mode and draws its choice from its own seeded generator on every
-forward, so a given batch always keeps the same tokens. p = 0 is the identity.
+only, unseeded), `TokenMask` acts in eval mode and is seeded, and the tokens an image keeps are a function of
+that image and the seed alone (a keyed hash of its pixels seeds its draw): embedded alone or anywhere in any
+batch, an image gets the same feature. p = 0 is the identity.
 
     python -m compress.token_mask --model clipc-vit-t2-64 --pretrained CKPT --out RUN_DIR --drop 0.5
 """
@@ -12,11 +13,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from compress.models.compact_clip import TokenMask, clone, refresh_spec
+from compress.models.compact_clip import TokenMask, clone, install_token_mask, refresh_spec
 
 
 def mask_tokens(model: nn.Module, drop: float, seed: int = 0) -> nn.Module:
-    """A copy of `model` whose image tower keeps a fraction 1 − drop of the patch tokens at inference."""
+    """A copy of `model` whose image tower keeps a fraction 1 − drop of each image's patch tokens at inference."""
     model = clone(model)
-    model.visual.patch_dropout = TokenMask(drop, seed)
+    install_token_mask(model.visual, TokenMask(drop, seed, per_image=True))
     return refresh_spec(model)

@@ -1,0 +1,68 @@
+"""FLIP token masking is a function of the image and the seed: the same image keeps the same tokens alone,
+at any position of a batch, and after a save/load; older specs (no per_image field) still load."""
+import pytest
+import torch
+
+import compress
+from compress.models.compact_clip import TokenMask, image_keys
+from compress.models.registry import build_model, open_clip_spec
+from compress.models.spec import SpecError, validate_spec
+from compress.ops.token_mask import mask_tokens
+
+
+@pytest.fixture(scope="module")
+def masked():
+    torch.manual_seed(0)
+    return mask_tokens(build_model(open_clip_spec("clipc-vit-t2-32")).eval(), 0.5, seed=7)
+
+
+def _kept_tokens(model, images):
+    """The tokens the mask hands on (class token + kept patches), as the first block sees them."""
+    seen = []
+    handle = model.visual.ln_pre.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        features = model.encode_image(images)
+    handle.remove()
+    return seen[0], features
+
+
+def test_an_image_keeps_the_same_tokens_alone_and_at_any_batch_position(masked):
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(1, 3, 32, 32, generator=generator)
+    others = torch.randn(5, 3, 32, 32, generator=generator)
+    alone_tokens, alone = _kept_tokens(masked, image)
+    for position in (0, 1, 5):
+        batch = torch.cat([others[:position], image, others[position:]])
+        tokens, features = _kept_tokens(masked, batch)
+        # the same patches with the same positions reach the transformer, so the feature is the same
+        torch.testing.assert_close(tokens[position], alone_tokens[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(features[position], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_choice_is_random_per_image_and_follows_the_seed(masked):
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    keys = image_keys(images, 7)
+    assert len(set(keys)) == 8  # every image its own draw
+    assert image_keys(images, 7) == keys and image_keys(images, 8) != keys
+    scores = torch.stack([torch.rand(16, generator=torch.Generator().manual_seed(k)) for k in keys])
+    kept = scores.topk(8, dim=1).indices
+    assert len({tuple(sorted(row.tolist())) for row in kept}) > 1  # not one pattern for every image
+    tokens, first = _kept_tokens(masked, images)
+    assert tokens.shape == (8, 1 + 8, 64)
+    torch.testing.assert_close(_kept_tokens(masked, images)[1], first)  # seeded: the same every call
+    reloaded = compress.load({"model_spec": masked.model_spec, "state_dict": masked.state_dict()})
+    torch.testing.assert_close(_kept_tokens(reloaded, images)[1], first)
+
+
+def test_new_specs_record_per_image_and_old_specs_still_load(masked):
+    assert masked.model_spec["token_mask"] == {"drop": 0.5, "seed": 7, "per_image": True}
+    old_spec = {**masked.model_spec, "token_mask": {"drop": 0.5, "seed": 7}}  # as written before the field
+    old = compress.load({"model_spec": old_spec, "state_dict": masked.state_dict()})
+    assert isinstance(old.visual.patch_dropout, TokenMask) and not old.visual.patch_dropout.per_image
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert old.encode_image(images).shape == (4, 64)
+    with pytest.raises(SpecError, match="token_mask.order: unknown key"):
+        validate_spec({**masked.model_spec, "token_mask": {"drop": 0.5, "order": "raster"}})
+    with pytest.raises(SpecError, match="token_mask.per_image"):
+        validate_spec({**masked.model_spec, "token_mask": {"drop": 0.5, "per_image": "yes"}})
