@@ -17,7 +17,7 @@ import torch
 from eval.data import ClassificationSet, RetrievalSet, discover_datasets
 from eval.features import extract_image_features, extract_text_features
 from eval.linear_probe import linear_probe
-from eval.metrics import feature_statistics, retrieval_metrics
+from eval.metrics import DEFAULT_TOPK, check_topk, feature_statistics, retrieval_metrics
 from eval.zeroshot import zero_shot_classifier, zero_shot_metrics
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ def run_benchmarks(
     batch_size: int = 64,
     workers: int = 0,
     device: str | torch.device | None = None,
+    topk: Iterable[int] = DEFAULT_TOPK,
 ) -> Dict[str, float]:
     """Flat metric dict for `encoder` on the datasets under `eval_data_dir`.
 
@@ -43,8 +44,10 @@ def run_benchmarks(
     datasets: names to restrict to (default: every dataset found; absent ones are skipped with a log note).
     device: where the metric maths (linear probe, similarity matrices) runs; default the encoder's device.
         The encoder itself stays where it is (it may be the trainer's live model).
+    topk: the k of the zero-shot and linear-probe accuracies acc{k} / lp_acc{k} (default 1 and 5).
     """
     benchmarks = tuple(benchmarks)
+    topk = check_topk(topk)  # a bad k fails here, not after the first dataset was scored
     unknown = sorted(set(benchmarks) - set(BENCHMARKS))
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
@@ -82,7 +85,7 @@ def run_benchmarks(
                     raise ValueError(f"{name}: cannot read it under {eval_data_dir}: {error}") from None
                 log.warning("%s: cannot read it (%s); skipped", name, error)
                 continue
-            metrics.update(evaluate_dataset(encoder, dataset, benchmarks, batch_size, workers, metric_device))
+            metrics.update(evaluate_dataset(encoder, dataset, benchmarks, batch_size, workers, metric_device, topk))
             log.info("%s scored in %.1fs", name, time.perf_counter() - started)
     finally:
         encoder.model.train(was_training)
@@ -96,34 +99,39 @@ def evaluate_dataset(
     batch_size: int = 64,
     workers: int = 0,
     device: str | torch.device = "cpu",
+    topk: Iterable[int] = DEFAULT_TOPK,
 ) -> Dict[str, float]:
     """`<benchmark>/<dataset>/<metric>` for the benchmarks in `benchmarks` that apply to `dataset`
-    (zeroshot and linear_probe to a ClassificationSet, retrieval and features to a RetrievalSet)."""
+    (zeroshot and linear_probe to a ClassificationSet, retrieval and features to a RetrievalSet);
+    `topk`: the k of the classification accuracies."""
     name = dataset.name
 
     def image_features(images, part: str):
         return extract_image_features(encoder, images, batch_size, workers, f"{name} {part}")
 
-    score = _classification_scores if isinstance(dataset, ClassificationSet) else _retrieval_scores
-    by_benchmark = score(encoder, dataset, benchmarks, image_features, torch.device(device))
+    if isinstance(dataset, ClassificationSet):
+        by_benchmark = _classification_scores(encoder, dataset, benchmarks, image_features, torch.device(device),
+                                              check_topk(topk))
+    else:
+        by_benchmark = _retrieval_scores(encoder, dataset, benchmarks, image_features, torch.device(device))
     return {f"{benchmark}/{name}/{metric}": value
             for benchmark, scores in by_benchmark.items() for metric, value in scores.items()}
 
 
 def _classification_scores(encoder, dataset: ClassificationSet, benchmarks: Sequence[str], image_features,
-                           device: torch.device) -> Dict[str, Dict[str, float]]:
+                           device: torch.device, topk: Sequence[int]) -> Dict[str, Dict[str, float]]:
     test_features, test_labels = image_features(dataset.test, "test")
     scores: Dict[str, Dict[str, float]] = {}
     if "zeroshot" in benchmarks:
         classifier = zero_shot_classifier(encoder, dataset.classnames, dataset.templates)
-        scores["zeroshot"] = zero_shot_metrics(test_features.to(device), test_labels, classifier)
+        scores["zeroshot"] = zero_shot_metrics(test_features.to(device), test_labels, classifier, topk)
     if "linear_probe" in benchmarks:
         if dataset.train is None:
             log.info("%s: no train split; linear probe skipped", dataset.name)
         else:
             train_features, train_labels = image_features(dataset.train, "train")
             scores["linear_probe"] = linear_probe(train_features, train_labels, test_features, test_labels,
-                                                  num_classes=len(dataset.classnames), device=device)
+                                                  num_classes=len(dataset.classnames), device=device, topk=topk)
     return scores
 
 

@@ -12,13 +12,13 @@ second for 2k × 128 features on one CPU core. The same code runs on GPU feature
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.metrics import classification_metrics
+from eval.metrics import DEFAULT_TOPK, classification_metrics
 
 # Below this many feature values, one CPU thread is faster: each L-BFGS step is a few tiny matmuls, and
 # intra-op thread hand-offs cost more than the maths (40x slower with 2 threads on a loaded 2-core box).
@@ -131,8 +131,10 @@ def linear_probe(
     device: str | torch.device | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
+    topk: Iterable[int] = DEFAULT_TOPK,
 ) -> Dict[str, float]:
-    """`lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall` on test, plus the `lp_weight_decay` chosen on train."""
+    """`lp_acc{k}` for each k of `topk` (default lp_acc1, lp_acc5), `lp_mean_per_class_recall` on test, plus the
+    `lp_weight_decay` chosen on train."""
     device = torch.device(device) if device is not None else train_features.device
     train_features, train_labels = train_features.float().to(device), train_labels.long().to(device)
     num_classes = num_classes or int(max(train_labels.max().item(), test_labels.max().item())) + 1
@@ -142,6 +144,6 @@ def linear_probe(
         weight_decay = 1e-4  # nothing to validate on; a neutral value
     classifier = fit_logistic_regression(train_features, train_labels, num_classes, weight_decay)
     logits = classifier(test_features.float().to(device))
-    metrics = classification_metrics(logits, test_labels.long().to(device), num_classes, prefix="lp_")
+    metrics = classification_metrics(logits, test_labels.long().to(device), num_classes, prefix="lp_", topk=topk)
     metrics["lp_weight_decay"] = weight_decay
     return metrics

@@ -48,21 +48,33 @@ def rank_of_true_class(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return (logits >= true_scores).sum(dim=1) - 1
 
 
-def classification_metrics(
-    logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, prefix: str = ""
-) -> Dict[str, float]:
-    """`acc1`, `acc5` and `mean_per_class_recall` (balanced top-1 accuracy), as CLIP_benchmark names them.
+# The accuracies reported unless a caller asks for others: CLIP_benchmark's acc1 and acc5.
+DEFAULT_TOPK = (1, 5)
 
-    `prefix="lp_"` gives the linear-probe names. acc5 with fewer than 5 classes is 1.0 (clamped k).
+
+def check_topk(topk: Iterable[int]) -> Tuple[int, ...]:
+    """The distinct k of `topk`, ascending; ValueError unless every k is a whole number >= 1."""
+    ks = tuple(topk)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"top-k accuracies need whole numbers k >= 1, got {list(ks)}")
+    return tuple(sorted(set(ks)))
+
+
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, prefix: str = "",
+    topk: Iterable[int] = DEFAULT_TOPK,
+) -> Dict[str, float]:
+    """`acc{k}` for every k of `topk` (default acc1, acc5) and `mean_per_class_recall` (balanced top-1
+    accuracy), as CLIP_benchmark names them.
+
+    `prefix="lp_"` gives the linear-probe names. acc{k} with fewer than k classes is 1.0 (clamped k).
     """
     labels = labels.to(logits.device).long()
     num_classes = num_classes or logits.shape[1]
     ranks = rank_of_true_class(logits, labels)
     correct_top1 = (ranks == 0).float()
-    metrics = {
-        f"{prefix}acc1": correct_top1.mean().item(),
-        f"{prefix}acc5": (ranks < 5).float().mean().item(),
-    }
+    # the rank counts the classes scoring at least as high as the true one, so one pass gives every k
+    metrics = {f"{prefix}acc{k}": (ranks < k).float().mean().item() for k in check_topk(topk)}
     # Mean over the classes present in `labels` of their top-1 recall (classes absent from the set are skipped
     # rather than counted as 0, so a small test split doesn't drag the number down).
     per_class_hits = torch.zeros(num_classes, device=logits.device).index_add_(0, labels, correct_top1)

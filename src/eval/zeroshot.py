@@ -5,13 +5,13 @@ logits = 100 · image · W (CLIP's fixed scale, independent of the model's learn
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from eval.features import extract_text_features
-from eval.metrics import classification_metrics
+from eval.metrics import DEFAULT_TOPK, classification_metrics
 from eval.templates import fill_template
 
 LOGIT_SCALE = 100.0
@@ -32,7 +32,9 @@ def zero_shot_logits(image_features: torch.Tensor, classifier: torch.Tensor) -> 
     return LOGIT_SCALE * image_features.float() @ classifier.to(image_features.device).float()
 
 
-def zero_shot_metrics(image_features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> Dict[str, float]:
-    """`acc1`, `acc5`, `mean_per_class_recall` of L2-normalised image features against a classifier."""
+def zero_shot_metrics(image_features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
+                      topk: Iterable[int] = DEFAULT_TOPK) -> Dict[str, float]:
+    """`acc{k}` for each k of `topk` (default acc1, acc5) and `mean_per_class_recall` of L2-normalised image
+    features against a classifier."""
     logits = zero_shot_logits(image_features, classifier)
-    return classification_metrics(logits, labels.to(logits.device), num_classes=classifier.shape[1])
+    return classification_metrics(logits, labels.to(logits.device), num_classes=classifier.shape[1], topk=topk)

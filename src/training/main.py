@@ -418,7 +418,7 @@ def evaluate_in_loop(ctx: RunContext, job) -> None:
         from training.evaluation import evaluate_model
 
         metrics = evaluate_model(ctx.unwrapped_model, args.eval_data_dir, wanted, ctx.dist.device,
-                                 batch_size=args.batch_size, workers=args.workers)
+                                 batch_size=args.batch_size, workers=args.workers, topk=args.topk)
         ctx.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
         logging.info("eval at epoch %d: %s", ctx.epoch, json.dumps(metrics))
         ctx.unwrapped_model.train()

@@ -17,6 +17,8 @@ def _frequency_flags(group) -> None:
     group.add_argument("--retrieval-frequency", type=int, default=0, help="run retrieval eval every N epochs")
     group.add_argument("--eval-data-dir", default=None,
                        help="eval root (ProtoCLIP layout: coco2017/, <name>/{train,test}/, flickr30k/, cifar10/…)")
+    group.add_argument("--topk", type=int, nargs="+", default=[1, 5], metavar="K",
+                       help="k of the zero-shot and linear-probe accuracies acc{k} / lp_acc{k} (e.g. 1 3 5 10 20)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +168,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if (args.zeroshot_frequency or args.linear_frequency or args.retrieval_frequency) and not args.eval_data_dir:
         # here, not at the first eval, which comes after a whole epoch of training
         raise UserError("--zeroshot/--linear/--retrieval-frequency need --eval-data-dir")
+    if any(k < 1 for k in args.topk):
+        raise UserError(f"--topk {' '.join(map(str, args.topk))}: every k must be at least 1")
     return args
 
 

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--benchmarks", nargs="+", default=None,
                         help="any of zeroshot linear_probe retrieval features (default: all)")
     parser.add_argument("--datasets", nargs="+", default=None, help="restrict to these dataset names")
+    parser.add_argument("--topk", type=int, nargs="+", default=[1, 5], metavar="K",
+                        help="k of the zero-shot and linear-probe accuracies, columns acc{k} / lp_acc{k} "
+                             "(e.g. 1 3 5 10 20)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where models are scored (default: cuda when available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=64, help="images (and captions) per encoder forward")
@@ -318,6 +321,7 @@ class Monitor:
             datasets=self.args.datasets,
             batch_size=self.args.batch_size,
             workers=self.args.workers,
+            topk=self.args.topk,
         )
         profile = profile_encoder(encoder, batch_size=self.args.profile_batch_size)
 
@@ -457,6 +461,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.set_num_threads(args.threads)
         if not args.logs_dir:
             raise UserError("pass --logs-dir LOGS/<name> (the experiment dir)")
+        if any(k < 1 for k in args.topk):
+            raise UserError(f"--topk {' '.join(map(str, args.topk))}: every k must be at least 1")
         if args.benchmarks:
             from eval.benchmarks import BENCHMARKS
 
