@@ -3,4 +3,4 @@
 Importing this package registers every kind: each kind module registers its builders into
 `compress.models.registry` when imported.
 """
-from compress.models import compact_clip, pruning, registry, students, text_students  # noqa: F401
+from compress.models import compact_clip, pruning, quantized, registry, students, text_students  # noqa: F401

@@ -25,6 +25,16 @@ from foundation.model_configs import register_model_configs
 
 ModelBuilder = Callable[[Dict[str, Any]], nn.Module]
 MODEL_KINDS: Dict[str, ModelBuilder] = {}
+# kinds that wrap another kind's spec under "base" and keep its inputs (tokenizer, image transform): the
+# quantized kind (compress.models.quantized) adds itself
+WRAPPER_KINDS: set = set()
+
+
+def input_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The spec that says what the model takes (tokenizer, preprocessing): a wrapper kind's base spec."""
+    while spec.get("kind") in WRAPPER_KINDS:
+        spec = spec["base"]
+    return spec
 
 
 def register_model_kind(kind: str) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -118,10 +128,14 @@ def get_tokenizer(spec: Dict[str, Any]) -> Callable[[list], Any]:
 
     Default: the open_clip tokenizer of `spec["tokenizer_model"]` or `spec["model"]`. A spec whose
     text side is a sentence-transformers model says `"text_input": "strings"`: its encode_text
-    tokenises by itself, so captions pass through unchanged.
+    tokenises by itself, so captions pass through unchanged. `"text_input": "none"`: the model has no text
+    side; None.
     """
+    spec = input_spec(spec)
     if spec.get("text_input") == "strings":
         return lambda texts: list(texts)
+    if spec.get("text_input") == "none":  # an image-only model (a student of an image teacher)
+        return None
     import open_clip
 
     register_model_configs()
@@ -134,6 +148,7 @@ def get_preprocess(spec: Dict[str, Any]) -> Callable:
     from open_clip.transform import image_transform
 
     register_model_configs()
+    spec = input_spec(spec)
     cfg = spec.get("preprocess")
     if cfg is None:
         model_name = spec.get("preprocess_model", spec.get("model"))

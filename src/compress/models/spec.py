@@ -387,10 +387,38 @@ BACKBONE = tagged("type", {
 register_schema("image_student", {
     "backbone": BACKBONE,
     "embed_dim": WIDTH,
-    "text_encoder": TEXT_ENCODER,
+    # null: distilled from an image teacher, no text side ("text_input": "none")
+    "text_encoder": optional(TEXT_ENCODER),
 }, {
     "feature_dim": WIDTH,
     "head": optional(record({"n_layers": integer(0, 64), "hidden_dim": WIDTH})),
-    "text_input": choice("strings"),
+    "text_input": choice("strings", "none"),
     "preprocess": PREPROCESS,
+})
+
+# --- quantized (compress.models.quantized): any other kind, with the module paths of its int8 Linears ---
+
+MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+){0,31}")
+
+
+def _quantized_base(value: Any, path: str, ctx: Context) -> dict:
+    """The float model's spec: any kind but `quantized` itself, checked against that kind's schema."""
+    if not isinstance(value, dict):
+        raise _fail(path, f"expected a mapping, got {type(value).__name__}")
+    kind = value.get("kind")
+    if not isinstance(kind, str) or kind not in SCHEMAS or kind == "quantized":
+        raise _fail(f"{path}.kind", f"{str(kind)[:80]!r} is not a model kind a quantized model can wrap")
+    return SCHEMAS[kind](value, path, ctx)
+
+
+def _module_path(value: Any, path: str, ctx: Context) -> str:
+    if not isinstance(value, str) or len(value) > 300 or not MODULE_PATH.fullmatch(value):
+        raise _fail(path, f"{str(value)[:80]!r} is not a module path (name.name...)")
+    return value
+
+
+register_schema("quantized", {
+    "base": _quantized_base,
+    "scheme": choice("int8_dynamic", "int8_weight_only"),
+    "linears": list_of(_module_path, 1),
 })

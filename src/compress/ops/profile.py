@@ -53,6 +53,10 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def make_flop_counter() -> FlopCounterMode:
     """FlopCounterMode that also counts attention on CPU: the fused CPU attention kernel has no formula
     in torch's table, so QKᵀ and AV would silently be left out of every ViT's MACs."""
@@ -60,6 +64,8 @@ def make_flop_counter() -> FlopCounterMode:
     custom = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         custom[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
+    # an int8 Linear's GEMM (compress.models.quantized) does the MACs of the float one it replaced
+    custom[aten._int_mm] = _int_mm_flops
     return FlopCounterMode(display=False, custom_mapping=custom)
 
 
@@ -180,6 +186,13 @@ def profile_encoder(encoder, batch_size: int = 32, repeats: int = 5, warmup: int
         repeats=repeats,
         warmup=warmup,
     )
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as stored: every parameter and buffer once, at its own dtype (int8
+    weights count one byte each). What a checkpoint holds besides (optimizer state) is not the model's."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def params_and_macs(model: nn.Module) -> Dict[str, int]:

@@ -1,0 +1,417 @@
+"""Export any model the project writes to ONNX: image and text encoders as separate graphs, batch dynamic,
+with what a deployment must do to the inputs written beside them.
+
+    manifest = export_onnx(model, "deploy/")     # image_encoder.onnx, text_encoder.onnx, preprocessing.json
+
+Both graphs output L2-normalised float32 features, so a caller compares them by a dot product.
+
+- image graph: input `images`, float32 (batch, 3, S, S), already preprocessed as `preprocessing.json` says
+  (the eval transform of the model's spec, read from the transform itself: resize, centre crop, RGB, [0, 1],
+  normalise with the mean/std). A student that takes a smaller input resizes inside its graph, as in torch.
+- text graph of a CLIP-style kind (open_clip, compact/pruned/masked, student_clip, quantized): input `tokens`,
+  int64 (batch, context_length), open_clip's CLIP BPE tokenizer; its vocabulary file is copied beside the
+  graph. The tower pools at the end-of-text token (the highest id): padding after it, with 0 as open_clip does
+  or with the end-of-text id as Hugging Face's CLIPTokenizer does, gives the same features.
+- text graph of an `image_student` (ProtoRKD): its text side is the frozen sentence-transformers model named in
+  its spec (all-MiniLM-L6-v2 by default), exported as the same kind of graph with inputs `input_ids` and
+  `attention_mask` (int64, batch and sequence dynamic) and its Hugging Face tokenizer files copied beside it.
+
+Token masking (FLIP) chooses its kept patches at every forward, which ONNX cannot replay as torch does:
+- a per-image mask (every spec written by `compress.token_mask` now) seeds its choice with a keyed hash of each
+  image's pixel bytes; no ONNX operator computes that hash, so the image graph takes the choice as a second
+  input, `token_index` (batch, kept tokens), computed by `token_index(model, images)`;
+- a batch-wise mask (older specs: one seeded draw per batch) is replaced by the table of tokens it keeps for
+  each row of a batch of up to `max_batch` images (the same choice, row by row); a larger batch is refused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.models.compact_clip import TokenMask, clone
+from compress.models.registry import get_preprocess, get_tokenizer, input_spec
+from compress.ops.quantize import spec_image_size
+
+IMAGE_GRAPH = "image_encoder.onnx"
+TEXT_GRAPH = "text_encoder.onnx"
+MANIFEST = "preprocessing.json"
+DEFAULT_OPSET = 18
+
+
+class ImageGraph(nn.Module):
+    """images → normalised image features (what `encode_image(images, normalize=True)` returns)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(images).float(), dim=-1)
+
+
+class TextGraph(nn.Module):
+    """token ids → normalised text features."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+class SentenceTextGraph(nn.Module):
+    """(input_ids, attention_mask) → normalised sentence embedding of a sentence-transformers model."""
+
+    def __init__(self, sentence_transformer: nn.Module):
+        super().__init__()
+        self.sentence_transformer = sentence_transformer
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        features = {"input_ids": input_ids, "attention_mask": attention_mask,
+                    "token_type_ids": torch.zeros_like(input_ids)}
+        return F.normalize(self.sentence_transformer(features)["sentence_embedding"].float(), dim=-1)
+
+
+class FixedTokenMask(nn.Module):
+    """The tokens a batch-wise TokenMask keeps for rows 0..max_batch-1 of a batch, as a table: a gather ONNX
+    can run (row b of any batch keeps what it kept in torch)."""
+
+    def __init__(self, mask: nn.Module, num_tokens: int, max_batch: int):
+        super().__init__()
+        self.register_buffer("kept", kept_tokens(mask, num_tokens, max_batch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # expanding the sliced table to the batch size is what refuses a batch past max_batch in the graph:
+        # a plain slice would silently return fewer rows
+        index = self.kept[: x.shape[0]].expand(x.shape[0], -1)
+        return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class IndexedTokenMask(nn.Module):
+    """A per-image TokenMask's choice, given as a graph input (`token_index`): the choice is drawn from a
+    keyed hash of each image's pixel bytes, which no ONNX operator computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.index: Optional[torch.Tensor] = None  # set by ImageGraph for each forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, self.index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class IndexedImageGraph(ImageGraph):
+    """(images, token_index) → normalised image features, for a model whose token mask is per image."""
+
+    def __init__(self, model: nn.Module, mask: IndexedTokenMask):
+        super().__init__(model)
+        self.mask = mask
+
+    def forward(self, images: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        self.mask.index = token_index
+        return super().forward(images)
+
+
+def kept_tokens(mask: nn.Module, num_tokens: int, batch: int, images: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(batch, kept) indices of the tokens (0 = class token) `mask` keeps: the mask's own forward on token
+    positions says which token each output row holds, so this follows whatever rule the mask applies.
+    A per-image mask first sees `images` (its rule keys on their pixels)."""
+    if images is not None:
+        mask.observe_pixels(images)
+    positions = torch.arange(num_tokens, dtype=torch.float32).view(1, num_tokens, 1).expand(batch, -1, -1)
+    with torch.no_grad():
+        return mask(positions.contiguous())[..., 0].round().long()
+
+
+def _token_masks(model: nn.Module):
+    """(parent module, attribute, mask, tokens its tower sees) of every TokenMask that drops tokens."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, TokenMask) and module.drop > 0:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            grid = getattr(parent, "grid_size", None)
+            if grid is None:
+                raise ValueError(f"cannot tell how many tokens {name} sees (no grid_size on its tower)")
+            yield parent, child, module, 1 + int(grid[0]) * int(grid[1])  # the class token, then the patches
+
+
+def per_image_token_mask(model: nn.Module) -> Optional[Tuple[TokenMask, int]]:
+    """(mask, tokens) of the model's per-image TokenMask, if it has one."""
+    for _, _, mask, tokens in _token_masks(model):
+        if getattr(mask, "per_image", False):
+            return mask, tokens
+    return None
+
+
+def token_index(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The `token_index` input of a per-image token-masked image graph for `images` (preprocessed)."""
+    found = per_image_token_mask(model)
+    if found is None:
+        raise ValueError("this model has no per-image token mask")
+    mask, tokens = found
+    return kept_tokens(mask, tokens, images.shape[0], images)
+
+
+def fix_token_masks(model: nn.Module, max_batch: int) -> Optional[IndexedTokenMask]:
+    """In place: each batch-wise TokenMask becomes its FixedTokenMask table, a per-image one an
+    IndexedTokenMask (returned: its graph takes the choice as an input)."""
+    indexed = None
+    for parent, child, mask, tokens in _token_masks(model):
+        if getattr(mask, "per_image", False):
+            indexed = IndexedTokenMask()
+            setattr(parent, child, indexed)
+        else:
+            setattr(parent, child, FixedTokenMask(mask, tokens, max_batch))
+    return indexed
+
+
+# --- what the inputs must be ----------------------------------------------------------------------
+
+
+def describe_image_preprocessing(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The eval transform of `spec`, step by step, read from the transform object itself."""
+    from torchvision import transforms as T
+
+    steps: List[Dict[str, Any]] = []
+    mean = std = None
+    for transform in getattr(get_preprocess(spec), "transforms", []):
+        if isinstance(transform, T.Resize):
+            size = transform.size
+            steps.append({"op": "resize", "size": size, "interpolation": transform.interpolation.value,
+                          "antialias": bool(transform.antialias),
+                          "rule": "shorter side to size, aspect kept" if isinstance(size, int) or len(size) == 1
+                          else "to (height, width)"})
+        elif isinstance(transform, T.CenterCrop):
+            steps.append({"op": "center_crop", "size": list(transform.size)})
+        elif isinstance(transform, T.Normalize):
+            mean, std = [float(v) for v in transform.mean], [float(v) for v in transform.std]
+            steps.append({"op": "normalize", "mean": mean, "std": std})
+        elif type(transform).__name__ in ("MaybeConvertMode", "_convert_to_rgb") or "convert" in repr(transform):
+            steps.append({"op": "convert_rgb"})
+        elif type(transform).__name__ in ("MaybeToTensor", "ToTensor"):
+            steps.append({"op": "to_tensor", "note": "HWC uint8 → CHW float32 in [0, 1]"})
+        else:
+            steps.append({"op": type(transform).__name__})
+    size = spec_image_size(spec)
+    return {"input": "images", "dtype": "float32", "shape": ["batch", 3, size, size], "image_size": size,
+            "mean": mean, "std": std, "steps": steps}
+
+
+def describe_clip_tokenizer(spec: Dict[str, Any]) -> Dict[str, Any]:
+    tokenizer = get_tokenizer(spec)
+    inner = input_spec(spec)
+    return {
+        "input": "tokens", "dtype": "int64", "shape": ["batch", int(tokenizer.context_length)],
+        "tokenizer": type(tokenizer).__module__ + "." + type(tokenizer).__name__,
+        "name": inner.get("tokenizer_model", inner.get("model")),
+        "description": "CLIP byte-level BPE (open_clip.SimpleTokenizer; the same ids as Hugging Face's "
+                       "CLIPTokenizer of openai/clip-vit-base-patch32): text cleaned with ftfy, whitespace "
+                       "collapsed, lower-cased; [start-of-text] + BPE ids + [end-of-text], truncated to the "
+                       "context length (end-of-text kept last) and zero-padded",
+        "context_length": int(tokenizer.context_length),
+        "vocab_size": len(getattr(tokenizer, "encoder", {})) or None,
+        "sot_token_id": int(tokenizer.sot_token_id), "eot_token_id": int(tokenizer.eot_token_id),
+        "pad_token_id": 0, "vocab_file": "bpe_simple_vocab_16e6.txt.gz",
+    }
+
+
+# --- the export ---------------------------------------------------------------------------------------
+
+
+def _export(module: nn.Module, inputs: tuple, path: Path, input_names: Sequence[str],
+            dynamic: Dict[str, Dict[int, str]], opset: int) -> None:
+    """One graph through torch.onnx's TorchScript exporter (dynamo=False): it handles every module here
+    (scaled_dot_product_attention, antialiased resize, int8 weights) and exports in about a third of
+    the time of the dynamo exporter. nn.MultiheadAttention's fused inference fast path has no ONNX form:
+    it is switched off while tracing (the unfused path computes the same attention)."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        try:
+            _trace(module, inputs, path, input_names, dynamic, opset)
+        except torch.onnx.errors.UnsupportedOperatorError as error:
+            # an operator only the dynamo exporter translates (a student's antialiased resize): export again
+            logging.info("TorchScript exporter: %s; using the dynamo exporter", str(error).splitlines()[0])
+            _export_dynamo(module, inputs, path, input_names, dynamic, opset)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _trace(module: nn.Module, inputs: tuple, path: Path, input_names: Sequence[str],
+           dynamic: Dict[str, Dict[int, str]], opset: int) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(module, inputs, str(path), input_names=list(input_names), output_names=["features"],
+                          dynamic_axes={**dynamic, "features": {0: "batch"}}, opset_version=opset, dynamo=False,
+                          do_constant_folding=True)
+
+
+def _export_dynamo(module: nn.Module, inputs: tuple, path: Path, input_names: Sequence[str],
+                   dynamic: Dict[str, Dict[int, str]], opset: int) -> None:
+    dims = {}
+    shapes = tuple({axis: dims.setdefault(label, torch.export.Dim(label, min=1)) for axis, label in
+                    dynamic[name].items()} for name in input_names)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore")
+        torch.onnx.export(module, inputs, str(path), input_names=list(input_names), output_names=["features"],
+                          dynamic_shapes=shapes, opset_version=opset, dynamo=True, verbose=False)
+
+
+def load_text_encoder_module(model: nn.Module):
+    """(sentence-transformers module, its folder) of an image_student's frozen text encoder."""
+    encoder = getattr(model, "text_encoder", None)
+    module = getattr(encoder, "module", None)
+    if module is None or encoder.spec.get("type") != "sentence_transformers":
+        return None, None
+    from compress.models.text_students import resolve_sentence_transformer
+
+    return module, Path(resolve_sentence_transformer(encoder.spec["name"]))
+
+
+def example_inputs(model: nn.Module, batch: int = 2) -> Dict[str, Any]:
+    """Inputs each graph of `model` takes, for tracing and checking (random images, tokenized captions)."""
+    from compress.ops.profile import PROFILE_CAPTION
+
+    spec = model.model_spec
+    size = spec_image_size(spec)
+    generator = torch.Generator().manual_seed(0)
+    out: Dict[str, Any] = {"images": torch.randn(batch, 3, size, size, generator=generator)}
+    if per_image_token_mask(model) is not None:
+        out["token_index"] = token_index(model, out["images"])
+    captions = [PROFILE_CAPTION, "a blue square", "two green triangles on white", "a photo"][:batch]
+    captions += [PROFILE_CAPTION] * (batch - len(captions))
+    st, _ = load_text_encoder_module(model)
+    if st is not None:
+        tokens = st.tokenizer(captions, padding=True, truncation=True, max_length=st.max_seq_length,
+                              return_tensors="pt")
+        out["text"] = (tokens["input_ids"], tokens["attention_mask"])
+        out["captions"] = captions
+    elif input_spec(spec).get("text_input") not in ("strings", "none"):
+        out["text"] = (get_tokenizer(spec)(captions),)
+    return out
+
+
+def export_onnx(model: nn.Module, out_dir: str | Path, opset: int = DEFAULT_OPSET, max_batch: int = 256,
+                towers: Sequence[str] = ("image", "text")) -> Dict[str, Any]:
+    """Write the ONNX graphs of `model` and `preprocessing.json` into `out_dir`; return the manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    original = model
+    inputs = example_inputs(original)
+    model = clone(model).float().eval()
+    indexed = fix_token_masks(model, max_batch)
+    spec = model.model_spec
+    manifest: Dict[str, Any] = {"format": "onnx", "opset": opset, "model_kind": spec["kind"],
+                                "features": "L2-normalised float32, output 'features' of each graph", "graphs": {}}
+    if "image" in towers:
+        description = {"file": IMAGE_GRAPH, **describe_image_preprocessing(spec)}
+        if indexed is None:
+            _export(ImageGraph(model), (inputs["images"],), out_dir / IMAGE_GRAPH, ["images"],
+                    {"images": {0: "batch"}}, opset)
+        else:
+            _export(IndexedImageGraph(model, indexed), (inputs["images"], inputs["token_index"]),
+                    out_dir / IMAGE_GRAPH, ["images", "token_index"],
+                    {"images": {0: "batch"}, "token_index": {0: "batch"}}, opset)
+            description["token_index"] = {
+                "dtype": "int64", "shape": ["batch", int(inputs["token_index"].shape[1])],
+                "meaning": "the tokens each image keeps, 0 = the class token, in order (FLIP per image)",
+                "how": "compress.ops.export.token_index(model, images): the token mask's choice is seeded by a "
+                       "keyed BLAKE2 hash of each image's float32 pixel bytes, which no ONNX operator computes"}
+        if _has_fixed_mask(model):
+            description["max_batch"] = max_batch
+        manifest["graphs"]["image"] = description
+    if "text" in towers:
+        manifest["graphs"]["text"] = _export_text(model, inputs, out_dir, opset)
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _has_fixed_mask(model: nn.Module) -> bool:
+    return any(isinstance(m, FixedTokenMask) for m in model.modules())
+
+
+def _export_text(model: nn.Module, inputs: Dict[str, Any], out_dir: Path, opset: int) -> Optional[Dict[str, Any]]:
+    spec = input_spec(model.model_spec)
+    st, folder = load_text_encoder_module(model)
+    if st is not None:
+        _export(SentenceTextGraph(st), inputs["text"], out_dir / TEXT_GRAPH, ["input_ids", "attention_mask"],
+                {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}, opset)
+        tokenizer_dir = out_dir / "tokenizer"
+        tokenizer_dir.mkdir(exist_ok=True)
+        copied = []
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, tokenizer_dir / name)
+                copied.append(name)
+        return {"file": TEXT_GRAPH, "inputs": ["input_ids", "attention_mask"], "dtype": "int64",
+                "shape": ["batch", "sequence"], "encoder": spec["text_encoder"].get("name"),
+                "tokenizer": "Hugging Face tokenizer in tokenizer/ (AutoTokenizer.from_pretrained('tokenizer'))",
+                "tokenizer_files": copied, "max_length": int(st.max_seq_length),
+                "padding": "pad to the longest caption of the batch, attention_mask 0 on padding",
+                "pooling": "inside the graph (the sentence-transformers pipeline)"}
+    if spec.get("text_input") == "none":  # an image-only student (distilled from an image teacher)
+        return {"file": None, "note": "this model has no text side"}
+    if spec.get("text_input") == "strings":
+        logging.warning("this model's text encoder is no sentence-transformers model: no text graph written; "
+                        "its spec names it: %s", spec.get("text_encoder"))
+        return {"file": None, "encoder": spec.get("text_encoder"),
+                "note": "not exported: use the text encoder the spec names"}
+    _export(TextGraph(model), inputs["text"], out_dir / TEXT_GRAPH, ["tokens"], {"tokens": {0: "batch"}}, opset)
+    description = describe_clip_tokenizer(model.model_spec)
+    import open_clip.tokenizer
+
+    shutil.copyfile(open_clip.tokenizer.default_bpe(), out_dir / description["vocab_file"])
+    return {"file": TEXT_GRAPH, **description}
+
+
+def onnx_session(path: str | Path, threads: int = 0):
+    """An onnxruntime CPU session (`threads` 0: onnxruntime's default)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def run_graph(session, *arrays) -> torch.Tensor:
+    """The graph's features for these inputs (tensors, fed in the graph's input order)."""
+    names = [i.name for i in session.get_inputs()]
+    return torch.from_numpy(session.run(None, {n: a.numpy() for n, a in zip(names, arrays)})[0])
+
+
+def torch_features(model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """What the exported graphs must reproduce: the model's normalised features in float32."""
+    with torch.no_grad():
+        out = {"image": F.normalize(model.encode_image(inputs["images"]).float(), dim=-1)}
+        if "captions" in inputs:
+            out["text"] = F.normalize(model.encode_text(inputs["captions"]).float(), dim=-1)
+        elif "text" in inputs:
+            out["text"] = F.normalize(model.encode_text(inputs["text"][0]).float(), dim=-1)
+    return out
+
+
+def check_export(model: nn.Module, out_dir: str | Path, batch: int = 3) -> Dict[str, float]:
+    """Max |onnxruntime − torch| of the normalised features of each exported graph, on a batch of `batch`
+    (another size than the one traced, so the dynamic batch is exercised)."""
+    out_dir = Path(out_dir)
+    inputs = example_inputs(model, batch)
+    reference = torch_features(model.float().eval(), inputs)
+    image_inputs = [inputs["images"]] + ([inputs["token_index"]] if "token_index" in inputs else [])
+    diffs = {"image": float((run_graph(onnx_session(out_dir / IMAGE_GRAPH), *image_inputs)
+                             - reference["image"]).abs().max())}
+    if (out_dir / TEXT_GRAPH).is_file() and "text" in reference:
+        diffs["text"] = float((run_graph(onnx_session(out_dir / TEXT_GRAPH), *inputs["text"])
+                               - reference["text"]).abs().max())
+    return diffs
