@@ -51,6 +51,11 @@ def run_benchmarks(
     unknown = sorted(set(benchmarks) - set(BENCHMARKS))
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    if getattr(encoder, "tokenizer", True) is None:  # an image-only model: no class or caption embeddings
+        text_benchmarks = [b for b in benchmarks if b != "linear_probe"]
+        if text_benchmarks:
+            log.info("the model has no text side: %s skipped (linear probe only)", "/".join(text_benchmarks))
+        benchmarks = tuple(b for b in benchmarks if b == "linear_probe")
     found, notes = discover_datasets(eval_data_dir)
     for note in notes:
         log.info(note)

@@ -33,7 +33,7 @@ class Encoder:
 
     model: nn.Module
     model_spec: Dict[str, Any]
-    tokenizer: Callable[[List[str]], Any]
+    tokenizer: Optional[Callable[[List[str]], Any]]  # None: an image-only model (benchmarks skip text)
     preprocess: Callable  # PIL image -> tensor
     device: torch.device
 

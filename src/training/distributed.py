@@ -6,12 +6,17 @@ exported by the batch script (see scripts/slurm_example.sh). gloo on CPU, nccl o
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from foundation.errors import UserError
 
 
 @dataclass
@@ -121,3 +126,42 @@ def broadcast_object(obj, src: int = 0):
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_MASTER_RESULTS = 0  # how many compute_on_master calls this process made: every rank makes the same ones
+
+
+def compute_on_master(compute: Callable[[], Any], what: str, report_every_s: float = 600.0,
+                      poll_s: float = 1.0) -> Any:
+    """`compute()` on rank 0, its picklable result handed to every rank (plain `compute()` in one process).
+
+    The other ranks wait by polling the process group's store, not inside a collective: rank 0's job (e.g.
+    k-means of millions of rows) may take longer than --dist-timeout-minutes, past which a collective fails
+    the job. A waiting rank logs a warning every `report_every_s` seconds naming `what`; if rank 0 fails,
+    every rank stops with one line."""
+    global _MASTER_RESULTS
+    if not is_distributed():
+        return compute()
+    _MASTER_RESULTS += 1
+    key = f"clipcompress/compute_on_master/{_MASTER_RESULTS}"
+    store = dist.distributed_c10d._get_default_store()
+    result = None
+    if dist.get_rank() == 0:
+        try:
+            result = compute()
+        except BaseException:
+            store.set(key, "failed")
+            raise
+        store.set(key, "done")
+    else:
+        started = reported = time.monotonic()
+        while not store.check([key]):  # non-blocking: no store timeout, no collective in flight
+            time.sleep(poll_s)
+            if time.monotonic() - reported >= report_every_s:
+                reported = time.monotonic()
+                logging.warning("rank %d: still waiting for rank 0 (%s), %.0f min so far; no collective is "
+                                "pending, so --dist-timeout-minutes does not apply", dist.get_rank(), what,
+                                (reported - started) / 60)
+        if store.get(key) == b"failed":
+            raise UserError(f"rank 0 failed while {what}; its log says why")
+    return broadcast_object(result)

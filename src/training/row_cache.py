@@ -35,6 +35,16 @@ def cache_key(function: Dict[str, Any], data_path: str, num_rows: int) -> str:
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def round_rows(round_index: int, rank: int, num_rows: int, batch_size: int, world_size: int) -> range:
+    """The rows `rank` encodes in round `round_index` of a cache build (possibly none, in the last round)."""
+    start = round_index * batch_size * world_size + rank * batch_size
+    return range(min(start, num_rows), min(start + batch_size, num_rows))
+
+
+def num_rounds(num_rows: int, batch_size: int, world_size: int) -> int:
+    return (num_rows + batch_size * world_size - 1) // (batch_size * world_size)
+
+
 def _all_gather(tensor: torch.Tensor) -> List[torch.Tensor]:
     if not is_distributed():
         return [tensor]
@@ -59,7 +69,8 @@ def load_or_build_row_cache(encode: Callable[[Sequence[str]], torch.Tensor], cap
     """The (len(captions), dim) memmap of `encode`'s rows (read-only), building it if needed.
 
     Collective when distributed: every rank calls it with the same captions. `encode(list_of_str)` returns
-    a (n, dim) tensor; it runs on this rank's share only."""
+    a (n, dim) tensor; it runs on this rank's share only (`round_rows`, round after round). `captions` may be
+    any sliceable sequence of the rows' inputs (an image teacher's cache passes the row numbers)."""
     cache_dir = Path(cache_dir)
     array_path, done_path = cache_dir / f"{kind}_{key}.npy", cache_dir / f"{kind}_{key}.json"
     label = {"teacher": "teacher embeddings", "tokens": "caption tokens"}.get(kind, kind)
@@ -78,11 +89,10 @@ def load_or_build_row_cache(encode: Callable[[Sequence[str]], torch.Tensor], cap
         numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         out = np.lib.format.open_memmap(partial_path, mode="w+", dtype=numpy_dtype, shape=(num_rows, dim))
     rows_per_round = batch_size * world_size
-    rounds = (num_rows + rows_per_round - 1) // rows_per_round
-    progress = tqdm(total=num_rows, desc=label, unit="caption", disable=not show_progress)
-    for r in range(rounds):
-        start = r * rows_per_round + rank * batch_size
-        mine = list(captions[start:min(start + batch_size, num_rows)])
+    progress = tqdm(total=num_rows, desc=label, unit="row", disable=not show_progress)
+    for r in range(num_rounds(num_rows, batch_size, world_size)):
+        rows = round_rows(r, rank, num_rows, batch_size, world_size)
+        mine = list(captions[rows.start:rows.stop])
         embedded = torch.zeros(batch_size, dim, dtype=dtype, device=device)
         if mine:
             embedded[:len(mine)] = encode(mine).to(device, dtype)

@@ -4,11 +4,16 @@ layer is a projection of our choosing (or nothing, to expose the pooled features
 Both student kinds build their image side here: `student_clip` (compress.models.students) projects into a
 teacher's embedding space, `image_student` (compress.models.text_students) takes the features and adds its own
 head. Networks are randomly initialised: weights come from a checkpoint, a torchvision file or training.
+A weights file is read by `read_weights_file` (weights_only) and matched to a backbone by
+`fit_backbone_weights`, which strips the prefixes self-supervised checkpoints (MoCo, SimCLR, SwAV) and our own
+checkpoints put before the backbone's names.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+import torch
 from torch import nn
 
 from foundation.model_configs import register_model_configs
@@ -92,3 +97,101 @@ def open_clip_config_image_tower(model_name: str, image_size: Optional[int] = No
     if image_size and image_size != open_clip_image_size(model_name):
         vision_cfg["image_size"] = image_size
     return open_clip_image_tower(vision_cfg, int(config["embed_dim"]), bool(config.get("quick_gelu", False)))
+
+
+# --- weights files: torchvision's, self-supervised checkpoints', ours -----------------------------------
+# What sits before a backbone's own parameter names in the files people bring: DDP's `module.`, MoCo's query
+# encoder `module.encoder_q.` (its momentum encoder `encoder_k` and queue are training state), SimCLR/SEED's
+# `encoder.`, and our checkpoints' `visual.` (image_student, open_clip CLIPs) and `visual.net.` (student_clip).
+BACKBONE_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.encoder.", "module.backbone.", "module.",
+                     "encoder.", "backbone.", "visual.net.", "visual.", "")
+# top-level names of a projection MLP on the pooled features (MoCo v2 `fc`, SwAV `projection_head`)
+HEAD_NAMES = ("fc", "projection_head", "head", "mlp")
+# what the ignored keys of well-known files are, for the one line that reports them
+_KNOWN_EXTRAS = {"encoder_k": "momentum encoder", "queue": "queue", "queue_ptr": "queue pointer",
+                 "prototypes": "SwAV prototypes", "fc": "projection head", "projection_head": "projection head",
+                 "head": "projection head", "mlp": "projection head"}
+
+
+@dataclass
+class FittedWeights:
+    """A weights file matched to a backbone: its tensors under the backbone's own names, the projection MLP
+    found beside it (relative names, e.g. `0.weight`), and what was left out."""
+
+    backbone: Dict[str, torch.Tensor]
+    head: Dict[str, torch.Tensor]
+    head_name: Optional[str]
+    prefix: str
+    ignored: Dict[str, int]  # "name (what it is)" -> number of tensors
+
+    def describe(self) -> str:
+        kept = f"{len(self.backbone)} backbone tensors" + (f" (prefix {self.prefix!r} stripped)" if self.prefix else "")
+        left = ", ".join(f"{name} ({count})" for name, count in self.ignored.items())
+        return kept + (f"; ignored: {left}" if left else "")
+
+
+def read_weights_file(path: str) -> Dict[str, torch.Tensor]:
+    """The flat {name: tensor} of a weights file, read with weights_only=True (tensors and plain containers
+    only: MoCo's and SwAV's files hold `state_dict` beside an optimizer state and numbers, SimCLR's is the
+    state dict itself, ours hold `state_dict` beside a `model_spec`). ValueError (one line) otherwise."""
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as error:  # pickled objects weights_only refuses, truncated or not torch at all
+        reason = str(error).splitlines()[0][:160] if str(error) else ""
+        raise ValueError(f"{path} is no weights file torch can read with weights_only=True "
+                         f"({type(error).__name__}: {reason})") from None
+    for key in ("state_dict", "model", "network"):
+        if isinstance(content, dict) and isinstance(content.get(key), dict):
+            content = content[key]
+            break
+    tensors = {k: v for k, v in content.items() if isinstance(v, torch.Tensor)} if isinstance(content, dict) else {}
+    if not tensors:
+        raise ValueError(f"{path} holds no state dict (no tensors under state_dict, model or at the top level)")
+    return tensors
+
+
+def fit_backbone_weights(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], what: str) -> FittedWeights:
+    """Match `state` to `own` (a backbone's state_dict): the prefix of BACKBONE_PREFIXES under which most of
+    the backbone's names appear is stripped; every one of the backbone's tensors must be there with its shape
+    (ValueError naming the first missing or mismatched ones otherwise). Keys left over are reported, and a
+    projection MLP under the same prefix (HEAD_NAMES) is kept apart for who wants it."""
+
+    def matches(prefix: str) -> int:
+        return sum(1 for key in state if key.startswith(prefix) and key[len(prefix):] in own)
+
+    prefix = max(BACKBONE_PREFIXES, key=matches)  # ties: the first listed (the longest of nested ones)
+    found = {key[len(prefix):]: value for key, value in state.items()
+             if key.startswith(prefix) and key[len(prefix):] in own}
+    missing = [key for key in own if key not in found]
+    if missing:
+        raise ValueError(f"{what} does not fit: {len(missing)} of its {len(own)} tensors are not in the file "
+                         f"(e.g. {', '.join(missing[:3])}); is it a checkpoint of this architecture?")
+    mismatched = [key for key in own if found[key].shape != own[key].shape]
+    if mismatched:
+        key = mismatched[0]
+        raise ValueError(f"{what} does not fit: {len(mismatched)} tensors have other shapes (e.g. {key}: file "
+                         f"{tuple(found[key].shape)}, model {tuple(own[key].shape)}); is it another width or depth?")
+    head: Dict[str, torch.Tensor] = {}
+    head_name = None
+    ignored: Dict[str, int] = {}
+    for key, value in state.items():
+        if key.startswith(prefix) and key[len(prefix):] in own:
+            continue
+        under_prefix = key.startswith(prefix)
+        inner = key[len(prefix):] if under_prefix else key[len("module."):] if key.startswith("module.") else key
+        top = inner.split(".", 1)[0]
+        if under_prefix and top in HEAD_NAMES and head_name in (None, top):
+            head_name = top
+            head[inner[len(top) + 1:]] = value  # "fc.0.weight" -> "0.weight", MoCo v1's "fc.weight" -> "weight"
+        label = f"{top} ({_KNOWN_EXTRAS[top]})" if top in _KNOWN_EXTRAS else top
+        ignored[label] = ignored.get(label, 0) + 1
+    return FittedWeights(found, head, head_name, prefix, ignored)
+
+
+def load_backbone_weights(module: nn.Module, path: str, what: str) -> FittedWeights:
+    """Fill `module` from the weights file at `path` (read_weights_file + fit_backbone_weights)."""
+    fitted = fit_backbone_weights(read_weights_file(path), module.state_dict(), f"{what} {path}")
+    module.load_state_dict(fitted.backbone)
+    return fitted

@@ -32,12 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.models.backbones import (
+    fit_backbone_weights,
     is_torchvision_arch,
     open_clip_image_tower,
     open_clip_model_config,
+    read_weights_file,
     torchvision_backbone,
 )
-from compress.models.registry import register_model_kind, strip_module_prefix
+from compress.models.registry import register_model_kind
 
 # --- specs ---------------------------------------------------------------------------------------------
 
@@ -91,7 +93,19 @@ def student_clip_spec(image_tower: Dict[str, Any], teacher_model: str,
         "teacher_model": teacher_model,
         "preprocess": {"image_size": int(teacher_config["vision_cfg"]["image_size"]),
                        "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)},
+        **_model_cfg(teacher_model, text_model),
     }
+
+
+def _model_cfg(*names: str) -> Dict[str, Any]:
+    """`model_cfg` for a spec that names a config no file describes (a teacher converted from a Hugging Face
+    folder), so the checkpoint registers it again wherever it is loaded."""
+    from foundation.model_configs import inline_config
+
+    configs = {name: inline_config(name) for name in names if inline_config(name) is not None}
+    if len(configs) > 1:
+        raise ValueError(f"a student can name one converted Hugging Face architecture, not {sorted(configs)}")
+    return {"model_cfg": next(iter(configs.values()))} if configs else {}
 
 
 # --- image towers --------------------------------------------------------------------------------------
@@ -132,25 +146,19 @@ class StudentImageTower(nn.Module):
         return self.net(images)
 
 
-def load_torchvision_weights(tower: StudentImageTower, path: str) -> None:
-    """Fill a torchvision student's backbone from a local torchvision state dict (its classifier output
-    layer, now the projection, keeps its fresh init)."""
+def load_torchvision_weights(tower: StudentImageTower, path: str) -> str:
+    """Fill a torchvision student's backbone from a local weights file: torchvision's state dict, or a
+    self-supervised checkpoint (MoCo's `module.encoder_q.`, SimCLR's, SwAV's `module.`, their heads, momentum
+    encoders and queues left out), read weights_only (compress.models.backbones). Its classifier output layer,
+    now the projection, keeps its fresh init. Returns the one line saying what was loaded and left out."""
     if tower.spec["type"] != "torchvision":
         raise ValueError("--student-pretrained takes a torchvision state dict; ViT students use --inherit-from-teacher")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    state = strip_module_prefix(state)
     head = tower.head_name + "."
-    own = tower.net.state_dict()
-    wanted = {k for k in own if not k.startswith(head)}
-    missing = sorted(wanted - set(state))
-    if missing:
-        raise ValueError(f"--student-pretrained {path} does not fit {tower.spec['arch']}: missing {missing[:3]}…")
-    mismatched = [k for k in wanted if state[k].shape != own[k].shape]
-    if mismatched:
-        raise ValueError(f"--student-pretrained {path}: shape mismatch for {mismatched[:3]}")
-    tower.net.load_state_dict({k: state[k] for k in wanted}, strict=False)
+    backbone = {k: v for k, v in tower.net.state_dict().items() if not k.startswith(head)}
+    fitted = fit_backbone_weights(read_weights_file(path), backbone,
+                                  f"--student-pretrained {path} ({tower.spec['arch']})")
+    tower.net.load_state_dict(fitted.backbone, strict=False)
+    return fitted.describe()
 
 
 # --- the student CLIP ----------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ Spec (`kind: image_student`):
     feature_dim: backbone output width
     head: {"n_layers": int, "hidden_dim": int} or None;  embed_dim: output width of the student
     text_encoder: {"type": "sentence_transformers", "name": str} |
-                  {"type": "open_clip", "model": str, "pretrained": str}
+                  {"type": "open_clip", "model": str, "pretrained": str} |
+                  None: a student distilled from an image teacher has no text side (`"text_input": "none"`:
+                  eval scores it by linear probe only)
 """
 from __future__ import annotations
 
@@ -163,13 +165,17 @@ class ImageStudent(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
         self.logit_scale_proto = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
         # a plain attribute (FrozenTextEncoder is no nn.Module): the teacher stays out of parameters/state_dict
-        self.text_encoder = text_encoder if text_encoder is not None else FrozenTextEncoder(spec["text_encoder"])
+        if text_encoder is None and spec.get("text_encoder"):
+            text_encoder = FrozenTextEncoder(spec["text_encoder"])
+        self.text_encoder = text_encoder
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.head(self.visual(images).flatten(1))
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, texts: Sequence[str], normalize: bool = False) -> torch.Tensor:
+        if self.text_encoder is None:
+            raise ValueError("this student was distilled from an image teacher: it has no text side to encode with")
         device = self.logit_scale.device
         features = self.text_encoder.to(device).encode(list(texts)).to(device)
         return F.normalize(features, dim=-1) if normalize else features
@@ -187,13 +193,14 @@ class ImageStudent(nn.Module):
         return out
 
 
-def image_student_spec(model_name: str, text_encoder: Dict[str, Any], embed_dim: int,
+def image_student_spec(model_name: str, text_encoder: Optional[Dict[str, Any]], embed_dim: int,
                        add_projection_head: bool = False, projection_hidden_dim: int = 2048,
                        projection_n_layers: int = 1, image_size: Optional[int] = None) -> Dict[str, Any]:
     """The spec of a student on backbone `model_name` (open_clip config or torchvision name).
 
     Without `add_projection_head`, a backbone whose width differs from `embed_dim` still gets one Linear
-    (torchvision's classifier replaced by a projection to the embedding size)."""
+    (torchvision's classifier replaced by a projection to the embedding size). `text_encoder` None: no text
+    side (an image teacher's student)."""
     import open_clip
 
     if is_open_clip_config(model_name):
@@ -216,8 +223,8 @@ def image_student_spec(model_name: str, text_encoder: Dict[str, Any], embed_dim:
         "feature_dim": feature_dim,
         "head": head,
         "embed_dim": embed_dim,
-        "text_encoder": dict(text_encoder),
-        "text_input": "strings",
+        "text_encoder": dict(text_encoder) if text_encoder else None,
+        "text_input": "strings" if text_encoder else "none",
         "preprocess": {"image_size": backbone["image_size"], "mean": list(open_clip.OPENAI_DATASET_MEAN),
                        "std": list(open_clip.OPENAI_DATASET_STD)},
     }

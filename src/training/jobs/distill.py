@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from compress.models.image_teachers import is_image_teacher_arch
 from compress.models.registry import build_model, get_tokenizer
 from compress.models.students import (
     copy_teacher_text_tower,
@@ -46,7 +47,9 @@ class DistillJob(Job):
     @staticmethod
     def add_arguments(group) -> None:
         add_argument_once(group, "--teacher-model", default=None,
-                          help="teacher: open_clip model config name (frozen)")
+                          help="teacher: open_clip model config name (frozen); --job protorkd also takes a "
+                               "torchvision architecture (resnet50, ...) or SwAV's resnet50w2/w4/w5 with a "
+                               "self-supervised checkpoint as --teacher-pretrained: an image teacher")
         add_argument_once(group, "--teacher-pretrained", default=None,
                           help="teacher weights: a local file (one of our clip-job checkpoints works) "
                                "or an open_clip tag")
@@ -55,7 +58,8 @@ class DistillJob(Job):
                                "an open_clip ViT config name, or 'teacher' (the teacher's ViT config, to shrink "
                                "with --student-width/--student-layers)")
         add_argument_once(group, "--student-pretrained", default=None,
-                          help="local torchvision state dict for a torchvision student's backbone")
+                          help="local weights for a torchvision student's backbone: torchvision's state dict or a "
+                               "MoCo/SimCLR/SwAV checkpoint (prefixes stripped, heads and queues left out)")
         group.add_argument("--student-image-size", type=int, default=None,
                            help="side the student sees (it resizes the teacher's preprocessed images); "
                                 "default: the teacher's (ViT students: their config's)")
@@ -84,6 +88,9 @@ class DistillJob(Job):
         args = self.args
         if not args.teacher_model:
             raise UserError("--job distill needs --teacher-model (and usually --teacher-pretrained)")
+        if is_image_teacher_arch(args.teacher_model):
+            raise UserError(f"--teacher-model {args.teacher_model}: --job distill distils an open_clip CLIP; an "
+                            f"image teacher of a torchvision architecture is --job protorkd's")
         self.loss_names = parse_loss_names(args.distill_loss)
         self.needs_text = any(LOSSES[name].needs_text for name in self.loss_names)
         if self.needs_text and args.allow_empty_captions:
@@ -119,7 +126,8 @@ class DistillJob(Job):
             spec = student_clip_spec(image_spec, args.teacher_model, args.student_text)
             model = build_model(spec)
             if args.student_pretrained:
-                load_torchvision_weights(model.visual, args.student_pretrained)
+                logging.info("student backbone from --student-pretrained: %s",
+                             load_torchvision_weights(model.visual, args.student_pretrained))
             if args.inherit_from_teacher:
                 if image_spec["type"] != "open_clip_vit":
                     raise ValueError("--inherit-from-teacher needs an open_clip ViT student (e.g. --student teacher "
