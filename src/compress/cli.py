@@ -21,10 +21,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import compress
+from compress.models.hf_clip import is_hf_source, load_hf_clip
 from compress.models.registry import get_preprocess, get_tokenizer
 from compress.ops.calibration import Batch
 from compress.ops.profile import profile_model
-from eval.data import find_coco_root, load_coco_captions
+from eval.data import find_coco_root, find_flickr_root, load_coco_captions, load_flickr30k
 from eval.models import image_size_of_transform
 from foundation.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from foundation.errors import UserError
@@ -50,8 +51,8 @@ def base_parser(description: str, calibration: bool = True, prog: Optional[str] 
     parser.add_argument("--model", default=None,
                         help="open_clip config name (needed when --pretrained is not one of our checkpoints)")
     parser.add_argument("--pretrained", required=True,
-                        help="our checkpoint (epoch_N.pt, any model kind this tool accepts) "
-                             "or an open_clip weights file")
+                        help="our checkpoint (epoch_N.pt, any model kind this tool accepts), an open_clip "
+                             "weights file (with --model), or hf:DIR, a local Hugging Face CLIPModel folder")
     parser.add_argument("--out", required=True,
                         help="run folder to write (OUT/checkpoints/epoch_0.pt + OUT/params.txt), or a .pt file path")
     parser.add_argument("--device", default="cpu", help="device for calibration and surgery (cpu, cuda, cuda:1)")
@@ -61,7 +62,8 @@ def base_parser(description: str, calibration: bool = True, prog: Optional[str] 
         group = parser.add_argument_group("calibration data")
         group.add_argument("--calib-data", default=None,
                            help="TSV/CSV of image paths and captions (the training format), or an eval data root "
-                                "with coco2017/ (its val2017 images and first captions)")
+                                "with coco2017/ or flickr30k/ (casCLIP's flickr30/ too), or that folder itself: its "
+                                "images with their first captions")
         group.add_argument("--calib-batches", type=int, default=8, help="number of calibration batches")
         group.add_argument("--calib-batch-size", type=int, default=32, help="calibration batch size")
         group.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration row subset")
@@ -74,7 +76,10 @@ def base_parser(description: str, calibration: bool = True, prog: Optional[str] 
 
 
 def load_input_model(model_name: Optional[str], pretrained: str) -> nn.Module:
-    """Our checkpoint via compress.load, else open_clip `model_name` with a weights file."""
+    """Our checkpoint via compress.load, `hf:DIR` (a local transformers CLIPModel folder, converted to open_clip:
+    compress.models.hf_clip), else open_clip `model_name` with a weights file."""
+    if is_hf_source(pretrained):
+        return load_hf_clip(pretrained, model_name)
     if not os.path.isfile(pretrained):
         raise UserError(f"--pretrained {pretrained}: no such file")
     checkpoint = load_checkpoint(pretrained)  # weights_only; its own one-line UserError for a bad file
@@ -107,18 +112,19 @@ def calibration_batches(source: str, spec: Dict[str, Any], num_batches: int, bat
                         sep: str = "\t", img_key: str = "filepath", caption_key: str = "title") -> List[Batch]:
     """`num_batches` batches of a seeded random subset of `source`, held in memory.
 
-    source: a TSV/CSV in the training format, or an eval data root (or its coco2017 folder), whose val2017
-    images are paired with their first caption (one caption per image: a contrastive batch must not hold
-    the same image twice).
+    source: a TSV/CSV in the training format, or an eval data root (or its coco2017 / Flickr30k folder), whose
+    retrieval images (COCO val2017, else Flickr30k) are paired with their first caption (one caption per image:
+    a contrastive batch must not hold the same image twice).
     """
     transform, tokenizer = get_preprocess(spec), get_tokenizer(spec)
     path = Path(source)
     if path.is_dir():
-        coco = find_coco_root(path)
-        if coco is None:
+        coco, flickr = find_coco_root(path), find_flickr_root(path)
+        if coco is None and flickr is None:
             raise UserError(f"--calib-data {source}: a folder must be an eval data root with "
-                            "coco2017/annotations/captions_val2017.json (or pass a TSV)")
-        retrieval = load_coco_captions(coco)
+                            "coco2017/annotations/captions_val2017.json or flickr30k/ (flickr30/) holding "
+                            "flickr30k_images/ and results.csv, or one of those folders (or pass a TSV)")
+        retrieval = load_coco_captions(coco) if coco is not None else load_flickr30k(flickr)
         first_caption = {}
         for caption, image_index in zip(retrieval.captions, retrieval.text_to_image):
             first_caption.setdefault(image_index, caption)
@@ -136,7 +142,7 @@ def calibration_batches(source: str, spec: Dict[str, Any], num_batches: int, bat
 def needs_calibration(args) -> List[Any]:
     if not args.calib_data:
         raise UserError("this tool needs calibration data: pass --calib-data TRAIN.tsv (image paths + captions) "
-                        "or --calib-data EVAL_DIR (with coco2017/)")
+                        "or --calib-data EVAL_DIR (with coco2017/ or flickr30k/)")
     return calibration_batches(args.calib_data, args.spec, args.calib_batches, args.calib_batch_size,
                                seed=args.calib_seed, sep=args.csv_separator, img_key=args.csv_img_key,
                                caption_key=args.csv_caption_key)

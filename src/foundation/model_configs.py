@@ -21,3 +21,47 @@ def register_model_configs() -> None:
     if not _registered:
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
+    if _INLINE:  # open_clip rebuilds its registry from files whenever a config path is added: re-add ours
+        from open_clip import factory
+
+        for name, config in _INLINE.items():
+            factory._MODEL_CONFIGS.setdefault(name, config)
+
+
+# --- configs that come with a checkpoint or a Hugging Face folder, not with a file of ours --------------
+# A model converted from a Hugging Face CLIPModel folder may have an architecture no config file describes.
+# Its config is registered under a name derived from its content ("hf-clip-" + hash), so a name always
+# means one architecture and no spec can redefine a config that exists; checkpoints carry the config itself
+# (`model_cfg` in the spec) and register it again when loaded (compress.models.spec).
+
+INLINE_PREFIX = "hf-clip-"
+_INLINE: dict = {}
+
+
+def inline_config_name(config: dict) -> str:
+    """The registry name of an open_clip config that no file describes: its content's hash."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8")).hexdigest()
+    return INLINE_PREFIX + digest[:12]
+
+
+def register_inline_config(config: dict) -> str:
+    """Add `config` to open_clip's registry under `inline_config_name(config)` (idempotent); the name."""
+    import copy
+
+    from open_clip import factory
+
+    register_model_configs()
+    name = inline_config_name(config)
+    _INLINE[name] = copy.deepcopy(config)
+    factory._MODEL_CONFIGS[name] = copy.deepcopy(config)
+    return name
+
+
+def inline_config(name: str):
+    """The config registered under an inline name (None for a name of a config file)."""
+    import copy
+
+    return copy.deepcopy(_INLINE.get(name))

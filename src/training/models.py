@@ -7,6 +7,7 @@ from typing import Optional
 
 from torch import nn
 
+from compress.models.hf_clip import is_hf_source, load_hf_clip
 from compress.models.registry import open_clip_spec
 from foundation.errors import UserError
 from foundation.model_configs import register_model_configs
@@ -14,9 +15,12 @@ from foundation.model_configs import register_model_configs
 
 def create_clip(model_name: str, pretrained: Optional[str] = None) -> nn.Module:
     """An open_clip model (any config, ours included). `pretrained` is a local file (ours, open_clip's,
-    or OpenAI's) or, when online, an open_clip tag such as `laion2b_s34b_b79k`."""
+    or OpenAI's), `hf:DIR` (a local transformers CLIPModel folder, converted: compress.models.hf_clip; then
+    `model_name` must name its architecture) or, when online, an open_clip tag such as `laion2b_s34b_b79k`."""
     import open_clip
 
+    if is_hf_source(pretrained):
+        return load_hf_clip(pretrained, model_name)
     register_model_configs()
     if model_name not in open_clip.list_models():
         raise UserError(f"unknown --model {model_name!r}; see open_clip.list_models() or src/foundation/configs/")

@@ -396,6 +396,7 @@ def compact_spec(model: nn.Module, kind: str = KIND) -> Dict[str, Any]:
     return {
         "kind": kind,
         "model": name,
+        **({"model_cfg": old["model_cfg"]} if old.get("model_cfg") else {}),  # an architecture no file has
         "model_kwargs": kwargs,
         "text_layers": old.get("text_layers"),
         "token_mask": token_mask.describe() if hasattr(token_mask, "describe") else None,

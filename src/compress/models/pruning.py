@@ -290,6 +290,8 @@ def _base_spec(spec: Dict) -> Dict:
     if spec.get("kind") == MASKED_KIND:
         return _base_spec(spec["base"])
     base = {"kind": "open_clip", "model": spec["model"]}
+    if spec.get("model_cfg"):  # an architecture no config file describes (compress.models.hf_clip)
+        base["model_cfg"] = spec["model_cfg"]
     if spec.get("model_kwargs"):
         base["model_kwargs"] = spec["model_kwargs"]
     return base

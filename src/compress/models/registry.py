@@ -21,7 +21,7 @@ from torch import nn
 from compress.models.spec import SpecError, validate_spec
 from foundation.checkpoint import load_checkpoint
 from foundation.logs import open_clip_chatter
-from foundation.model_configs import register_model_configs
+from foundation.model_configs import inline_config, register_model_configs
 
 ModelBuilder = Callable[[Dict[str, Any]], nn.Module]
 MODEL_KINDS: Dict[str, ModelBuilder] = {}
@@ -93,8 +93,13 @@ def load(path_or_checkpoint: str | Dict[str, Any], device: str | torch.device = 
 
 
 def open_clip_spec(model_name: str) -> Dict[str, Any]:
-    """Spec of a stock open_clip model (any config name, ours included)."""
-    return {"kind": "open_clip", "model": model_name}
+    """Spec of a stock open_clip model (any config name, ours included). A config that no file describes (a
+    Hugging Face folder's architecture, compress.models.hf_clip) travels in the spec as `model_cfg`."""
+    spec = {"kind": "open_clip", "model": model_name}
+    config = inline_config(model_name)
+    if config is not None:
+        spec["model_cfg"] = config
+    return spec
 
 
 def create_open_clip(model_name: str, **model_kwargs: Any) -> nn.Module:

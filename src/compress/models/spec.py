@@ -293,7 +293,26 @@ def validate_spec(spec: Any, allowed_text_encoders: Iterable[str] = ()) -> Dict[
     kind = spec.get("kind")
     if not isinstance(kind, str) or kind not in SCHEMAS:
         raise SpecError(f"model_spec.kind: unknown model kind {str(kind)[:80]!r}; known kinds: {sorted(SCHEMAS)}")
-    return SCHEMAS[kind](spec, "", Context(allowed_text_encoders))
+    ctx = Context(allowed_text_encoders)
+    _register_model_cfgs(spec, "", ctx)
+    return SCHEMAS[kind](spec, "", ctx)
+
+
+def _register_model_cfgs(spec: Any, path: str, ctx: Context) -> None:
+    """A spec (or the base spec it wraps) that carries its architecture (`model_cfg`: a model converted from
+    a Hugging Face folder, compress.models.hf_clip) registers it before its names are checked: under the name
+    its content hashes to, which its `model` must be, so no spec can redefine an existing config."""
+    if not isinstance(spec, dict):
+        return
+    if "model_cfg" in spec:
+        from foundation.model_configs import inline_config_name, register_inline_config
+
+        config = MODEL_CFG(spec["model_cfg"], f"{path}.model_cfg", ctx)
+        name = inline_config_name(config)
+        if "model" in spec and spec["model"] != name:
+            raise _fail(f"{path}.model", f"{str(spec['model'])[:80]!r} is not {name!r}, the name of its model_cfg")
+        register_inline_config(config)
+    _register_model_cfgs(spec.get("base"), f"{path}.base", ctx)
 
 
 # --- the kinds ---------------------------------------------------------------------------------------
@@ -308,7 +327,10 @@ def TEXT_NOTE(value: Any, path: str, ctx: Context) -> str:  # noqa: N802  (a che
 
 
 OPEN_CLIP_BASE = {"model": open_clip_config}
-OPEN_CLIP_OPTIONAL = {"model_kwargs": MODEL_KWARGS, "preprocess": PREPROCESS}
+# the architecture itself, for a model whose config no file describes (converted from a Hugging Face folder):
+# an open_clip ViT CLIP config, nothing that names a tower, tokenizer or file to load
+MODEL_CFG = record({"embed_dim": WIDTH, "vision_cfg": VISION_CFG, "text_cfg": TEXT_CFG}, {"quick_gelu": FLAG})
+OPEN_CLIP_OPTIONAL = {"model_kwargs": MODEL_KWARGS, "preprocess": PREPROCESS, "model_cfg": MODEL_CFG}
 
 register_schema("open_clip", OPEN_CLIP_BASE, OPEN_CLIP_OPTIONAL)
 
@@ -362,6 +384,7 @@ register_schema("student_clip", {
     "tokenizer_model": open_clip_config,
     "teacher_model": open_clip_config,
     "preprocess": PREPROCESS,
+    "model_cfg": MODEL_CFG,  # the teacher's architecture, when no config file describes it
 })
 
 

@@ -51,8 +51,8 @@ class DistillJob(Job):
                                "torchvision architecture (resnet50, ...) or SwAV's resnet50w2/w4/w5 with a "
                                "self-supervised checkpoint as --teacher-pretrained: an image teacher")
         add_argument_once(group, "--teacher-pretrained", default=None,
-                          help="teacher weights: a local file (one of our clip-job checkpoints works) "
-                               "or an open_clip tag")
+                          help="teacher weights: a local file (one of our clip-job checkpoints works), "
+                               "hf:DIR (a local Hugging Face CLIPModel folder) or an open_clip tag")
         add_argument_once(group, "--student", default="mobilenet_v3_small",
                           help="student image tower: a torchvision architecture (mobilenet_v3_small, resnet18, …), "
                                "an open_clip ViT config name, or 'teacher' (the teacher's ViT config, to shrink "
