@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing
 import os
-from dataclasses import dataclass
+import random
+import shutil
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -418,6 +422,10 @@ class DataInfo:
     sampler: Optional[ResumableDistributedSampler] = None
     start_batch: int = 0
     dataset: Any = None  # map-style sources: row access for jobs (captions of a teacher cache, episodes)
+    seeded_stages: List[Any] = field(default_factory=list)  # shard-pipeline stages seeded per epoch
+    seed: int = 0  # --seed: with the epoch and the rank, what the loader workers' seeds derive from
+    rank: int = 0
+    position: Optional["LoaderPosition"] = None  # shards: epoch and resume batch, shared with the workers
 
     def episode_indices(self, epoch: int) -> Optional[torch.Tensor]:
         """Rows of `epoch`'s episode (all ranks), or None when epochs are full passes."""
@@ -428,11 +436,17 @@ class DataInfo:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Position the data at `start_batch` of `epoch` (resume continues mid-epoch)."""
         self.start_batch = start_batch
+        if self.position is not None:  # before the stages' epoch: it sets which worker plays which part
+            self.position.start_batch = start_batch
+        for stage in self.seeded_stages:
+            stage.epoch = epoch
         if self.sampler is not None:
             self.sampler.set_epoch(epoch, start_index=start_batch * self.loader.batch_size)
         if hasattr(self.loader, "generator") and self.loader.generator is not None:
-            # worker seeds come from this generator, not the global RNG: resuming must not shift it
-            self.loader.generator.manual_seed(epoch)
+            # worker seeds come from this generator, not the global RNG: resuming must not shift it. The
+            # DataLoader adds the worker id to the base seed it draws here, so (seed, epoch, rank) gives
+            # every worker of every rank its own augmentation stream (the epoch alone gave all ranks one)
+            self.loader.generator.manual_seed(stream_seed(self.seed, "loader-workers", epoch, self.rank, 0))
 
     def batches(self):
         """Yield exactly `num_batches - start_batch` batches (streams are cycled, so ranks never drift
@@ -466,6 +480,7 @@ def get_data(args, transform: Callable, tokenizer: Optional[Callable], rank: int
     """The training loader. Collective for a TSV/CSV with a tokenizer (the token cache is built by all
     ranks together, in `args.token_cache_dir` or `default_cache_dir`), unless `args.no_token_cache`."""
     dataset_type = args.dataset_type if args.dataset_type != "auto" else infer_dataset_type(args.train_data)
+    check_loader_shared_memory(args, transform)
     if dataset_type in ("csv", "synthetic"):
         data = _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size)
         cache_dir = args.token_cache_dir or default_cache_dir
@@ -473,7 +488,7 @@ def get_data(args, transform: Callable, tokenizer: Optional[Callable], rank: int
             attach_token_cache(data.dataset, tokenizer, args.train_data, cache_dir, device, local_rank,
                                show_progress=rank == 0 and args.log_level != "warning")
         return data
-    return _webdataset_data(args, transform, tokenizer, world_size)
+    return _webdataset_data(args, transform, tokenizer, rank, world_size)
 
 
 def tokenizer_identity(tokenizer: Callable) -> Dict[str, Any]:
@@ -517,6 +532,49 @@ def _is_valid_caption(caption: Any) -> bool:
         return False
 
 
+# samples in the shard shuffle buffer (--shuffle-buffer): open_clip's 1000 mixes only the neighbours of a
+# few shards; 5000 raw (still encoded) samples of ~50-100 KB cost 0.25-0.5 GB of RAM per worker
+DEFAULT_SHUFFLE_BUFFER = 5000
+# batches each loader worker holds ready (--prefetch-factor); the tensors sit in /dev/shm until collected
+DEFAULT_PREFETCH_FACTOR = 2
+SHARED_MEMORY = "/dev/shm"
+
+
+def _prefetch_factor(args) -> int:
+    return getattr(args, "prefetch_factor", DEFAULT_PREFETCH_FACTOR)
+
+
+def shared_memory_needed(sample_bytes: int, batch_size: int, workers: int, prefetch_factor: int,
+                         local_processes: int = 1) -> int:
+    """Bytes of /dev/shm the loaders of one machine hold at once: each worker of each local process keeps
+    `prefetch_factor` batches (its image tensors) in shared memory until the trainer collects them."""
+    return sample_bytes * batch_size * workers * prefetch_factor * local_processes
+
+
+def check_shared_memory(needed: int, free: int) -> None:
+    """Refuse at start what would otherwise kill a worker mid-epoch with a bus error."""
+    if needed > free:
+        raise DataError(
+            f"the loader workers need about {needed / 2**30:.2f} GiB of {SHARED_MEMORY} (batch x workers x "
+            f"--prefetch-factor x processes on this machine, images as float32) but {free / 2**30:.2f} GiB is "
+            f"free: lower --prefetch-factor or --workers, or give the container more (docker --shm-size)")
+
+
+def check_loader_shared_memory(args, transform: Callable) -> None:
+    """`check_shared_memory` for this run's loader, when it has workers and the machine a /dev/shm."""
+    if args.workers <= 0 or not os.path.isdir(SHARED_MEMORY):
+        return
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):  # a random crop here must not move the run's streams
+        probe = transform(Image.new("RGB", (256, 256)))  # the real transform: its output size and dtype
+    random.setstate(python_state)
+    sample_bytes = probe.numel() * probe.element_size() if isinstance(probe, torch.Tensor) else 0
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = shared_memory_needed(sample_bytes, args.batch_size, args.workers, _prefetch_factor(args),
+                                  local_processes)
+    check_shared_memory(needed, shutil.disk_usage(SHARED_MEMORY).free)
+
+
 def _max_pixels(args) -> Optional[int]:
     # callers that build their own namespace (tests, tools) may leave the flag out: PIL's default then
     return getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
@@ -542,12 +600,185 @@ def _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size) 
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         collate_fn=BatchCollator(tokenizer), drop_last=True, pin_memory=torch.cuda.is_available(),
                         persistent_workers=False, generator=torch.Generator(),
-                        prefetch_factor=4 if args.workers > 0 else None)
+                        prefetch_factor=_prefetch_factor(args) if args.workers > 0 else None)
     return DataInfo(loader, per_rank_batches, per_rank_batches * args.batch_size * world_size, sampler=sampler,
-                    dataset=dataset)
+                    dataset=dataset, seed=args.seed, rank=rank)
 
 
-def _webdataset_data(args, transform, tokenizer, world_size) -> DataInfo:
+def stream_seed(seed: int, stream: str, epoch: int, rank: int, worker: int) -> int:
+    """The seed of one random stream of the shard pipeline: a pure function of --seed, the stream's name,
+    the epoch, the rank and the loader worker, so the same command draws the same shards and sample order
+    (webdataset's own stages otherwise mix in the process id, the clock and os.urandom)."""
+    tag = int.from_bytes(hashlib.sha256(stream.encode()).digest()[:4], "little")
+    return int(np.random.SeedSequence([seed, tag, epoch, rank, worker]).generate_state(1)[0])
+
+
+def _worker_id() -> int:
+    info = torch.utils.data.get_worker_info()
+    return info.id if info is not None else 0
+
+
+class LoaderPosition:
+    """The epoch and the resume batch of a rank's shard stream, in shared memory: the loader workers are
+    persistent (not forked again every epoch), so they read each epoch's position from here, where a copy
+    of the stage would keep the first epoch's."""
+
+    def __init__(self, workers: int):
+        self._epoch = multiprocessing.Value("q", 0)
+        self._start_batch = multiprocessing.Value("q", 0)
+        self.workers = max(1, workers)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.value = value
+
+    @property
+    def start_batch(self) -> int:
+        return self._start_batch.value
+
+    @start_batch.setter
+    def start_batch(self, value: int) -> None:
+        self._start_batch.value = value
+
+    def worker(self) -> int:
+        """The part this loader worker plays: batch b of the epoch is worker (b % workers)'s. The DataLoader's
+        round robin always begins at worker 0, so after a resume at batch s worker p plays part
+        (p + s) % workers: batch s comes first, then s + 1, ..., in the uninterrupted run's order."""
+        return (_worker_id() + self.start_batch) % self.workers
+
+
+class EpochSeeded:
+    """A pipeline stage whose randomness is seeded by `stream_seed`; `DataInfo.set_epoch` sets `epoch`
+    (in the `LoaderPosition` the stages of one pipeline share, which persistent workers read)."""
+
+    def __init__(self, seed: int, rank: int, stream: str):
+        self.seed, self.rank, self.stream = seed, rank, stream
+        self.position = LoaderPosition(1)
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.position.epoch = value
+
+    def rng(self) -> random.Random:
+        return random.Random(stream_seed(self.seed, self.stream, self.epoch, self.rank, self.position.worker()))
+
+
+class EpochShards(EpochSeeded, torch.utils.data.IterableDataset):
+    """The samples of this rank's and worker's shards, in a new shard order every epoch: the list is shuffled
+    with a seed of (--seed, epoch, pass), the same on every rank, then dealt out rank by rank and worker by
+    worker, so each pass reads every shard once. A worker goes round its shards (a new order each pass) for
+    as long as `EpochQuota` downstream takes batches: every worker yields its whole share of the epoch, and
+    no rank runs dry before another."""
+
+    def __init__(self, urls: List[str], seed: int, rank: int, world_size: int):
+        super().__init__(seed, rank, "shard-order")
+        self.urls, self.world_size = list(urls), world_size
+
+    def shards(self, epoch: int, pass_index: int) -> List[str]:
+        order = list(self.urls)
+        random.Random(stream_seed(self.seed, f"{self.stream}/{pass_index}", epoch, 0, 0)).shuffle(order)
+        return order[self.rank:: self.world_size][self.position.worker():: self.position.workers]
+
+    def __iter__(self):
+        import webdataset as wds
+
+        expand = wds.tarfile_to_samples(handler=wds.warn_and_continue)
+        epoch = self.epoch
+        for pass_index in itertools.count():
+            mine, produced = self.shards(epoch, pass_index), 0
+            for sample in expand(iter([{"url": url} for url in mine])):
+                produced += 1
+                yield sample
+            if not produced:  # going round again would wait forever
+                raise DataError(f"rank {self.rank}'s shards {', '.join(mine[:3])}{' ...' if len(mine) > 3 else ''} "
+                                f"hold no readable sample")
+
+
+class EpochQuota(EpochSeeded):
+    """The last stage: this worker's share of the rank's `num_batches` (batch b is worker b % workers's), less
+    the batches it gave before the resume batch, which are built again but dropped, so a resumed epoch trains
+    on exactly the batches the interrupted one had not reached.
+
+    The image augmentation draws from the process's torch/numpy/random streams. In a loader worker they are
+    seeded here from (--seed, epoch, rank, worker part) before the first sample is read, so a resumed (or
+    next) epoch draws what the uninterrupted run drew. Without workers they are the trainer's own, which a
+    resume restores to where the checkpoint left them: the dropped batches' draws are given back."""
+
+    def __init__(self, num_batches: int, seed: int, rank: int):
+        super().__init__(seed, rank, "augment")
+        self.num_batches = num_batches
+
+    def __call__(self, batches):
+        part, workers, start = self.position.worker(), self.position.workers, self.position.start_batch
+        in_worker = torch.utils.data.get_worker_info() is not None
+        if in_worker:
+            augment_seed = stream_seed(self.seed, self.stream, self.epoch, self.rank, part)
+            torch.manual_seed(augment_seed)
+            np.random.seed(augment_seed % 2**32)
+            random.seed(augment_seed)
+        quota, skip = len(range(part, self.num_batches, workers)), len(range(part, start, workers))
+        saved = None if in_worker or not skip else (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        for produced, batch in enumerate(itertools.islice(batches, quota)):
+            if produced < skip:  # trained on (and its bad samples counted) before the interruption
+                continue
+            if saved is not None:
+                torch.set_rng_state(saved[0])
+                np.random.set_state(saved[1])
+                random.setstate(saved[2])
+                saved = None
+            yield batch
+
+
+class SeededResampledShards(EpochSeeded, torch.utils.data.IterableDataset):
+    """Shards drawn with replacement, forever (`--dataset-resampled`): every rank and worker its own
+    deterministic sequence, a new one each epoch."""
+
+    def __init__(self, urls: List[str], seed: int, rank: int):
+        super().__init__(seed, rank, "resampled-shards")
+        self.urls = list(urls)
+
+    def __iter__(self):
+        rng = self.rng()
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+
+class SeededShuffle(EpochSeeded):
+    """Buffer shuffle of samples (webdataset's `shuffle(bufsize, initial)` semantics) with a seeded RNG."""
+
+    def __init__(self, bufsize: int, initial: int, seed: int, rank: int):
+        super().__init__(seed, rank, "sample-shuffle")
+        self.bufsize, self.initial = bufsize, initial
+
+    def __call__(self, samples):
+        rng, buf, source = self.rng(), [], iter(samples)
+
+        def pick():
+            k = rng.randrange(len(buf))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            return buf.pop()
+
+        for sample in source:
+            buf.append(sample)
+            if len(buf) < self.bufsize:  # two in, one out until the buffer is full
+                extra = next(source, None)
+                if extra is not None:
+                    buf.append(extra)
+            if len(buf) >= self.initial:
+                yield pick()
+        while buf:
+            yield pick()
+
+
+def _webdataset_data(args, transform, tokenizer, rank, world_size) -> DataInfo:
     import webdataset as wds
 
     max_pixels = _max_pixels(args)
@@ -563,23 +794,41 @@ def _webdataset_data(args, transform, tokenizer, world_size) -> DataInfo:
     if not num_samples:
         raise DataError("webdataset shards need --train-num-samples (no sizes.json beside the shards)")
 
+    workers = args.workers
+    if not args.dataset_resampled and len(urls) < max(1, workers) * world_size:
+        # dealt out rank by rank and worker by worker, a worker without a shard would end its rank's stream
+        # (and that rank would leave the others waiting in a collective)
+        raise DataError(f"{len(urls)} shard(s) for {max(1, workers)} loader worker(s) x {world_size} process(es): "
+                        f"every worker of every rank needs at least one shard; lower --workers, split the data "
+                        f"into more shards, or sample shards with replacement (--dataset-resampled)")
+    global_batch = args.batch_size * world_size
+    num_batches = max(1, num_samples // global_batch)
+    buffer = getattr(args, "shuffle_buffer", DEFAULT_SHUFFLE_BUFFER)
+    shuffle = SeededShuffle(buffer, max(1, buffer // 10), args.seed, rank)
+    quota = EpochQuota(num_batches, args.seed, rank)
     if args.dataset_resampled:
-        pipeline = [wds.ResampledShards(urls, seed=args.seed)]
+        shards = SeededResampledShards(urls, args.seed, rank)
+        pipeline = [shards, wds.tarfile_to_samples(handler=wds.warn_and_continue)]
     else:
-        pipeline = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+        shards = EpochShards(urls, args.seed, rank, world_size)
+        pipeline = [shards]
+    seeded: List[EpochSeeded] = [shards, shuffle, quota]
+    position = LoaderPosition(workers)
+    for stage in seeded:  # one position for the whole pipeline, shared with the workers
+        stage.position = position
     pipeline += [
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        wds.shuffle(1000, initial=100),
+        shuffle,
         wds.map(lambda s: decode_shard_sample(s, transform, args.allow_empty_captions, max_pixels)),
         drop_bad_samples,
         wds.batched(args.batch_size, collation_fn=BatchCollator(tokenizer), partial=False),
+        quota,
     ]
     dataset = wds.DataPipeline(*pipeline)
-    global_batch = args.batch_size * world_size
-    num_batches = max(1, num_samples // global_batch)
-    loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=args.workers,
-                           persistent_workers=False)
-    return DataInfo(loader, num_batches, num_batches * global_batch)
+    loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                           prefetch_factor=_prefetch_factor(args) if workers > 0 else None)
+    return DataInfo(loader, num_batches, num_batches * global_batch, seeded_stages=seeded, seed=args.seed,
+                    rank=rank, position=position)
 
 
 def drop_bad_samples(samples):
