@@ -18,6 +18,7 @@ from compress.models import pruning
 from compress.models.compact_clip import CompactBlock, clone, compact_spec, refresh_spec, to_compact, tower_blocks
 from compress.models.registry import build_model
 from compress.ops.profile import params_and_macs
+from foundation.errors import UserError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MODEL = "clipc-vit-t2-32"
@@ -382,3 +383,98 @@ def test_bad_epoch_split_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: need 1 <= search epochs (2) < --epochs (2): the pruned model is fine-tuned" in err
     assert "Traceback" not in err
+
+
+# --- UPop / CLIP-KDPruning fidelity of the search -------------------------------------------------------
+
+
+def search_job(tmp_path, *extra):
+    """A --job prune on its own (no trainer): the hooks driven by hand, one rank, 4 search steps."""
+    from training.distributed import DistInfo
+    from training.jobs.prune import PruneJob
+    from training.params import parse_args
+
+    args = parse_args(job_args(tmp_path, "unit", "--train-num-samples", "128", "--batch-size", "16",
+                               "--search-interval", "2", *extra))
+    job = PruneJob(args, DistInfo())
+    torch.manual_seed(0)
+    model = job.build_model()
+    ctx = types.SimpleNamespace(unwrapped_model=model, data=types.SimpleNamespace(num_batches=4), step=0,
+                                scaler=None, log_scalars=lambda scalars: None)
+    job.on_train_start(ctx)
+    return job, model, ctx
+
+
+def search_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(16, 3, 32, 32, generator=g), "text": torch.randint(1, 1000, (16, 16), generator=g)}
+
+
+def take_step(job, model, ctx, seed, poison=False):
+    losses = job.loss(model, search_batch(seed))
+    total = losses["loss"] * float("nan") if poison else losses["loss"]
+    if poison:
+        job.step_finite = False  # what loss() records for a non-finite loss
+    total.backward()
+    grads = {k: m.grad.clone() for k, m in job.masks.items()}
+    model.zero_grad(set_to_none=True)  # the optimizer's zero_grad: it does not own the masks
+    ctx.step += 1
+    job.on_step_end(ctx)
+    return grads, losses
+
+
+def test_importance_accumulates_from_the_start_of_the_search(tmp_path):
+    """UPop: mask gradients are never cleared, so every update sees the sum since the search began."""
+    job, model, ctx = search_job(tmp_path)
+    assert job.interval == 2 and job.search_steps == 4
+    total = None
+    for seed in range(3):  # steps 0, 1, 2: updates after steps 0 and 2
+        grads, _ = take_step(job, model, ctx, seed)
+        total = grads if total is None else {k: total[k] + g for k, g in grads.items()}
+    for key, value in job._reduced_mask_grads().items():
+        torch.testing.assert_close(value, total[key])
+    state = job.state_dict()  # the accumulated importance is job state: a resume continues the sum
+    for key, value in state["mask_grads"].items():
+        torch.testing.assert_close(value, total[key].cpu())
+
+
+def test_a_skipped_nonfinite_step_leaves_the_importance_untouched(tmp_path):
+    job, model, ctx = search_job(tmp_path)
+    grads, _ = take_step(job, model, ctx, 0)
+    poisoned, _ = take_step(job, model, ctx, 1, poison=True)
+    assert not all(bool(torch.isfinite(g).all()) for g in poisoned.values())
+    for key, value in job._reduced_mask_grads().items():
+        torch.testing.assert_close(value, grads[key])  # step 1 left out, nothing NaN
+    take_step(job, model, ctx, 2)  # the mask update after step 2 decides on finite importance
+    assert all(bool(torch.isfinite(m).all()) for m in job.masks.values())
+
+
+def test_kd_terms_are_left_out_of_mask_update_steps_and_the_finetune(tmp_path):
+    """CLIP-KDPruning: teacher softmax targets on every search step, L_same + L_diff only off update steps."""
+    job, model, ctx = search_job(tmp_path)  # job_args pass --KD
+    assert job.args.w_kd_soft_target == 1.0 and job.args.w_kd_logits == 1.0 and job.args.w_kd_feat == 1.0
+    for seed in range(3):
+        update = job._is_update_step(ctx.step)
+        _, losses = take_step(job, model, ctx, seed)
+        kd = job.args.w_kd_feat * losses["kd_feat_loss"] + job.args.w_kd_logits * losses["kd_logits_loss"]
+        expected = losses["contrastive_loss"] + losses["sparsity_loss"] + (0 if update else kd)
+        torch.testing.assert_close(losses["loss"], expected)
+        if not update:  # the masks cut after step 0 make the student differ from its teacher
+            assert kd.item() > 0
+        assert update == (seed in (0, 2))
+    ctx.step = 4
+    pruned = job.on_epoch_start(1, ctx)
+    assert job.teacher is None  # the fine-tune trains without the teacher
+    assert set(job.loss(pruned, search_batch(5))) == {"contrastive_loss", "loss"}
+
+
+def test_upop_finetunes_as_many_epochs_as_it_searched(tmp_path):
+    from training.distributed import DistInfo
+    from training.jobs.prune import PruneJob
+    from training.params import parse_args
+
+    args = parse_args(["--job", "prune", "--train-data", "synthetic", "--epochs", "6", "--logs", str(tmp_path)])
+    assert PruneJob(args, DistInfo()).search_epochs == 3
+    odd = parse_args(["--job", "prune", "--train-data", "synthetic", "--epochs", "5", "--logs", str(tmp_path)])
+    with pytest.raises(UserError, match="--epochs 5 is odd"):
+        PruneJob(odd, DistInfo())

@@ -4,12 +4,16 @@
         --model clipc-vit-t2-64 --pretrained logs/clip/checkpoints/epoch_4.pt --train-data train.tsv
 
 Epochs `0 … search_epochs-1` search: masks on both towers (per head dim or per head, and per MLP unit) are
-multiplied into the dense model; every `--search-interval` steps their accumulated gradients decide, in
+multiplied into the dense model; every `--search-interval` steps their gradients, accumulated since the
+start of the search (UPop keeps the masks out of the optimizer, so nothing ever clears them), decide, in
 one pool over both towers, which entries are cut for the current target π_t = p·sqrt((1 − cos(π(t+1)/T))/2)
 (compress.models.pruning.allocate_masks). Cut entries fade as 1 − π_t/p and reach 0 at the last search step.
 At the start of epoch `search_epochs` the weights are sliced into a genuinely smaller model
 (compress.models.pruning.prune_clip), which the trainer swaps in (new optimizer), and the remaining epochs
-fine-tune it. With `--KD` a frozen copy of the starting model teaches throughout.
+fine-tune it (by default as many epochs as the search, as UPop). With `--KD` a frozen copy of the starting
+model teaches during the search, as in CLIP-KDPruning: its softmax similarities are the contrastive targets
+on every search step, and the feature and logit MSE terms are added on every search step but the mask-update
+steps; the fine-tune trains on the plain contrastive loss.
 
 Checkpoints: during search the spec is `masked_clip` (dense weights + current masks, so the monitor scores
 what is being trained); after surgery `pruned_clip` (per-layer widths). The masks, their accumulated
@@ -46,7 +50,8 @@ class PruneJob(Job):
                                 "--prune-ratio: torchrun's own --print-completion makes a bare --p ambiguous)")
         group.add_argument("--search-epochs", type=int, default=None,
                            help="epochs of mask search before surgery; the rest of --epochs fine-tunes the pruned "
-                                "model (default: --epochs minus --finetune-epochs, else half of --epochs)")
+                                "model (default: --epochs minus --finetune-epochs, else half of an even --epochs: "
+                                "UPop fine-tunes as many epochs as it searched)")
         group.add_argument("--finetune-epochs", type=int, default=None,
                            help="epochs of fine-tuning after surgery (alternative to --search-epochs)")
         group.add_argument("--finetune-schedule", default="restart", choices=["restart", "continue"],
@@ -57,13 +62,17 @@ class PruneJob(Job):
         group.add_argument("--prune-heads", action="store_true",
                            help="prune whole attention heads instead of head dimensions shared across heads")
         add_argument_once(group, "--KD", dest="KD", action="store_true",
-                          help="a frozen copy of the starting model teaches (features, logits, soft targets)")
+                          help="a frozen copy of the starting model teaches during the search (CLIP-KDPruning: "
+                               "soft contrastive targets, feature and logit MSE); the fine-tune is plain")
         group.add_argument("--w-kd-feat", type=float, default=1.0,
-                           help="KD: weight of ½[‖î_s − î_t‖² + ‖t̂_s − t̂_t‖²] (normalised features, batch mean)")
-        group.add_argument("--w-kd-logits", type=float, default=0.1,
-                           help="KD: weight of ½[MSE(i2t logits) + MSE(t2i logits)] against the teacher's")
-        group.add_argument("--w-kd-soft-target", type=float, default=0.5,
-                           help="KD: contrastive target = (1 − w)·ground truth + w·teacher softmax (0: hard)")
+                           help="KD: weight of L_same = ½[MSE(î_s, î_t) + MSE(t̂_s, t̂_t)] (normalised features, "
+                                "mean over batch and dimensions; CLIP-KDPruning: 1)")
+        group.add_argument("--w-kd-logits", type=float, default=1.0,
+                           help="KD: weight of L_diff = ½[MSE(i2t logits) + MSE(t2i logits)] against the teacher's "
+                                "(CLIP-KDPruning: 1)")
+        group.add_argument("--w-kd-soft-target", type=float, default=1.0,
+                           help="KD: contrastive target = (1 − w)·ground truth + w·teacher softmax (CLIP-KDPruning: "
+                                "1, the teacher's similarities replace the ground truth; 0: hard)")
         group.add_argument("--w-sp-attn", type=float, default=0.0117,
                            help="search: L1 weight on the attention masks (UPop's value)")
         group.add_argument("--w-sp-mlp", type=float, default=2e-4,
@@ -76,8 +85,11 @@ class PruneJob(Job):
         if not 0 <= args.w_kd_soft_target <= 1:
             raise UserError(f"--w-kd-soft-target {args.w_kd_soft_target}: must be in [0, 1]")
         search, finetune = args.search_epochs, args.finetune_epochs
+        if search is None and finetune is None and args.epochs % 2:
+            raise UserError(f"--epochs {args.epochs} is odd: UPop fine-tunes as many epochs as it searched, so give "
+                            f"an even --epochs or choose the split with --search-epochs")
         if search is None:
-            search = args.epochs - finetune if finetune is not None else max(1, args.epochs // 2)
+            search = args.epochs - finetune if finetune is not None else args.epochs // 2
         if finetune is not None and search + finetune != args.epochs:
             raise UserError(f"--search-epochs {search} + --finetune-epochs {finetune} "
                             f"must equal --epochs {args.epochs}")
@@ -89,6 +101,13 @@ class PruneJob(Job):
         self.masks: pruning.Masks = {}
         self.search_steps = 0  # T: optimizer steps of the whole search
         self.interval = 0
+        # the mask gradients of every finite search step so far, this rank's share (UPop's importance: the
+        # masks are outside the optimizer, so their .grad only ever grows); mask.grad holds the current step
+        self.importance: Dict[str, torch.Tensor] = {}
+        self.next_step = 0  # index of the optimizer step the next loss() belongs to
+        self.step_finite = True  # this rank's losses of the current step were all finite
+        self.scaler = None
+        self.loss_scale = 1.0  # fp16: the loss scale of the current step's backward
         self.loaded_state: Dict[str, Any] = {}
         self.teacher = None
 
@@ -145,13 +164,16 @@ class PruneJob(Job):
         steps_per_epoch = ctx.data.num_batches // self.args.accum_freq
         self.search_steps = int(state.get("search_steps") or self.search_epochs * steps_per_epoch)
         self.interval = self.args.search_interval or max(1, round(self.search_steps / 100))
+        self.next_step, self.scaler = ctx.step, ctx.scaler
         for key, mask in self.masks.items():
             with torch.no_grad():
                 if key in state.get("masks", {}):
                     mask.copy_(state["masks"][key])
             mask.requires_grad_(True)
+            mask.grad = None
+            self.importance[key] = torch.zeros_like(mask)
             if key in state.get("mask_grads", {}) and self.dist.rank == 0:
-                mask.grad = state["mask_grads"][key].to(mask.device).clone()  # other ranks add theirs from 0
+                self.importance[key] += state["mask_grads"][key].to(mask.device)  # other ranks add theirs from 0
         model.model_spec = pruning.masked_spec(pruning._base_spec(model.model_spec), self.masks)
         logging.info("prune: p=%.3f, search %d epochs = %d steps, masks updated every %d steps, %s units",
                      self.args.p, self.search_epochs, self.search_steps, self.interval,
@@ -167,27 +189,53 @@ class PruneJob(Job):
             self._update_masks(ctx, self.args.p)
         pruned = pruning.prune_clip(model, {k: m.detach() for k, m in self.masks.items()})
         pruned.output_dict = True
-        self.pruned, self.masks = True, {}
+        self.pruned, self.masks, self.importance = True, {}, {}
+        self.teacher = None  # CLIP-KDPruning distils during the search only
         logging.info("prune: surgery at epoch %d", epoch)
         self._log_size("pruned", pruned, ctx)
         return pruned
 
     def on_step_end(self, ctx) -> None:
         super().on_step_end(ctx)  # the temperature clamp
+        self.next_step = ctx.step
         if self.pruned:
             return
+        self._accumulate_importance()
         t = ctx.step - 1  # index of the step just taken
-        if t < self.search_steps and (t % self.interval == 0 or t == self.search_steps - 1):
+        if self._is_update_step(t):
             self._update_masks(ctx, pruning.upop_target(self.args.p, t, self.search_steps))
+
+    def _is_update_step(self, t: int) -> bool:
+        return not self.pruned and t < self.search_steps and (t % self.interval == 0 or t == self.search_steps - 1)
 
     # --- the search ---------------------------------------------------------------------------------
 
+    def _accumulate_importance(self) -> None:
+        """Add this step's mask gradients to the importance, unless the step was non-finite on any rank: the
+        trainer then skips the step (--skip-nonfinite-loss), and a NaN once added would poison every later
+        decision, since the importance is never reset. One small collective per search step, so every rank
+        makes the same choice."""
+        scale = self.loss_scale if self.scaler is not None and self.scaler.is_enabled() else 1.0
+        grads = {k: (m.grad.detach() / scale if m.grad is not None else torch.zeros_like(m))
+                 for k, m in self.masks.items()}
+        finite = torch.stack([torch.isfinite(g).all() for g in grads.values()]).all().float()
+        flag = finite * float(self.step_finite)
+        if self.dist.distributed:
+            flag = all_reduce_sum(flag)
+        if flag.item() == self.dist.world_size:
+            for key, grad in grads.items():
+                self.importance[key] += grad
+        else:
+            logging.warning("prune: step %d non-finite, its mask gradients are left out of the importance",
+                            self.next_step)
+        for mask in self.masks.values():
+            mask.grad = None
+        self.step_finite = True
+
     def _reduced_mask_grads(self) -> Dict[str, torch.Tensor]:
-        """Mask gradients accumulated since the last update, summed over ranks (one collective)."""
+        """The importance: mask gradients accumulated since the start of the search, summed over ranks."""
         keys = list(self.masks)
-        flat = torch.cat([(self.masks[k].grad if self.masks[k].grad is not None
-                           else torch.zeros_like(self.masks[k])).detach().flatten() for k in keys])
-        flat = all_reduce_sum(flat)
+        flat = all_reduce_sum(torch.cat([self.importance[k].flatten() for k in keys]))
         return dict(zip(keys, flat.split([self.masks[k].numel() for k in keys])))
 
     def _update_masks(self, ctx, target: float) -> None:
@@ -196,8 +244,7 @@ class PruneJob(Job):
         new = pruning.allocate_masks(self._reduced_mask_grads(), costs, target, self.args.p)
         with torch.no_grad():
             for key, mask in self.masks.items():
-                mask.copy_(new[key])
-                mask.grad = None
+                mask.copy_(new[key])  # the importance carries on: UPop never resets it
         model.model_spec = pruning.masked_spec(pruning._base_spec(model.model_spec), self.masks)
         kept = pruning.kept_fraction(self.masks, costs)
         ctx.log_scalars({"prune/target": target, "prune/mask_value": 1 - target / self.args.p if self.args.p else 1.0,
@@ -224,7 +271,7 @@ class PruneJob(Job):
         logits_i2t, logits_t2i = self.clip_loss.get_logits(image, text, scale)
         labels = self.clip_loss.get_ground_truth(image.device, logits_i2t.shape[0])
         losses: Dict[str, torch.Tensor] = {}
-        if self.teacher is None:
+        if self.teacher is None or self.pruned:
             contrastive = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
             total = contrastive
         else:
@@ -238,10 +285,12 @@ class PruneJob(Job):
             target_i2t = (1 - w) * hard + w * t_i2t.softmax(-1)
             target_t2i = (1 - w) * hard + w * t_t2i.softmax(-1)
             contrastive = (F.cross_entropy(logits_i2t, target_i2t) + F.cross_entropy(logits_t2i, target_t2i)) / 2
-            feat = ((image - teacher["image_features"]).pow(2).sum(-1).mean()
-                    + (text - teacher["text_features"]).pow(2).sum(-1).mean()) / 2
+            feat = (F.mse_loss(image, teacher["image_features"]) + F.mse_loss(text, teacher["text_features"])) / 2
             logit = (F.mse_loss(logits_i2t, t_i2t) + F.mse_loss(logits_t2i, t_t2i)) / 2
-            total = contrastive + args.w_kd_feat * feat + args.w_kd_logits * logit
+            total = contrastive
+            if not self._is_update_step(self.next_step):
+                # CLIP-KDPruning leaves L_same and L_diff out of the steps whose gradients end in a mask update
+                total = total + args.w_kd_feat * feat + args.w_kd_logits * logit
             losses.update(kd_feat_loss=feat, kd_logits_loss=logit)
         losses["contrastive_loss"] = contrastive
         if not self.pruned and self.masks:
@@ -251,6 +300,11 @@ class PruneJob(Job):
             total = total + sparsity
             losses["sparsity_loss"] = sparsity
         losses["loss"] = total
+        if self.masks:
+            self.step_finite = self.step_finite and bool(torch.isfinite(total.detach()))
+            if self.scaler is not None and self.scaler.is_enabled():
+                # fp16: the backward that follows is scaled, and the scale may change between steps
+                self.loss_scale = self.scaler.get_scale()
         return losses
 
     # --- state --------------------------------------------------------------------------------------
