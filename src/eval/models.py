@@ -8,7 +8,7 @@
 - an open_clip model name, with `pretrained` a local weights file or a tag open_clip knows.
 
 Nothing here branches on the model kind: the spec's tokenizer and image transform come from
-`compress.registry` too, so a new kind needs no edit in eval.
+`compress.models.registry` too, so a new kind needs no edit in eval.
 """
 from __future__ import annotations
 

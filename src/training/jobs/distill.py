@@ -1,6 +1,6 @@
 """`--job distill`: distil a frozen open_clip CLIP's image tower into a small student (casCLIP, CLIP-KD, TinyCLIP).
 
-The trainable model is a `student_clip` (compress/students.py): student image tower + the teacher's text
+The trainable model is a `student_clip` (compress/models/students.py): student image tower + the teacher's text
 tower (copied from the teacher and frozen, unless `--student-text` gives the student its own). Its
 checkpoint rebuilds with `compress.load`, so the monitor and eval score it like any CLIP.
 

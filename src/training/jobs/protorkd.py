@@ -2,7 +2,7 @@
 ProtoCLIP).
 
 Student: an image backbone (open_clip config's image tower, or a torchvision architecture) + projection
-head (compress/text_students.py). Teacher: a frozen sentence-transformers model (`--pretrained-text`,
+head (compress/models/text_students.py). Teacher: a frozen sentence-transformers model (`--pretrained-text`,
 default all-MiniLM-L6-v2, bundled offline) or an open_clip CLIP's text tower (`--teacher-model`). The
 teacher's caption embeddings are computed once per corpus (training/row_cache.py) and looked up by
 the batch's row index.
