@@ -2,7 +2,8 @@
 and p = 0.75, measured side by side in one run.
 
     PYTHONPATH=src python scripts/bench_prune.py                  # CPU, batch 32
-    PYTHONPATH=src python scripts/bench_prune.py --device cuda --repeats 20
+    PYTHONPATH=src python scripts/bench_prune.py --device cuda --repeats 20 --round-to 64
+    PYTHONPATH=src python scripts/bench_prune.py --round-to 8,16   # rounded widths beside the unrounded ones
 
 The masks come from weight magnitudes (compress.models.pruning.magnitude_prune_scores) through the same unified
 allocation the prune job uses, applied to the image tower only: no data is needed to measure speed, and
@@ -10,6 +11,10 @@ the pruned shapes are what a search at the same p yields up to which units are c
 of interleaved repeats (each round times every model once, so machine load hits them alike). On a shared
 CPU the wall time is at the mercy of other processes, so the process CPU time of each forward is printed
 too (on an idle machine the two speedups agree; under load the CPU-time one is the steadier).
+
+`--round-to 8,16` adds, for each p, the same allocation with every pruned head dim and MLP width rounded to a
+multiple of each N within the same parameter budget (`allocate_masks(..., round_to=N)`), timed in the same
+interleaved rounds, so the speedup with and without rounding is measured side by side.
 """
 from __future__ import annotations
 
@@ -27,10 +32,10 @@ from compress.models.registry import build_model
 from compress.ops.profile import params_and_macs
 
 
-def prune_image_tower(model, p: float, prune_heads: bool):
+def prune_image_tower(model, p: float, prune_heads: bool, round_to: int = 1):
     masks = pruning.init_masks(model, prune_heads=prune_heads, towers=("image",))
     scores = pruning.magnitude_prune_scores(model, masks)
-    final = pruning.allocate_masks(scores, pruning.mask_costs(model, masks), target=p, p=p)
+    final = pruning.allocate_masks(scores, pruning.mask_costs(model, masks), target=p, p=p, round_to=round_to)
     return pruning.prune_clip(model, final)
 
 
@@ -44,6 +49,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--prune-heads", action="store_true", help="whole heads instead of head dims")
+    parser.add_argument("--round-to", default="", help="comma list of multiples N: also time each p with widths "
+                                                       "rounded to N (e.g. 8,16 for CPUs, 64 for GPUs)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -56,6 +63,9 @@ def main() -> None:
     for p in (float(x) for x in args.ps.split(",")):
         models[f"pruned p={p:g}"] = prune_image_tower(models["dense (CompactBlock, nothing cut)"], p,
                                                       args.prune_heads)
+        for multiple in (int(x) for x in args.round_to.split(",") if x):
+            models[f"pruned p={p:g}, widths x{multiple}"] = prune_image_tower(
+                models["dense (CompactBlock, nothing cut)"], p, args.prune_heads, round_to=multiple)
 
     size = {name: params_and_macs(m) for name, m in models.items()}
     image_params = {name: sum(q.numel() for q in m.visual.parameters()) for name, m in models.items()}

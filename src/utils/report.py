@@ -9,6 +9,11 @@ and the `job:` line of `LOGDIR/params.txt` when there is one. One row per run (i
 by `--metric`; `--all-checkpoints` for every row) goes to stdout and to `report.csv` / `report.md`;
 `pareto.png` plots accuracy against measured latency, with the Pareto front (no other run both faster and
 more accurate) drawn through.
+
+Any column against any other: `--x COLUMN --y METRIC` (e.g. `--x size_bytes`, `--x macs_image`, or a flag of
+the tool that made the run, such as `--x ratio`, read from its params.txt when the CSV has no such column),
+`--group COLUMN` for one line per value (a ratio, a layer count). `--table CSV` reads rows from a table that
+has a `run` column instead of run folders: what `python -m compress.sweep` writes, with its grid columns.
 """
 from __future__ import annotations
 
@@ -30,11 +35,15 @@ TABLE_COLUMNS: List[Tuple[str, str]] = [
     (r"^macs_text$", "txt MMACs"),
     (r"^latency_image_ms$", "img ms/batch"),
     (r"^latency_text_ms$", "txt ms/batch"),
+    (r"^size_bytes$", "weights MB"),
     (r"^zeroshot/(.+)/acc1$", "{} acc1"),
     (r"^retrieval/(.+)/image_retrieval_recall@(\d+)$", "{} t2i R@{}"),
     (r"^retrieval/(.+)/text_retrieval_recall@(\d+)$", "{} i2t R@{}"),
 ]
-MILLIONS = {"params", "macs_image", "macs_text"}
+MILLIONS = {"params", "macs_image", "macs_text", "size_bytes", "checkpoint_bytes"}
+# x columns where less is better: the plot draws the Pareto front against them (against a grid column such
+# as a ratio or a layer count it joins each group's points instead)
+COST_COLUMNS = re.compile(r"^(latency_.*|macs_.*|params.*|size_bytes|checkpoint_bytes)$")
 
 
 def read_rows(log_dir: Path) -> List[Dict[str, str]]:
@@ -45,14 +54,20 @@ def read_rows(log_dir: Path) -> List[Dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def read_job(log_dir: Path) -> str:
+def read_params(log_dir: Path) -> Dict[str, str]:
+    """`key: value` lines of the run's params.txt (values as text)."""
     params = log_dir / "params.txt"
+    found: Dict[str, str] = {}
     if params.is_file():
         for line in params.read_text().splitlines():
             key, sep, value = line.partition(":")
-            if sep and key.strip() == "job":
-                return value.strip()
-    return ""
+            if sep and key.strip():
+                found.setdefault(key.strip(), value.strip())
+    return found
+
+
+def read_job(log_dir: Path) -> str:
+    return read_params(log_dir).get("job", "")
 
 
 def as_float(value: Optional[str]) -> float:
@@ -76,9 +91,10 @@ def default_metric(columns: Sequence[str]) -> Optional[str]:
     return None
 
 
-def gather(log_dirs: Sequence[str], select: str = "last", metric: Optional[str] = None,
-           all_checkpoints: bool = False) -> Tuple[List[Dict[str, str]], Optional[str]]:
-    """Rows (each with `run` and `job` added) of every run, and the accuracy metric used."""
+def gather(log_dirs: Sequence[str], select: str = "last", metric: Optional[str] = None, all_checkpoints: bool = False,
+           flag_columns: Sequence[str] = ()) -> Tuple[List[Dict[str, str]], Optional[str]]:
+    """Rows (each with `run` and `job` added) of every run, and the accuracy metric used. `flag_columns` the
+    CSV lacks are filled from each run's params.txt (a tool's --ratio, --layers, ...)."""
     runs: List[Tuple[Path, List[Dict[str, str]]]] = []
     for log_dir in map(Path, log_dirs):
         rows = read_rows(log_dir)
@@ -102,9 +118,24 @@ def gather(log_dirs: Sequence[str], select: str = "last", metric: Optional[str] 
                                                else -math.inf))]
         else:
             chosen = [max(rows, key=_order_key)]
-        job = read_job(log_dir)
-        gathered += [{"run": log_dir.name, "job": job, **row} for row in chosen]
+        params = read_params(log_dir)
+        flags = {c: params[c] for c in flag_columns if c not in columns and c in params}
+        gathered += [{"run": log_dir.name, "job": params.get("job", ""), **row, **flags} for row in chosen]
     return gathered, metric
+
+
+def read_table(path: str, metric: Optional[str] = None) -> Tuple[List[Dict[str, str]], Optional[str]]:
+    """Rows of a CSV table with a `run` column (`compress.sweep`'s), and the accuracy metric used."""
+    table = Path(path)
+    if not table.is_file():
+        raise UserError(f"--table {path}: no such file")
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "run" not in rows[0]:
+        raise UserError(f"--table {path}: expected a CSV with a 'run' column and at least one row")
+    for row in rows:
+        row.setdefault("job", "")
+    return rows, metric or default_metric(sorted(rows[0]))
 
 
 def table_columns(rows: Sequence[Dict[str, str]]) -> List[Tuple[str, str]]:
@@ -150,32 +181,49 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
     return front
 
 
-def plot_pareto(rows: Sequence[Dict[str, str]], metric: str, latency: str, path: Path) -> int:
-    """Accuracy vs latency scatter with the Pareto front; returns the number of points drawn."""
+def axis_value(text: Optional[str]) -> float:
+    """A cell as a number for a plot axis: a number, or a comma list of layer indices (its length)."""
+    number = as_float(text)
+    if math.isnan(number) and text and re.fullmatch(r"\d+(,\d+)*", text.strip()):
+        return float(len(text.split(",")))
+    return number
+
+
+def plot_pareto(rows: Sequence[Dict[str, str]], metric: str, latency: str, path: Path,
+                group: Optional[str] = None) -> int:
+    """`metric` against column `latency` (any x column): a scatter with the Pareto front when x is a cost,
+    otherwise each `group`'s points joined in x order; returns the number of points drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points, labels = [], []
+    points, labels, groups = [], [], []
     for row in rows:
-        x, y = as_float(row.get(latency)), as_float(row.get(metric))
+        x, y = axis_value(row.get(latency)), as_float(row.get(metric))
         if not (math.isnan(x) or math.isnan(y)):
             points.append((x, y))
             labels.append(row["run"] if not row.get("checkpoint") or len(rows) == len({r["run"] for r in rows})
                           else f"{row['run']}:{row['checkpoint']}")
+            groups.append(row.get(group, "") if group else "")
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    cost = bool(COST_COLUMNS.match(latency))
     if points:
-        axes.scatter([p[0] for p in points], [p[1] for p in points], zorder=3)
+        for value in sorted(set(groups), key=lambda g: (axis_value(g), g)):
+            chosen = sorted((p for p, g in zip(points, groups) if g == value))
+            axes.plot([p[0] for p in chosen], [p[1] for p in chosen], "o" if cost else "o-", zorder=3,
+                      label=f"{group} = {value}" if group else None)
         for (x, y), label in zip(points, labels):
-            axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        front = pareto_front(points)
-        axes.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:red",
-                  drawstyle="steps-post", label="Pareto front", zorder=2)
-        axes.legend(loc="lower right")
-    axes.set_xlabel(f"{latency} (measured)")
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if cost:
+            front = pareto_front(points)
+            axes.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:red",
+                      drawstyle="steps-post", label="Pareto front", zorder=2)
+        if cost or group:
+            axes.legend(loc="best", fontsize=8)
+    axes.set_xlabel(f"{latency} (measured)" if latency.startswith("latency") else latency)
     axes.set_ylabel(metric)
-    axes.set_title("accuracy vs latency")
+    axes.set_title(f"{metric} vs {latency}")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,47 +241,82 @@ def write_csv(rows: Sequence[Dict[str, str]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def plot_name(x: str, y: str) -> str:
+    """pareto.png for accuracy against image latency (the default), else `<y>_vs_<x>.png`."""
+    if x == "latency_image_ms" and y == default_metric([y]):
+        return "pareto.png"
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", f"{y}_vs_{x}") + ".png"
+
+
 def build_report(log_dirs: Sequence[str], out_dir: str | Path, select: str = "last", metric: Optional[str] = None,
-                 latency: str = "latency_image_ms", all_checkpoints: bool = False) -> str:
-    """Write report.csv, report.md and pareto.png under `out_dir`; return the markdown table."""
-    rows, metric = gather(log_dirs, select, metric, all_checkpoints)
+                 latency: str = "latency_image_ms", all_checkpoints: bool = False, y: Optional[str] = None,
+                 group: Optional[str] = None, table: Optional[str] = None) -> Tuple[str, Optional[Path]]:
+    """Write report.csv, report.md and the plot (`plot_name`) under `out_dir`; return the markdown table and
+    the plot's path (None without an accuracy column).
+
+    `latency` is the plot's x column (any column), `y` its y column (default: `metric`)."""
+    if table:
+        rows, metric = read_table(table, metric)
+    else:
+        rows, metric = gather(log_dirs, select, metric, all_checkpoints,
+                              flag_columns=[c for c in (latency, y, group) if c])
+    y = y or metric
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(rows, table_columns(rows))
+    markdown = markdown_table(rows, table_columns(rows))
     write_csv(rows, out_dir / "report.csv")
-    (out_dir / "report.md").write_text(table + "\n")
-    if metric is None:
+    (out_dir / "report.md").write_text(markdown + "\n")
+    plot = None
+    if y is None:
         print("warning: no accuracy column (zeroshot/*/acc1, retrieval/*) in the CSVs; no Pareto plot", file=sys.stderr)
     else:
-        plot_pareto(rows, metric, latency, out_dir / "pareto.png")
-    return table
+        for column in (latency, y):
+            if not any(not math.isnan(axis_value(row.get(column))) for row in rows):
+                raise UserError(f"column {column!r} has no numbers in these runs; some columns: "
+                                f"{sorted({c for row in rows for c in row})[:16]}")
+        plot = out_dir / plot_name(latency, y)
+        plot_pareto(rows, y, latency, plot, group)
+    return markdown, plot
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utils.report",
                                      description="table + Pareto plot over the monitor CSVs of several runs")
-    parser.add_argument("log_dirs", nargs="+", metavar="LOGDIR", help="run folders holding evaluation_metrics_all.csv")
+    parser.add_argument("log_dirs", nargs="*", metavar="LOGDIR", help="run folders holding evaluation_metrics_all.csv")
     parser.add_argument("--out-dir", default=None,
                         help="where report.csv, report.md, pareto.png go (default: <parent of first LOGDIR>/report)")
     parser.add_argument("--select", choices=("last", "best"), default="last",
                         help="which checkpoint of each run: last (highest epoch/step) or best by --metric")
     parser.add_argument("--metric", default=None,
                         help="accuracy column for --select best and the plot (default: first zeroshot/*/acc1)")
-    parser.add_argument("--latency", default="latency_image_ms", help="latency column of the plot's x axis")
+    parser.add_argument("--x", "--latency", dest="x", default="latency_image_ms",
+                        help="column of the plot's x axis: a monitor column (latency_image_ms, macs_image, params, "
+                             "size_bytes, ...), a sweep table's grid column, or a flag in the runs' params.txt "
+                             "(ratio, ...); --latency is its older name")
+    parser.add_argument("--y", default=None, help="column of the plot's y axis (default: --metric)")
+    parser.add_argument("--group", default=None,
+                        help="draw one line per value of this column (e.g. ratio in a sweep over layers)")
+    parser.add_argument("--table", default=None,
+                        help="read rows from this CSV (a 'run' column; compress.sweep's sweep.csv) instead of "
+                             "LOGDIRs")
     parser.add_argument("--all-checkpoints", action="store_true", help="one row per checkpoint instead of per run")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    out_dir = args.out_dir or Path(args.log_dirs[0]).resolve().parent / "report"
     try:
-        table = build_report(args.log_dirs, out_dir, args.select, args.metric, args.latency, args.all_checkpoints)
+        if bool(args.log_dirs) == bool(args.table):
+            raise UserError("give run folders (LOGDIR ...) or --table CSV, not both and not neither")
+        first = args.table or args.log_dirs[0]
+        out_dir = args.out_dir or Path(first).resolve().parent / "report"
+        table, plot = build_report(args.log_dirs, out_dir, args.select, args.metric, args.x, args.all_checkpoints,
+                             y=args.y, group=args.group, table=args.table)
     except UserError as error:  # no CSV, unknown column: one line, exit 2
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(table)
-    print(f"\nwrote {Path(out_dir) / 'report.csv'}, report.md and pareto.png")
+    print(f"\nwrote {Path(out_dir) / 'report.csv'}, report.md" + (f" and {plot.name}" if plot else ""))
     return 0
 
 

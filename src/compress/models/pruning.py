@@ -184,7 +184,7 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
     return centred / std if std > 0 else centred
 
 
-def allocate_masks(prune_scores: Masks, costs: Dict[str, int], target: float, p: float) -> Masks:
+def allocate_masks(prune_scores: Masks, costs: Dict[str, int], target: float, p: float, round_to: int = 1) -> Masks:
     """UPop's unified allocation: the new mask values for a target fraction `target` of prunable params.
 
     `prune_scores`: per mask, a higher score means "prune first" (UPop: the accumulated gradient of the
@@ -193,6 +193,14 @@ def allocate_masks(prune_scores: Masks, costs: Dict[str, int], target: float, p:
     groups and the two towers compete on one scale. Entries are sorted, each weighed by the parameters
     it carries, and cut where the cumulative cost comes closest to `target` × the total. Cut entries get
     1 − target/p (0 once target = p), the rest 1. Every layer keeps at least its best entry.
+
+    `round_to` r > 1: every head-dim and MLP mask keeps a multiple of r entries (or all of them), the widths
+    GEMM kernels run fastest at (8 or 16 on CPUs, 64 for GPU tensor cores); whole-head masks are left as they
+    are (a head is already head_dim wide). The budget still holds: each layer first keeps the multiple of r
+    at or below what the unrounded cut kept (at least r), blocks of r are taken from the least important
+    layers while that costs more than the unrounded cut kept, then given back, most important first (per
+    parameter), only while the total kept cost stays within the unrounded cut's. (Only a model whose layers
+    cannot all keep r entries within the budget ends above it, at r entries each.)
     """
     keys = list(prune_scores)
     groups = {"attention": [k for k in keys if not k.endswith(".mlp")], "mlp": [k for k in keys if k.endswith(".mlp")]}
@@ -210,6 +218,8 @@ def allocate_masks(prune_scores: Masks, costs: Dict[str, int], target: float, p:
     n_cut = int(torch.argmin((cumulative - target * cost.sum()).abs()))
     cut = torch.zeros_like(scores, dtype=torch.bool)
     cut[order[:n_cut]] = True
+    if round_to > 1:
+        cut = _round_cut(keys, cut, scores, standardised, costs, round_to)
 
     pruned_value = 1.0 - target / p if p > 0 else 1.0
     new_masks: Masks = {}
@@ -221,6 +231,73 @@ def allocate_masks(prune_scores: Masks, costs: Dict[str, int], target: float, p:
         values = torch.where(cut_k, torch.full_like(score_k, pruned_value), torch.ones_like(score_k))
         new_masks[k] = values.to(prune_scores[k].device)
     return new_masks
+
+
+def _round_cut(keys: List[str], cut: torch.Tensor, scores: torch.Tensor, standardised: Dict[str, torch.Tensor],
+               costs: Dict[str, int], round_to: int) -> torch.Tensor:
+    """`cut` with every head-dim/MLP mask keeping a multiple of `round_to` entries, within the kept cost of
+    `cut` (allocate_masks explains the rule). Within a layer the entries with the lowest scores are kept."""
+    import heapq
+
+    sizes = [standardised[k].numel() for k in keys]
+    cuts, layer_scores = list(cut.split(sizes)), list(scores.split(sizes))
+    rounded = [not k.endswith(".head") for k in keys]
+    # entries of each layer, most important (lowest prune score) first
+    ranked = [torch.argsort(layer_scores[i], stable=True) for i in range(len(keys))]
+
+    def widths(i: int) -> List[int]:
+        """The kept counts layer i may have: multiples of round_to up to its size, and its size."""
+        n = sizes[i]
+        return sorted({*range(round_to, n + 1, round_to), n}) if rounded[i] else list(range(1, n + 1))
+
+    # what the unrounded cut keeps, each layer at least one entry (as allocate_masks then makes sure)
+    counts = [max(1, int((~c).sum())) for c in cuts]
+    budget = sum(float(costs[k]) * m for k, m in zip(keys, counts))
+    kept = [max([w for w in widths(i) if w <= counts[i]] or [widths(i)[0]]) for i in range(len(keys))]
+    spent = sum(float(costs[k]) * m for k, m in zip(keys, kept))
+
+    # a layer whose cut kept fewer than round_to entries now keeps round_to: pay for it from the other
+    # layers, least important block (per parameter) first
+    while spent > budget + 1e-6:
+        best = None
+        for i in range(len(keys)):
+            narrower = [w for w in widths(i) if w < kept[i]]
+            if narrower:
+                lost = -float(layer_scores[i][ranked[i][narrower[-1]:kept[i]]].sum())
+                key = (lost / (costs[keys[i]] * (kept[i] - narrower[-1])), i, narrower[-1])
+                best = key if best is None or key < best else best
+        if best is None:
+            break  # every layer at its narrowest: the narrowest widths are what rounding costs
+        _, i, new = best
+        spent -= float(costs[keys[i]]) * (kept[i] - new)
+        kept[i] = new
+
+    def step(i: int):
+        """(-importance per cost, i, new count) of giving layer i its next allowed width, or None."""
+        larger = [w for w in widths(i) if w > kept[i]]
+        if not larger:
+            return None
+        new = larger[0]
+        gained = -float(layer_scores[i][ranked[i][kept[i]:new]].sum())
+        return (-gained / (costs[keys[i]] * (new - kept[i])), i, new)
+
+    heap = [s for s in (step(i) for i in range(len(keys))) if s is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, i, new = heapq.heappop(heap)
+        extra = float(costs[keys[i]]) * (new - kept[i])
+        if spent + extra > budget + 1e-6:
+            continue  # does not fit; a narrower step of another layer still may
+        kept[i], spent = new, spent + extra
+        following = step(i)
+        if following is not None:
+            heapq.heappush(heap, following)
+    out = []
+    for i, c in enumerate(cuts):
+        layer_cut = torch.ones_like(c)
+        layer_cut[ranked[i][:kept[i]]] = False
+        out.append(layer_cut)
+    return torch.cat(out)
 
 
 def kept_fraction(masks: Masks, costs: Dict[str, int]) -> Dict[str, float]:

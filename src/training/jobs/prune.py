@@ -61,6 +61,9 @@ class PruneJob(Job):
                            help="update the masks every N optimizer steps (0: about 100 updates over the search)")
         group.add_argument("--prune-heads", action="store_true",
                            help="prune whole attention heads instead of head dimensions shared across heads")
+        group.add_argument("--round-to", type=int, default=1,
+                           help="every pruned head dim and MLP width a multiple of N (8 or 16 for CPUs, 64 for GPU "
+                                "tensor cores), within the same parameter budget (1: no rounding)")
         add_argument_once(group, "--KD", dest="KD", action="store_true",
                           help="a frozen copy of the starting model teaches during the search (CLIP-KDPruning: "
                                "soft contrastive targets, feature and logit MSE); the fine-tune is plain")
@@ -82,6 +85,8 @@ class PruneJob(Job):
         super().__init__(args, dist_info)
         if not 0 <= args.p < 1:
             raise UserError(f"--p {args.p}: the pruned fraction must be in [0, 1)")
+        if args.round_to < 1:
+            raise UserError(f"--round-to {args.round_to}: must be at least 1")
         if not 0 <= args.w_kd_soft_target <= 1:
             raise UserError(f"--w-kd-soft-target {args.w_kd_soft_target}: must be in [0, 1]")
         search, finetune = args.search_epochs, args.finetune_epochs
@@ -241,7 +246,8 @@ class PruneJob(Job):
     def _update_masks(self, ctx, target: float) -> None:
         model = ctx.unwrapped_model
         costs = pruning.mask_costs(model, self.masks)
-        new = pruning.allocate_masks(self._reduced_mask_grads(), costs, target, self.args.p)
+        new = pruning.allocate_masks(self._reduced_mask_grads(), costs, target, self.args.p,
+                                     round_to=self.args.round_to)
         with torch.no_grad():
             for key, mask in self.masks.items():
                 mask.copy_(new[key])  # the importance carries on: UPop never resets it
