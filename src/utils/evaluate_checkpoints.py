@@ -291,7 +291,7 @@ class Monitor:
 
     def score(self, epoch_from_name: int, path: Path) -> Dict[str, Any]:
         from compress.models.spec import SpecError
-        from compress.ops.profile import profile_encoder
+        from compress.ops.profile import model_size_bytes, profile_encoder
         from eval import encoder_from_model, run_benchmarks
         from eval.models import model_from_checkpoint
         from foundation.checkpoint import load_checkpoint
@@ -324,6 +324,9 @@ class Monitor:
             topk=self.args.topk,
         )
         profile = profile_encoder(encoder, batch_size=self.args.profile_batch_size)
+        # size on disk beside params: a quantized model keeps its parameter count but not its bytes; the
+        # file size also holds what a training checkpoint carries besides the model (optimizer, RNG state)
+        profile.update(size_bytes=model_size_bytes(encoder.model), checkpoint_bytes=path.stat().st_size)
 
         epoch = int(checkpoint.get("epoch", epoch_from_name))
         step = checkpoint.get("step")  # open_clip_train checkpoints have none: tensorboard falls back to epoch
@@ -377,6 +380,7 @@ _TABLE_METRICS = [  # (regex on column name, short label)
     (r"^macs_text$", "text MMACs/sample"),
     (r"^latency_image_ms$", "image ms/batch"),
     (r"^latency_text_ms$", "text ms/batch"),
+    (r"^size_bytes$", "weights MB"),
 ]
 
 
@@ -391,7 +395,7 @@ def format_table(columns: List[str], rows: List[Dict[str, str]], max_checkpoints
         for column in sorted(columns, key=_natural_order):  # R@1, R@5, R@10 — not R@1, R@10, R@5
             match = re.match(pattern, column)
             if match:
-                scale = 1e-6 if column in ("params", "macs_image", "macs_text") else 1.0
+                scale = 1e-6 if column in ("params", "macs_image", "macs_text", "size_bytes") else 1.0
                 lines.append((label.format(*match.groups()), [_format_number(r.get(column, ""), scale) for r in rows]))
     label_width = max(len(label) for label, _ in lines)
     value_width = max(8, *(len(v) for _, values in lines for v in values))
