@@ -196,7 +196,8 @@ def allocate_masks(prune_scores: Masks, costs: Dict[str, int], target: float, p:
 
     `round_to` r > 1: every head-dim and MLP mask keeps a multiple of r entries (or all of them), the widths
     GEMM kernels run fastest at (8 or 16 on CPUs, 64 for GPU tensor cores); whole-head masks are left as they
-    are (a head is already head_dim wide). The budget still holds: each layer first keeps the multiple of r
+    are (a head is already head_dim wide), and head dims round to at most half the head width. The budget
+    still holds: each layer first keeps the multiple of r
     at or below what the unrounded cut kept (at least r), blocks of r are taken from the least important
     layers while that costs more than the unrounded cut kept, then given back, most important first (per
     parameter), only while the total kept cost stays within the unrounded cut's. (Only a model whose layers
@@ -246,9 +247,14 @@ def _round_cut(keys: List[str], cut: torch.Tensor, scores: torch.Tensor, standar
     ranked = [torch.argsort(layer_scores[i], stable=True) for i in range(len(keys))]
 
     def widths(i: int) -> List[int]:
-        """The kept counts layer i may have: multiples of round_to up to its size, and its size."""
+        """The kept counts layer i may have: multiples of its multiple up to its size, and its size. A head
+        dim rounds to at most half the head width: a multiple as wide as the head would leave its attention
+        nothing to cut (64-wide heads at --round-to 64), so its cost would fall on the MLPs alone."""
         n = sizes[i]
-        return sorted({*range(round_to, n + 1, round_to), n}) if rounded[i] else list(range(1, n + 1))
+        if not rounded[i]:
+            return list(range(1, n + 1))
+        multiple = min(round_to, max(1, n // 2)) if keys[i].endswith(".head_dim") else round_to
+        return sorted({*range(multiple, n + 1, multiple), n})
 
     # what the unrounded cut keeps, each layer at least one entry (as allocate_masks then makes sure)
     counts = [max(1, int((~c).sum())) for c in cuts]
