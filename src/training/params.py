@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="clipc-vit-t2-64", help="open_clip model config (ours or open_clip's)")
-    model.add_argument("--pretrained", default=None, help="weights: a local file, or an open_clip tag when online")
+    model.add_argument("--pretrained", default=None,
+                       help="weights: a local file, hf:DIR (a local Hugging Face CLIPModel folder; --model must "
+                            "name its architecture), or an open_clip tag when online")
     model.add_argument("--precision", default="fp32", choices=["fp32", "amp", "amp_bf16", "bf16"],
                        help="fp32; amp (fp16 autocast + grad scaler on GPU); amp_bf16 (bf16 autocast); "
                             "bf16 (pure bf16 weights)")
