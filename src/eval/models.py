@@ -12,6 +12,7 @@ Nothing here branches on the model kind: the spec's tokenizer and image transfor
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +37,28 @@ class Encoder:
     tokenizer: Optional[Callable[[List[str]], Any]]  # None: an image-only model (benchmarks skip text)
     preprocess: Callable  # PIL image -> tensor
     device: torch.device
+    # run the towers under torch.autocast with this dtype (the trainer's amp / amp_bf16); None: as the weights
+    autocast_dtype: Optional[torch.dtype] = None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _weight_dtype(self) -> torch.dtype:
+        """The dtype of the model's floating weights: images go in as it (a pure-bf16 model takes bf16)."""
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.model.encode_image(images.to(self.device)).float()
+        with self._autocast():
+            features = self.model.encode_image(images.to(self.device, self._weight_dtype())).float()
         return F.normalize(features, dim=-1) if normalize else features
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
-        features = self.model.encode_text(self.text_input(texts)).float()
+        with self._autocast():
+            features = self.model.encode_text(self.text_input(texts)).float()
         return F.normalize(features, dim=-1) if normalize else features
 
     def text_input(self, texts: Sequence[str]) -> Any:
