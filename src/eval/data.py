@@ -3,17 +3,23 @@
     <root>/coco2017/val2017/*.jpg + annotations/captions_val2017.json     retrieval (COCO captions format)
     <root>/flickr30k/flickr30k_images/ + results.csv                       retrieval (all images), or the
         Karpathy test split when dataset_flickr30k.json / *karpathy*.json sits beside it
-    <root>/imagenet/val/<wnid>/ (+ train/)                                 classification
+    <root>/imagenet/val/<wnid>/ or imagenet/test/<wnid>/ (+ train/)       classification (test/: ProtoCLIP's tree)
+    <root>/ucf101/testlist01/<class>/ (testlist02, 03 noted, not scored)   classification (CLOOB's frames)
     <root>/cifar10, cifar100, stl10                                        torchvision folders (download=False)
-    <root>/<name>/test/<class>/ (+ train/<class>/)                         any ImageFolder set, e.g. `shapes`
+    <root>/<name>/test/<class>/ (+ train/<class>/)                         any ImageFolder set, e.g. `shapes`, and
+        CLOOB's birdsnap, country211, flowers102, gtsrb, stanford_cars
 
-Class names of an ImageFolder set are the folder names with `_` → space, unless `<root>/<name>/classnames.txt`
-lists them (one per line, in sorted folder order). `templates.txt` beside it overrides the prompt templates.
+Class names of an ImageFolder set: `<root>/<name>/classnames.txt` (one per line, in sorted folder order); else
+the built-in names of a known set (eval/zeroshot_sets.json, ImageNet's from open_clip), by folder number when
+the folders are numbered (CLOOB's `000`, `00001`), else by position; else the folder names with `_` → space.
+Empty class folders are dropped with a note (CLOOB's birdsnap has nine). `templates.txt` beside
+classnames.txt overrides the prompt templates. A folder under the root that is none of these is noted.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -21,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from PIL import Image
 from torch.utils.data import Dataset
 
-from eval.templates import IMAGENET_CLASSNAMES, templates_for
+from eval.templates import classnames_for, templates_for
 from foundation.images import open_rgb
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,8 @@ class ImageFiles(Dataset):
 
 # --- discovery -----------------------------------------------------------------------------------------
 
+UCF101_SPLITS = ("testlist01", "testlist02", "testlist03")
+
 TORCHVISION_FOLDERS = {  # name -> the folder torchvision expects inside <root>/<name> with download=False
     "cifar10": "cifar-10-batches-py",
     "cifar100": "cifar-100-python",
@@ -109,40 +117,90 @@ def discover_datasets(root: str | Path) -> Tuple[Dict[str, FoundDataset], List[s
         elif (root / name).exists():
             notes.append(f"{name}: {root / name} has no {inner}/ (torchvision layout, download=False); skipped")
 
+    # ImageNet's evaluation split is val/ here, test/ in ProtoCLIP's tree
     imagenet = root / "imagenet"
-    if (imagenet / "val").is_dir():
-        found["imagenet"] = FoundDataset(
-            "imagenet", "classification", lambda t: image_folder_set(imagenet, "imagenet", t, test_split="val")
-        )
+    imagenet_split = next((split for split in ("val", "test") if (imagenet / split).is_dir()), None)
+    if imagenet_split is not None:
+        found["imagenet"] = FoundDataset("imagenet", "classification",
+                                         lambda t: image_folder_set(imagenet, "imagenet", t, test_split=imagenet_split))
+    elif imagenet.is_dir():
+        notes.append(f"imagenet: {imagenet} has neither val/ nor test/ (one folder per wnid); skipped")
+
+    # UCF101 (CLOOB's frames) has three test splits, testlist01-03; ProtoCLIP scores the first
+    ucf = root / "ucf101"
+    if (ucf / UCF101_SPLITS[0]).is_dir():
+        found["ucf101"] = FoundDataset("ucf101", "classification",
+                                       lambda t: image_folder_set(ucf, "ucf101", t, test_split=UCF101_SPLITS[0]))
+        others = [split for split in UCF101_SPLITS[1:] if (ucf / split).is_dir()]
+        if others:
+            notes.append(f"ucf101: {UCF101_SPLITS[0]} scored (ProtoCLIP's split); {', '.join(others)} not scored")
+    elif ucf.is_dir():
+        notes.append(f"ucf101: {ucf} has no {UCF101_SPLITS[0]}/; skipped")
 
     # Any other folder with test/<class>/ is an ImageFolder classification set (e.g. the generated `shapes`).
-    reserved = {"coco2017", "flickr30k", "imagenet", *TORCHVISION_FOLDERS}
+    reserved = {"coco2017", "flickr30k", "imagenet", "ucf101", *TORCHVISION_FOLDERS}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in reserved):
         test = folder / "test"
         if test.is_dir() and any(p.is_dir() for p in test.iterdir()):
             found[folder.name] = FoundDataset(
                 folder.name, "classification", lambda t, f=folder: image_folder_set(f, f.name, t)
             )
+        elif not _torchvision_folder_inside(folder):  # (cifar/stl files directly under the root are found above)
+            notes.append(f"{folder.name}: {folder} is no evaluation set this eval knows (expected test/<class>/, "
+                         f"or one of coco2017, flickr30k, imagenet, ucf101, cifar10, cifar100, stl10); ignored")
     return found, notes
+
+
+def _torchvision_folder_inside(folder: Path) -> bool:
+    """Whether `folder` is the inner folder of a torchvision set sitting directly under the root."""
+    return folder.name in TORCHVISION_FOLDERS.values()
+
 
 
 # --- classification sets -------------------------------------------------------------------------------
 
 
 def image_folder_set(folder: Path, name: str, transform: Transform, test_split: str = "test") -> ClassificationSet:
-    from torchvision.datasets import ImageFolder
-
     # loader: the training data's decoding rules, not torchvision's plain convert("RGB")
-    test = ImageFolder(str(folder / test_split), transform=transform, loader=open_rgb)
-    train = (ImageFolder(str(folder / "train"), transform=transform, loader=open_rgb)
-             if (folder / "train").is_dir() else None)
+    test = _image_folder(folder / test_split, name, transform)
+    train_dir = folder / "train"
+    has_train = train_dir.is_dir() and any(p.is_dir() for p in train_dir.iterdir())
+    train = _image_folder(train_dir, name, transform) if has_train else None
     if train is not None and train.classes != test.classes:
         log.warning("%s: train and %s class folders differ; linear probe skipped", name, test_split)
         train = None
     return ClassificationSet(name, _classnames(folder, name, test.classes), _templates(folder, name), test, train)
 
 
+def _image_folder(split: Path, name: str, transform: Transform):
+    """torchvision's ImageFolder of `split` without its empty class folders: CLOOB's birdsnap has nine (046, 066,
+    123, 299, 302, 351, 403, 436, 465), which ImageFolder refuses; like ProtoCLIP they are dropped, with a
+    note, and the set is scored over the classes that have images."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    def has_image(directory: Path) -> bool:
+        return any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(directory) for f in files)
+
+    class NonEmptyImageFolder(ImageFolder):
+        def find_classes(self, directory):
+            classes, _ = super().find_classes(directory)
+            kept = [c for c in classes if has_image(Path(directory) / c)]
+            if len(kept) < len(classes):
+                dropped = sorted(set(classes) - set(kept))
+                log.info("%s: %d empty class folder(s) in %s dropped (%s): scored over %d classes", name,
+                         len(dropped), directory, ", ".join(dropped[:12]) + (" …" if len(dropped) > 12 else ""),
+                         len(kept))
+            return kept, {c: i for i, c in enumerate(kept)}
+
+    return NonEmptyImageFolder(str(split), transform=transform, loader=open_rgb)
+
+
 def _classnames(folder: Path, name: str, folder_names: List[str]) -> List[str]:
+    """Class names for the class folders (sorted, empty ones dropped): classnames.txt; else a known set's
+    built-in names, looked up by number when the folders are numbered (CLOOB's `000`, `00001`: folder n is
+    class n, so dropped folders leave the others' names right) or by position when there is one folder per
+    class (ImageNet's wnids, UCF101's names, in sorted order = class-index order); else the folder names."""
     listed = folder / "classnames.txt"
     if listed.is_file():
         classnames = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
@@ -150,10 +208,16 @@ def _classnames(folder: Path, name: str, folder_names: List[str]) -> List[str]:
             return classnames
         log.warning("%s: classnames.txt lists %d names for %d folders; using folder names",
                     name, len(classnames), len(folder_names))
-    if name == "imagenet" and len(folder_names) == len(IMAGENET_CLASSNAMES):
-        # open_clip's curated names are in sorted-wnid order, which is ImageFolder's order.
-        return list(IMAGENET_CLASSNAMES)
+    builtin = classnames_for(name)
+    if builtin is not None:
+        if all(f.isdigit() for f in folder_names) and max(int(f) for f in folder_names) < len(builtin):
+            return [builtin[int(f)] for f in folder_names]
+        if len(folder_names) == len(builtin):
+            return builtin
+        log.warning("%s: %d class folders where the built-in list has %d classes and the folders are not numbered; "
+                    "using folder names", name, len(folder_names), len(builtin))
     return [folder_name.replace("_", " ") for folder_name in folder_names]
+
 
 
 def _templates(folder: Path, name: str) -> List[str]:

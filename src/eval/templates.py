@@ -1,11 +1,16 @@
 """Prompt templates and class names for zero-shot classification.
 
 A template is a format string with one `{}` (or `{c}`) for the class name. The ImageNet templates and class
-names are CLIP's (80 templates, 1000 curated names), as shipped in open_clip's wheel.
+names are CLIP's (80 templates, 1000 curated names), as shipped in open_clip's wheel. The zero-shot sets of
+ProtoCLIP's eval layout (CLOOB's copies: birdsnap, country211, flowers102, gtsrb, stanford_cars, ucf101) have
+their class names, in class-index order, and CLIP's templates for them in `zeroshot_sets.json` beside this
+file (data, not code).
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
 
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
@@ -46,18 +51,33 @@ SHAPES_TEMPLATES: List[str] = [
     "an image with a {}.",
 ]
 
+# {dataset: {"classnames": [...], "templates": [...]}} of ProtoCLIP's zero-shot sets
+ZEROSHOT_SETS: Dict[str, Dict[str, List[str]]] = {
+    name: entry for name, entry in json.loads((Path(__file__).with_name("zeroshot_sets.json")).read_text(
+        encoding="utf-8")).items() if not name.startswith("_")}
+
 TEMPLATES_BY_DATASET: Dict[str, List[str]] = {
     "imagenet": IMAGENET_TEMPLATES,
     "cifar10": CIFAR_TEMPLATES,
     "cifar100": CIFAR_TEMPLATES,
     "stl10": STL10_TEMPLATES,
     "shapes": SHAPES_TEMPLATES,
+    **{name: entry["templates"] for name, entry in ZEROSHOT_SETS.items()},
 }
 DEFAULT_TEMPLATES = SHAPES_TEMPLATES
 
 
 def templates_for(dataset_name: str) -> List[str]:
     return TEMPLATES_BY_DATASET.get(dataset_name, DEFAULT_TEMPLATES)
+
+
+def classnames_for(dataset_name: str) -> Optional[List[str]]:
+    """The built-in class names of a known set, in class-index order (ImageNet: sorted-wnid order); None
+    for any other set."""
+    if dataset_name == "imagenet":
+        return list(IMAGENET_CLASSNAMES)
+    entry = ZEROSHOT_SETS.get(dataset_name)
+    return list(entry["classnames"]) if entry else None
 
 
 def fill_template(template: str, classname: str) -> str:
@@ -71,6 +91,8 @@ __all__ = [
     "IMAGENET_TEMPLATES",
     "SHAPES_TEMPLATES",
     "STL10_TEMPLATES",
+    "ZEROSHOT_SETS",
+    "classnames_for",
     "fill_template",
     "templates_for",
 ]
