@@ -25,6 +25,7 @@ from torch import nn
 from foundation import checkpoint as ckpt_io
 from foundation.errors import UserError
 from foundation.logs import quiet_open_clip
+from training.accel import log_accelerator_setup
 from training.data import get_data
 from training.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
 from training.jobs import available_jobs
@@ -54,6 +55,7 @@ def run(args) -> Dict[str, Any]:
     log_dir = prepare_run_dir(args, dist_info)
     setup_logging(log_dir, dist_info, args.log_level)
     logging.info("run %s: job %s, %d process(es) on %s", args.name, args.job, dist_info.world_size, dist_info.device)
+    log_accelerator_setup(args, dist_info.device)  # TF32 on CUDA; the pure-bf16 warning; which faiss loaded
     if getattr(args, "job_from_flags", None):  # the ProtoRKD README's commands carry no --job
         logging.info("no --job given: running --job %s, the job of %s", args.job, args.job_from_flags)
 
@@ -418,7 +420,8 @@ def evaluate_in_loop(ctx: RunContext, job) -> None:
         from training.evaluation import evaluate_model
 
         metrics = evaluate_model(ctx.unwrapped_model, args.eval_data_dir, wanted, ctx.dist.device,
-                                 batch_size=args.batch_size, workers=args.workers, topk=args.topk)
+                                 batch_size=args.batch_size, workers=args.workers, topk=args.topk,
+                                 precision=args.precision)
         ctx.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
         logging.info("eval at epoch %d: %s", ctx.epoch, json.dumps(metrics))
         ctx.unwrapped_model.train()

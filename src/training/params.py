@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset-resampled", action="store_true",
                       help="sample shards with replacement (webdataset), as open_clip")
     data.add_argument("--workers", type=int, default=2, help="data-loader processes per rank")
+    data.add_argument("--prefetch-factor", type=int, default=2,
+                      help="batches each loader worker keeps ready. They wait in /dev/shm: batch x workers x this "
+                           "x processes per machine x one float32 image each (4 x 8 x 128 at 224 px is ~2.5 GB "
+                           "per rank); the run refuses at start what /dev/shm cannot hold")
+    data.add_argument("--shuffle-buffer", type=int, default=5000,
+                      help="webdataset shards: samples in the shuffle buffer each loader worker draws from (still "
+                           "encoded: ~50-100 KB each at 224 px). The shard list itself is reshuffled every epoch")
     data.add_argument("--token-cache-dir", default=None,
                       help="where a TSV/CSV's caption tokens are cached (tokenized once, split across ranks, "
                            "then read as a memmap every epoch); default <logs>/<name>/cache. Point several "
@@ -100,8 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "name its architecture), or an open_clip tag when online")
     model.add_argument("--precision", default="fp32", choices=["fp32", "amp", "amp_bf16", "bf16"],
                        help="fp32; amp (fp16 autocast + grad scaler on GPU); amp_bf16 (bf16 autocast); "
-                            "bf16 (pure bf16 weights)")
+                            "bf16 (pure bf16 weights, no fp32 master weights: small updates round away, the run "
+                            "warns). On GPUs use amp_bf16 (docs/performance.md)")
     model.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in the towers")
+    model.add_argument("--no-tf32", action="store_true",
+                       help="keep fp32 matmuls and cuDNN convolutions in full fp32 on CUDA (by default TF32 is on, "
+                            "as in open_clip_train: several times faster on Ampere and newer GPUs)")
     model.add_argument("--torchcompile", action="store_true", help="torch.compile the model")
     model.add_argument("--local-loss", action="store_true",
                        help="contrastive loss over local rows x all columns (scales with ranks; open_clip)")
@@ -217,6 +228,8 @@ _MINIMUMS = {
     "wd": (0.0, "a weight decay"),
     "warmup": (0, "a number of warm-up steps"),
     "workers": (0, "a number of data-loader processes"),
+    "prefetch_factor": (1, "a number of batches per loader worker"),
+    "shuffle_buffer": (1, "a number of samples"),
     "log_every_n_steps": (1, "a logging interval in steps"),
     "epochs": (1, "a number of epochs"),
     "save_frequency": (0, "an epoch interval (0: never)"),
