@@ -13,7 +13,6 @@ setup(
         "torchvision==0.29.1",
         "open_clip_torch>=3.0",
         "sentence-transformers>=3.0",
-        "faiss-cpu>=1.8",
         "webdataset>=0.2.86",
         "tensorboard",
         "ftfy",
@@ -29,7 +28,11 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "import-linter>=2.1", "ruff>=0.6", "mkdocs>=1.6"],
-        "gpu": ["faiss-gpu"],
+        # faiss: exactly one of these. Both wheels install the same `faiss` package, so with both the one pip
+        # wrote last wins and the GPU build can silently vanish; scripts/setup_env.sh picks one (nvidia-smi
+        # decides, CLIPCOMPRESS_FAISS=cpu|gpu overrides) and the trainer logs which one it loaded
+        "cpu": ["faiss-cpu>=1.8"],
+        "gpu": ["faiss-gpu-cu12>=1.8"],
         # --report-to wandb (optional: the trainer names this extra when it is missing)
         "wandb": ["wandb"],
     },

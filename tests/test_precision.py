@@ -53,3 +53,12 @@ def test_autocast_dtype_of_each_precision():
     assert autocast_dtype("fp32", cpu) is None and autocast_dtype("bf16", cpu) is None
     assert autocast_dtype("amp", cuda) == torch.float16 and autocast_dtype("amp", cpu) == torch.bfloat16
     assert autocast_dtype("amp_bf16", cuda) == torch.bfloat16
+
+
+def test_two_faiss_builds_installed_side_by_side_are_named_in_the_log_line(monkeypatch):
+    import training.accel as accel
+
+    monkeypatch.setattr(accel, "faiss_distributions", lambda: ["faiss-cpu", "faiss-gpu-cu12"])
+    assert "WARNING: faiss-cpu and faiss-gpu-cu12 are all installed" in accel.faiss_summary()
+    monkeypatch.setattr(accel, "faiss_distributions", lambda: ["faiss-cpu"])
+    assert "WARNING" not in accel.faiss_summary()

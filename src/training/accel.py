@@ -61,7 +61,21 @@ def faiss_summary() -> str:
         return f"faiss: not importable ({error}); ProtoRKD clustering and cascade search need it"
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     build = "GPU build" if hasattr(faiss, "StandardGpuResources") else "CPU build"
-    return f"faiss {getattr(faiss, '__version__', '?')} ({build}) from {faiss.__file__}, sees {gpus} GPU(s)"
+    line = f"faiss {getattr(faiss, '__version__', '?')} ({build}) from {faiss.__file__}, sees {gpus} GPU(s)"
+    installed = faiss_distributions()
+    if len(installed) > 1:
+        line += (f"; WARNING: {' and '.join(installed)} are all installed and share this package: keep one "
+                 f"(scripts/setup_env.sh, CLIPCOMPRESS_FAISS=cpu|gpu)")
+    return line
+
+
+def faiss_distributions() -> list:
+    """The installed distributions that provide the `faiss` package (faiss-cpu, faiss-gpu, faiss-gpu-cu12...)."""
+    from importlib import metadata
+
+    names = {dist.metadata["Name"] for dist in metadata.distributions()
+             if (dist.metadata["Name"] or "").lower().startswith("faiss")}
+    return sorted(names)
 
 
 def log_accelerator_setup(args, device: torch.device) -> None:
