@@ -1,8 +1,8 @@
 """Process-group setup from torchrun's or SLURM's environment, and small collective helpers.
 
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR/PORT). Under `srun` without torchrun,
-SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID give the same; MASTER_ADDR/MASTER_PORT must then be
-exported by the batch script (see scripts/slurm_example.sh). gloo on CPU, nccl on GPU.
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR/PORT). A task that `srun` started (one per
+GPU, no torchrun) has SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID instead, and MASTER_ADDR /
+MASTER_PORT exported by the batch script (see scripts/slurm_example.sh). gloo on CPU, nccl on GPU.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launcher: str = "one process"  # or "torchrun", "srun": who described the process group
 
     @property
     def distributed(self) -> bool:
@@ -35,11 +36,20 @@ class DistInfo:
         return self.rank == 0
 
 
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        if name in os.environ:
-            return int(os.environ[name])
-    return default
+def launch_environment(environ=os.environ) -> tuple:
+    """(launcher, rank, world_size, local_rank) from the launcher's variables.
+
+    torchrun's RANK / WORLD_SIZE / LOCAL_RANK win, also under srun (one torchrun per node). Otherwise a task
+    that srun started carries SLURM_PROCID / SLURM_LOCALID and its step's task count SLURM_STEP_NUM_TASKS.
+    SLURM_NTASKS alone does not make a world: a batch script's own shell has it (the allocation's task count)
+    and SLURM_PROCID=0, so a plain `python -m training.main` there would wait for ranks that never come."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return ("torchrun", int(environ["RANK"]), int(environ["WORLD_SIZE"]),
+                int(environ.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in environ and "SLURM_STEP_NUM_TASKS" in environ:
+        return ("srun", int(environ["SLURM_PROCID"]), int(environ["SLURM_STEP_NUM_TASKS"]),
+                int(environ.get("SLURM_LOCALID", 0)))
+    return "one process", 0, 1, 0
 
 
 def _elastic_round_store(rank: int, world_size: int, timeout: timedelta):
@@ -61,22 +71,29 @@ def _elastic_round_store(rank: int, world_size: int, timeout: timedelta):
     return dist.PrefixStore(f"clipcompress/round{generation}", shared)
 
 
-def init_distributed(device_flag: str = "auto", backend: str | None = None, timeout_minutes: float = 30) -> DistInfo:
-    """Join the process group the launcher describes (a no-op for a single process)."""
-    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+def init_distributed(device_flag: str = "auto", backend: str | None = None, timeout_minutes: float = 30,
+                     set_device_rank: bool = True) -> DistInfo:
+    """Join the process group the launcher describes (a no-op for a single process).
+
+    `set_device_rank=False` (--no-set-device-rank) takes cuda:0 whatever the local rank: a launcher that binds
+    one GPU to each process (SLURM's --gpus-per-task=1) leaves each process seeing its own GPU as device 0."""
+    launcher, rank, world_size, local_rank = launch_environment()
 
     use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag.startswith("cuda")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank if set_device_rank else 0)
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
 
     if world_size > 1 and not dist.is_initialized():
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world_size))
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:  # torchrun always sets them; an srun task gets them from its batch script
+            raise UserError(f"{launcher} started rank {rank} of {world_size}, but {' and '.join(missing)} "
+                            f"is not set: export the first node's address and a free port before srun "
+                            f"(scripts/slurm_example.sh)")
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
         timeout = timedelta(minutes=timeout_minutes)
         backend = backend or ("nccl" if use_cuda else "gloo")
         round_store = _elastic_round_store(rank, world_size, timeout)
@@ -85,7 +102,7 @@ def init_distributed(device_flag: str = "auto", backend: str | None = None, time
                                     world_size=world_size, timeout=timeout)
         else:
             dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, launcher=launcher)
 
 
 def is_distributed() -> bool:
@@ -121,6 +138,53 @@ def broadcast_object(obj, src: int = 0):
         dist.broadcast_object_list(holder, src=src)
         return holder[0]
     return obj
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable `obj`, in rank order ([obj] when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
+FILE_CHUNK_BYTES = 64 << 20
+
+
+def broadcast_file(path, nbytes: int, receivers: list, chunk_bytes: int = FILE_CHUNK_BYTES):
+    """The `nbytes` bytes of rank 0's file `path`, sent to each rank in `receivers` (a collective of every rank).
+
+    Returns the bytes as a uint8 tensor on a receiver, None elsewhere. Sent in chunks over a group of rank 0 and
+    the receivers, so rank 0 holds one chunk beyond what it already has, and a receiver the file's size (once:
+    chunks land in place). Over nccl each chunk passes through the GPU, which nccl needs."""
+    rank = dist.get_rank()
+    members = sorted({0, *receivers})
+    group = dist.new_group(members)  # every rank takes part in making a group, member or not
+    if rank not in members:
+        return None
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    received = torch.empty(nbytes, dtype=torch.uint8) if rank != 0 else None
+    source = open(path, "rb") if rank == 0 else None
+    try:
+        staging = torch.empty(min(chunk_bytes, max(nbytes, 1)), dtype=torch.uint8)
+        for start in range(0, nbytes, chunk_bytes):
+            size = min(chunk_bytes, nbytes - start)
+            chunk = staging[:size] if rank == 0 else received[start:start + size]
+            if rank == 0 and source.readinto(memoryview(chunk.numpy())) != size:
+                raise UserError(f"{path} changed size while it was being sent to the other ranks")
+            if device is None:
+                dist.broadcast(chunk, src=0, group=group)
+            else:
+                on_device = chunk.to(device)
+                dist.broadcast(on_device, src=0, group=group)
+                if rank != 0:
+                    chunk.copy_(on_device)
+    finally:
+        if source is not None:
+            source.close()
+        dist.destroy_process_group(group)
+    return received
 
 
 def cleanup() -> None:
