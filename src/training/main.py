@@ -5,7 +5,9 @@ epochs → end. What a run computes lives in the job (training/jobs/); the step 
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
+import gc
 import json
 import logging
 import math
@@ -16,7 +18,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,45 +26,93 @@ from torch import nn
 
 from foundation import checkpoint as ckpt_io
 from foundation.errors import UserError
+from foundation.locks import RunLock
 from foundation.logs import quiet_open_clip
 from training.accel import log_accelerator_setup
 from training.data import get_data
-from training.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from training.distributed import DistInfo, barrier, broadcast_object, cleanup, compute_on_master, init_distributed
 from training.jobs import available_jobs
 from training.params import parse_args
-from training.train import RunContext, train_one_epoch
+from training.preemption import INTERRUPT_EXIT_CODE, STOP_EXIT_CODE, StopRequest, StopRequested
+from training.resume import check_same_position, load_resume_state
+from training.train import RunContext, stop_agreed, train_one_epoch
 
 
 def main(argv=None) -> None:
-    # `kill -USR1 <pid>` prints every thread's Python stack: the first thing to look at in a hung job
+    stop = None
     try:
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
-    except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (embedded, captured)
-        pass
-    try:
-        run(parse_args(argv))
+        args = parse_args(argv)
+        stop = StopRequest(args.stop_signal).install()
+        register_stack_dumps(args)
+        summary = run(args, stop)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         log_to_files_only(logging.ERROR, str(e))  # out.log keeps it too; the console has it once, above
         cleanup()
         sys.exit(2)
+    except StopRequested as e:  # during start-up: nothing trained since the last checkpoint
+        logging.warning("stopped by %s during start-up; nothing to save (run again with --resume latest)", e)
+        cleanup()
+        exit_soon(STOP_EXIT_CODE)
+    except KeyboardInterrupt:  # SIGINT on a stopping run: at once, no checkpoint (the last one is whole)
+        print("stopped at once by a second SIGINT, without writing a checkpoint", file=sys.stderr, flush=True)
+        exit_soon(INTERRUPT_EXIT_CODE)
+    finally:
+        if stop is not None:  # a caller in this process (a test) gets its own handlers back
+            stop.uninstall()
+    if summary["stopped_by"]:
+        exit_soon(STOP_EXIT_CODE)
 
 
-def run(args) -> Dict[str, Any]:
+def exit_soon(code: int) -> None:
+    """sys.exit for a run that stops on a signal, where the grace period counts. The interpreter's final
+    garbage collections go over every object torch, open_clip and the tokenizer made (~450k): 5-10 s on a
+    loaded 2-core machine. Nothing is left to collect that matters (files are closed, the checkpoint is
+    written), so the objects are frozen out of those collections."""
+    gc.freeze()
+    sys.exit(code)
+
+
+def register_stack_dumps(args) -> None:
+    """`kill -USR2 <pid>` (--stack-dump-signal) prints every thread's Python stack: the first thing to look at
+    in a hung job. Not USR1: that one stops the run (--stop-signal), as SLURM's --signal=USR1@120 means."""
+    if args.stack_dump_signal is None:
+        return
+    try:
+        faulthandler.register(getattr(signal, "SIG" + args.stack_dump_signal), all_threads=True)
+    except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (embedded, captured)
+        pass
+
+
+def run(args, stop: Optional[StopRequest] = None) -> Dict[str, Any]:
+    """The whole run; its summary's "stopped_by" names the signal it stopped on, None when it ran to its end."""
+    stop = stop or StopRequest()  # not installed: nothing sets it (a caller that handles signals itself)
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
+        with stop.abortable():  # start-up: a stop signal ends the process at once, nothing is trained yet
+            ctx, job = start_run(args, stop, held)
+        train_epochs(ctx, job)
+        return finish_run(ctx, job)
+
+
+def start_run(args, stop: StopRequest, held: contextlib.ExitStack):
     # 1. processes and the run folder -----------------------------------------------------------------
-    dist_info = init_distributed(args.device, args.dist_backend, args.dist_timeout_minutes)
+    dist_info = init_distributed(args.device, args.dist_backend, args.dist_timeout_minutes,
+                                 set_device_rank=not args.no_set_device_rank)
     args.name = broadcast_object(args.name or time.strftime("%Y_%m_%d-%H_%M_%S-") + args.model.replace("/", "-"))
-    log_dir = prepare_run_dir(args, dist_info)
+    log_dir, notes = prepare_run_dir(args, dist_info, held)
     setup_logging(log_dir, dist_info, args.log_level)
-    logging.info("run %s: job %s, %d process(es) on %s", args.name, args.job, dist_info.world_size, dist_info.device)
+    logging.info("run %s: job %s, %d process(es) on %s, launched by %s", args.name, args.job,
+                 dist_info.world_size, dist_info.device, dist_info.launcher)
+    for note in notes:
+        logging.info("%s", note)
     log_accelerator_setup(args, dist_info.device)  # TF32 on CUDA; the pure-bf16 warning; which faiss loaded
     if getattr(args, "job_from_flags", None):  # the ProtoRKD README's commands carry no --job
         logging.info("no --job given: running --job %s, the job of %s", args.job, args.job_from_flags)
 
     # 2. job and model (same init on every rank, then per-rank randomness) --------------------------
     seed_everything(args.seed)
-    resume_from = resolve_resume(args, log_dir)
-    checkpoint = ckpt_io.load_checkpoint(resume_from) if resume_from else None
+    resumed = load_resume_state(args, log_dir, dist_info)  # rank 0 chooses; every rank gets the same state
+    resume_from, checkpoint = resumed if resumed else (None, None)
     job = available_jobs()[args.job](args, dist_info)
     model = job.build_model(checkpoint["model_spec"] if checkpoint else None)
     if checkpoint:
@@ -84,7 +134,7 @@ def run(args) -> Dict[str, Any]:
     ctx = RunContext(args=args, dist=dist_info, model=model, unwrapped_model=model, optimizer=optimizer,
                      scaler=scaler, scheduler=run_schedule(optimizer, args, data, job), data=data,
                      tb_writer=make_tb_writer(args, log_dir, dist_info),
-                     results_file=open(log_dir / "results.jsonl", "a") if dist_info.is_master else None)
+                     results_file=open(log_dir / "results.jsonl", "a") if dist_info.is_master else None, stop=stop)
     ctx.save_checkpoint = lambda kind: save_run_checkpoint(ctx, job, log_dir, kind)
 
     # 5. resume: weights above; here optimizer, scaler, job state, position and RNG --------------------
@@ -92,33 +142,49 @@ def run(args) -> Dict[str, Any]:
         restore_run_state(ctx, job, checkpoint)
         logging.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)",
                      resume_from, ctx.epoch, ctx.step, ctx.step_in_epoch)
+        checkpoint = resumed = None  # restored: the run does not keep a second copy of its state
+    check_same_position(ctx)
     wrap_model(ctx, job)
     job.on_train_start(ctx)
     record_run(args, log_dir, dist_info)
+    return ctx, job
 
-    # 6. epochs ------------------------------------------------------------------------------------------
+
+def train_epochs(ctx: RunContext, job) -> None:
+    """6. epochs, until the last, --stop-after-steps, or a stop signal (after a step, or at an epoch's end)."""
+    args = ctx.args
     for epoch in range(ctx.epoch, args.epochs):
+        if ctx.stopped_by or stop_agreed(ctx):  # came during the last epoch's end (checkpoint, eval)
+            break
         ctx.epoch = epoch
         replacement = job.on_epoch_start(epoch, ctx)
         if replacement is not None:  # e.g. pruning surgery: a smaller model continues the run
             replace_model(ctx, job, replacement)
-        data.set_epoch(epoch, ctx.step_in_epoch)
+        ctx.data.set_epoch(epoch, ctx.step_in_epoch)
         train_one_epoch(ctx, job)
         if ctx.stopped_early:
-            logging.info("stopping at step %d (--stop-after-steps)", ctx.step)
-            ctx.save_checkpoint("latest")
             break
         ctx.step_in_epoch = 0
         job.on_epoch_end(epoch, ctx)
         ctx.epoch = epoch + 1
         ctx.save_checkpoint("epoch")
         evaluate_in_loop(ctx, job)
+    if ctx.stopped_by and ctx.epoch >= args.epochs and not ctx.stopped_early:
+        ctx.stopped_by = None  # the signal came after the last step: the run is complete, nothing to resume
+    if ctx.stopped_early or ctx.stopped_by:
+        ctx.save_checkpoint("latest")
+        why = ctx.stopped_by or "--stop-after-steps"
+        logging.info("stopped at epoch %d step %d (%s); epoch_latest.pt holds it%s", ctx.epoch, ctx.step, why,
+                     f"; exiting {STOP_EXIT_CODE} (run again with --resume latest)" if ctx.stopped_by else "")
 
+
+def finish_run(ctx: RunContext, job) -> Dict[str, Any]:
     # 7. end ---------------------------------------------------------------------------------------------
-    if not ctx.stopped_early:
+    args, dist_info = ctx.args, ctx.dist
+    if not ctx.stopped_early and not ctx.stopped_by:
         job.on_train_end(ctx)
     summary = {"name": args.name, "job": args.job, "epochs": ctx.epoch, "steps": ctx.step,
-               "samples_skipped": ctx.samples_skipped}
+               "samples_skipped": ctx.samples_skipped, "stopped_by": ctx.stopped_by}
     if dist_info.is_master:
         if ctx.tb_writer is not None:
             ctx.tb_writer.close()
@@ -132,20 +198,46 @@ def run(args) -> Dict[str, Any]:
 # --- run folder and logging --------------------------------------------------------------------------
 
 
-def prepare_run_dir(args, dist_info: DistInfo) -> Path:
+TRAINER_LOCK = "trainer.lock"
+
+
+def prepare_run_dir(args, dist_info: DistInfo, held: contextlib.ExitStack) -> Tuple[Path, List[str]]:
+    """The run folder, locked by rank 0 for the run's life (one trainer per run: a second one, --resume latest
+    or not, would fork the run and overwrite its checkpoints), and what to log about it once logging is up."""
     log_dir = Path(args.logs) / args.name
-    problem = None
+    problem, notes = None, []
     if dist_info.is_master:
-        if log_dir.exists() and args.resume is None and (log_dir / "params.txt").exists():
-            problem = (f"run folder {log_dir} already exists; pass --resume latest to continue it, "
-                       f"or choose another --name")
-        else:
-            (log_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        try:
+            notes = _claim_run_dir(args, log_dir, held)
+        except UserError as error:
+            problem = str(error)
     problem = broadcast_object(problem)
     if problem:
         raise UserError(problem)
     barrier()
-    return log_dir
+    return log_dir, notes
+
+
+def _claim_run_dir(args, log_dir: Path, held: contextlib.ExitStack) -> List[str]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(log_dir / TRAINER_LOCK, "trainer").acquire()
+    held.callback(lock.release)
+    if args.resume is None and (log_dir / "params.txt").exists():
+        raise UserError(f"run folder {log_dir} already exists; pass --resume latest to continue it, "
+                        f"or choose another --name")
+    notes = []
+    if lock.previous.get("pid"):
+        notes.append(f"took over {lock.path.name} from pid {lock.previous['pid']} on {lock.previous.get('host')} "
+                     f"(no longer running)")
+    checkpoints = log_dir / "checkpoints"
+    checkpoints.mkdir(exist_ok=True)
+    # left by a save that a kill interrupted, each up to a whole checkpoint; only the lock holder writes here
+    removed = ckpt_io.remove_stale_temp_files(checkpoints)
+    if removed:
+        notes.append(f"removed {len(removed)} temp file(s) of interrupted checkpoint writes "
+                     f"({sum(size for _, size in removed) / 2**20:.1f} MB): "
+                     + ", ".join(path.name for path, _ in removed))
+    return notes
 
 
 def record_run(args, log_dir: Path, dist_info: DistInfo) -> None:
@@ -236,7 +328,7 @@ def wrap_model(ctx: RunContext, job) -> None:
     """DDP (and torch.compile) around the plain model; the plain one stays in ctx.unwrapped_model."""
     model = ctx.unwrapped_model
     if ctx.dist.distributed and any(p.requires_grad for p in model.parameters()):
-        device_ids = [ctx.dist.local_rank] if ctx.dist.device.type == "cuda" else None
+        device_ids = [ctx.dist.device.index] if ctx.dist.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=device_ids, find_unused_parameters=job.ddp_find_unused_parameters())
     if ctx.args.torchcompile:
@@ -311,19 +403,6 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, args, total_steps: int, ph
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
-
-
-def resolve_resume(args, log_dir: Path) -> Optional[Path]:
-    if args.resume is None:
-        return None
-    if args.resume == "latest":
-        found = ckpt_io.find_resume_checkpoint(log_dir / "checkpoints")
-        if found is None:
-            logging.info("--resume latest: no checkpoint yet in %s, starting fresh", log_dir / "checkpoints")
-        return found
-    if not os.path.exists(args.resume):
-        raise UserError(f"--resume {args.resume}: no such file")
-    return Path(args.resume)
 
 
 def gather_rng_states() -> list:
@@ -410,22 +489,37 @@ def restore_run_state(ctx: RunContext, job, checkpoint: Dict[str, Any]) -> None:
 
 
 def evaluate_in_loop(ctx: RunContext, job) -> None:
-    """Zero-shot / linear / retrieval every N epochs through eval/ (rank 0; the others wait)."""
+    """Zero-shot / linear / retrieval every N epochs through eval/, on rank 0.
+
+    The other ranks wait outside any collective (`compute_on_master` polls the process group's store), so an
+    eval longer than --dist-timeout-minutes cannot fail the job. A stop signal abandons the eval: the epoch's
+    checkpoint is already written, and the monitor can score it."""
     args = ctx.args
     wanted = [name for name, freq in (("zeroshot", args.zeroshot_frequency), ("linear_probe", args.linear_frequency),
                                       ("retrieval", args.retrieval_frequency)) if freq and ctx.epoch % freq == 0]
-    if not wanted:
+    if not wanted or ctx.stopped_by:
         return
-    if ctx.dist.is_master:  # --eval-data-dir is there: parse_args checks it before anything runs
+
+    def score() -> Optional[Dict[str, float]]:  # rank 0; --eval-data-dir is there: parse_args checks it
         from training.evaluation import evaluate_model
 
-        metrics = evaluate_model(ctx.unwrapped_model, args.eval_data_dir, wanted, ctx.dist.device,
-                                 batch_size=args.batch_size, workers=args.workers, topk=args.topk,
-                                 precision=args.precision)
+        logging.info("in-loop eval at epoch %d (%s); the other ranks wait", ctx.epoch, ", ".join(wanted))
+        try:
+            with ctx.stop.abortable():
+                metrics = evaluate_model(ctx.unwrapped_model, args.eval_data_dir, wanted, ctx.dist.device,
+                                         batch_size=args.batch_size, workers=args.workers, topk=args.topk,
+                                         precision=args.precision)
+        except StopRequested as signal_name:
+            logging.warning("in-loop eval at epoch %d abandoned on %s; the monitor can score epoch_%d.pt",
+                            ctx.epoch, signal_name, ctx.epoch)
+            return None
+        finally:
+            ctx.unwrapped_model.train()
         ctx.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
         logging.info("eval at epoch %d: %s", ctx.epoch, json.dumps(metrics))
-        ctx.unwrapped_model.train()
-    barrier()
+        return metrics
+
+    compute_on_master(score, f"in-loop eval at epoch {ctx.epoch}")
 
 
 if __name__ == "__main__":

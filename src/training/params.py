@@ -7,6 +7,7 @@ from typing import List, Optional
 
 from foundation.errors import UserError
 from training.jobs import available_jobs, mark_job_flag
+from training.preemption import ALWAYS_STOP, signal_flag
 from training.reporting import parse_report_to
 
 
@@ -19,6 +20,19 @@ def _frequency_flags(group) -> None:
                        help="eval root (ProtoCLIP layout: coco2017/, <name>/{train,test}/, flickr30k/, cifar10/…)")
     group.add_argument("--topk", type=int, nargs="+", default=[1, 5], metavar="K",
                        help="k of the zero-shot and linear-probe accuracies acc{k} / lp_acc{k} (e.g. 1 3 5 10 20)")
+
+
+def _cluster_flags(group) -> None:
+    group.add_argument("--stop-signal", type=signal_flag, default="USR1", metavar="SIGNAL",
+                       help="besides SIGTERM and SIGINT, this signal makes every rank finish its step, write "
+                            "epoch_latest.pt and exit 75 (resume with --resume latest); USR1 matches SLURM's "
+                            "--signal=USR1@120. 'none': only SIGTERM and SIGINT")
+    group.add_argument("--stack-dump-signal", type=signal_flag, default="USR2", metavar="SIGNAL",
+                       help="`kill -SIGNAL <pid>` prints every thread's Python stack of a trainer process (where a "
+                            "hung job waits); 'none': off")
+    group.add_argument("--no-set-device-rank", action="store_true",
+                       help="use cuda:0, not cuda:LOCAL_RANK: for a launcher that gives each process one GPU of "
+                            "its own (SLURM's --gpus-per-task=1), so every process sees its GPU as device 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-after-steps", type=int, default=0,
                      help="end the run after this global step, as if interrupted (tests, soak runs)")
 
+    _cluster_flags(parser.add_argument_group("cluster: stop signals, devices (docs/cluster.md)"))
+
     evaluation = parser.add_argument_group("in-loop evaluation")
     _frequency_flags(evaluation)
 
@@ -178,6 +194,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("--batch-size and --accum-freq must be at least 1")
     check_ranges(args)
     check_run_name(args.name)
+    if args.stack_dump_signal is not None and args.stack_dump_signal in (*ALWAYS_STOP, args.stop_signal):
+        raise UserError(f"--stack-dump-signal {args.stack_dump_signal} is a stop signal; choose another")
     if (args.zeroshot_frequency or args.linear_frequency or args.retrieval_frequency) and not args.eval_data_dir:
         # here, not at the first eval, which comes after a whole epoch of training
         raise UserError("--zeroshot/--linear/--retrieval-frequency need --eval-data-dir")

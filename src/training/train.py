@@ -39,7 +39,9 @@ class RunContext:
     samples_seen: int = 0
     samples_skipped: int = 0
     save_checkpoint: Callable[[str], None] = None
-    stopped_early: bool = False  # the loop reached --stop-after-steps: the run ends as if interrupted
+    stopped_early: bool = False  # the run ends mid-epoch, as if interrupted: --stop-after-steps, or a stop signal
+    stop: Any = None  # training.preemption.StopRequest: the stop signals this process received
+    stopped_by: Optional[str] = None  # the signal every rank agreed to stop on (e.g. "SIGTERM")
 
     def log_scalars(self, scalars: Dict[str, float], step: Optional[int] = None) -> None:
         """Tensorboard + results.jsonl, rank 0 only."""
@@ -83,6 +85,27 @@ def _check_bad_fraction(ctx: RunContext) -> None:
             f"({100 * ctx.samples_skipped / seen:.1f}% > --max-bad-fraction {ctx.args.max_bad_fraction}); "
             f"see out.log for which files"
         )
+
+
+def _stop_flag(ctx: RunContext, device: torch.device) -> torch.Tensor:
+    return torch.tensor(1.0 if ctx.stop is not None and ctx.stop.requested else 0.0, device=device)
+
+
+def stop_agreed(ctx: RunContext) -> bool:
+    """Collective: whether a stop signal reached any rank; if so ctx.stopped_by names it (on every rank)."""
+    flag = _stop_flag(ctx, ctx.dist.device)
+    if ctx.dist.distributed:
+        flag = all_reduce_sum(flag)
+    if flag.item() > 0:
+        _agree_to_stop(ctx)
+    return ctx.stopped_by is not None
+
+
+def _agree_to_stop(ctx: RunContext) -> None:
+    own = ctx.stop.requested if ctx.stop is not None else None
+    ctx.stopped_by = own or "a stop signal to another rank"
+    logging.warning("rank %d: stopping after step %d (%s%s)", ctx.dist.rank, ctx.step, ctx.stopped_by,
+                    f", {ctx.stop.seconds_since():.1f} s after it came" if own else "")
 
 
 def train_one_epoch(ctx: RunContext, job) -> None:
@@ -129,11 +152,13 @@ def train_one_epoch(ctx: RunContext, job) -> None:
         if not last_micro:
             continue
 
-        # one host sync per optimizer step: a NaN on any rank stops (or skips) on every rank together
-        finite = torch.isfinite(total.detach()).float()
+        # one host sync per optimizer step: a NaN on any rank stops (or skips) on every rank together, and a
+        # stop signal on any rank stops every rank after this same step
+        flags = torch.stack([torch.isfinite(total.detach()).float(), _stop_flag(ctx, total.device)])
         if dist_info.distributed:
-            finite = all_reduce_sum(finite) / dist_info.world_size
-        if finite.item() < 1:
+            flags = all_reduce_sum(flags)
+        finite_ranks, stopping_ranks = flags.tolist()
+        if finite_ranks < dist_info.world_size:
             if not args.skip_nonfinite_loss:
                 raise NonFiniteLossError(
                     f"loss is {total.item()} at step {ctx.step + 1} (epoch {ctx.epoch}); stopping before any "
@@ -184,6 +209,12 @@ def train_one_epoch(ctx: RunContext, job) -> None:
             data_time = batch_time = 0.0
             window_samples, window_start = 0, time.perf_counter()
 
+        if stopping_ranks > 0:
+            _agree_to_stop(ctx)
+            # mid-epoch the run ends here (training.main writes epoch_latest.pt); after the epoch's last step
+            # the epoch ends as usual first, its checkpoint included
+            ctx.stopped_early = ctx.step_in_epoch < steps_per_epoch * args.accum_freq
+            break
         if args.save_every_n_steps and ctx.step % args.save_every_n_steps == 0 and ctx.step_in_epoch < num_batches:
             ctx.save_checkpoint("latest")
         if args.stop_after_steps and ctx.step >= args.stop_after_steps:

@@ -1,0 +1,123 @@
+"""Stopping on a signal: every rank finishes its step, `epoch_latest.pt` is written, the trainer exits 75.
+
+SLURM (preemption, time limit, `--signal`), torchrun's agent (which forwards SIGTERM/SIGINT to its workers)
+and Ctrl-C all end a run with a signal. The trainer's handler only records it; the step loop all-reduces the
+record together with its non-finite check (one host sync per step, as before), so a signal that reaches one
+rank, or every rank at slightly different moments, stops all of them after the same step. Then they write
+epoch_latest.pt together and exit with STOP_EXIT_CODE.
+
+Where stopping after a step would wait on work that need not finish, the handler raises StopRequested instead
+(`stop.abortable()`): during start-up, before the first step (nothing trained yet, so nothing is lost), and
+during rank 0's in-loop evaluation (the epoch checkpoint it scores is already written; the monitor can score
+it later). A second SIGINT means "now": KeyboardInterrupt, exit 130, no checkpoint (the last one on disk is
+whole: writes are atomic). A repeated SIGTERM does not: torchrun's agent and SLURM may both deliver one.
+
+Forked data-loader workers inherit the handler; in them the first stop signal does nothing, so they end with
+their rank rather than dying under it, which the loader would report as a crash.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import time
+from typing import Iterable, Optional
+
+# sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": run it again with --resume latest
+STOP_EXIT_CODE = 75
+# a second SIGINT: stopped at once, like an uncaught Ctrl-C in a shell (128 + SIGINT)
+INTERRUPT_EXIT_CODE = 130
+
+# the trainer always stops on these; --stop-signal adds one
+ALWAYS_STOP = ("TERM", "INT")
+_UNCATCHABLE = ("KILL", "STOP")
+
+
+class StopRequested(BaseException):
+    """Raised by the handler inside `StopRequest.abortable()`. A BaseException, like KeyboardInterrupt, so
+    no `except Exception` on the way up swallows it."""
+
+
+def signal_flag(value: str) -> Optional[str]:
+    """argparse type of a signal flag: 'USR1', 'SIGUSR1' or 'usr1' -> 'USR1'; 'none' -> None."""
+    name = value.strip().upper()
+    if name in ("NONE", ""):
+        return None
+    name = name[3:] if name.startswith("SIG") else name
+    if not isinstance(getattr(signal, "SIG" + name, None), signal.Signals) or name in _UNCATCHABLE:
+        raise argparse.ArgumentTypeError(f"{value!r} is no signal a process can catch (e.g. USR1, HUP; or none)")
+    return name
+
+
+class StopRequest:
+    """The trainer's stop signals: `install()` at start, then `requested` (the first signal's name or None)."""
+
+    def __init__(self, extra_signal: Optional[str] = None):
+        names = list(ALWAYS_STOP) + ([extra_signal] if extra_signal and extra_signal not in ALWAYS_STOP else [])
+        self.signals = [getattr(signal, "SIG" + name) for name in names]
+        self.requested: Optional[str] = None  # e.g. "SIGTERM"
+        self.requested_at: Optional[float] = None  # time.monotonic() of that signal
+        self._owner = os.getpid()
+        self._abortable = 0
+        self._previous = {}
+        self._seen_in_child = set()
+
+    def install(self) -> "StopRequest":
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._owner:
+            self._in_forked_child(signum)
+            return
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # Ctrl-C on a stopping run: now
+            return
+        self.requested, self.requested_at = name, time.monotonic()
+        # os.write, not logging: a handler may interrupt the main thread inside a logging call
+        what = ("stopping now" if self._abortable else
+                "finishing this step, then writing epoch_latest.pt (SIGINT again: stop now, without it)")
+        os.write(2, f"{name} received: {what}\n".encode())
+        if self._abortable:
+            raise StopRequested(name)
+
+    def _in_forked_child(self, signum: int) -> None:
+        """A forked loader worker: the first stop signal is its rank's business (Ctrl-C and SLURM signal every
+        process), so it goes on serving batches until the rank shuts it down. A second one (the loader's own
+        terminate() of a worker that does not end) acts as it would without this handler."""
+        if signum in self._seen_in_child:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+        self._seen_in_child.add(signum)
+
+    @contextlib.contextmanager
+    def abortable(self):
+        """Inside, a stop signal raises StopRequested at once (also one that came just before)."""
+        if self.requested is not None:
+            raise StopRequested(self.requested)
+        self._abortable += 1
+        try:
+            yield
+        finally:
+            self._abortable -= 1
+
+    def seconds_since(self) -> float:
+        return time.monotonic() - self.requested_at if self.requested_at is not None else 0.0
+
+
+def stack_dump_signal(name: Optional[str], stop_signals: Iterable[str]) -> Optional[int]:
+    """The signal number for faulthandler's stack dumps, refusing one that stops the run."""
+    if name is None:
+        return None
+    if name in stop_signals:
+        raise ValueError(f"--stack-dump-signal {name} is also a stop signal")
+    return getattr(signal, "SIG" + name)
