@@ -42,10 +42,12 @@ import torch
 
 from foundation import checkpoint as checkpoint_io
 from foundation.errors import UserError
+from foundation.locks import RunLock
 
 log = logging.getLogger("evaluate_checkpoints")
 
 CSV_NAME = "evaluation_metrics_all.csv"
+MONITOR_LOCK = "monitor.lock"
 LEADING_COLUMNS = ["checkpoint", "epoch", "step"]
 # A file whose size and mtime have not moved for this long is taken as complete (open_clip_train's epoch_N.pt
 # is written in place, not atomically).
@@ -456,6 +458,7 @@ def resolve_eval_data_dir(args: argparse.Namespace, experiment: Experiment) -> s
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    lock = None
     try:
         if not argv:
             argv = ask_interactively()
@@ -475,6 +478,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if unknown:
                 raise UserError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
         experiment = open_experiment(args.logs_dir)
+        # one monitor per run: two would score every checkpoint twice into one CSV. A lock file of its own,
+        # so the run's trainer (which holds trainer.lock) and its monitor run side by side
+        lock = RunLock(experiment.root / MONITOR_LOCK, "monitor").acquire()
         monitor = Monitor(experiment, args, resolve_eval_data_dir(args, experiment))
 
         if args.once:
@@ -494,6 +500,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return 130
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":
