@@ -173,6 +173,14 @@ def fit_backbone_weights(state: Dict[str, torch.Tensor], own: Dict[str, torch.Te
         key = mismatched[0]
         raise ValueError(f"{what} does not fit: {len(mismatched)} tensors have other shapes (e.g. {key}: file "
                          f"{tuple(found[key].shape)}, model {tuple(own[key].shape)}); is it another width or depth?")
+    # tensors under the prefix inside the backbone's own modules that it does not have: a deeper network of the
+    # same family (resnet34's layer1.2 for a resnet18), which would otherwise load as a silently truncated copy
+    own_modules = {key.split(".", 1)[0] for key in own}
+    extra = [key[len(prefix):] for key in state if key.startswith(prefix) and key[len(prefix):] not in own
+             and key[len(prefix):].split(".", 1)[0] in own_modules]
+    if extra:
+        raise ValueError(f"{what} does not fit: the file has {len(extra)} tensors in the backbone's modules that it "
+                         f"lacks (e.g. {', '.join(extra[:3])}); is it a deeper or wider architecture?")
     head: Dict[str, torch.Tensor] = {}
     head_name = None
     ignored: Dict[str, int] = {}
