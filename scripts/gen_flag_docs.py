@@ -53,6 +53,8 @@ ENTRY_POINTS: List[EntryPoint] = [
                "int8 quantisation of the Linears of any model kind (the last step of a chain)."),
     EntryPoint("compress.export", "python -m compress.export", "compress.export",
                "ONNX export of any model kind: image and text graphs plus their preprocessing."),
+    EntryPoint("compress.sweep", "python -m compress.sweep", "compress.sweep",
+               "A post-training tool over a grid, each result scored by the monitor: one table and plots."),
     EntryPoint("compress.cascade", "python -m compress.cascade", "compress.cascade",
                "Cascaded image-search experiments configured in TOML."),
     EntryPoint("evaluate_checkpoints", "python src/utils/evaluate_checkpoints.py", "utils.evaluate_checkpoints",
