@@ -676,11 +676,12 @@ class EpochShards(EpochSeeded, torch.utils.data.IterableDataset):
     with a seed of (--seed, epoch, pass), the same on every rank, then dealt out rank by rank and worker by
     worker, so each pass reads every shard once. A worker goes round its shards (a new order each pass) for
     as long as `EpochQuota` downstream takes batches: every worker yields its whole share of the epoch, and
-    no rank runs dry before another."""
+    no rank runs dry before another. Samples are shuffled (`shuffle`) within a pass, whose end empties the
+    buffer: a pass delivers each of its samples once before the next pass begins."""
 
-    def __init__(self, urls: List[str], seed: int, rank: int, world_size: int):
+    def __init__(self, urls: List[str], seed: int, rank: int, world_size: int, shuffle: "SeededShuffle"):
         super().__init__(seed, rank, "shard-order")
-        self.urls, self.world_size = list(urls), world_size
+        self.urls, self.world_size, self.shuffle = list(urls), world_size, shuffle
 
     def shards(self, epoch: int, pass_index: int) -> List[str]:
         order = list(self.urls)
@@ -694,7 +695,9 @@ class EpochShards(EpochSeeded, torch.utils.data.IterableDataset):
         epoch = self.epoch
         for pass_index in itertools.count():
             mine, produced = self.shards(epoch, pass_index), 0
-            for sample in expand(iter([{"url": url} for url in mine])):
+            rng = None if pass_index == 0 else random.Random(
+                stream_seed(self.seed, f"{self.shuffle.stream}/{pass_index}", epoch, self.rank, self.position.worker()))
+            for sample in self.shuffle(expand(iter([{"url": url} for url in mine])), rng):
                 produced += 1
                 yield sample
             if not produced:  # going round again would wait forever
@@ -758,8 +761,8 @@ class SeededShuffle(EpochSeeded):
         super().__init__(seed, rank, "sample-shuffle")
         self.bufsize, self.initial = bufsize, initial
 
-    def __call__(self, samples):
-        rng, buf, source = self.rng(), [], iter(samples)
+    def __call__(self, samples, rng: Optional[random.Random] = None):
+        rng, buf, source = rng or self.rng(), [], iter(samples)
 
         def pick():
             k = rng.randrange(len(buf))
@@ -808,16 +811,15 @@ def _webdataset_data(args, transform, tokenizer, rank, world_size) -> DataInfo:
     quota = EpochQuota(num_batches, args.seed, rank)
     if args.dataset_resampled:
         shards = SeededResampledShards(urls, args.seed, rank)
-        pipeline = [shards, wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+        pipeline = [shards, wds.tarfile_to_samples(handler=wds.warn_and_continue), shuffle]
     else:
-        shards = EpochShards(urls, args.seed, rank, world_size)
+        shards = EpochShards(urls, args.seed, rank, world_size, shuffle)  # shuffles each pass itself
         pipeline = [shards]
     seeded: List[EpochSeeded] = [shards, shuffle, quota]
     position = LoaderPosition(workers)
     for stage in seeded:  # one position for the whole pipeline, shared with the workers
         stage.position = position
     pipeline += [
-        shuffle,
         wds.map(lambda s: decode_shard_sample(s, transform, args.allow_empty_captions, max_pixels)),
         drop_bad_samples,
         wds.batched(args.batch_size, collation_fn=BatchCollator(tokenizer), partial=False),
