@@ -46,7 +46,8 @@ def test_lowrank_sweep_over_ratio_and_layers(source, tiny_corpus, tmp_path, caps
     assert params["lowrank_ratio-0.5_layers-2"] > params["lowrank_ratio-0.25_layers-2"]
     assert all(r["zeroshot/shapes/acc1"] for r in rows)
     # the tool's own flag went through: text blocks were factorised too
-    spec = torch.load(out / "lowrank_ratio-0.5_layers-1" / "checkpoints" / "epoch_0.pt", weights_only=True)["model_spec"]
+    written = out / "lowrank_ratio-0.5_layers-1" / "checkpoints" / "epoch_0.pt"
+    spec = torch.load(written, weights_only=True)["model_spec"]
     assert sorted(spec["blocks"]) == ["transformer.resblocks.0", "visual.transformer.resblocks.0"]
     for name in ("zeroshot_shapes_acc1_vs_ratio.png", "zeroshot_shapes_acc1_vs_layers.png",
                  "latency_image_ms_vs_ratio.png"):
