@@ -3,6 +3,7 @@
     <root>/coco2017/val2017/*.jpg + annotations/captions_val2017.json     retrieval (COCO captions format)
     <root>/flickr30k/flickr30k_images/ + results.csv                       retrieval (all images), or the
         Karpathy test split when dataset_flickr30k.json / *karpathy*.json sits beside it
+        (casCLIP's folder name <root>/flickr30/ is read the same way, as the dataset `flickr30k`)
     <root>/imagenet/val/<wnid>/ or imagenet/test/<wnid>/ (+ train/)       classification (test/: ProtoCLIP's tree)
     <root>/ucf101/testlist01/<class>/ (testlist02, 03 noted, not scored)   classification (CLOOB's frames)
     <root>/cifar10, cifar100, stl10                                        torchvision folders (download=False)
@@ -103,12 +104,13 @@ def discover_datasets(root: str | Path) -> Tuple[Dict[str, FoundDataset], List[s
     elif coco.exists():
         notes.append(f"coco2017: {coco} needs val2017/ and annotations/captions_val2017.json; skipped")
 
-    flickr = root / "flickr30k"
-    if flickr.is_dir():
-        if _flickr_image_dir(flickr).is_dir() and (_karpathy_file(flickr) or (flickr / "results.csv").is_file()):
-            found["flickr30k"] = FoundDataset("flickr30k", "retrieval", lambda _t: load_flickr30k(flickr))
-        else:
-            notes.append(f"flickr30k: {flickr} needs flickr30k_images/ and results.csv (or a Karpathy JSON); skipped")
+    flickr = find_flickr_root(root, nested_only=True)
+    if flickr is not None:
+        found["flickr30k"] = FoundDataset("flickr30k", "retrieval", lambda _t: load_flickr30k(flickr))
+    for name in FLICKR_FOLDERS:
+        if (root / name).is_dir() and flickr is None:
+            notes.append(f"flickr30k: {root / name} needs flickr30k_images/ and results.csv (or a Karpathy JSON); "
+                         "skipped")
 
     for name, inner in TORCHVISION_FOLDERS.items():
         folder = _torchvision_folder(root, name)
@@ -138,7 +140,7 @@ def discover_datasets(root: str | Path) -> Tuple[Dict[str, FoundDataset], List[s
         notes.append(f"ucf101: {ucf} has no {UCF101_SPLITS[0]}/; skipped")
 
     # Any other folder with test/<class>/ is an ImageFolder classification set (e.g. the generated `shapes`).
-    reserved = {"coco2017", "flickr30k", "imagenet", "ucf101", *TORCHVISION_FOLDERS}
+    reserved = {"coco2017", *FLICKR_FOLDERS, "imagenet", "ucf101", *TORCHVISION_FOLDERS}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in reserved):
         test = folder / "test"
         if test.is_dir() and any(p.is_dir() for p in test.iterdir()):
@@ -154,7 +156,6 @@ def discover_datasets(root: str | Path) -> Tuple[Dict[str, FoundDataset], List[s
 def _torchvision_folder_inside(folder: Path) -> bool:
     """Whether `folder` is the inner folder of a torchvision set sitting directly under the root."""
     return folder.name in TORCHVISION_FOLDERS.values()
-
 
 
 # --- classification sets -------------------------------------------------------------------------------
@@ -219,7 +220,6 @@ def _classnames(folder: Path, name: str, folder_names: List[str]) -> List[str]:
     return [folder_name.replace("_", " ") for folder_name in folder_names]
 
 
-
 def _templates(folder: Path, name: str) -> List[str]:
     listed = folder / "templates.txt"
     if listed.is_file():
@@ -276,6 +276,24 @@ def load_coco_captions(coco_root: Path, split: str = "val2017") -> RetrievalSet:
                     key=lambda image: image["id"])
     return _retrieval_set("coco2017", [(coco_root / split / image["file_name"], captions_by_image[image["id"]])
                                        for image in images])
+
+
+# Folder names of Flickr30k under an eval root: ours (ProtoCLIP's) and casCLIP's (`datasets/flickr30`).
+FLICKR_FOLDERS = ("flickr30k", "flickr30")
+
+
+def _is_flickr_folder(folder: Path) -> bool:
+    return _flickr_image_dir(folder).is_dir() and (_karpathy_file(folder) is not None
+                                                   or (folder / "results.csv").is_file())
+
+
+def find_flickr_root(path: str | Path, nested_only: bool = False) -> Optional[Path]:
+    """The Flickr30k folder of an eval data root (`flickr30k/` or casCLIP's `flickr30/`), or `path` itself when
+    it is that folder (unless `nested_only`): the first with flickr30k_images/ and results.csv or a Karpathy
+    JSON; None when there is none."""
+    path = Path(path)
+    candidates = ([] if nested_only else [path]) + [path / name for name in FLICKR_FOLDERS]
+    return next((candidate for candidate in candidates if candidate.is_dir() and _is_flickr_folder(candidate)), None)
 
 
 def load_flickr30k(flickr_root: Path) -> RetrievalSet:
