@@ -29,6 +29,7 @@ from compress.models.students import (
 from compress.ops.distill_losses import LOSSES, DistillFeatures
 from foundation.errors import UserError
 from training.jobs import Job, add_argument_once
+from training.jobs.batchnorm import BatchNormRecalibration, add_recalibration_flag
 from training.models import create_clip
 
 
@@ -81,6 +82,7 @@ class DistillJob(Job):
         for loss_name, entry in LOSSES.items():
             group.add_argument(f"--{loss_name}-weight", type=float, default=entry.default_weight,
                                help=f"weight of the {loss_name} loss")
+        add_recalibration_flag(group)
 
     # --- models -------------------------------------------------------------------------------------
 
@@ -113,6 +115,7 @@ class DistillJob(Job):
         model.text.requires_grad_(self.student_has_text and self.needs_text)
         if args.student_text is not None and not self.needs_text:
             raise UserError("--student-text trains a text tower, which needs a caption loss (icl, crd or affinity)")
+        self.batchnorm = BatchNormRecalibration(args, self.device)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logging.info("distill: teacher %s, student %s (%d trainable parameters), losses %s",
                      args.teacher_model, args.student, trainable, ",".join(self.loss_names))
@@ -146,10 +149,21 @@ class DistillJob(Job):
                 model.logit_scale.copy_(teacher.logit_scale.detach().reshape(()))
         return model
 
+    # --- run ----------------------------------------------------------------------------------------
+
+    def on_train_start(self, ctx) -> None:
+        self.batchnorm.on_train_start(ctx, ctx.unwrapped_model)
+
+    def on_epoch_end(self, epoch: int, ctx) -> None:
+        # the epoch checkpoint follows: a BatchNorm student must work in eval mode, where scoring uses it
+        model = ctx.unwrapped_model
+        self.batchnorm.before_save(ctx, model, model.encode_image)
+
     # --- step ---------------------------------------------------------------------------------------
 
     def loss(self, model, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         images = batch["image"]
+        self.batchnorm.observe(images)
         with torch.no_grad():
             teacher_image = self.teacher.encode_image(images, normalize=True)
             teacher_scale = self.teacher.logit_scale.exp()

@@ -39,6 +39,7 @@ from training import proto
 from training.accel import autocast
 from training.distributed import compute_on_master, is_distributed
 from training.jobs import Job, add_argument_once
+from training.jobs.batchnorm import BatchNormRecalibration, add_recalibration_flag
 
 DISTILLERS = ("mse", "rkd", "infonce", "proto")
 
@@ -114,6 +115,7 @@ class ProtoRKDJob(Job):
         group.add_argument("--lit-start-epoch", type=int, default=-1,
                            help="from this episode on, freeze the backbone and train the head "
                                 "with InfoNCE only (-1: never)")
+        add_recalibration_flag(group)
 
     def __init__(self, args, dist_info):
         super().__init__(args, dist_info)
@@ -219,6 +221,7 @@ class ProtoRKDJob(Job):
         model.logit_scale_proto.requires_grad_(self.uses_proto)
         self.teacher = teacher
         self.clip_loss = self.make_clip_loss()
+        self.batchnorm = BatchNormRecalibration(args, self.device)
         return model
 
     def load_pretrained_backbone(self, model) -> None:
@@ -260,6 +263,7 @@ class ProtoRKDJob(Job):
         num_rows = len(dataset)  # the trainer already cut the table to --dataset-size rows
         self.dataset_size = num_rows
         self.episode_size = args.episode_size or self.dataset_size
+        self.batchnorm.on_train_start(ctx, ctx.unwrapped_model)
 
         cache_dir = args.teacher_cache_dir or Path(args.logs) / args.name / "cache"
         key = cache_key(self.teacher.spec, args.train_data, num_rows)
@@ -418,6 +422,11 @@ class ProtoRKDJob(Job):
                 return None
             features = torch.cat(gathered)
         return features[:len(self.mapping)].cpu()
+
+    def on_epoch_end(self, epoch: int, ctx) -> None:
+        # the episode checkpoint follows: a BatchNorm image student must work in eval mode, where it is scored
+        model = ctx.unwrapped_model
+        self.batchnorm.before_save(ctx, model, model.encode_image)
 
     # --- step -----------------------------------------------------------------------------------------
 
