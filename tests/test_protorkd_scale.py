@@ -120,7 +120,8 @@ def test_seed_torchrun_line_through_the_launcher_two_processes(tiny_corpus, tmp_
     run = tmp_path / "logs" / "tea[MiniLM]_stu[vit]_[MSE](tiny)"
     out_log = (run / "out.log").read_text()
     assert "job protorkd, 2 process(es)" in out_log
-    assert "no --job given: running --job protorkd, the job of --add-projection-head" in out_log
+    assert ("no --job given: running --job protorkd, the job of --pretrained-text, --add-projection-head, "
+            "--projection-dim, --projection-n-layers") in out_log
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"epoch_1.pt", "epoch_latest.pt"}
     assert (run / "code" / "src" / "training" / "launch.py").is_file()
 
