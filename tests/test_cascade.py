@@ -11,9 +11,18 @@ from compress.ops.cascade import Cascade
 from eval.metrics import ranks_in_ranking, recall_at_ks
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads cost more than they bring."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A random-init clipc-vit-t2-32 ('large') and a mobilenet student on its text tower ('small'),
+    """A random-init clipc-vit-t2-32 ('large') and a 1-layer ViT student on its text tower ('small'),
     both saved as our checkpoints."""
     import open_clip
 
@@ -26,7 +35,7 @@ def models(tmp_path_factory):
     torch.manual_seed(0)
     large = open_clip.create_model("clipc-vit-t2-32").eval()
     large.model_spec = open_clip_spec("clipc-vit-t2-32")
-    small = compress.build_model(student_clip_spec(student_image_spec("mobilenet_v3_small", "clipc-vit-t2-32"),
+    small = compress.build_model(student_clip_spec(student_image_spec("teacher", "clipc-vit-t2-32", layers=1),
                                                    "clipc-vit-t2-32")).eval()
     copy_teacher_text_tower(small, large)
     folder = tmp_path_factory.mktemp("levels")
@@ -40,12 +49,14 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gallery(tiny_corpus, models):
     """Preprocessed gallery images and caption-query features of the tiny COCO-layout set."""
-    from compress.cascade import load_gallery, load_images
+    from compress.cascade import read_gallery
     from compress.models.registry import get_preprocess, get_tokenizer
+    from foundation.images import open_rgb
 
-    data = load_gallery(str(tiny_corpus / "eval"))
+    data = read_gallery(tiny_corpus / "eval")
     spec = models["large"].model_spec
-    images = load_images(data.image_paths, get_preprocess(spec))
+    preprocess = get_preprocess(spec)
+    images = torch.stack([preprocess(open_rgb(path)) for path in data.paths])
     with torch.no_grad():
         queries = F.normalize(models["large"].encode_text(get_tokenizer(spec)(data.captions)), dim=-1)
     return images, queries, torch.tensor(data.text_to_image)
