@@ -110,7 +110,7 @@ def _job_and_context(corpus: str, world_size: int, rank: int, clustering_frequen
 
     args = types.SimpleNamespace(distiller="proto", w_proto_external=1.0, PBT=True, k=4, kmeans_max_iter=10,
                                  kmeans_nredo=1, kmeans_max_points_per_centroid=256, seed=0, batch_size=8, workers=0,
-                                 infonce_warmup_epoch=0,
+                                 precision="fp32", infonce_warmup_epoch=0,
                                  lit_start_epoch=-1, clustering_frequency=clustering_frequency,
                                  episode_size=64)
     dist_info = types.SimpleNamespace(rank=rank, world_size=world_size, local_rank=rank,
