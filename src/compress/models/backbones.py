@@ -203,3 +203,18 @@ def load_backbone_weights(module: nn.Module, path: str, what: str) -> FittedWeig
     fitted = fit_backbone_weights(read_weights_file(path), module.state_dict(), f"{what} {path}")
     module.load_state_dict(fitted.backbone)
     return fitted
+
+
+class FrozenOnDevice:
+    """Base of the frozen teachers (text encoders, image teachers): deliberately not nn.Modules, so their
+    weights stay out of the student's parameters, state_dict, optimizer and DDP; `.to` moves `self.module`."""
+
+    module: nn.Module
+    device: torch.device
+
+    def to(self, device: "torch.device | str") -> "FrozenOnDevice":
+        device = torch.device(device)
+        if device != self.device:
+            self.module.to(device)
+            self.device = device
+        return self

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from compress.models.backbones import is_torchvision_arch, load_backbone_weights, torchvision_backbone
+from compress.models.backbones import FrozenOnDevice, is_torchvision_arch, load_backbone_weights, torchvision_backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,7 +77,7 @@ def head_from_weights(head: Dict[str, torch.Tensor]) -> nn.Module:
     return module
 
 
-class FrozenImageTeacher:
+class FrozenImageTeacher(FrozenOnDevice):
     """A frozen image network taking image batches (its own `transform`'s output); not an nn.Module."""
 
     def __init__(self, arch: str, weights: str, features: str = "pooled", image_size: int = 224):
@@ -110,13 +110,6 @@ class FrozenImageTeacher:
         self.image_size = image_size
         with torch.no_grad():
             self.dim = int(self.module(torch.zeros(1, 3, image_size, image_size)).flatten(1).shape[1])
-
-    def to(self, device: torch.device | str) -> "FrozenImageTeacher":
-        device = torch.device(device)
-        if device != self.device:
-            self.module.to(device)
-            self.device = device
-        return self
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.models.backbones import (
+    FrozenOnDevice,
     is_open_clip_config,
     is_torchvision_arch,
     open_clip_config_image_tower,
@@ -65,7 +66,7 @@ def resolve_sentence_transformer(name: Optional[str]) -> str:
     return name
 
 
-class FrozenTextEncoder:
+class FrozenTextEncoder(FrozenOnDevice):
     """A frozen text encoder taking raw strings. Deliberately *not* an nn.Module: held by a student, its
     weights stay out of the student's parameters, state_dict, optimizer and DDP."""
 
@@ -99,13 +100,6 @@ class FrozenTextEncoder:
         self.module.eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
-
-    def to(self, device: torch.device | str) -> "FrozenTextEncoder":
-        device = torch.device(device)
-        if device != self.device:
-            self.module.to(device)
-            self.device = device
-        return self
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
