@@ -140,7 +140,12 @@ def main() -> None:
               for name, encoder in encoders.items()}
     columns = sorted(c for c in scores["float (open_clip)"] if c.endswith(("/acc1", "_recall@1", "_recall@10")))
     print(f"accuracy on {eval_dir} (change against float)")
-    print(f"{'model':26s} " + " ".join(f"{c.split('/', 1)[1][:28]:>30s}" for c in columns))
+    def label(column: str) -> str:  # retrieval/coco2017/image_retrieval_recall@10 → coco2017 t2i R@10
+        parts = column.split("/")
+        name = parts[-1].replace("image_retrieval_recall@", "t2i R@").replace("text_retrieval_recall@", "i2t R@")
+        return f"{parts[1]} {name}"
+
+    print(f"{'model':26s} " + " ".join(f"{label(c):>30s}" for c in columns))
     base = scores["float (open_clip)"]
     for name, values in scores.items():
         print(f"{name:26s} " + " ".join(f"{values[c]:>12.4f} ({values[c] - base[c]:+.4f})      " for c in columns))
