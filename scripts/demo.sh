@@ -48,17 +48,18 @@ PRUNE_COMMON=(--job prune --model clipc-vit-t2-64 --pretrained "$DENSE" --p 0.5
 python -m training.main "${PRUNE_COMMON[@]}" --KD --name prune_p0.5_kd
 python -m training.main "${PRUNE_COMMON[@]}" --name prune_p0.5
 
-step "6/8 distil the CLIP image tower into a small student, then the cascaded search"
+step "6/8 distil the CLIP image tower into a MobileNetV3-S student (BatchNorm statistics re-estimated for eval mode), then the cascaded search"
 python -m training.main --job distill --teacher-model clipc-vit-t2-64 --teacher-pretrained "$DENSE" \
-    --student teacher --student-layers 1 --student-width 64 --student-image-size 32 --inherit-from-teacher \
-    --distill-loss cosine,icl --train-data "$CORPUS/train.tsv" --epochs 2 --batch-size 64 --lr 1e-3 --warmup 20 \
-    --workers 1 --logs-root "$LOGS" --name distill_student --log-level warning
+    --student mobilenet_v3_small --distill-loss cosine,icl --train-data "$CORPUS/train.tsv" --epochs 1 \
+    --batch-size 64 --lr 1e-3 --warmup 20 --workers 1 --logs-root "$LOGS" --name distill_student --log-level warning
+STUDENT="$LOGS/distill_student/checkpoints/epoch_1.pt"
 python -m compress.cascade --config scripts/experiments/cascade_topk_demo.toml \
-    --levels "$LOGS/distill_student/checkpoints/epoch_2.pt" "$DENSE" --eval-data-dir "$EVAL" \
-    --plot "$LOGS/cascade_topk.png"
-python -m compress.cascade --config scripts/experiments/cascade_speedup_demo.toml --repeats 1 \
-    --levels "$LOGS/distill_student/checkpoints/epoch_2.pt" "$DENSE" --eval-data-dir "$EVAL" \
-    --plot "$LOGS/cascade_speedup.png"
+    --levels "$STUDENT" "$DENSE" --eval-data-dir "$EVAL" --plot "$LOGS/cascade_topk.png" --log-level warning
+# the search tool itself: index the eval gallery with the student, answer two queries, re-ranked by the CLIP
+python -m compress.cascade index --gallery "$EVAL" --levels "$STUDENT" "$DENSE" --out "$LOGS/gallery_index" \
+    --log-level warning
+python -m compress.cascade search "$LOGS/gallery_index" "two large red circles" "a blue star on a black background" \
+    --k 5 --m 50 --log-level warning
 
 step "7/8 post-training compression of the dense CLIP: low-rank, Fisher pruning under a MAC budget, token masking"
 python -m compress.lowrank      --pretrained "$DENSE" --out "$LOGS/lowrank_0.5" --ratio 0.5 --towers image,text
@@ -68,10 +69,11 @@ python -m compress.token_mask   --pretrained "$DENSE" --out "$LOGS/flip_0.5" --d
 
 step "8/8 score every run with the monitor, then the compression report"
 # the last checkpoint of each run (the monitor scores every epoch_N.pt without --epoch)
-for run in protorkd_minilm:2 protorkd_no_teacher:2 prune_p0.5_kd:2 prune_p0.5:2 distill_student:2 lowrank_0.5:0 \
+for run in protorkd_minilm:2 protorkd_no_teacher:2 prune_p0.5_kd:2 prune_p0.5:2 distill_student:1 lowrank_0.5:0 \
            fisher_mac0.6:0 flip_0.5:0; do
   python src/utils/evaluate_checkpoints.py --logs-dir "$LOGS/${run%:*}" --epoch "${run#*:}" --eval-data-dir "$EVAL" \
-      --once --log-level warning --benchmarks zeroshot linear_probe retrieval > "$LOGS/${run%:*}.monitor.txt"
+      --once --log-level warning --benchmarks zeroshot linear_probe retrieval --topk 1 3 5 10 20 \
+      > "$LOGS/${run%:*}.monitor.txt"
 done
 python -m utils.report "$LOGS"/clip "$LOGS"/protorkd_minilm "$LOGS"/protorkd_no_teacher "$LOGS"/prune_p0.5_kd \
     "$LOGS"/prune_p0.5 "$LOGS"/distill_student "$LOGS"/lowrank_0.5 "$LOGS"/fisher_mac0.6 "$LOGS"/flip_0.5 \

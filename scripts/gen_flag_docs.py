@@ -56,7 +56,7 @@ ENTRY_POINTS: List[EntryPoint] = [
     EntryPoint("compress.sweep", "python -m compress.sweep", "compress.sweep",
                "A post-training tool over a grid, each result scored by the monitor: one table and plots."),
     EntryPoint("compress.cascade", "python -m compress.cascade", "compress.cascade",
-               "Cascaded image-search experiments configured in TOML."),
+               "Cascaded image search: experiments configured in TOML, and the `index` / `search` subcommands."),
     EntryPoint("evaluate_checkpoints", "python src/utils/evaluate_checkpoints.py", "utils.evaluate_checkpoints",
                "The checkpoint monitor (also `python -m utils.evaluate_checkpoints`)."),
     EntryPoint("utils.report", "python -m utils.report", "utils.report",
@@ -208,7 +208,21 @@ def render(entry: EntryPoint, parser: argparse.ArgumentParser) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def index_page() -> str:
+def subcommands(entry: EntryPoint, parser: argparse.ArgumentParser) -> List[Tuple[EntryPoint, argparse.ArgumentParser]]:
+    """A page per subcommand (`python -m compress.cascade index`), named <page>.<subcommand>, from its own
+    parser: its flags are not the main parser's."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                summary = (helps.get(name) or name)[:1].upper() + (helps.get(name) or name)[1:] + "."
+                found.append((EntryPoint(f"{entry.page}.{name}", f"{entry.command} {name}", entry.module, summary),
+                              sub))
+    return found
+
+
+def index_page(entries: Optional[List[Tuple[EntryPoint, str]]] = None) -> str:
     lines = [
         "# Flag reference",
         "",
@@ -221,23 +235,28 @@ def index_page() -> str:
         "| entry point | command | parser |",
         "|---|---|---|",
     ]
-    for entry in ENTRY_POINTS:
-        lines.append(f"| [{entry.page}]({entry.page}.md) | `{entry.command}` | `{entry.module}.build_parser` |")
+    for entry, parser_name in entries if entries is not None else [(e, "build_parser") for e in ENTRY_POINTS]:
+        lines.append(f"| [{entry.page}]({entry.page}.md) | `{entry.command}` | `{entry.module}.{parser_name}` |")
     return "\n".join(lines) + "\n"
 
 
 def expected_pages() -> Tuple[Dict[Path, str], List[str]]:
     """({path: text} of every page that can be generated, [modules that have no build_parser()])."""
-    pages = {FLAGS_DIR / "index.md": index_page()}
-    missing = []
+    pages = {}
+    missing, listed = [], []
     for entry in ENTRY_POINTS:
         module = importlib.import_module(entry.module)
         build_parser = getattr(module, "build_parser", None)
+        listed.append((entry, "build_parser"))
         if build_parser is None:
             missing.append(entry)
             continue
-        pages[FLAGS_DIR / f"{entry.page}.md"] = render(entry, build_parser())
-    return pages, missing
+        parser = build_parser()
+        pages[FLAGS_DIR / f"{entry.page}.md"] = render(entry, parser)
+        for sub_entry, sub_parser in subcommands(entry, parser):
+            listed.append((sub_entry, f"build_parser (subcommand {sub_entry.command.rsplit(' ', 1)[1]})"))
+            pages[FLAGS_DIR / f"{sub_entry.page}.md"] = render(sub_entry, sub_parser)
+    return {FLAGS_DIR / "index.md": index_page(listed), **pages}, missing
 
 
 def main(argv: Optional[List[str]] = None) -> int:
