@@ -288,7 +288,11 @@ def test_clip_teacher_is_referenced_by_its_weights_file_and_rebuilt_on_load(tmp_
     student = ImageStudent(spec, text_encoder=teacher)
     assert spec["head"] == {"n_layers": 0, "hidden_dim": 2048}  # 512-d resnet18 features -> one Linear to 64
     assert not any(key.startswith("text") for key in student.state_dict())
-    loaded = compress.load({"model_spec": spec, "state_dict": student.state_dict()})
+    # a checkpoint never chooses what file is read: the caller names the teacher's weights it trusts
+    with pytest.raises(ValueError, match="text_encoder.pretrained"):
+        compress.load({"model_spec": spec, "state_dict": student.state_dict()})
+    loaded = compress.load({"model_spec": spec, "state_dict": student.state_dict()},
+                           allowed_text_encoders=[str(weights)])
     captions = ["two red circles", "a blue star"]
     assert torch.equal(loaded.encode_text(captions), teacher.encode(captions))
     images = torch.randn(2, 3, 32, 32)
