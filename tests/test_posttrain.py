@@ -379,7 +379,7 @@ def test_command_lines_chain_and_write_loadable_runs(tiny_corpus, tmp_path, dens
     checkpoint = torch.load(tmp_path / "flip" / "checkpoints" / "epoch_0.pt", weights_only=True)
     assert checkpoint["job"] == "token_mask" and checkpoint["epoch"] == 0 and checkpoint["name"] == "flip"
     spec = checkpoint["model_spec"]
-    assert spec["kind"] == "compact_clip" and spec["token_mask"] == {"drop": 0.5, "seed": 0}
+    assert spec["kind"] == "compact_clip" and spec["token_mask"] == {"drop": 0.5, "seed": 0, "per_image": True}
     assert spec["blocks"]["visual.transformer.resblocks.0"]["ranks"]  # low-rank on top of the pruned shapes
     assert "job: token_mask" in (tmp_path / "flip" / "params.txt").read_text()
     encoder = load_encoder(str(tmp_path / "flip" / "checkpoints" / "epoch_0.pt"))
