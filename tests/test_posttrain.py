@@ -390,4 +390,4 @@ def test_command_lines_chain_and_write_loadable_runs(tiny_corpus, tmp_path, dens
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: this tool needs calibration data: pass --calib-data TRAIN.tsv (image paths + captions) "
-        "or --calib-data EVAL_DIR (with coco2017/)"]
+        "or --calib-data EVAL_DIR (with coco2017/ or flickr30k/)"]
