@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from foundation.errors import DataError
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ImageTooLarge, open_rgb
+from training.preemption import loader_worker_init
 
 # How many following rows a TSV sample may try before giving up: a run of more bad rows than this
 # means the data is broken, not noisy.
@@ -599,7 +600,7 @@ def _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size) 
         raise DataError(f"{len(dataset)} samples give no full batch of {args.batch_size} on {world_size} process(es)")
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         collate_fn=BatchCollator(tokenizer), drop_last=True, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=False, generator=torch.Generator(),
+                        persistent_workers=False, generator=torch.Generator(), worker_init_fn=loader_worker_init,
                         prefetch_factor=_prefetch_factor(args) if args.workers > 0 else None)
     return DataInfo(loader, per_rank_batches, per_rank_batches * args.batch_size * world_size, sampler=sampler,
                     dataset=dataset, seed=args.seed, rank=rank)
@@ -828,6 +829,7 @@ def _webdataset_data(args, transform, tokenizer, rank, world_size) -> DataInfo:
     dataset = wds.DataPipeline(*pipeline)
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                           worker_init_fn=loader_worker_init,
                            prefetch_factor=_prefetch_factor(args) if workers > 0 else None)
     return DataInfo(loader, num_batches, num_batches * global_batch, seeded_stages=seeded, seed=args.seed,
                     rank=rank, position=position)

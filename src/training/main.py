@@ -56,7 +56,10 @@ def main(argv=None) -> None:
         exit_soon(STOP_EXIT_CODE)
     except KeyboardInterrupt:  # SIGINT on a stopping run: at once, no checkpoint (the last one is whole)
         print("stopped at once by a second SIGINT, without writing a checkpoint", file=sys.stderr, flush=True)
-        exit_soon(INTERRUPT_EXIT_CODE)
+        # "now" means no clean-up either: the interrupted step's loader would be joined at exit, its workers
+        # told nothing. They see their parent gone and end; the kernel drops the run folder's lock.
+        logging.shutdown()
+        os._exit(INTERRUPT_EXIT_CODE)
     finally:
         if stop is not None:  # a caller in this process (a test) gets its own handlers back
             stop.uninstall()
@@ -513,6 +516,14 @@ def evaluate_in_loop(ctx: RunContext, job) -> None:
             logging.warning("in-loop eval at epoch %d abandoned on %s; the monitor can score epoch_%d.pt",
                             ctx.epoch, signal_name, ctx.epoch)
             return None
+        except Exception as error:
+            if not ctx.stop.requested:
+                raise
+            # the signal reached the eval's loader workers too (SLURM and torchrun signal whole process groups)
+            # and one died of it before this process noticed its own
+            logging.warning("in-loop eval at epoch %d abandoned on %s (%s); the monitor can score epoch_%d.pt",
+                            ctx.epoch, ctx.stop.requested, _first_line(error), ctx.epoch)
+            return None
         finally:
             ctx.unwrapped_model.train()
         ctx.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
@@ -520,6 +531,11 @@ def evaluate_in_loop(ctx: RunContext, job) -> None:
         return metrics
 
     compute_on_master(score, f"in-loop eval at epoch {ctx.epoch}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ during rank 0's in-loop evaluation (the epoch checkpoint it scores is already wr
 it later). A second SIGINT means "now": KeyboardInterrupt, exit 130, no checkpoint (the last one on disk is
 whole: writes are atomic). A repeated SIGTERM does not: torchrun's agent and SLURM may both deliver one.
 
-Forked data-loader workers inherit the handler; in them the first stop signal does nothing, so they end with
-their rank rather than dying under it, which the loader would report as a crash.
+Data-loader workers must outlive a stop signal too: SLURM signals every process of a task, torchrun's agent
+signals its workers' process groups (`killpg`), a terminal's Ctrl-C its foreground group, and a worker that dies
+mid-step makes its rank raise "DataLoader worker ... is killed by signal". Forked workers inherit the handler,
+but torch's worker loop installs its own SIGTERM handler, so `loader_worker_init` (the trainer's loaders'
+worker_init_fn) puts this one back. In a worker the first stop signal does nothing and a second one acts as it
+would without the handler (the loader's own terminate() of a worker that does not end).
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ INTERRUPT_EXIT_CODE = 130
 # the trainer always stops on these; --stop-signal adds one
 ALWAYS_STOP = ("TERM", "INT")
 _UNCATCHABLE = ("KILL", "STOP")
+
+
+_installed: Optional["StopRequest"] = None  # the trainer's handler, for forked loader workers to re-arm
 
 
 class StopRequested(BaseException):
@@ -64,14 +71,19 @@ class StopRequest:
         self._seen_in_child = set()
 
     def install(self) -> "StopRequest":
+        global _installed
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        _installed = self
         return self
 
     def uninstall(self) -> None:
+        global _installed
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        if _installed is self:
+            _installed = None
 
     def _handle(self, signum: int, frame) -> None:
         if os.getpid() != self._owner:
@@ -112,6 +124,14 @@ class StopRequest:
 
     def seconds_since(self) -> float:
         return time.monotonic() - self.requested_at if self.requested_at is not None else 0.0
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """worker_init_fn of the trainer's data loaders: the stop handler again in a forked worker, over the
+    SIGTERM handler torch's worker loop installs (which lets any SIGTERM not sent by the parent kill it)."""
+    if _installed is not None and os.getpid() != _installed._owner:
+        for sig in _installed.signals:
+            signal.signal(sig, _installed._handle)
 
 
 def stack_dump_signal(name: Optional[str], stop_signals: Iterable[str]) -> Optional[int]:
