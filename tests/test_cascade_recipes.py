@@ -181,3 +181,25 @@ def test_every_casclip_experiment_has_a_config_with_valid_recipes(name):
         assert round(params["fraction"] * 144) == int(name.rsplit("_", 1)[1])  # of ViT-B/32's 144 image heads
     if expected == "fisher":
         assert params["mac_constraint"] == 0.65
+
+
+def test_a_block_left_without_heads_saves_and_loads():
+    """casCLIP's 132-of-144 (or the demo CLIP losing all 4 of its heads) leaves blocks without attention: their
+    spec has heads = 0, which the schema accepts and the rebuilt model computes the same."""
+    from compress.models.registry import build_model, open_clip_spec
+    from compress.ops.heads import prune_heads_by_sensitivity
+
+    torch.manual_seed(0)
+    dense = build_model(open_clip_spec("clipc-vit-t2-32")).eval()
+    generator = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(2):
+        text = torch.randint(1, 1000, (8, dense.context_length), generator=generator)
+        text[:, -1] = 49407  # end of text: the text tower pools there
+        batches.append({"image": torch.randn(8, 3, 32, 32, generator=generator), "text": text})
+    pruned = prune_heads_by_sensitivity(dense, 4, batches)
+    assert [block["heads"] for block in pruned.model_spec["blocks"].values()] == [0, 0]
+    reloaded = compress.load({"model_spec": pruned.model_spec, "state_dict": pruned.state_dict()})
+    images = torch.randn(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode_image(images), pruned.encode_image(images))

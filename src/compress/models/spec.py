@@ -336,8 +336,10 @@ register_schema("open_clip", OPEN_CLIP_BASE, OPEN_CLIP_OPTIONAL)
 
 # a compact block's per-layer shape (compress.models.compact_clip.CompactBlock.describe)
 RANKED_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
+# heads may be 0: head pruning can remove every head of a block, which then only adds its MLP (casCLIP's
+# "132 of 144 heads" leaves some layers without attention)
 BLOCK_SHAPE = record(
-    {"heads": integer(1, 4096), "head_dim": integer(1, 1 << 16), "mlp_width": integer(1, 1 << 20)},
+    {"heads": integer(0, 4096), "head_dim": integer(1, 1 << 16), "mlp_width": integer(1, 1 << 20)},
     {"ranks": record({}, {name: integer(1, 1 << 20) for name in RANKED_LINEARS}),
      "scale": optional(number(1e-6, 1e3))},
 )
