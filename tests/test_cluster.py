@@ -363,3 +363,34 @@ def test_in_loop_eval_longer_than_the_collective_timeout_does_not_fail_the_job(t
     assert "eval at epoch 1: {" in text and "imed out" not in text
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     assert any("eval/zeroshot/shapes/acc1" in row for row in rows)
+
+
+class _Forever(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.zeros(2)
+
+
+def test_loader_worker_outlives_one_job_signal_and_ends_on_its_ranks_terminate():
+    """A signal to the whole job (here from another process) leaves the worker serving; its rank's terminate()
+    (the loader's and multiprocessing's at exit, which then join it without a timeout) ends it at once."""
+    from training.preemption import StopRequest, loader_worker_init
+
+    stop = StopRequest().install()
+    try:
+        loader = torch.utils.data.DataLoader(_Forever(), batch_size=None, num_workers=1,
+                                             worker_init_fn=loader_worker_init)
+        batches = iter(loader)
+        next(batches)
+        worker = batches._workers[0]
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+        time.sleep(1)
+        assert worker.is_alive()
+        next(batches)
+        worker.terminate()
+        worker.join(timeout=20)
+        assert not worker.is_alive()
+        assert worker.exitcode == 128 + signal.SIGTERM
+        del batches
+    finally:
+        stop.uninstall()

@@ -16,8 +16,10 @@ Data-loader workers must outlive a stop signal too: SLURM signals every process 
 signals its workers' process groups (`killpg`), a terminal's Ctrl-C its foreground group, and a worker that dies
 mid-step makes its rank raise "DataLoader worker ... is killed by signal". Forked workers inherit the handler,
 but torch's worker loop installs its own SIGTERM handler, so `loader_worker_init` (the trainer's loaders'
-worker_init_fn) puts this one back. In a worker the first stop signal does nothing and a second one acts as it
-would without the handler (the loader's own terminate() of a worker that does not end).
+worker_init_fn) takes the stop signals over in the worker: it blocks them and a thread waits for them with
+sigwaitinfo, which tells who sent each one. A signal from the worker's own rank (the loader's or
+multiprocessing's terminate() at shutdown and at exit) ends the worker at once; one sent to the whole job
+(SLURM, killpg, Ctrl-C) is ignored the first time, so the rank can finish its step, and ends it the second.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import argparse
 import contextlib
 import os
 import signal
+import threading
 import time
 from typing import Iterable, Optional
 
@@ -127,11 +130,26 @@ class StopRequest:
 
 
 def loader_worker_init(worker_id: int) -> None:
-    """worker_init_fn of the trainer's data loaders: the stop handler again in a forked worker, over the
-    SIGTERM handler torch's worker loop installs (which lets any SIGTERM not sent by the parent kill it)."""
-    if _installed is not None and os.getpid() != _installed._owner:
-        for sig in _installed.signals:
-            signal.signal(sig, _installed._handle)
+    """worker_init_fn of the trainer's data loaders: the stop signals are handled by a thread that knows their
+    sender, over the SIGTERM handler torch's worker loop installs (which lets any SIGTERM kill the worker)."""
+    if _installed is None or os.getpid() == _installed._owner:
+        return
+    signums = {int(sig) for sig in _installed.signals}
+    # threads started from here on inherit the mask, so the waiting thread is the only one that takes them
+    signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    threading.Thread(target=_serve_worker_signals, args=(signums, os.getppid()), name="stop-signals",
+                     daemon=True).start()
+
+
+def _serve_worker_signals(signums: set, rank_pid: int) -> None:
+    """A loader worker's stop signals: its rank's terminate() ends it now (a handler that ignored it would
+    leave the rank's exit joining it for ever); a signal to the whole job is ignored once."""
+    seen = set()
+    while True:
+        info = signal.sigwaitinfo(signums)
+        if info.si_pid == rank_pid or info.si_signo in seen:
+            os._exit(128 + info.si_signo)
+        seen.add(info.si_signo)
 
 
 def stack_dump_signal(name: Optional[str], stop_signals: Iterable[str]) -> Optional[int]:
