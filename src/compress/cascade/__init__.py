@@ -113,20 +113,23 @@ def _add_experiment_flags(parser: argparse.ArgumentParser) -> None:
                         help="verbosity (warning also quiets the recipe builds' trainer)")
 
 
-def build_index_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog=f"{PROG} index", allow_abbrev=False)
-    parser.description = ("Index a gallery: level 1 embeds every image, streamed from disk in batches, into an "
-                          "on-disk feature store and a faiss index; rerun to resume an interrupted build.")
-    _add_index_flags(parser)
+def _subcommand_parser(parser, name: str, description: str, add_flags) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog=f"{PROG} {name}", allow_abbrev=False)
+    parser.description = description
+    add_flags(parser)
     return parser
+
+
+def build_index_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    return _subcommand_parser(parser, "index", "Index a gallery: level 1 embeds every image, streamed from disk in "
+                              "batches, into an on-disk feature store and a faiss index; rerun to resume an "
+                              "interrupted build.", _add_index_flags)
 
 
 def build_search_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog=f"{PROG} search", allow_abbrev=False)
-    parser.description = ("Answer text queries over an index: level 1 shortlists, the higher levels embed the "
-                          "shortlisted images lazily (kept on disk for later queries) and re-rank.")
-    _add_search_flags(parser)
-    return parser
+    return _subcommand_parser(parser, "search", "Answer text queries over an index: level 1 shortlists, the higher "
+                              "levels embed the shortlisted images lazily (kept on disk for later queries) and "
+                              "re-rank.", _add_search_flags)
 
 
 def build_parser() -> argparse.ArgumentParser:
