@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from foundation.errors import DataError, NonFiniteLossError
+from training.accel import autocast
 from training.distributed import DistInfo, all_reduce_mean, all_reduce_sum
 
 
@@ -57,14 +58,6 @@ class RunContext:
             self.results_file.write(
                 json.dumps({"step": step, "epoch": self.epoch, "time": time.time(), **scalars}) + "\n")
             self.results_file.flush()
-
-
-def autocast_context(precision: str, device: torch.device):
-    if precision == "amp":
-        return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
-    if precision == "amp_bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def move_to_device(batch: Dict[str, Any], device: torch.device, precision: str) -> Dict[str, Any]:
@@ -139,7 +132,7 @@ def train_one_epoch(ctx: RunContext, job) -> None:
         last_micro = micro_step % args.accum_freq == 0
         sync_context = model.no_sync if (hasattr(model, "no_sync") and not last_micro) else contextlib.nullcontext
         with sync_context():
-            with autocast_context(args.precision, device):
+            with autocast(args.precision, device):
                 losses = job.loss(model, batch)
             total = losses["loss"]
             backward_loss = total / args.accum_freq
