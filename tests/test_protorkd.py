@@ -306,3 +306,19 @@ def test_user_errors_are_one_line(tiny_corpus, tmp_path):
                          check=False)
     assert result.returncode == 2
     assert "error: --distiller 'mse,dino'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_teacher_cache_is_built_under_the_runs_autocast_and_keyed_on_it(tiny_corpus, tmp_path):
+    """--precision amp_bf16 embeds the captions under bf16 autocast, as the training steps run: a cache of its
+    own (fp32 features differ in their last bits), close to the fp32 one but not equal to it."""
+    import numpy as np
+
+    logs, cache = tmp_path / "logs", tmp_path / "cache"
+    _train(tiny_corpus, logs, "fp32", cache, "--stop-after-steps", "1")
+    (fp32_cache,) = cache.glob("teacher_*.npy")
+    _train(tiny_corpus, logs, "bf16", cache, "--stop-after-steps", "1", "--precision", "amp_bf16")
+    (bf16_cache,) = set(cache.glob("teacher_*.npy")) - {fp32_cache}
+    full, autocast = np.load(fp32_cache), np.load(bf16_cache)
+    assert full.shape == autocast.shape and full.dtype == autocast.dtype == np.float32
+    cosine = (full * autocast).sum(1) / (np.linalg.norm(full, axis=1) * np.linalg.norm(autocast, axis=1))
+    assert cosine.min() > 0.99 and not np.array_equal(full, autocast)

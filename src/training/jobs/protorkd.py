@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from foundation.errors import UserError
 from training import proto
-from training.accel import autocast
+from training.accel import autocast, autocast_dtype
 from training.distributed import compute_on_master, is_distributed
 from training.jobs import Job, add_argument_once
 from training.jobs.batchnorm import BatchNormRecalibration, add_recalibration_flag
@@ -266,16 +266,22 @@ class ProtoRKDJob(Job):
         self.batchnorm.on_train_start(ctx, ctx.unwrapped_model)
 
         cache_dir = args.teacher_cache_dir or Path(args.logs) / args.name / "cache"
-        key = cache_key(self.teacher.spec, args.train_data, num_rows)
+        # the cache is built under the run's autocast, like the training steps; features so computed differ
+        # from fp32 ones in their last bits, so the autocast dtype is part of what the cache is keyed on
+        dtype = autocast_dtype(args.precision, self.device)
+        key = cache_key(self.teacher.spec if dtype is None else {**self.teacher.spec, "autocast": str(dtype)},
+                        args.train_data, num_rows)
         self.teacher.to(self.device)
         if self.uses_image_teacher():  # the teacher embeds each row's image (its eval transform) instead
             encode, rows = TeacherImageRows(dataset, self.teacher, args, self.dist).encode, range(num_rows)
         else:
             encode, rows = (lambda texts: self.teacher.encode(texts, batch_size=args.teacher_batch_size),
                             dataset.captions)
-        self.teacher_features = load_or_build_row_cache(
-            encode, rows, self.teacher.dim, cache_dir, key, batch_size=args.teacher_batch_size, device=self.device,
-            show_progress=self.dist.is_master and args.log_level != "warning", local_rank=self.dist.local_rank)
+        with autocast(args.precision, self.device):
+            self.teacher_features = load_or_build_row_cache(
+                encode, rows, self.teacher.dim, cache_dir, key, batch_size=args.teacher_batch_size,
+                device=self.device, show_progress=self.dist.is_master and args.log_level != "warning",
+                local_rank=self.dist.local_rank)
         if self.uses_external:
             self.external_features = self.teacher_features
             if args.external_teacher:
