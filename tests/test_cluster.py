@@ -244,8 +244,11 @@ def test_one_process_stack_dump_sigterm_to_the_group_sigint_twice_and_stale_temp
     with launched(args, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=stderr.open("w")) as proc:
         wait_until(lambda: last_step(run_dir) >= 3, [proc], "step 3", stderr)
         assert not stale.exists()
-        os.kill(proc.pid, signal.SIGUSR2)  # the stack dump signal: prints and goes on
-        wait_until(lambda: "Current thread" in stderr.read_text(), [proc], "the stack dump", stderr)
+        for _ in range(5):  # the stack dump signal: prints every thread's stack and goes on, as often as asked
+            os.kill(proc.pid, signal.SIGUSR2)
+            time.sleep(0.2)
+        wait_until(lambda: stderr.read_text().count("Current thread") >= 5, [proc], "five stack dumps", stderr)
+        assert "in train_epochs" in stderr.read_text()  # the training thread's stack is among them
         dumped_at = last_step(run_dir)
         wait_until(lambda: last_step(run_dir) > dumped_at + 2, [proc], "training after the dump", stderr)
         # to the whole process group, as SLURM (every process of a task) and torchrun's agent send it: the loader

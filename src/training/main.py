@@ -6,7 +6,6 @@ epochs → end. What a run computes lives in the job (training/jobs/); the step 
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import gc
 import json
 import logging
@@ -14,7 +13,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ from training.data import get_data
 from training.distributed import DistInfo, barrier, broadcast_object, cleanup, compute_on_master, init_distributed
 from training.jobs import available_jobs
 from training.params import parse_args
-from training.preemption import INTERRUPT_EXIT_CODE, STOP_EXIT_CODE, StopRequest, StopRequested
+from training.preemption import INTERRUPT_EXIT_CODE, STOP_EXIT_CODE, StopRequest, StopRequested, serve_stack_dumps
 from training.resume import check_same_position, load_resume_state
 from training.train import RunContext, stop_agreed, train_one_epoch
 
@@ -43,7 +41,7 @@ def main(argv=None) -> None:
     try:
         args = parse_args(argv)
         stop = StopRequest(args.stop_signal).install()
-        register_stack_dumps(args)
+        serve_stack_dumps(args.stack_dump_signal)
         summary = run(args, stop)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -74,17 +72,6 @@ def exit_soon(code: int) -> None:
     written), so the objects are frozen out of those collections."""
     gc.freeze()
     sys.exit(code)
-
-
-def register_stack_dumps(args) -> None:
-    """`kill -USR2 <pid>` (--stack-dump-signal) prints every thread's Python stack: the first thing to look at
-    in a hung job. Not USR1: that one stops the run (--stop-signal), as SLURM's --signal=USR1@120 means."""
-    if args.stack_dump_signal is None:
-        return
-    try:
-        faulthandler.register(getattr(signal, "SIG" + args.stack_dump_signal), all_threads=True)
-    except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (embedded, captured)
-        pass
 
 
 def run(args, stop: Optional[StopRequest] = None) -> Dict[str, Any]:

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import os
 import signal
 import threading
 import time
-from typing import Iterable, Optional
+from typing import Optional
 
 # sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": run it again with --resume latest
 STOP_EXIT_CODE = 75
@@ -41,6 +42,7 @@ ALWAYS_STOP = ("TERM", "INT")
 _UNCATCHABLE = ("KILL", "STOP")
 
 
+_stack_dump_signals: set = set()  # those served by a thread in this process
 _installed: Optional["StopRequest"] = None  # the trainer's handler, for forked loader workers to re-arm
 
 
@@ -152,10 +154,25 @@ def _serve_worker_signals(signums: set, rank_pid: int) -> None:
         seen.add(info.si_signo)
 
 
-def stack_dump_signal(name: Optional[str], stop_signals: Iterable[str]) -> Optional[int]:
-    """The signal number for faulthandler's stack dumps, refusing one that stops the run."""
-    if name is None:
-        return None
-    if name in stop_signals:
-        raise ValueError(f"--stack-dump-signal {name} is also a stop signal")
-    return getattr(signal, "SIG" + name)
+def serve_stack_dumps(name: Optional[str]) -> None:
+    """`kill -USR2 <pid>` (--stack-dump-signal): every thread's Python stack on stderr, and the run goes on.
+
+    A thread waits for the signal (sigwaitinfo) and dumps the stacks holding the GIL, so no other thread moves
+    its frames meanwhile. faulthandler.register() would read them from inside the signal handler while the
+    other threads run, which can crash the process (CPython #116008; seen here as a trainer's SIGSEGV). Native
+    threads started before this call do not block the signal; one delivered to them runs the same dump in the
+    main thread."""
+    signum = getattr(signal, "SIG" + name) if name is not None else None
+    if signum is None or signum in _stack_dump_signals:  # a caller that runs the trainer again in-process
+        return
+    _stack_dump_signals.add(signum)
+    signal.signal(signum, lambda *_: faulthandler.dump_traceback(all_threads=True))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signum})  # this thread and every thread it starts from now on
+    threading.Thread(target=_serve_stack_dumps, args=(signum,), name="stack-dumps", daemon=True).start()
+
+
+def _serve_stack_dumps(signum: int) -> None:
+    while True:
+        signal.sigwaitinfo({signum})
+        faulthandler.dump_traceback(all_threads=True)
+
