@@ -6,7 +6,6 @@ epochs → end. What a run computes lives in the job (training/jobs/); the step 
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import math
@@ -66,12 +65,16 @@ def main(argv=None) -> None:
 
 
 def exit_soon(code: int) -> None:
-    """sys.exit for a run that stops on a signal, where the grace period counts. The interpreter's final
-    garbage collections go over every object torch, open_clip and the tokenizer made (~450k): 5-10 s on a
-    loaded 2-core machine. Nothing is left to collect that matters (files are closed, the checkpoint is
-    written), so the objects are frozen out of those collections."""
-    gc.freeze()
-    sys.exit(code)
+    """The exit of a run stopped by a signal, where the grace period counts and the exit code is what the
+    SLURM script requeues on. Everything is on disk by now (checkpoint written, logs and result files
+    closed), so the interpreter's teardown is skipped: its final garbage collections take 5-10 s on a loaded
+    2-core machine, and torch's C++ threads can abort in it (`terminate called without an active
+    exception`, exit 134), which would turn a clean stop into a crash. Loader workers see their rank gone
+    and end by themselves."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run(args, stop: Optional[StopRequest] = None) -> Dict[str, Any]:
