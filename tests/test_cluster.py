@@ -390,6 +390,9 @@ def test_loader_worker_outlives_one_job_signal_and_ends_on_its_ranks_terminate()
         time.sleep(1)
         assert worker.is_alive()
         next(batches)
+        # as the loader's shutdown does before its terminate(): torch stops watching the worker's exit code
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
         worker.terminate()
         worker.join(timeout=20)
         assert not worker.is_alive()
