@@ -400,3 +400,35 @@ def test_loader_worker_outlives_one_job_signal_and_ends_on_its_ranks_terminate()
         del batches
     finally:
         stop.uninstall()
+
+
+SECOND_SIGINT_IN_A_FINALIZER = """
+import os, signal
+from training.preemption import StopRequest
+
+StopRequest().install()
+os.kill(os.getpid(), signal.SIGINT)  # the first: the run is stopping
+
+
+class Loader:
+    def __del__(self):  # as a data loader's iterator joining its workers at an epoch's end
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+
+
+Loader()
+print("still running", flush=True)
+"""
+
+
+def test_a_second_sigint_ends_the_run_even_inside_a_finalizer():
+    """An exception raised in a __del__ is printed and dropped, so a Ctrl-C that must stop the run at once
+    cannot be one: the clean-clone suite saw the second SIGINT swallowed by a loader's __del__ and the run
+    write its checkpoint and exit 75."""
+    proc = subprocess.run([sys.executable, "-c", SECOND_SIGINT_IN_A_FINALIZER], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert "still running" not in proc.stdout
+    assert "stopped at once by a second SIGINT, without writing a checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr

@@ -30,7 +30,7 @@ from training.data import get_data
 from training.distributed import DistInfo, barrier, broadcast_object, cleanup, compute_on_master, init_distributed
 from training.jobs import available_jobs
 from training.params import parse_args
-from training.preemption import INTERRUPT_EXIT_CODE, STOP_EXIT_CODE, StopRequest, StopRequested, serve_stack_dumps
+from training.preemption import STOP_EXIT_CODE, StopRequest, StopRequested, serve_stack_dumps
 from training.resume import check_same_position, load_resume_state
 from training.train import RunContext, stop_agreed, train_one_epoch
 
@@ -51,12 +51,6 @@ def main(argv=None) -> None:
         logging.warning("stopped by %s during start-up; nothing to save (run again with --resume latest)", e)
         cleanup()
         exit_soon(STOP_EXIT_CODE)
-    except KeyboardInterrupt:  # SIGINT on a stopping run: at once, no checkpoint (the last one is whole)
-        print("stopped at once by a second SIGINT, without writing a checkpoint", file=sys.stderr, flush=True)
-        # "now" means no clean-up either: the interrupted step's loader would be joined at exit, its workers
-        # told nothing. They see their parent gone and end; the kernel drops the run folder's lock.
-        logging.shutdown()
-        os._exit(INTERRUPT_EXIT_CODE)
     finally:
         if stop is not None:  # a caller in this process (a test) gets its own handlers back
             stop.uninstall()

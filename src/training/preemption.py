@@ -9,8 +9,10 @@ epoch_latest.pt together and exit with STOP_EXIT_CODE.
 Where stopping after a step would wait on work that need not finish, the handler raises StopRequested instead
 (`stop.abortable()`): during start-up, before the first step (nothing trained yet, so nothing is lost), and
 during rank 0's in-loop evaluation (the epoch checkpoint it scores is already written; the monitor can score
-it later). A second SIGINT means "now": KeyboardInterrupt, exit 130, no checkpoint (the last one on disk is
-whole: writes are atomic). A repeated SIGTERM does not: torchrun's agent and SLURM may both deliver one.
+it later). A second SIGINT means "now": the handler itself ends the process, exit 130, no checkpoint (the last
+one on disk is whole: writes are atomic). It does not raise KeyboardInterrupt, which is lost when the signal
+lands in a finalizer (the clean-clone suite saw one swallowed by a data loader's __del__ joining its workers at
+an epoch's end). A repeated SIGTERM does not stop at once: torchrun's agent and SLURM may both deliver one.
 
 Data-loader workers must outlive a stop signal too: SLURM signals every process of a task, torchrun's agent
 signals its workers' process groups (`killpg`), a terminal's Ctrl-C its foreground group, and a worker that dies
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import logging
 import os
 import signal
 import threading
@@ -97,7 +100,7 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self.requested is not None:
             if signum == signal.SIGINT:
-                raise KeyboardInterrupt  # Ctrl-C on a stopping run: now
+                _interrupt_now()
             return
         self.requested, self.requested_at = name, time.monotonic()
         # os.write, not logging: a handler may interrupt the main thread inside a logging call
@@ -131,48 +134,54 @@ class StopRequest:
         return time.monotonic() - self.requested_at if self.requested_at is not None else 0.0
 
 
+def _interrupt_now() -> None:
+    """Ctrl-C on a stopping run: gone at once, clean-up included (the interrupted step's loader would be joined
+    at exit). Its loader workers see their rank gone and end; the kernel drops the run folder's lock."""
+    os.write(2, b"stopped at once by a second SIGINT, without writing a checkpoint\n")
+    logging.shutdown()  # what the log files hold so far stays there
+    os._exit(INTERRUPT_EXIT_CODE)
+
+
 def loader_worker_init(worker_id: int) -> None:
     """worker_init_fn of the trainer's data loaders: the stop signals are handled by a thread that knows their
-    sender, over the SIGTERM handler torch's worker loop installs (which lets any SIGTERM kill the worker)."""
+    sender, over the SIGTERM handler torch's worker loop installs (which lets any SIGTERM kill the worker).
+    Its rank's terminate() ends it now (a handler that ignored it would leave the rank's exit joining it for
+    ever); a signal to the whole job is ignored once."""
     if _installed is None or os.getpid() == _installed._owner:
         return
-    signums = {int(sig) for sig in _installed.signals}
-    # threads started from here on inherit the mask, so the waiting thread is the only one that takes them
-    signal.pthread_sigmask(signal.SIG_BLOCK, signums)
-    threading.Thread(target=_serve_worker_signals, args=(signums, os.getppid()), name="stop-signals",
-                     daemon=True).start()
+    rank_pid, seen = os.getppid(), set()
 
-
-def _serve_worker_signals(signums: set, rank_pid: int) -> None:
-    """A loader worker's stop signals: its rank's terminate() ends it now (a handler that ignored it would
-    leave the rank's exit joining it for ever); a signal to the whole job is ignored once."""
-    seen = set()
-    while True:
-        info = signal.sigwaitinfo(signums)
+    def on_signal(info) -> None:
         if info.si_pid == rank_pid or info.si_signo in seen:
             os._exit(128 + info.si_signo)
         seen.add(info.si_signo)
+
+    _serve_signals({int(sig) for sig in _installed.signals}, on_signal, "stop-signals")
 
 
 def serve_stack_dumps(name: Optional[str]) -> None:
     """`kill -USR2 <pid>` (--stack-dump-signal): every thread's Python stack on stderr, and the run goes on.
 
-    A thread waits for the signal (sigwaitinfo) and dumps the stacks holding the GIL, so no other thread moves
-    its frames meanwhile. faulthandler.register() would read them from inside the signal handler while the
-    other threads run, which can crash the process (CPython #116008; seen here as a trainer's SIGSEGV). Native
-    threads started before this call do not block the signal; one delivered to them runs the same dump in the
-    main thread."""
+    The dump runs in a thread that holds the GIL meanwhile, so no other thread moves its frames.
+    faulthandler.register() would read them from inside the signal handler while the other threads run, which
+    can crash the process (CPython #116008; seen here as a trainer's SIGSEGV). Native threads started before
+    this call do not block the signal; one delivered to them runs the same dump in the main thread."""
     signum = getattr(signal, "SIG" + name) if name is not None else None
     if signum is None or signum in _stack_dump_signals:  # a caller that runs the trainer again in-process
         return
     _stack_dump_signals.add(signum)
     signal.signal(signum, lambda *_: faulthandler.dump_traceback(all_threads=True))
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signum})  # this thread and every thread it starts from now on
-    threading.Thread(target=_serve_stack_dumps, args=(signum,), name="stack-dumps", daemon=True).start()
+    _serve_signals({signum}, lambda _: faulthandler.dump_traceback(all_threads=True), "stack-dumps")
 
 
-def _serve_stack_dumps(signum: int) -> None:
-    while True:
-        signal.sigwaitinfo({signum})
-        faulthandler.dump_traceback(all_threads=True)
+def _serve_signals(signums: set, on_signal, name: str) -> None:
+    """Blocks `signums` in this thread and every thread it starts from now on, and hands each one that comes
+    to `on_signal(siginfo)` in a daemon thread waiting for them with sigwaitinfo: ordinary Python code, not a
+    handler that interrupts whatever runs, and the siginfo says who sent it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signums)
 
+    def serve() -> None:
+        while True:
+            on_signal(signal.sigwaitinfo(signums))
+
+    threading.Thread(target=serve, name=name, daemon=True).start()
