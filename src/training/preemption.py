@@ -137,9 +137,11 @@ class StopRequest:
 def _interrupt_now() -> None:
     """Ctrl-C on a stopping run: gone at once, clean-up included (the interrupted step's loader would be joined
     at exit). Its loader workers see their rank gone and end; the kernel drops the run folder's lock."""
-    os.write(2, b"stopped at once by a second SIGINT, without writing a checkpoint\n")
-    logging.shutdown()  # what the log files hold so far stays there
-    os._exit(INTERRUPT_EXIT_CODE)
+    try:
+        os.write(2, b"stopped at once by a second SIGINT, without writing a checkpoint\n")
+        logging.shutdown()  # what the log files hold so far stays there
+    finally:  # the signal may have come inside a write to one of those files, whose flush then raises
+        os._exit(INTERRUPT_EXIT_CODE)
 
 
 def loader_worker_init(worker_id: int) -> None:
