@@ -10,9 +10,9 @@ Where stopping after a step would wait on work that need not finish, the handler
 (`stop.abortable()`): during start-up, before the first step (nothing trained yet, so nothing is lost), and
 during rank 0's in-loop evaluation (the epoch checkpoint it scores is already written; the monitor can score
 it later). A second SIGINT means "now": the handler itself ends the process, exit 130, no checkpoint (the last
-one on disk is whole: writes are atomic). It does not raise KeyboardInterrupt, which is lost when the signal
-lands in a finalizer (the clean-clone suite saw one swallowed by a data loader's __del__ joining its workers at
-an epoch's end). A repeated SIGTERM does not stop at once: torchrun's agent and SLURM may both deliver one.
+one on disk is whole: writes are atomic). It does not raise KeyboardInterrupt, which Python drops when the
+signal lands in a finalizer (a data loader's __del__ joining its workers at an epoch's end). A repeated SIGTERM
+does not stop at once: torchrun's agent and SLURM may both deliver one.
 
 Data-loader workers must outlive a stop signal too: SLURM signals every process of a task, torchrun's agent
 signals its workers' process groups (`killpg`), a terminal's Ctrl-C its foreground group, and a worker that dies
