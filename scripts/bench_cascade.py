@@ -25,8 +25,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
-from compress.cascade import Experiment, format_table, run_experiment  # noqa: E402
 from foundation.checkpoint import load_checkpoint  # noqa: E402
+from utils.cascade import Experiment, format_table, run_experiment  # noqa: E402
 
 STUDENT_FLAGS = ["--student", "teacher", "--student-layers", "1", "--student-width", "64", "--student-image-size", "32",
                  "--inherit-from-teacher", "--distill-loss", "cosine,icl"]

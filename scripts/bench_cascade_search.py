@@ -2,7 +2,7 @@
 
 Image search indexes a large gallery once and answers far fewer queries than it has images. On the generated
 corpus (a COCO-layout gallery of --gallery-size images, --queries evenly spaced caption queries), measured
-side by side in one run with the same on-disk search (compress.cascade, compress.ops.cascade):
+side by side in one run with the same on-disk search (utils.cascade, compress.ops.cascade):
 
   large alone    the large CLIP indexes the whole gallery from disk and ranks every query
   level 1 alone  the cheap student alone (on its teacher's text tower)
@@ -36,8 +36,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
-from compress.cascade import Experiment, run_experiment  # noqa: E402
 from compress.ops.cascade import IndexOptions  # noqa: E402
+from utils.cascade import Experiment, run_experiment  # noqa: E402
 
 STUDENT_FLAGS = ["--student", "teacher", "--student-layers", "1", "--student-width", "64", "--student-image-size", "32",
                  "--inherit-from-teacher", "--distill-loss", "cosine,icl"]

@@ -53,19 +53,19 @@ python -m training.main --job distill --teacher-model clipc-vit-t2-64 --teacher-
     --student mobilenet_v3_small --distill-loss cosine,icl --train-data "$CORPUS/train.tsv" --epochs 1 \
     --batch-size 64 --lr 1e-3 --warmup 20 --workers 1 --logs-root "$LOGS" --name distill_student --log-level warning
 STUDENT="$LOGS/distill_student/checkpoints/epoch_1.pt"
-python -m compress.cascade --config scripts/experiments/cascade_topk_demo.toml \
+python -m utils.cascade --config scripts/experiments/cascade_topk_demo.toml \
     --levels "$STUDENT" "$DENSE" --eval-data-dir "$EVAL" --plot "$LOGS/cascade_topk.png" --log-level warning
 # the search tool itself: index the eval gallery with the student, answer two queries, re-ranked by the CLIP
-python -m compress.cascade index --gallery "$EVAL" --levels "$STUDENT" "$DENSE" --out "$LOGS/gallery_index" \
+python -m utils.cascade index --gallery "$EVAL" --levels "$STUDENT" "$DENSE" --out "$LOGS/gallery_index" \
     --log-level warning
-python -m compress.cascade search "$LOGS/gallery_index" "two large red circles" "a blue star on a black background" \
+python -m utils.cascade search "$LOGS/gallery_index" "two large red circles" "a blue star on a black background" \
     --k 5 --m 50 --log-level warning
 
 step "7/8 post-training compression of the dense CLIP: low-rank, Fisher pruning under a MAC budget, token masking"
-python -m compress.lowrank      --pretrained "$DENSE" --out "$LOGS/lowrank_0.5" --ratio 0.5 --towers image,text
-python -m compress.fisher_prune --pretrained "$DENSE" --out "$LOGS/fisher_mac0.6" --mac-constraint 0.6 \
+python -m utils.lowrank      --pretrained "$DENSE" --out "$LOGS/lowrank_0.5" --ratio 0.5 --towers image,text
+python -m utils.fisher_prune --pretrained "$DENSE" --out "$LOGS/fisher_mac0.6" --mac-constraint 0.6 \
     --calib-data "$CORPUS/train.tsv"
-python -m compress.token_mask   --pretrained "$DENSE" --out "$LOGS/flip_0.5" --drop 0.5
+python -m utils.token_mask   --pretrained "$DENSE" --out "$LOGS/flip_0.5" --drop 0.5
 
 step "8/8 score every run with the monitor, then the compression report"
 # the last checkpoint of each run (the monitor scores every epoch_N.pt without --epoch)

@@ -39,23 +39,23 @@ ENTRY_POINTS: List[EntryPoint] = [
     EntryPoint("training.main", "torchrun --nproc_per_node N -m training.main", "training.params",
                "The trainer: every job's flags, one group per job (`--job clip`, ...). "
                "`python -m training.main` runs one process."),
-    EntryPoint("compress.lowrank", "python -m compress.lowrank", "compress.lowrank",
+    EntryPoint("utils.lowrank", "python -m utils.lowrank", "utils.lowrank",
                "Low-rank factorisation (SVD / Fisher-weighted SVD) of transformer Linears."),
-    EntryPoint("compress.heads", "python -m compress.heads", "compress.heads",
+    EntryPoint("utils.heads", "python -m utils.heads", "utils.heads",
                "Attention-head pruning by sensitivity."),
-    EntryPoint("compress.fisher_prune", "python -m compress.fisher_prune", "compress.fisher_prune",
+    EntryPoint("utils.fisher_prune", "python -m utils.fisher_prune", "utils.fisher_prune",
                "Fisher pruning of heads and MLP neurons under a MAC budget."),
-    EntryPoint("compress.token_mask", "python -m compress.token_mask", "compress.token_mask",
+    EntryPoint("utils.token_mask", "python -m utils.token_mask", "utils.token_mask",
                "Patch-token masking at inference (FLIP)."),
-    EntryPoint("compress.text_layers", "python -m compress.text_layers", "compress.text_layers",
+    EntryPoint("utils.text_layers", "python -m utils.text_layers", "utils.text_layers",
                "Dropping text-encoder layers."),
-    EntryPoint("compress.quantize", "python -m compress.quantize", "compress.quantize",
+    EntryPoint("utils.quantize", "python -m utils.quantize", "utils.quantize",
                "int8 quantisation of the Linears of any model kind (the last step of a chain)."),
-    EntryPoint("compress.export", "python -m compress.export", "compress.export",
+    EntryPoint("utils.export", "python -m utils.export", "utils.export",
                "ONNX export of any model kind: image and text graphs plus their preprocessing."),
-    EntryPoint("compress.sweep", "python -m compress.sweep", "compress.sweep",
+    EntryPoint("utils.sweep", "python -m utils.sweep", "utils.sweep",
                "A post-training tool over a grid, each result scored by the monitor: one table and plots."),
-    EntryPoint("compress.cascade", "python -m compress.cascade", "compress.cascade",
+    EntryPoint("utils.cascade", "python -m utils.cascade", "utils.cascade",
                "Cascaded image search: experiments configured in TOML, and the `index` / `search` subcommands."),
     EntryPoint("evaluate_checkpoints", "python src/utils/evaluate_checkpoints.py", "utils.evaluate_checkpoints",
                "The checkpoint monitor (also `python -m utils.evaluate_checkpoints`)."),
@@ -209,7 +209,7 @@ def render(entry: EntryPoint, parser: argparse.ArgumentParser) -> str:
 
 
 def subcommands(entry: EntryPoint, parser: argparse.ArgumentParser) -> List[Tuple[EntryPoint, argparse.ArgumentParser]]:
-    """A page per subcommand (`python -m compress.cascade index`), named <page>.<subcommand>, from its own
+    """A page per subcommand (`python -m utils.cascade index`), named <page>.<subcommand>, from its own
     parser: its flags are not the main parser's."""
     found = []
     for action in parser._actions:

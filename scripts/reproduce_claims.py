@@ -4,7 +4,7 @@
     PYTHONPATH=src python scripts/reproduce_claims.py --out /tmp/claims --quick    # smoke test: 1 seed, tiny
 
 It generates the corpus (`utils.make_corpus`), trains a teacher CLIP (`--job clip`), then runs every arm
-through the real entry points (`python -m training.main` subprocesses, `python -m compress.lowrank`) and
+through the real entry points (`python -m training.main` subprocesses, `python -m utils.lowrank`) and
 scores each final checkpoint with the evaluation API the monitor uses (`eval.run_benchmarks`). For each claim
 it prints the mean ± std (over seeds) of both arms and whether the claimed direction holds:
 
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         jobs[f"clipkd_s{seed}"] = [*student, "--distill-loss", "fd,icl,crd"]
         jobs[f"cosine_s{seed}"] = [*student, "--distill-loss", "cosine"]
     layer_counts = list(range(1, 1 + _image_layers(model)))
-    tools = {f"lowrank_{n}": ["-m", "compress.lowrank", "--pretrained", str(teacher), "--ratio", str(LOW_RANK_RATIO),
+    tools = {f"lowrank_{n}": ["-m", "utils.lowrank", "--pretrained", str(teacher), "--ratio", str(LOW_RANK_RATIO),
                               "--out", str(logs / f"lowrank_{n}"), "--towers", "image",
                               "--layers", ",".join(map(str, range(n)))] for n in layer_counts}
     with concurrent.futures.ThreadPoolExecutor(max(1, args.parallel)) as pool:

@@ -1,14 +1,14 @@
 """Cascaded search: exactness against the single encoder, m = gallery size, lazy caching, recall, and the
-`python -m compress.cascade --config` experiments on the tiny generated COCO-layout set."""
+`python -m utils.cascade --config` experiments on the tiny generated COCO-layout set."""
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.cascade import build_parser, main
 from compress.ops.cascade import Cascade
 from eval.metrics import ranks_in_ranking, recall_at_ks
+from utils.cascade import build_parser, main
 
 
 @pytest.fixture(autouse=True)
@@ -49,9 +49,9 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gallery(tiny_corpus, models):
     """Preprocessed gallery images and caption-query features of the tiny COCO-layout set."""
-    from compress.cascade import read_gallery
     from compress.models.registry import get_preprocess, get_tokenizer
     from foundation.images import open_rgb
+    from utils.cascade import read_gallery
 
     data = read_gallery(tiny_corpus / "eval")
     spec = models["large"].model_spec
@@ -137,7 +137,7 @@ def test_recall_counts_a_tie_in_the_results_against_the_model():
 
 def test_cli_parser_names_its_command_and_explains_every_flag():
     parser = build_parser()
-    assert parser.prog == "python -m compress.cascade"
+    assert parser.prog == "python -m utils.cascade"
     assert all(action.help for action in parser._actions)
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import compress
-from compress.cascade import main
-from compress.cascade.recipes import BuildSettings, normalize_recipe, recipe_key, recipe_kind
-from compress.cascade.search import LevelSource
 from foundation.errors import UserError
+from utils.cascade import main
+from utils.cascade.recipes import BuildSettings, normalize_recipe, recipe_key, recipe_kind
+from utils.cascade.search import LevelSource
 
 REPO = Path(__file__).resolve().parents[1]
 CASCLIP_CONFIGS = (

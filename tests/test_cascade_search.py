@@ -1,4 +1,4 @@
-"""The on-disk cascaded search: `python -m compress.cascade index` / `search` from the command line, galleries
+"""The on-disk cascaded search: `python -m utils.cascade index` / `search` from the command line, galleries
 streamed from disk, lazily embedded candidates persisted for later queries, a build killed mid-way with a
 real signal that resumes, approximate level-1 indexes, unreadable images, and refusing stale indexes."""
 import json
@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, launched, subprocess_env
 
-from compress.cascade import Searcher, main
 from compress.ops.cascade import ENCODED, MISSING, SearchIndex
 from foundation.images import open_rgb
+from utils.cascade import Searcher, main
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +117,7 @@ def test_a_build_killed_mid_way_resumes_where_it_stopped(levels, tiny_corpus, tm
     ends with the features and index of an uninterrupted build."""
     gallery = tiny_corpus / "train.tsv"  # 256 training images: a gallery given as a table of paths
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "compress.cascade", "index", "--gallery", str(gallery), "--levels",
+    cmd = [sys.executable, "-m", "utils.cascade", "index", "--gallery", str(gallery), "--levels",
            str(levels["large"]), "--out", str(out), "--batch-size", "1", "--threads", "1", "--log-level", "warning"]
     state = out / "store1.state"
     with launched(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
@@ -217,10 +217,10 @@ def test_stale_or_foreign_indexes_are_refused_in_one_line(levels, tiny_corpus, t
 
 
 def test_search_parsers_name_their_command_and_explain_every_flag():
-    from compress.cascade import build_index_parser, build_search_parser
+    from utils.cascade import build_index_parser, build_search_parser
 
-    for build, prog in ((build_index_parser, "python -m compress.cascade index"),
-                        (build_search_parser, "python -m compress.cascade search")):
+    for build, prog in ((build_index_parser, "python -m utils.cascade index"),
+                        (build_search_parser, "python -m utils.cascade search")):
         parser = build()
         assert parser.prog == prog and all(action.help for action in parser._actions)
 

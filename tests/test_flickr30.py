@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from compress.cascade import read_gallery
-from compress.cli import calibration_batches
 from eval.data import discover_datasets, find_flickr_root
+from utils.cascade import read_gallery
+from utils.posttrain import calibration_batches
 
 
 @pytest.fixture(autouse=True)
@@ -94,9 +94,9 @@ def test_cascade_gallery_and_experiment_read_flickr30(flickr_roots, tmp_path, ca
 
     import open_clip
 
-    from compress.cascade import main
     from compress.models.registry import open_clip_spec
     from foundation.model_configs import register_model_configs
+    from utils.cascade import main
 
     register_model_configs()
     torch.manual_seed(0)

@@ -10,10 +10,10 @@ import torch
 from conftest import REPO, run_trainer, subprocess_env
 
 import compress
-from compress.cli import load_input_model
 from compress.models.spec import SpecError
 from foundation.errors import UserError
 from training.models import create_clip
+from utils.posttrain import load_input_model
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)

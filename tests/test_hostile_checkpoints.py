@@ -239,5 +239,5 @@ checkpoint = "{checkpoint}"
 m = [2]
 k = [1]
 """)
-    result = run_module(["-m", "compress.cascade", "--config", str(config)])
+    result = run_module(["-m", "utils.cascade", "--config", str(config)])
     assert_refused(result, marker)

@@ -1,4 +1,4 @@
-"""compress.sweep: a grid of tool runs, each scored by the monitor, one table and plots; utils.report replots
+"""utils.sweep: a grid of tool runs, each scored by the monitor, one table and plots; utils.report replots
 the table against any column. A tiny clipc-vit-t2-32 CLIP on the tiny corpus."""
 import csv
 

@@ -13,7 +13,7 @@ more accurate) drawn through.
 Any column against any other: `--x COLUMN --y METRIC` (e.g. `--x size_bytes`, `--x macs_image`, or a flag of
 the tool that made the run, such as `--x ratio`, read from its params.txt when the CSV has no such column),
 `--group COLUMN` for one line per value (a ratio, a layer count). `--table CSV` reads rows from a table that
-has a `run` column instead of run folders: what `python -m compress.sweep` writes, with its grid columns.
+has a `run` column instead of run folders: what `python -m utils.sweep` writes, with its grid columns.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def gather(log_dirs: Sequence[str], select: str = "last", metric: Optional[str] 
 
 
 def read_table(path: str, metric: Optional[str] = None) -> Tuple[List[Dict[str, str]], Optional[str]]:
-    """Rows of a CSV table with a `run` column (`compress.sweep`'s), and the accuracy metric used."""
+    """Rows of a CSV table with a `run` column (`utils.sweep`'s), and the accuracy metric used."""
     table = Path(path)
     if not table.is_file():
         raise UserError(f"--table {path}: no such file")
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group", default=None,
                         help="draw one line per value of this column (e.g. ratio in a sweep over layers)")
     parser.add_argument("--table", default=None,
-                        help="read rows from this CSV (a 'run' column; compress.sweep's sweep.csv) instead of "
+                        help="read rows from this CSV (a 'run' column; utils.sweep's sweep.csv) instead of "
                              "LOGDIRs")
     parser.add_argument("--all-checkpoints", action="store_true", help="one row per checkpoint instead of per run")
     return parser

@@ -1,7 +1,7 @@
 """Calibration gradients shared by the post-training tools (FWSVD, head sensitivity, Fisher pruning).
 
 A calibration batch is a dict of preprocessed `image` and tokenized `text` tensors (the command lines read them
-with `compress.cli.calibration_batches`). The loss whose gradients measure importance is CLIP's symmetric
+with `utils.posttrain.calibration_batches`). The loss whose gradients measure importance is CLIP's symmetric
 contrastive loss on the batch (single process, no gather).
 """
 from __future__ import annotations

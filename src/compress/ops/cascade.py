@@ -25,8 +25,8 @@ The pieces, usable on their own:
   index and a manifest; `build` streams the gallery through level 1 and resumes where an interrupted build
   stopped, and searches persist what the higher levels embed for later queries and processes.
 
-What loads the encoders (checkpoints, eval.load_encoder) is the caller's business: `python -m compress.cascade`
-(compress/cascade/) is the command line, the experiment harness and the benchmark's engine.
+What loads the encoders (checkpoints, eval.load_encoder) is the caller's business: `python -m utils.cascade`
+(utils/cascade/) is the command line, the experiment harness and the benchmark's engine.
 """
 from __future__ import annotations
 

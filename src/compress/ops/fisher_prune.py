@@ -22,7 +22,7 @@ Kwon et al. use per-sample gradients; a contrastive loss has no per-sample loss,
 calibration batch — more, smaller batches (`--calib-batches 32 --calib-batch-size 16`) give a better Fisher.
 MACs are counted as for dense Linears: prune before factorising.
 
-    python -m compress.fisher_prune --pretrained CKPT --out RUN_DIR --mac-constraint 0.6 --calib-data train.tsv
+    python -m utils.fisher_prune --pretrained CKPT --out RUN_DIR --mac-constraint 0.6 --calib-data train.tsv
 """
 from __future__ import annotations
 

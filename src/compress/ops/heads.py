@@ -7,7 +7,7 @@ different scales). Pruning is iterative: remove the `heads_per_round` least impo
 (q/k/v lose those heads' rows, out_proj their columns), recompute the scores on the smaller model, repeat
 until `num_heads` heads are gone. The result is a `compact_clip` with per-layer head counts.
 
-    python -m compress.heads --pretrained CKPT --out RUN_DIR --num-heads 2 --calib-data train.tsv
+    python -m utils.heads --pretrained CKPT --out RUN_DIR --num-heads 2 --calib-data train.tsv
 """
 from __future__ import annotations
 

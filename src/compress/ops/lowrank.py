@@ -12,7 +12,7 @@ model really is smaller and does fewer MACs (the E6998 term project multiplied t
 Attention in/out projections are factorised per projection (q, k, v, out), which needs the blocks converted
 to `CompactBlock`s (nn.MultiheadAttention packs q/k/v into one in_proj).
 
-    python -m compress.lowrank --pretrained CKPT --out RUN_DIR --ratio 0.5 [--method fwsvd --calib-data X.tsv]
+    python -m utils.lowrank --pretrained CKPT --out RUN_DIR --ratio 0.5 [--method fwsvd --calib-data X.tsv]
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 The E6998 term project measured zero-shot accuracy and text latency against the number of text layers kept.
 The spec records the *original* indices of the kept layers, so dropping twice composes correctly.
 
-    python -m compress.text_layers --pretrained CKPT --out RUN_DIR --keep-first 6
-    python -m compress.text_layers --pretrained CKPT --out RUN_DIR --drop 3,5
+    python -m utils.text_layers --pretrained CKPT --out RUN_DIR --keep-first 6
+    python -m utils.text_layers --pretrained CKPT --out RUN_DIR --drop 3,5
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ only, unseeded), `TokenMask` acts in eval mode and is seeded, and the tokens an 
 that image and the seed alone (a keyed hash of its pixels seeds its draw): embedded alone or anywhere in any
 batch, an image gets the same feature. p = 0 is the identity.
 
-    python -m compress.token_mask --model clipc-vit-t2-64 --pretrained CKPT --out RUN_DIR --drop 0.5
+    python -m utils.token_mask --model clipc-vit-t2-64 --pretrained CKPT --out RUN_DIR --drop 0.5
 """
 from __future__ import annotations
 

@@ -1,18 +1,18 @@
-"""`python -m compress.token_mask`: FLIP-style token masking at inference (no retraining).
+"""`python -m utils.token_mask`: FLIP-style token masking at inference (no retraining).
 
-    python -m compress.token_mask --pretrained CKPT --out RUN_DIR --drop 0.5
+    python -m utils.token_mask --pretrained CKPT --out RUN_DIR --drop 0.5
 
 The algorithm is `compress.ops.token_mask.mask_tokens`; this module is its command line.
 """
 import argparse
 
-from compress.cli import base_parser, run_tool
 from compress.ops.token_mask import mask_tokens
+from utils.posttrain import base_parser, run_tool
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser("FLIP token masking at inference (no retraining)", calibration=False,
-                         prog="python -m compress.token_mask")
+                         prog="python -m utils.token_mask")
     parser.add_argument("--drop", type=float, required=True, help="fraction p of patch tokens dropped (0 ≤ p < 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the token choice")
     return parser

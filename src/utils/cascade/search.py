@@ -1,7 +1,7 @@
 """Index a gallery on disk and answer text queries with a cascade of checkpoints (the Python API of
-`python -m compress.cascade index` and `... search`).
+`python -m utils.cascade index` and `... search`).
 
-    from compress.cascade import index_gallery, Searcher
+    from utils.cascade import index_gallery, Searcher
     index_gallery("data/corpus/eval", ["student.pt", "clip.pt"], "logs/gallery_index")   # cheapest first
     searcher = Searcher.open("logs/gallery_index")
     hits = searcher.search(["a red circle"], k=10, m=[50])   # per query: [(path, score, gallery index), ...]
@@ -9,7 +9,7 @@
 The algorithm and the folder format are compress.ops.cascade (`SearchIndex`); this module loads the
 checkpoints (eval.load_encoder: validated model specs), names each level by its checkpoint's path and
 SHA-256 (an index is only reused, resumed or searched with exactly the weights it was built with), and
-reads galleries (compress.cascade.gallery).
+reads galleries (utils.cascade.gallery).
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def index_gallery(gallery: str | os.PathLike, levels: Sequence[str | LevelSource
     """Build (or resume building) the cascade index of `gallery` in `out`: level 1 embeds every image,
     streamed from disk in batches, into its feature store, then the level-1 faiss index is written. The higher
     levels' stores start empty; searches fill them."""
-    from compress.cascade.gallery import read_gallery
+    from utils.cascade.gallery import read_gallery
 
     sources = [s if isinstance(s, LevelSource) else LevelSource(checkpoint=str(s)) for s in levels]
     if not sources:

@@ -1,8 +1,8 @@
-"""`python -m compress.sweep TOOL`: run one post-training tool over a grid, score every result, one table + plots.
+"""`python -m utils.sweep TOOL`: run one post-training tool over a grid, score every result, one table + plots.
 
-    python -m compress.sweep lowrank --pretrained CKPT --ratio 0.25 0.5 0.75 --layers 3 6 9 \\
+    python -m utils.sweep lowrank --pretrained CKPT --ratio 0.25 0.5 0.75 --layers 3 6 9 \\
         --eval-data-dir DIR --out DIR [--towers image,text ...any other flag of the tool]
-    python -m compress.sweep text_layers --pretrained CKPT --keep-first 1 2 4 8 --eval-data-dir DIR --out DIR
+    python -m utils.sweep text_layers --pretrained CKPT --keep-first 1 2 4 8 --eval-data-dir DIR --out DIR
 
 The E6998 term project reports accuracy and time against the number of compressed layers and against the
 compression ratio; this is that experiment for any tool. Every grid point (the product of the tool's grid
@@ -57,7 +57,7 @@ INPUT_RUN = "input"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m compress.sweep",
+        prog="python -m utils.sweep",
         description="run a post-training tool over a grid, score each result with the monitor, write one table "
                     "and plots; flags not listed here go to the tool")
     parser.add_argument("tool", choices=sorted(TOOLS), help="the compress.<tool> to sweep")

@@ -1,9 +1,9 @@
 """Cascaded image search: index a gallery once with a cheap encoder, answer text queries by re-ranking its
 shortlists with larger ones; and casCLIP's experiments on it.
 
-    python -m compress.cascade index --gallery data/corpus/eval --levels STUDENT.pt CLIP.pt --out IDX
-    python -m compress.cascade search IDX "a red circle" --k 10 --m 50
-    python -m compress.cascade --config scripts/experiments/cascade_topk_demo.toml
+    python -m utils.cascade index --gallery data/corpus/eval --levels STUDENT.pt CLIP.pt --out IDX
+    python -m utils.cascade search IDX "a red circle" --k 10 --m 50
+    python -m utils.cascade --config scripts/experiments/cascade_topk_demo.toml
 
 `index` streams the gallery (COCO, Flickr30k, an ImageFolder or a TSV of image paths) from disk in batches
 through level 1 into an on-disk feature store and faiss index, and resumes an interrupted build; `search`
@@ -21,18 +21,18 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from compress.cascade.experiments import Experiment, format_table, read_experiment, run_experiment
-from compress.cascade.gallery import FORMATS, Gallery, read_gallery
-from compress.cascade.search import DEFAULT_M, IndexReport, LevelSource, Searcher, index_gallery
 from compress.ops.cascade import INDEX_KINDS
 from foundation.errors import UserError
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS
+from utils.cascade.experiments import Experiment, format_table, read_experiment, run_experiment
+from utils.cascade.gallery import FORMATS, Gallery, read_gallery
+from utils.cascade.search import DEFAULT_M, IndexReport, LevelSource, Searcher, index_gallery
 
 __all__ = ["Experiment", "Gallery", "IndexReport", "LevelSource", "Searcher", "build_index_parser", "build_parser",
            "build_search_parser", "format_table", "index_gallery", "main", "read_experiment", "read_gallery",
            "run_experiment"]
 
-PROG = "python -m compress.cascade"
+PROG = "python -m utils.cascade"
 LOG_LEVELS = ["debug", "info", "warning"]
 
 

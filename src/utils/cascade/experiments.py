@@ -26,12 +26,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from compress.cascade.gallery import Gallery, read_gallery
-from compress.cascade.recipes import DEFAULT_CACHE_DIR, BuildSettings, build_level, recipe_kind
-from compress.cascade.search import LevelSource, encode_functions, load_encoders
 from compress.ops.cascade import INDEX_KINDS, Cascade, ImageFiles, IndexOptions, SearchIndex
 from eval.metrics import ranks_in_ranking, recall_at_ks
 from foundation.errors import UserError
+from utils.cascade.gallery import Gallery, read_gallery
+from utils.cascade.recipes import DEFAULT_CACHE_DIR, BuildSettings, build_level, recipe_kind
+from utils.cascade.search import LevelSource, encode_functions, load_encoders
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ A level of an experiment config is one of
                                                         trainer's `--job distill` (casCLIP "distilling")
 
 The large model is the config's last level, which must be a checkpoint or a stock model. The pruning recipes
-call the compress.ops functions on calibration batches (compress.cli.calibration_batches: a training TSV or a
+call the compress.ops functions on calibration batches (utils.posttrain.calibration_batches: a training TSV or a
 COCO / Flickr30k eval root, `[calibration]`); the distill recipe runs `python -m training.main --job distill`
 with the large model as teacher on `[distill] train_data`. Each result is a run folder under the cache
 (`[cache] dir`, default logs/cascade_levels) named by the recipe kind and a key: the SHA-256 of the recipe
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from compress.cascade.search import LevelSource, file_sha256
 from foundation.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from foundation.errors import UserError
+from utils.cascade.search import LevelSource, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def plain_level(entry: Dict[str, Any]) -> LevelSource:
 
 
 def _load_large(large: LevelSource):
-    from compress.cli import load_input_model
+    from utils.posttrain import load_input_model
 
     if large.checkpoint:
         return load_input_model(None, large.checkpoint)
@@ -281,11 +281,11 @@ def _load_large(large: LevelSource):
 
 def _build_transform(kind: str, params: Dict[str, Any], large: LevelSource, settings: BuildSettings,
                      folder: Path) -> Path:
-    from compress.cli import calibration_batches
     from compress.models.compact_clip import clone, compact_blocks
     from compress.ops.fisher_prune import fisher_prune
     from compress.ops.heads import prune_heads_by_sensitivity
     from compress.ops.token_mask import mask_tokens
+    from utils.posttrain import calibration_batches
 
     model = _load_large(large).to(settings.device)
     try:
