@@ -155,8 +155,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
-    """16-bit greyscale (PIL mode I;16*, or I: 32-bit integers holding 0..65535, as 16-bit PNGs and TIFFs
-    used to open) to 8-bit L, 65535 -> 255, keeping a transparent grey level as an alpha channel."""
+    """16-bit greyscale (PIL mode I;16*, or I: 32-bit integers holding 0..65535, as some Pillow versions
+    open 16-bit PNGs and TIFFs) to 8-bit L, 65535 -> 255, keeping a transparent grey level as an alpha channel."""
     values = np.asarray(image).astype(np.int64)  # I;16B is big-endian uint16; int64 holds every case
     levels = ((np.clip(values, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)  # rounded
     transparent = image.info.get("transparency")

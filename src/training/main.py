@@ -348,7 +348,7 @@ def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
         {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": args.wd},
     ]
     # The fused kernel updates every tensor in one pass; the default (foreach) path launches a chain of
-    # ops per step. On CPU that was the optimizer step 20 ms -> 4.5 ms for a 7M-parameter CLIP.
+    # ops per step. On CPU the fused step measured 4.5 ms against foreach's 20 ms for a 7M-parameter CLIP.
     fused = args.optimizer_impl == "fused" and all(
         p.is_floating_point() and p.device.type in ("cpu", "cuda") for _, p in named)
     implementation = {"fused": True} if fused else {"foreach": True}

@@ -2,7 +2,7 @@
 
 SLURM (preemption, time limit, `--signal`), torchrun's agent (which forwards SIGTERM/SIGINT to its workers)
 and Ctrl-C all end a run with a signal. The trainer's handler only records it; the step loop all-reduces the
-record together with its non-finite check (one host sync per step, as before), so a signal that reaches one
+record together with its non-finite check (one host sync per step serves both), so a signal that reaches one
 rank, or every rank at slightly different moments, stops all of them after the same step. Then they write
 epoch_latest.pt together and exit with STOP_EXIT_CODE.
 

@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--x", "--latency", dest="x", default="latency_image_ms",
                         help="column of the plot's x axis: a monitor column (latency_image_ms, macs_image, params, "
                              "size_bytes, ...), a sweep table's grid column, or a flag in the runs' params.txt "
-                             "(ratio, ...); --latency is its older name")
+                             "(ratio, ...); --latency is an alias")
     parser.add_argument("--y", default=None, help="column of the plot's y axis (default: --metric)")
     parser.add_argument("--group", default=None,
                         help="draw one line per value of this column (e.g. ratio in a sweep over layers)")

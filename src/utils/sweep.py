@@ -4,17 +4,18 @@
         --eval-data-dir DIR --out DIR [--towers image,text ...any other flag of the tool]
     python -m utils.sweep text_layers --pretrained CKPT --keep-first 1 2 4 8 --eval-data-dir DIR --out DIR
 
-The E6998 term project reports accuracy and time against the number of compressed layers and against the
-compression ratio; this is that experiment for any tool. Every grid point (the product of the tool's grid
-flags) is one run folder `OUT/<tool>_<name>-<value>_...` written by the tool's own command line (the flags
-this driver does not know go to the tool unchanged), then scored by the monitor (utils.evaluate_checkpoints,
-in-process; its table goes to `OUT/<point>/monitor.txt`). The input model is scored too, as run `input`. A point
-already written or scored is reused, so a stopped sweep continues where it was.
+Accuracy and time against the number of compressed layers and against the compression ratio show where a
+tool stops paying for itself; this driver draws those curves for any tool. Every grid point (the product of
+the tool's grid flags) is one run folder `OUT/<tool>_<name>-<value>_...` written by the tool's own command line
+(the flags this driver does not know go to the tool unchanged), then scored by the monitor
+(utils.evaluate_checkpoints, in-process; its table goes to `OUT/<point>/monitor.txt`). The input model is scored
+too, as run `input`. A point already written or scored is reused, so a stopped sweep continues where it was.
 
-`--layers N` means the first N transformer blocks of each chosen tower (the term project compressed "from the
-start"). Output: `OUT/sweep.csv` (grid columns, then every monitor column), the table printed, and per grid
-column `<metric>_vs_<column>.png` and `latency_image_ms_vs_<column>.png` (one line per value of the other grid
-column), drawn by utils.report, which also replots the table: `python -m utils.report --table OUT/sweep.csv
+`--layers N` means the first N transformer blocks of each chosen tower, counted from the input end, so a larger
+N compresses the blocks of every smaller N and more. Output: `OUT/sweep.csv` (grid columns, then every monitor
+column), the table printed, and per grid column `<metric>_vs_<column>.png` and
+`latency_image_ms_vs_<column>.png` (one line per value of the other grid column), drawn by utils.report, which
+also replots the table: `python -m utils.report --table OUT/sweep.csv
 --x ratio --y METRIC --group layers`.
 """
 from __future__ import annotations

@@ -17,8 +17,8 @@ nn.MultiheadAttention keeps q, k and v packed in one `in_proj_weight`, which can
 projection nor lose heads or head dimensions without re-implementing its forward. A `CompactBlock` therefore
 computes attention from separate q/k/v Linears (each possibly a `FactorizedLinear`) with any number of heads of
 any width, through `F.scaled_dot_product_attention`; converted from a dense block it reproduces the block's
-outputs. A state dict with the packed `in_proj_weight` (a dense CLIP's, or one written before this block held
-UPop's pruned layers) loads into it directly.
+outputs. A state dict with the packed `in_proj_weight` (a dense CLIP's, or a pruned_clip checkpoint in the per-tower
+`towers` spec format) loads into it directly.
 
 Towers are named "image" and "text" everywhere (`TOWERS`); a block's qualified name is its module path.
 """
@@ -197,7 +197,8 @@ class SplitAttention(nn.Module):
 
 def _unpack_in_proj(module: SplitAttention, state_dict: Dict[str, torch.Tensor], prefix: str, *_args) -> None:
     """load_state_dict pre-hook: a packed `in_proj_weight`/`in_proj_bias` ([q; k; v] rows, nn.MultiheadAttention's
-    and the pre-compact-block UPop layers' names) becomes the q/k/v Linears' entries."""
+    names, also those of a pruned_clip checkpoint in the per-tower `towers` format) becomes the q/k/v Linears'
+    entries."""
     weight = state_dict.pop(prefix + "in_proj_weight", None)
     if weight is None:
         return
@@ -440,17 +441,17 @@ def keep_text_layers(model: nn.Module, kept: Sequence[int], _refresh: bool = Tru
 class TokenMask(nn.Module):
     """Keep max(1, round((1 − drop)·N)) of the N patch tokens of each image (random, seeded); the class token stays.
 
-    FLIP's masking at inference: a random choice of tokens, seeded. With `per_image` (what every spec written
-    since records) the choice is a function of the image and the seed alone: the image tower's forward
+    FLIP's masking at inference: a random choice of tokens, seeded. With `per_image` (what `utils.token_mask`
+    records in every spec it writes) the choice is a function of the image and the seed alone: the image tower's forward
     pre-hook (`install_token_mask`) hands the mask the input pixels, each image's pixel bytes are hashed with
     the seed as key (`image_keys`: neither the batch nor the device changes the hash), and the image's token
     scores come from a generator seeded with that hash. The same image therefore keeps the
     same tokens alone, at any position of any batch, and in every later search: a cascade that embeds a
     candidate lazily, in whatever batch, gets the feature the index was built with.
 
-    Without `per_image` (specs written before the field existed) one generator draw covers the whole batch,
-    so an image's tokens depended on its position in the batch; those checkpoints keep that rule so they
-    score as they did when they were written.
+    Without `per_image` (a spec that lacks the field) one generator draw covers the whole batch, so an
+    image's tokens depend on its position in the batch; such a checkpoint keeps that rule, so it scores as it
+    did when it was written.
     """
 
     def __init__(self, drop: float, seed: int = 0, per_image: bool = False):

@@ -21,8 +21,8 @@ into the kept weights, so a masked model and its pruned twin compute the same fu
 
 Two model kinds are registered with `compress.models.registry`:
 - `pruned_clip`: UPop's output, in the compact_clip spec format (`--job prune` resumes it as its own kind).
-  Specs written before the compact block (per-tower `towers` lists of layer shapes, packed q/k/v weights)
-  still load: `build_pruned_clip` converts them.
+  The spec may instead hold per-tower `towers` lists of layer shapes (with packed q/k/v weights in the
+  state dict); `build_pruned_clip` converts that format into compact blocks.
 - `masked_clip`: a model under search — the dense `base` spec with its current `masks` multiplied in, so
   a checkpoint written mid-search is scored as the model that was actually being trained.
 """
@@ -58,7 +58,7 @@ from compress.models.registry import build_model, create_open_clip, register_mod
 PRUNED_KIND = "pruned_clip"
 MASKED_KIND = "masked_clip"
 ATTENTION_UNITS = ("head_dim", "head")
-# mask names and `towers` entries written before the towers were named as everywhere else
+# mask names and `towers` entries may call the image tower `visual` (open_clip's attribute): it is `image` here
 LEGACY_TOWER_NAMES = {"visual": "image"}
 Masks = Dict[str, torch.Tensor]
 
@@ -67,7 +67,7 @@ Masks = Dict[str, torch.Tensor]
 
 
 def current_mask_name(key: str) -> str:
-    """A mask name as written now ("visual.0.mlp", from an older checkpoint, → "image.0.mlp")."""
+    """A mask name with the towers named as everywhere else ("visual.0.mlp" → "image.0.mlp")."""
     tower, rest = key.split(".", 1)
     return f"{LEGACY_TOWER_NAMES.get(tower, tower)}.{rest}"
 
@@ -402,8 +402,8 @@ def prune_clip(model: nn.Module, masks: Masks) -> nn.Module:
 
 
 def _legacy_pruned_blocks(model: nn.Module, towers: Dict[str, List[Dict[str, int]]]) -> Dict[str, Dict[str, Any]]:
-    """The compact `blocks` of a pruned_clip spec written before the compact block: per-tower lists of
-    {heads, head_dim, mlp_width} for every layer, whose attention kept the softmax scale of the dense head
+    """The compact `blocks` of a pruned_clip spec in the `towers` format: per-tower lists of
+    {heads, head_dim, mlp_width} for every layer, whose attention keeps the softmax scale of the dense head
     width (`model`, freshly built dense, has that width)."""
     blocks = {}
     for written_tower, shapes in towers.items():

@@ -17,11 +17,12 @@ Both graphs output L2-normalised float32 features, so a caller compares them by 
   `attention_mask` (int64, batch and sequence dynamic) and its Hugging Face tokenizer files copied beside it.
 
 Token masking (FLIP) chooses its kept patches at every forward, which ONNX cannot replay as torch does:
-- a per-image mask (every spec written by `utils.token_mask` now) seeds its choice with a keyed hash of each
+- a per-image mask (what every spec `utils.token_mask` writes records) seeds its choice with a keyed hash of each
   image's pixel bytes; no ONNX operator computes that hash, so the image graph takes the choice as a second
   input, `token_index` (batch, kept tokens), computed by `token_index(model, images)`;
-- a batch-wise mask (older specs: one seeded draw per batch) is replaced by the table of tokens it keeps for
-  each row of a batch of up to `max_batch` images (the same choice, row by row); a larger batch is refused.
+- a batch-wise mask (a spec without `per_image`: one seeded draw per batch) is replaced by the table of tokens
+  it keeps for each row of a batch of up to `max_batch` images (the same choice, row by row); a larger batch is
+  refused.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Low-rank factorisation of a CLIP's transformer Linears: plain SVD or Fisher-weighted SVD (FWSVD).
 
 Each chosen out×in Linear W becomes two Linears, down (r×in, no bias) then up (out×r, W's bias), with
-r = ⌊ρ·out·in/(out+in)⌋ so that the factors keep a fraction ρ of W's weights. The factors stay separate: the
-model really is smaller and does fewer MACs (the E6998 term project multiplied them back to dense; we don't).
+r = ⌊ρ·out·in/(out+in)⌋ so that the factors keep a fraction ρ of W's weights. The factors stay separate, never
+multiplied back into one dense W: that is what makes the model really smaller and its forward fewer MACs.
 
 - SVD: W ≈ U_r S_r V_rᵀ; up = U_r S_r, down = V_rᵀ (the best rank-r approximation in Frobenius norm).
 - FWSVD (Hsu et al. 2022): not all output rows matter equally to the loss. With I = Σ_batches (∂L/∂W)² over

@@ -1,7 +1,7 @@
 """Text-encoder layer dropping: keep a subset of the text transformer's blocks (no retraining).
 
-The E6998 term project measured zero-shot accuracy and text latency against the number of text layers kept.
-The spec records the *original* indices of the kept layers, so dropping twice composes correctly.
+Fewer text layers trade zero-shot accuracy for text latency; `utils.sweep text_layers --keep-first ...` draws
+that curve. The spec records the *original* indices of the kept layers, so dropping twice composes correctly.
 
     python -m utils.text_layers --pretrained CKPT --out RUN_DIR --keep-first 6
     python -m utils.text_layers --pretrained CKPT --out RUN_DIR --drop 3,5

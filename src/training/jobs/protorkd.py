@@ -484,7 +484,7 @@ class ProtoRKDJob(Job):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.episode = int(state.get("episode", -1))
         self.clustered_episode = int(state.get("clustered_episode", -1))
-        # checkpoints written before the mapping was recomputed also hold "mapping": the same rows, unused
+        # a "mapping" in the state is ignored: every rank recomputes an episode's rows from (seed, episode)
         self.prototypes = dict(state.get("prototypes") or {})
 
 
