@@ -1,9 +1,10 @@
-"""Models and model → model operations (pruning, low-rank, students, cascades, profiling).
+"""Models and model → model operations (pruning, low-rank, students, cascades, profiling): a library with no
+command line (those are in `utils`, the layer above every other).
 
     compress.models   model kinds and the registry that rebuilds any checkpoint we write (`compress.load`)
-    compress.ops      operations on models: UPop pruning, low-rank, head/Fisher pruning, token masking,
-                      text-layer dropping, calibration gradients, distillation losses, profiling, cascade search
-    compress.<tool>   command lines (`python -m utils.lowrank`, ...); the library never imports them
+    compress.ops      operations on models: low-rank, head/Fisher pruning, token masking, text-layer dropping,
+                      int8 quantisation, ONNX export, calibration gradients, distillation losses, profiling,
+                      cascade search; it imports compress.models, never the other way round
 
 `compress.load(path)` rebuilds any checkpoint this project writes, pruned shapes included.
 """
