@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import run_trainer
 
+from compress.ops import distill_losses
 from training import proto
 
 # --- losses, hand-computed -----------------------------------------------------------------------------
@@ -20,7 +21,7 @@ def test_simreg_is_squared_distance_of_normalised_features():
     student = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
     teacher = torch.tensor([[1.0, 0.0], [0.0, 5.0]])
     # row 0: (0.6, 0.8) - (1, 0) = (-0.4, 0.8) -> 0.16 + 0.64 = 0.8 ; row 1: identical directions -> 0
-    assert proto.simreg_loss(student, teacher).item() == pytest.approx(0.4)
+    assert distill_losses.simreg_loss(student, teacher).item() == pytest.approx(0.4)
 
 
 # a 3-4-5 right triangle (student) against three collinear points (teacher)
@@ -31,7 +32,7 @@ LINE = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])  # anot
 def test_rkd_distance_compares_mean_normalised_distance_matrices():
     # triangle: d01=3, d02=4, d12=5, mean 4 -> .75, 1, 1.25 ; line: 1, 2, 1, mean 4/3 -> .75, 1.5, .75
     # differences 0, -.5, .5, each twice in the 3x3 matrix; smooth-L1 0.5*x^2 = .125 -> 4 * .125 / 9
-    assert proto.rkd_distance_loss(TRIANGLE, LINE).item() == pytest.approx(0.5 / 9, abs=1e-6)
+    assert distill_losses.rkd_distance_loss(TRIANGLE, LINE).item() == pytest.approx(0.5 / 9, abs=1e-6)
 
 
 def test_rkd_angle_compares_triplet_cosines():
@@ -39,13 +40,13 @@ def test_rkd_angle_compares_triplet_cosines():
     # each appears twice (i,k and k,i) in the 27 entries; the rest are 0 in both (i == k gives 1 in both,
     # i == j or k == j a zero vector). smooth-L1: |-1| -> .5, |1.6| -> 1.1, |-.2| -> .02
     expected = 2 * (0.5 + 1.1 + 0.02) / 27
-    assert proto.rkd_angle_loss(TRIANGLE, LINE).item() == pytest.approx(expected, abs=1e-6)
+    assert distill_losses.rkd_angle_loss(TRIANGLE, LINE).item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_rkd_gradient_reaches_the_student_only():
     student = TRIANGLE.clone().requires_grad_(True)
     teacher = LINE.clone().requires_grad_(True)
-    (proto.rkd_distance_loss(student, teacher) + proto.rkd_angle_loss(student, teacher)).backward()
+    (distill_losses.rkd_distance_loss(student, teacher) + distill_losses.rkd_angle_loss(student, teacher)).backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert teacher.grad is None
 
@@ -55,12 +56,12 @@ def test_proto_loss_hard_and_soft_targets():
     prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     logit_scale = torch.tensor(2.0)  # tau = 2: logits (2, 0)
     labels = torch.tensor([0])
-    hard = proto.proto_loss(features, prototypes, prototypes, labels, logit_scale, -1)
+    hard = distill_losses.proto_loss(features, prototypes, prototypes, labels, logit_scale, -1)
     assert hard.item() == pytest.approx(math.log(1 + math.exp(-2)), abs=1e-6)
     # T = 1: targets softmax((1, 0)) = (e, 1) / (e + 1); log-probs -log(1 + e^-2), -2 - log(1 + e^-2)
     p0, p1 = math.e / (math.e + 1), 1 / (math.e + 1)
     expected = p0 * math.log(1 + math.exp(-2)) + p1 * (2 + math.log(1 + math.exp(-2)))
-    soft = proto.proto_loss(features, prototypes, prototypes, labels, logit_scale, 1.0)
+    soft = distill_losses.proto_loss(features, prototypes, prototypes, labels, logit_scale, 1.0)
     assert soft.item() == pytest.approx(expected, abs=1e-6)
 
 
@@ -68,8 +69,8 @@ def test_proto_loss_ignores_unlabelled_rows():
     features = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     prototypes = torch.eye(2)
     scale = torch.tensor(2.0)
-    one = proto.proto_loss(features[:1], prototypes, prototypes, torch.tensor([0]), scale, -1)
-    both = proto.proto_loss(features, prototypes, prototypes, torch.tensor([0, -1]), scale, -1)
+    one = distill_losses.proto_loss(features[:1], prototypes, prototypes, torch.tensor([0]), scale, -1)
+    both = distill_losses.proto_loss(features, prototypes, prototypes, torch.tensor([0, -1]), scale, -1)
     assert both.item() == pytest.approx(one.item())
 
 

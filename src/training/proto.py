@@ -1,13 +1,10 @@
-"""Losses and clustering of ProtoRKD / ProtoCLIP, as pure functions (no training state).
+"""Clustering of ProtoRKD / ProtoCLIP, as pure functions (no training state). The job's losses (SimReg,
+RKD, the prototype loss) are distillation losses and live in compress.ops.distill_losses.
 
-- `simreg_loss`: SimReg, MSE between L2-normalised student and teacher features.
-- `rkd_distance_loss`, `rkd_angle_loss`: Relational KD (Park et al. 2019): match the *relations* between
-  samples (pairwise distances, triplet angles), so student and teacher dimensions may differ.
 - `kmeans`: faiss k-means (on this rank's own GPU with faiss-gpu, else the CPU), labels by nearest centroid;
   `assign_to_centroids`: that labelling in bounded chunks (faiss search), never an N×k matrix.
 - `translate_prototypes`: Prototypical Back Translation (ProtoCLIP): the centroid of cluster c expressed in
   another space = mean of that space's features of the samples labelled c.
-- `proto_loss`: ProtoCLIP's prototype-level discrimination with soft (or hard) targets.
 """
 from __future__ import annotations
 
@@ -15,43 +12,6 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-
-def simreg_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean over samples of the squared distance between L2-normalised features (SimReg)."""
-    diff = F.normalize(student, dim=-1) - F.normalize(teacher, dim=-1)
-    return diff.pow(2).sum(dim=-1).mean()
-
-
-def _normalised_pairwise_distances(features: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance matrix divided by its mean off-diagonal (non-zero) entry: scale-free, so a
-    student and a teacher whose features have different norms or dimensions can be compared."""
-    distances = torch.cdist(features, features)
-    off_diagonal = ~torch.eye(len(features), dtype=torch.bool, device=features.device)
-    mean = distances[off_diagonal & (distances > 0)].mean()
-    return distances / mean
-
-
-def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Smooth-L1 between the two normalised pairwise-distance matrices (RKD distance term)."""
-    with torch.no_grad():
-        target = _normalised_pairwise_distances(teacher.float())
-    return F.smooth_l1_loss(_normalised_pairwise_distances(student.float()), target)
-
-
-def _triplet_angle_cosines(features: torch.Tensor) -> torch.Tensor:
-    """cos of the angle at j between samples i and k, for all (i, j, k): entry [j, i, k]."""
-    differences = F.normalize(features.unsqueeze(0) - features.unsqueeze(1), dim=2)  # [j, i] = e_i - e_j
-    return torch.bmm(differences, differences.transpose(1, 2))
-
-
-def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Smooth-L1 between the triplet angle cosines of student and teacher (RKD angle term). O(B³) memory."""
-    with torch.no_grad():
-        target = _triplet_angle_cosines(teacher.float())
-    return F.smooth_l1_loss(_triplet_angle_cosines(student.float()), target)
-
 
 # --- clustering --------------------------------------------------------------------------------------
 
@@ -145,30 +105,9 @@ def translate_prototypes(features: torch.Tensor, labels: torch.Tensor, k: int) -
     """Prototypical Back Translation: row c = mean of `features` of the samples labelled c (0 when none).
 
     `features` live in the space the prototypes are wanted in; `labels` come from clustering another
-    modality. Rows are returned un-normalised (proto_loss normalises)."""
+    modality. Rows are returned un-normalised (distill_losses.proto_loss normalises)."""
     sums = torch.zeros(k, features.shape[1], dtype=torch.float32, device=features.device)
     sums.index_add_(0, labels.to(features.device), features.float())
     counts = torch.bincount(labels.to(features.device), minlength=k).clamp(min=1).unsqueeze(1)
     return sums / counts
 
-
-def proto_targets(target_centroids: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(C[y] Cᵀ / T) over prototypes with C the L2-normalised target centroids; one-hot when T ≤ 0."""
-    if temperature is None or temperature <= 0:
-        return F.one_hot(labels, num_classes=len(target_centroids)).float()
-    centroids = F.normalize(target_centroids.float(), dim=-1)
-    return torch.softmax(centroids[labels] @ centroids.T / temperature, dim=1)
-
-
-def proto_loss(features: torch.Tensor, prototypes: torch.Tensor, target_centroids: torch.Tensor,
-               labels: torch.Tensor, scale: torch.Tensor, target_temperature: float) -> torch.Tensor:
-    """ProtoCLIP's prototype loss: cross-entropy between softmax(τ · f Pᵀ) (f, P L2-normalised; `scale` = τ,
-    i.e. exp of the learnable log-temperature, as open_clip's ClipLoss takes it) and the targets of
-    `proto_targets`. Rows with label −1 are ignored."""
-    keep = labels >= 0
-    if not bool(keep.any()):
-        return (features.sum() + scale) * 0.0  # still part of the graph: DDP expects every used input's gradient
-    features, labels = features[keep], labels[keep]
-    logits = scale * F.normalize(features.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
-    targets = proto_targets(target_centroids, labels, target_temperature).to(logits.device)
-    return -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()

@@ -1,18 +1,39 @@
-"""Student–teacher distillation losses for CLIP image towers (pure functions, no state).
+"""Every student–teacher distillation (KD) loss of the project, as pure functions (no state): the distill
+job's `--distill-loss` table, ProtoRKD's SimReg, relational (RKD) and prototype losses, and the prune job's
+cross-modal KD terms (CLIP-KDPruning) are all defined here, once.
 
-Conventions: `*_image`/`*_text` are L2-normalised feature batches (B, D) whose row i of the image batch
-belongs with row i of the text batch; `logit_scale` is the *exponentiated* temperature (CLIP's
-`logit_scale.exp()`, 100 for a trained CLIP).
+Conventions: `*_image`/`*_text` are feature batches (B, D) whose row i of the image batch belongs with row i
+of the text batch; `logit_scale` is the *exponentiated* temperature (CLIP's `logit_scale.exp()`, 100 for a
+trained CLIP). Logit pairs are (image→text, text→image), as open_clip's `ClipLoss.get_logits` returns them.
 
-- `cosine_loss`      casCLIP / Cascade CLIP: mean(1 − cos(student, teacher)); images only.
-- `fd_loss`          CLIP-KD feature distillation: MSE of normalised features (CLIP-KD weight 2000); images only.
-- `icl_loss`         CLIP-KD interactive contrastive learning: InfoNCE student image ↔ teacher text.
-- `crd_loss`         CLIP-KD contrastive relational distillation: KL(teacher ‖ student) of the image→text and
-                     text→image affinity distributions, averaged over both directions.
-- `affinity_loss`    TinyCLIP affinity mimicking / open_clip DistillClipLoss: soft cross-entropy of the
-                     student's logits against the teacher's softmax, averaged over both directions.
-                     Equals `crd_loss` plus the teacher's entropy (constant in the student), so the two differ
-                     in value, not in gradient.
+**Feature distances: one quantity.** For unit vectors ŝ, t̂ of width D, ‖ŝ − t̂‖² = 2 − 2·cos(ŝ, t̂). So the
+three feature losses are `unit_feature_mse` (the mean over all B·D elements of (ŝ − t̂)², i.e.
+mean‖ŝ − t̂‖² / D) of the L2-normalised features times a constant:
+
+- `fd_loss`      CLIP-KD feature distillation = unit_feature_mse                  (CLIP-KD weight 2000)
+- `simreg_loss`  ProtoRKD's SimReg, mean‖ŝ − t̂‖²  = D · unit_feature_mse
+- `cosine_loss`  casCLIP / Cascade CLIP, mean(1 − cos) = D/2 · unit_feature_mse
+- `feature_kd_loss`  the prune job's L_same = ½[unit_feature_mse(images) + unit_feature_mse(texts)] of
+                     features the model has already normalised.
+
+**Affinity losses** (the batch's image–text logits, each model at its own temperature):
+
+- `soft_target_contrastive_loss`  CLIP-KDPruning's contrastive loss with targets
+                 (1 − w)·ground truth + w·softmax(teacher logits); w = 0 is CLIP's loss.
+- `affinity_loss`  TinyCLIP affinity mimicking / open_clip DistillClipLoss: the w = 1 case, soft cross-entropy
+                 of the student's logits against the teacher's softmax, averaged over both directions.
+- `crd_loss`     CLIP-KD contrastive relational distillation: KL(teacher ‖ student) of the same distributions.
+                 Equals `affinity_loss` minus the teacher's entropy (constant in the student): same gradient,
+                 different value.
+- `logit_mse_loss`  the prune job's L_diff: ½[MSE(image→text logits) + MSE(text→image logits)].
+- `icl_loss`     CLIP-KD interactive contrastive learning: InfoNCE student image ↔ teacher text.
+
+**Relational and prototype losses** (ProtoRKD / ProtoCLIP; student and teacher widths may differ for RKD):
+
+- `rkd_distance_loss`, `rkd_angle_loss`  Relational KD (Park et al. 2019): match the pairwise distances and
+                 the triplet angles between samples.
+- `proto_loss`   ProtoCLIP's prototype-level discrimination against the teacher's cluster structure
+                 (`proto_targets`: soft or hard targets from the teacher-space centroids).
 
 `LOSSES` maps each `--distill-loss` name to how it reads one step's `DistillFeatures`, whether it needs
 captions, and its published default weight: the one table the distill job both parses and computes from.
@@ -20,23 +41,55 @@ captions, and its published default weight: the one table the distill job both p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, NamedTuple, Optional
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+LogitPair = Tuple[torch.Tensor, torch.Tensor]  # (image→text, text→image)
 
-def cosine_loss(student_image: torch.Tensor, teacher_image: torch.Tensor) -> torch.Tensor:
-    """Mean of 1 − cosine similarity (torch's CosineEmbeddingLoss with all targets +1)."""
-    return (1.0 - F.cosine_similarity(student_image, teacher_image, dim=-1)).mean()
+
+# --- feature distances ---------------------------------------------------------------------------------
+
+
+def unit_feature_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over every element of (s − t)² for rows already on the unit sphere: mean‖s − t‖² / D, which is
+    mean(2 − 2·cos(s, t)) / D there. The one computation behind every feature-distance loss below."""
+    return F.mse_loss(student, teacher)
+
+
+def _unit_rows(student: torch.Tensor, teacher: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
 
 
 def fd_loss(student_image: torch.Tensor, teacher_image: torch.Tensor) -> torch.Tensor:
     """Mean squared error of the L2-normalised features, averaged over every element (CLIP-KD)."""
-    return F.mse_loss(F.normalize(student_image, dim=-1), F.normalize(teacher_image, dim=-1))
+    return unit_feature_mse(*_unit_rows(student_image, teacher_image))
 
 
-def _affinity_logits(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float):
+def simreg_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of the squared distance between L2-normalised features (SimReg) = D · fd_loss."""
+    return student.shape[-1] * unit_feature_mse(*_unit_rows(student, teacher))
+
+
+def cosine_loss(student_image: torch.Tensor, teacher_image: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 − cosine similarity (torch's CosineEmbeddingLoss with all targets +1) = D/2 · fd_loss:
+    computed as a squared distance, exact where 1 − cos would cancel (student close to teacher)."""
+    return 0.5 * student_image.shape[-1] * unit_feature_mse(*_unit_rows(student_image, teacher_image))
+
+
+def feature_kd_loss(student_image: torch.Tensor, student_text: torch.Tensor, teacher_image: torch.Tensor,
+                    teacher_text: torch.Tensor) -> torch.Tensor:
+    """½[unit_feature_mse(images) + unit_feature_mse(texts)] of features the models already normalised
+    (CLIP-KDPruning's L_same; not normalised again, so a bf16 teacher's features are compared as it gave them)."""
+    return (unit_feature_mse(student_image, teacher_image) + unit_feature_mse(student_text, teacher_text)) / 2
+
+
+# --- affinity (logit) losses ----------------------------------------------------------------------------
+
+
+def affinity_logits(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float) -> LogitPair:
+    """(s·I Tᵀ, its transpose): one batch's image→text and text→image logits on one device."""
     logits_per_image = logit_scale * image @ text.T
     return logits_per_image, logits_per_image.T
 
@@ -45,9 +98,34 @@ def icl_loss(student_image: torch.Tensor, teacher_text: torch.Tensor,
              logit_scale: torch.Tensor | float) -> torch.Tensor:
     """½[CE(s·I_s T_tᵀ, diag) + CE(s·T_t I_sᵀ, diag)]: the student's images must find their captions in
     the teacher's text space."""
-    logits_per_image, logits_per_text = _affinity_logits(student_image, teacher_text, logit_scale)
+    logits_per_image, logits_per_text = affinity_logits(student_image, teacher_text, logit_scale)
     labels = torch.arange(student_image.shape[0], device=student_image.device)
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+
+
+def soft_target_contrastive_loss(student_logits: LogitPair, teacher_logits: LogitPair, labels: torch.Tensor,
+                                 teacher_weight: float = 1.0) -> torch.Tensor:
+    """½[CE(s^{i→t}, y^{i→t}) + CE(s^{t→i}, y^{t→i})] with soft targets y = (1 − w)·one-hot(labels) +
+    w·softmax(teacher logits), w = `teacher_weight` (CLIP-KDPruning's contrastive loss). `labels` index each
+    row's positive column (the ground truth open_clip's ClipLoss gives for these logits). Linear in w:
+    (1 − w)·CLIP's contrastive loss + w·the affinity loss of these logits."""
+    student_i2t, student_t2i = student_logits
+    teacher_i2t, teacher_t2i = teacher_logits
+    hard = F.one_hot(labels, student_i2t.shape[1]).to(student_i2t.dtype)
+    target_i2t = (1 - teacher_weight) * hard + teacher_weight * teacher_i2t.softmax(-1)
+    target_t2i = (1 - teacher_weight) * hard + teacher_weight * teacher_t2i.softmax(-1)
+    return (F.cross_entropy(student_i2t, target_i2t) + F.cross_entropy(student_t2i, target_t2i)) / 2
+
+
+def affinity_loss(student_image: torch.Tensor, student_text: torch.Tensor, teacher_image: torch.Tensor,
+                  teacher_text: torch.Tensor, student_logit_scale: torch.Tensor | float,
+                  teacher_logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """½[CE(s·I_s T_sᵀ, softmax(s_t·I_t T_tᵀ)) + CE(transposes)] (TinyCLIP affinity mimicking): the
+    `soft_target_contrastive_loss` with the teacher's softmax as the whole target (w = 1)."""
+    labels = torch.arange(student_image.shape[0], device=student_image.device)
+    return soft_target_contrastive_loss(affinity_logits(student_image, student_text, student_logit_scale),
+                                        affinity_logits(teacher_image, teacher_text, teacher_logit_scale),
+                                        labels, teacher_weight=1.0)
 
 
 def _kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -56,34 +134,73 @@ def _kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
                     reduction="batchmean", log_target=True)
 
 
-def _both_directions(compare: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], student_image: torch.Tensor,
-                     student_text: torch.Tensor, teacher_image: torch.Tensor, teacher_text: torch.Tensor,
-                     student_logit_scale: torch.Tensor | float,
-                     teacher_logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """½[compare(student, teacher) of the image→text logits + the same of the text→image logits]."""
-    s_image, s_text = _affinity_logits(student_image, student_text, student_logit_scale)
-    t_image, t_text = _affinity_logits(teacher_image, teacher_text, teacher_logit_scale)
-    return 0.5 * (compare(s_image, t_image) + compare(s_text, t_text))
-
-
 def crd_loss(student_image: torch.Tensor, student_text: torch.Tensor, teacher_image: torch.Tensor,
              teacher_text: torch.Tensor, student_logit_scale: torch.Tensor | float,
              teacher_logit_scale: torch.Tensor | float) -> torch.Tensor:
     """½[KL(p_t^{i→t} ‖ p_s^{i→t}) + KL(p_t^{t→i} ‖ p_s^{t→i})] over the batch's affinity matrices."""
-    return _both_directions(_kl_rows, student_image, student_text, teacher_image, teacher_text,
-                            student_logit_scale, teacher_logit_scale)
+    s_image, s_text = affinity_logits(student_image, student_text, student_logit_scale)
+    t_image, t_text = affinity_logits(teacher_image, teacher_text, teacher_logit_scale)
+    return 0.5 * (_kl_rows(s_image, t_image) + _kl_rows(s_text, t_text))
 
 
-def _soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    return -(teacher_logits.softmax(dim=-1) * student_logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+def logit_mse_loss(student_logits: LogitPair, teacher_logits: LogitPair) -> torch.Tensor:
+    """½[MSE(s^{i→t}, t^{i→t}) + MSE(s^{t→i}, t^{t→i})], each model's logits at its own temperature
+    (CLIP-KDPruning's L_diff)."""
+    return (F.mse_loss(student_logits[0], teacher_logits[0]) + F.mse_loss(student_logits[1], teacher_logits[1])) / 2
 
 
-def affinity_loss(student_image: torch.Tensor, student_text: torch.Tensor, teacher_image: torch.Tensor,
-                  teacher_text: torch.Tensor, student_logit_scale: torch.Tensor | float,
-                  teacher_logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """½[CE(s·I_s T_sᵀ, softmax(s_t·I_t T_tᵀ)) + CE(transposes)] (TinyCLIP affinity mimicking)."""
-    return _both_directions(_soft_cross_entropy, student_image, student_text, teacher_image, teacher_text,
-                            student_logit_scale, teacher_logit_scale)
+# --- relational and prototype losses (ProtoRKD / ProtoCLIP) ---------------------------------------------
+
+
+def _normalised_pairwise_distances(features: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance matrix divided by its mean off-diagonal (non-zero) entry: scale-free, so a
+    student and a teacher whose features have different norms or dimensions can be compared."""
+    distances = torch.cdist(features, features)
+    off_diagonal = ~torch.eye(len(features), dtype=torch.bool, device=features.device)
+    mean = distances[off_diagonal & (distances > 0)].mean()
+    return distances / mean
+
+
+def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Smooth-L1 between the two normalised pairwise-distance matrices (RKD distance term)."""
+    with torch.no_grad():
+        target = _normalised_pairwise_distances(teacher.float())
+    return F.smooth_l1_loss(_normalised_pairwise_distances(student.float()), target)
+
+
+def _triplet_angle_cosines(features: torch.Tensor) -> torch.Tensor:
+    """cos of the angle at j between samples i and k, for all (i, j, k): entry [j, i, k]."""
+    differences = F.normalize(features.unsqueeze(0) - features.unsqueeze(1), dim=2)  # [j, i] = e_i - e_j
+    return torch.bmm(differences, differences.transpose(1, 2))
+
+
+def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Smooth-L1 between the triplet angle cosines of student and teacher (RKD angle term). O(B³) memory."""
+    with torch.no_grad():
+        target = _triplet_angle_cosines(teacher.float())
+    return F.smooth_l1_loss(_triplet_angle_cosines(student.float()), target)
+
+
+def proto_targets(target_centroids: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(C[y] Cᵀ / T) over prototypes with C the L2-normalised target centroids; one-hot when T ≤ 0."""
+    if temperature is None or temperature <= 0:
+        return F.one_hot(labels, num_classes=len(target_centroids)).float()
+    centroids = F.normalize(target_centroids.float(), dim=-1)
+    return torch.softmax(centroids[labels] @ centroids.T / temperature, dim=1)
+
+
+def proto_loss(features: torch.Tensor, prototypes: torch.Tensor, target_centroids: torch.Tensor,
+               labels: torch.Tensor, scale: torch.Tensor, target_temperature: float) -> torch.Tensor:
+    """ProtoCLIP's prototype loss: cross-entropy between softmax(τ · f Pᵀ) (f, P L2-normalised; `scale` = τ,
+    i.e. exp of the learnable log-temperature, as open_clip's ClipLoss takes it) and the targets of
+    `proto_targets`. Rows with label −1 are ignored."""
+    keep = labels >= 0
+    if not bool(keep.any()):
+        return (features.sum() + scale) * 0.0  # still part of the graph: DDP expects every used input's gradient
+    features, labels = features[keep], labels[keep]
+    logits = scale * F.normalize(features.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
+    targets = proto_targets(target_centroids, labels, target_temperature).to(logits.device)
+    return F.cross_entropy(logits, targets)  # probability targets: −Σ y·log_softmax(logits), mean over rows
 
 
 # --- the table the distill job runs ------------------------------------------------------------------

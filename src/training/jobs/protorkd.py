@@ -10,7 +10,8 @@ the batch's row index.
 Losses (`--distiller`, comma list): mse (SimReg), rkd (distance + angle), infonce (student image ↔
 teacher text, learnable temperature), proto (ProtoCLIP: InfoNCE + prototype losses against per-episode
 k-means prototypes of the teacher embeddings, optionally back-translated into the image space, plus
-external-teacher prototypes). The formulas live in training/proto.py.
+external-teacher prototypes). The losses live in compress/ops/distill_losses.py, the clustering in
+training/proto.py.
 
 Episodes: each epoch is an episode of `--episode-size` row indices drawn with replacement from the first
 `--dataset-size` rows (`--episode-size 0`: every row once, shuffled). The mapping is a pure function of
@@ -34,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from compress.ops import distill_losses
 from foundation.errors import UserError
 from training import proto
 from training.accel import autocast, autocast_dtype
@@ -448,11 +450,11 @@ class ProtoRKDJob(Job):
         losses: Dict[str, torch.Tensor] = {}
         if not lit:
             if "mse" in self.distillers:
-                losses["simreg_loss"] = args.w_simreg * proto.simreg_loss(student, teacher)
+                losses["simreg_loss"] = args.w_simreg * distill_losses.simreg_loss(student, teacher)
             if "rkd" in self.distillers:
-                losses["rkd_distance_loss"] = args.w_rkd_d * proto.rkd_distance_loss(student, teacher)
+                losses["rkd_distance_loss"] = args.w_rkd_d * distill_losses.rkd_distance_loss(student, teacher)
                 if args.w_rkd_a > 0:
-                    losses["rkd_angle_loss"] = args.w_rkd_a * proto.rkd_angle_loss(student, teacher)
+                    losses["rkd_angle_loss"] = args.w_rkd_a * distill_losses.rkd_angle_loss(student, teacher)
         if self.uses_infonce:
             losses["infonce_loss"] = args.w_clip * self.clip_loss(
                 F.normalize(student, dim=-1), F.normalize(teacher, dim=-1), out["logit_scale"])
@@ -460,13 +462,13 @@ class ProtoRKDJob(Job):
             # ProtoCLIP averages image→text and text→image terms; with a frozen teacher the text→* terms
             # carry no gradient to the student, so only the image→* halves remain (same weight meaning)
             index = batch["index"].cpu()
-            losses["proto_loss"] = args.w_proto * 0.5 * proto.proto_loss(
+            losses["proto_loss"] = args.w_proto * 0.5 * distill_losses.proto_loss(
                 student, self.prototypes["image_prototypes"].to(student.device),
                 self.prototypes["text_centroids"].to(student.device),
                 self.label_of_row["text_labels"][index].to(student.device), out["logit_scale_proto"],
                 args.target_temperature)
             if self.uses_external:
-                losses["proto_external_loss"] = args.w_proto_external * 0.5 * proto.proto_loss(
+                losses["proto_external_loss"] = args.w_proto_external * 0.5 * distill_losses.proto_loss(
                     student, self.prototypes["image_prototypes_external"].to(student.device),
                     self.prototypes["external_centroids"].to(student.device),
                     self.label_of_row["external_labels"][index].to(student.device), out["logit_scale_proto"], -1)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from compress.models import pruning
 from compress.models.compact_clip import to_compact
 from compress.models.registry import build_model, open_clip_spec
+from compress.ops import distill_losses
 from compress.ops.profile import params_and_macs
 from foundation.errors import UserError
 from training.distributed import all_reduce_sum
@@ -274,25 +275,22 @@ class PruneJob(Job):
         args = self.args
         out = model(batch["image"], batch["text"])
         image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]
-        logits_i2t, logits_t2i = self.clip_loss.get_logits(image, text, scale)
-        labels = self.clip_loss.get_ground_truth(image.device, logits_i2t.shape[0])
+        logits = self.clip_loss.get_logits(image, text, scale)
+        labels = self.clip_loss.get_ground_truth(image.device, logits[0].shape[0])
         losses: Dict[str, torch.Tensor] = {}
         if self.teacher is None or self.pruned:
-            contrastive = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+            contrastive = (F.cross_entropy(logits[0], labels) + F.cross_entropy(logits[1], labels)) / 2
             total = contrastive
         else:
             with torch.no_grad():
                 teacher = self.teacher(batch["image"], batch["text"])
-                t_i2t, t_t2i = self.clip_loss.get_logits(teacher["image_features"], teacher["text_features"],
-                                                        teacher["logit_scale"])
+                teacher_logits = self.clip_loss.get_logits(teacher["image_features"], teacher["text_features"],
+                                                           teacher["logit_scale"])
             # the contrastive target softened by the teacher's similarity distribution
-            w = args.w_kd_soft_target
-            hard = F.one_hot(labels, logits_i2t.shape[1]).to(logits_i2t.dtype)
-            target_i2t = (1 - w) * hard + w * t_i2t.softmax(-1)
-            target_t2i = (1 - w) * hard + w * t_t2i.softmax(-1)
-            contrastive = (F.cross_entropy(logits_i2t, target_i2t) + F.cross_entropy(logits_t2i, target_t2i)) / 2
-            feat = (F.mse_loss(image, teacher["image_features"]) + F.mse_loss(text, teacher["text_features"])) / 2
-            logit = (F.mse_loss(logits_i2t, t_i2t) + F.mse_loss(logits_t2i, t_t2i)) / 2
+            contrastive = distill_losses.soft_target_contrastive_loss(logits, teacher_logits, labels,
+                                                                      args.w_kd_soft_target)
+            feat = distill_losses.feature_kd_loss(image, text, teacher["image_features"], teacher["text_features"])
+            logit = distill_losses.logit_mse_loss(logits, teacher_logits)
             total = contrastive
             if not self._is_update_step(self.next_step):
                 # CLIP-KDPruning leaves L_same and L_diff out of the steps whose gradients end in a mask update
