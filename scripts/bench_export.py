@@ -63,7 +63,7 @@ def kinds(model_name: str):
     yield "token-masked p=0.5", lambda: mask_tokens(dense, 0.5)
     yield "text layers: first 1", lambda: drop_text_layers(dense, keep_first=1)
     yield "student_clip mobilenet_v3_small", lambda: build_model(student_clip_spec(
-        student_image_spec("mobilenet_v3_small", model_name, input_size=size), model_name)).eval()
+        student_image_spec("mobilenet_v3_small", model_name, image_size=size), model_name)).eval()
     yield "image_student + MiniLM", lambda: build_model(image_student_spec(
         model_name, {"type": "sentence_transformers", "name": "all-MiniLM-L6-v2"}, 384)).eval()
     yield "quantized int8 (pruned p=0.5)", lambda: quantize(pruned(), "int8_dynamic")

@@ -54,7 +54,7 @@ def test_a_student_with_stale_statistics_collapses_in_eval_mode_until_they_are_r
     # at 64 px the last feature maps are 2x2, so a batch of 64 gives each channel 256 values: the n/(n-1) of
     # the unbiased running variance is then negligible (at 32 px and 1x1 maps it compounds over the layers)
     student = build_model(student_clip_spec(student_image_spec("mobilenet_v3_small", "clipc-vit-t2-32",
-                                                               input_size=64), "clipc-vit-t2-32"))
+                                                               image_size=64), "clipc-vit-t2-32"))
     images = torch.randn(64, 3, 64, 64)
     for layer in trained_batchnorms(student):  # running averages that no longer fit the weights
         layer.running_var.fill_(1e-6)

@@ -102,7 +102,7 @@ fisher = {{mac_constraint = 0.65}}
     # what each recipe made, rebuilt from its checkpoint like any of our models
     models = {kind: compress.load(path) for kind, path in zip(("distill", "token_mask", "heads", "fisher"),
                                                                first["checkpoints"][:4])}
-    assert models["distill"].model_spec["image_tower"]["arch"] == "mobilenet_v3_small"
+    assert models["distill"].model_spec["image_tower"]["name"] == "mobilenet_v3_small"
     assert models["token_mask"].model_spec["token_mask"] == {"drop": 0.5, "seed": 0, "per_image": True}
     blocks = models["heads"].model_spec["blocks"]
     heads = [block["heads"] for name, block in blocks.items() if name.startswith("visual")]

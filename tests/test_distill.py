@@ -96,7 +96,7 @@ def test_torchvision_students_project_to_the_teacher_embedding(arch):
     from compress.models.registry import build_model
     from compress.models.students import student_clip_spec, student_image_spec
 
-    spec = student_clip_spec(student_image_spec(arch, "clipc-vit-t2-32", input_size=32), "clipc-vit-t2-32")
+    spec = student_clip_spec(student_image_spec(arch, "clipc-vit-t2-32", image_size=32), "clipc-vit-t2-32")
     model = build_model(spec).eval()
     features = model.encode_image(torch.randn(2, 3, 32, 32))
     assert features.shape == (2, 64)  # clipc-vit-t2-32's embed_dim
@@ -108,7 +108,7 @@ def test_freeze_backbone_trains_only_the_head_and_keeps_batchnorm_statistics():
     from compress.models.registry import build_model
     from compress.models.students import student_clip_spec, student_image_spec
 
-    spec = student_clip_spec(student_image_spec("resnet18", "clipc-vit-t2-32", input_size=32, freeze_backbone=True),
+    spec = student_clip_spec(student_image_spec("resnet18", "clipc-vit-t2-32", image_size=32, freeze_backbone=True),
                              "clipc-vit-t2-32")
     model = build_model(spec).train()
     trainable = [n for n, p in model.visual.named_parameters() if p.requires_grad]
@@ -158,7 +158,7 @@ def test_inheritance_keeps_chosen_layers_leading_heads_and_dims():
     from compress.models.students import inherit_vit_from_teacher, student_clip_spec, student_image_spec
 
     teacher = _teacher_visual()  # width 128, head width 64 (2 heads), 2 layers, 64 px / patch 8
-    spec = student_image_spec("teacher", "clipc-vit-t2-64", input_size=32, width=64, layers=1)
+    spec = student_image_spec("teacher", "clipc-vit-t2-64", image_size=32, width=64, layers=1)
     student = build_model(student_clip_spec(spec, "clipc-vit-t2-64"))
     inherit_vit_from_teacher(student.visual.net, teacher.visual, [1])
     t_block, s_block = teacher.visual.transformer.resblocks[1], student.visual.net.transformer.resblocks[0]

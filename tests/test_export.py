@@ -58,13 +58,13 @@ def pruned(dense):
 
 def student(dense):
     torch.manual_seed(3)
-    image = student_image_spec("mobilenet_v3_small", MODEL, input_size=32)
+    image = student_image_spec("mobilenet_v3_small", MODEL, image_size=32)
     return build_model(student_clip_spec(image, MODEL)).eval()
 
 
 def vit_student(dense):
     torch.manual_seed(4)
-    image = student_image_spec("teacher", MODEL, input_size=16, width=32, layers=1)  # resizes 32 → 16 inside
+    image = student_image_spec("teacher", MODEL, image_size=16, width=32, layers=1)  # resizes 32 → 16 inside
     return build_model(student_clip_spec(image, MODEL)).eval()
 
 

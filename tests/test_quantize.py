@@ -97,7 +97,7 @@ def test_towers_choose_what_is_quantised(dense):
 
 STUDENTS = {
     "student_clip": lambda: build_model(student_clip_spec(student_image_spec("mobilenet_v3_small", MODEL,
-                                                                             input_size=32), MODEL)),
+                                                                             image_size=32), MODEL)),
     "image_student": lambda: build_model(image_student_spec(
         MODEL, {"type": "sentence_transformers", "name": "all-MiniLM-L6-v2"}, 384, add_projection_head=True,
         projection_hidden_dim=32, projection_n_layers=1)),

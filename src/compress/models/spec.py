@@ -12,6 +12,12 @@ Architecture names are checked against what is installed here: an open_clip conf
 `open_clip.list_models()` (ours included), a torchvision name one of `torchvision.models.list_models()`, and
 a sentence-transformers text encoder must be the bundled all-MiniLM-L6-v2 unless the caller allows more
 names explicitly (`allowed_text_encoders`): the checkpoint never chooses what gets downloaded or read.
+
+The schemas are written in a small language, also used for other files people or programs hand us
+(utils.cascade.recipes checks a cascade config's recipes with it): a check is `check(value, path, ctx)`, which
+returns the checked value or raises a `SpecError` naming `path`; `record`, `mapping`, `list_of`, `tagged`,
+`either`, `optional`, `renamed` and `explained` build checks from checks, `integer`, `number`, `choice`,
+`boolean`, `text` and `literal` are the leaves, and `validate(schema, value, path)` runs one.
 """
 from __future__ import annotations
 
@@ -28,8 +34,13 @@ MAX_ITEMS = 4096  # no list or mapping in a spec is longer (a block per layer, a
 
 
 class SpecError(UserError, ValueError):
-    """A model_spec that its schema refuses; the message names the key. (A ValueError too: it is a bad value
-    inside a file, which callers of compress.load already handle as such.)"""
+    """A model_spec (or other value) that its schema refuses; the message names the key path. (A ValueError
+    too: it is a bad value inside a file, which callers of compress.load already handle as such.) `path` and
+    `reason` are the two halves of a refusal by a check (`explained` rewords them)."""
+
+    def __init__(self, message: str, path: str = "", reason: str = ""):
+        super().__init__(message)
+        self.path, self.reason = path, reason
 
 
 class Context:
@@ -39,8 +50,16 @@ class Context:
         self.allowed_text_encoders: FrozenSet[str] = frozenset(allowed_text_encoders)
 
 
+ROOT = "model_spec"  # the path of a checkpoint's spec in messages
+
+
 def _fail(path: str, message: str) -> SpecError:
-    return SpecError(f"model_spec{path}: {message}")
+    return SpecError(f"{path}: {message}", path, message)
+
+
+def validate(schema: Check, value: Any, path: str) -> Any:
+    """`value` checked against `schema` (a check of this module's language), `path` naming it in messages."""
+    return schema(value, path, Context())
 
 
 # --- leaf checks -------------------------------------------------------------------------------------
@@ -52,7 +71,7 @@ def boolean(value: Any, path: str, ctx: Context) -> bool:
     return value
 
 
-def integer(lo: int, hi: int) -> Check:
+def integer(lo: int, hi: float = math.inf) -> Check:
     def check(value: Any, path: str, ctx: Context) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _fail(path, f"expected an integer, got {type(value).__name__}")
@@ -62,12 +81,24 @@ def integer(lo: int, hi: int) -> Check:
     return check
 
 
-def number(lo: float, hi: float) -> Check:
+def number(lo: float, hi: float, hi_excluded: bool = False) -> Check:
+    """A finite number in [lo, hi], or in [lo, hi) with `hi_excluded`."""
     def check(value: Any, path: str, ctx: Context) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _fail(path, f"expected a number, got {type(value).__name__}")
-        if not (math.isfinite(value) and lo <= value <= hi):
-            raise _fail(path, f"{value} is outside [{lo}, {hi}]")
+        if not (math.isfinite(value) and lo <= value and (value < hi if hi_excluded else value <= hi)):
+            raise _fail(path, f"{value} is outside [{lo}, {hi}{')' if hi_excluded else ']'}")
+        return value
+    return check
+
+
+def text(min_len: int = 0, max_len: float = math.inf) -> Check:
+    def check(value: Any, path: str, ctx: Context) -> str:
+        if not isinstance(value, str):
+            raise _fail(path, f"expected a text, got {type(value).__name__}")
+        if not min_len <= len(value) <= max_len:
+            length = f"at least {min_len}" if max_len == math.inf else f"{min_len}..{max_len}"
+            raise _fail(path, f"expected a text of {length} characters, got {len(value)}")
         return value
     return check
 
@@ -121,8 +152,10 @@ def list_of(inner: Check, min_len: int = 0, max_len: int = MAX_ITEMS) -> Check:
     return check
 
 
-def record(required: Mapping[str, Check], optional_keys: Mapping[str, Check] = ()) -> Check:
-    """A dict with exactly these keys allowed (the required ones present); anything else is refused."""
+def record(required: Mapping[str, Check], optional_keys: Mapping[str, Check] = (),
+           unknown: str = "unknown key (not allowed in this model kind)") -> Check:
+    """A dict with exactly these keys allowed (the required ones present); anything else is refused, as
+    `unknown`. A missing key's refusal says what it means when its check is `explained`."""
     optional_keys = dict(optional_keys)
 
     def check(value: Any, path: str, ctx: Context) -> dict:
@@ -132,10 +165,11 @@ def record(required: Mapping[str, Check], optional_keys: Mapping[str, Check] = (
             if not isinstance(key, str):
                 raise _fail(path, f"key {key!r} is not a string")
             if key not in required and key not in optional_keys:
-                raise _fail(f"{path}.{key}", "unknown key (not allowed in this model kind)")
-        for key in required:
+                raise _fail(f"{path}.{key}", unknown)
+        for key, inner in required.items():
             if key not in value:
-                raise _fail(f"{path}.{key}", "missing")
+                meaning = getattr(inner, "meaning", None)
+                raise _fail(f"{path}.{key}", f"missing ({meaning})" if meaning else "missing")
         out = {}
         for key, item in value.items():
             inner = required.get(key) or optional_keys[key]
@@ -159,6 +193,34 @@ def mapping(key_pattern: str, inner: Check, max_items: int = MAX_ITEMS) -> Check
                 raise _fail(f"{path}.{key}", "key not allowed here")
             out[key] = inner(item, f"{path}.{key}", ctx)
         return out
+    return check
+
+
+def explained(inner: Check, meaning: str) -> Check:
+    """`inner`, whose refusal shows the value given and says what it means (`drop = 1.0: fraction of patch
+    tokens dropped, 0 <= p < 1 (1.0 is outside [0.0, 1.0))`): for files people write, where the meaning helps
+    more than the type."""
+    def check(value: Any, path: str, ctx: Context) -> Any:
+        try:
+            return inner(value, path, ctx)
+        except SpecError as error:
+            reason = f"{meaning} ({error.reason if error.path == path else error})"
+            raise SpecError(f"{path} = {repr(value)[:80]}: {reason}", path, reason) from None
+    check.meaning = meaning  # type: ignore[attr-defined]  # read by record for a missing key
+    return check
+
+
+def renamed(old_names: Mapping[str, str], inner: Check) -> Check:
+    """A mapping whose keys named in `old_names` are read as their new names before `inner` checks it, so a
+    file that carries a key under its old name loads as one that uses the new name (the checked value, the
+    one a model is built from and carries, has only the new names). Both names at once are refused."""
+    def check(value: Any, path: str, ctx: Context) -> Any:
+        if isinstance(value, dict):
+            for old, new in old_names.items():
+                if old in value and new in value:
+                    raise _fail(f"{path}.{old}", f"given besides {new!r}, the name it is read as")
+            value = {old_names.get(key, key): item for key, item in value.items()}
+        return inner(value, path, ctx)
     return check
 
 
@@ -289,13 +351,13 @@ def register_schema(kind: str, required: Mapping[str, Check], optional_keys: Map
 def validate_spec(spec: Any, allowed_text_encoders: Iterable[str] = ()) -> Dict[str, Any]:
     """`spec` checked against its kind's schema; raises SpecError (one line naming the key) otherwise."""
     if not isinstance(spec, dict):
-        raise SpecError(f"model_spec: expected a mapping, got {type(spec).__name__}")
+        raise _fail(ROOT, f"expected a mapping, got {type(spec).__name__}")
     kind = spec.get("kind")
     if not isinstance(kind, str) or kind not in SCHEMAS:
-        raise SpecError(f"model_spec.kind: unknown model kind {str(kind)[:80]!r}; known kinds: {sorted(SCHEMAS)}")
+        raise _fail(f"{ROOT}.kind", f"unknown model kind {str(kind)[:80]!r}; known kinds: {sorted(SCHEMAS)}")
     ctx = Context(allowed_text_encoders)
-    _register_model_cfgs(spec, "", ctx)
-    return SCHEMAS[kind](spec, "", ctx)
+    _register_model_cfgs(spec, ROOT, ctx)
+    return SCHEMAS[kind](spec, ROOT, ctx)
 
 
 def _register_model_cfgs(spec: Any, path: str, ctx: Context) -> None:
@@ -317,13 +379,9 @@ def _register_model_cfgs(spec: Any, path: str, ctx: Context) -> None:
 
 # --- the kinds ---------------------------------------------------------------------------------------
 # One file lists everything any spec may hold, so a reviewer audits one place. A kind without a schema
-# here cannot be loaded (tests/test_trust.py checks every registered kind has one).
+# here cannot be loaded (tests/test_hostile_checkpoints.py checks every registered kind has one).
 
-def TEXT_NOTE(value: Any, path: str, ctx: Context) -> str:  # noqa: N802  (a check, named like the others)
-    """An informational string (never used to find anything)."""
-    if not isinstance(value, str) or len(value) > 200:
-        raise _fail(path, "expected a short text (at most 200 characters)")
-    return value
+TEXT_NOTE = text(max_len=200)  # an informational string (never used to find anything)
 
 
 OPEN_CLIP_BASE = {"model": open_clip_config}
@@ -347,7 +405,8 @@ BLOCK_NAME = r"(visual\.transformer|text\.transformer|transformer)\.resblocks\.\
 COMPACT_OPTIONAL = {
     **OPEN_CLIP_OPTIONAL,
     "text_layers": optional(list_of(integer(0, 4095), 1)),
-    # per_image: the tokens kept are a function of the image and the seed (written since; absent in older specs)
+    # per_image true: the tokens kept are a function of the image and the seed alone (what utils.token_mask
+    # writes); false or absent: one draw per batch (compact_clip.TokenMask), so such a spec scores as measured
     "token_mask": optional(record({"drop": number(0.0, 0.999999)},
                                   {"seed": integer(0, (1 << 63) - 1), "per_image": FLAG})),
     "blocks": mapping(BLOCK_NAME, BLOCK_SHAPE),
@@ -372,8 +431,12 @@ register_schema("masked_clip", {"base": _masked_base,
 
 # --- students ---
 
-TORCHVISION_TOWER = record({"type": literal("torchvision"), "arch": torchvision_arch, "input_size": SIZE},
-                           {"freeze_backbone": FLAG})
+# A torchvision backbone is {"name", "image_size"} in both student kinds, as the distill job's --student and
+# --student-image-size name them. A student_clip tower of an older checkpoint says "arch"/"input_size": it is
+# read with those keys renamed, here and nowhere else, and the model carries the renamed spec.
+TORCHVISION_TOWER = renamed({"arch": "name", "input_size": "image_size"},
+                            record({"type": literal("torchvision"), "name": torchvision_arch, "image_size": SIZE},
+                                   {"freeze_backbone": FLAG}))
 VIT_TOWER = record({"type": literal("open_clip_vit"), "vision_cfg": VISION_CFG},
                    {"quick_gelu": FLAG, "freeze_backbone": FLAG})
 TEXT_TOWER = record({"text_cfg": TEXT_CFG}, {"quick_gelu": FLAG, "from": TEXT_NOTE})

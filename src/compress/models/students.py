@@ -4,19 +4,19 @@ Model kind `student_clip` (rebuilt by `compress.load` from the checkpoint's mode
 
     {"kind": "student_clip",
      "embed_dim": 128,                                   # the teacher's joint embedding size
-     "image_tower": {"type": "torchvision", "arch": "mobilenet_v3_small", "input_size": 32,
+     "image_tower": {"type": "torchvision", "name": "mobilenet_v3_small", "image_size": 32,
                      "freeze_backbone": false}
                   | {"type": "open_clip_vit", "vision_cfg": {...open_clip CLIPVisionCfg...}, "quick_gelu": false},
      "text_tower": {"text_cfg": {...open_clip CLIPTextCfg...}, "quick_gelu": false, "from": "teacher clipc-vit-t2-64"},
      "tokenizer_model": "clipc-vit-t2-64",                # open_clip tokenizer of the text tower
      "preprocess": {"image_size": 64, "mean": [...], "std": [...]}}   # the teacher's: same images
 
-- torchvision students (`torchvision.models.get_model(arch)`, any classification architecture): the
+- torchvision students (`torchvision.models.get_model(name)`, any classification architecture): the
   classifier's output layer becomes a Linear to `embed_dim` (compress.models.backbones); that Linear is the
   "head" `--freeze-backbone` trains (casCLIP's setting).
 - open_clip ViT students: an open_clip `VisionTransformer` whose `proj` maps to `embed_dim`; smaller ViTs can
   be initialised from the teacher with `inherit_vit_from_teacher` (TinyCLIP manual inheritance).
-- Students see the teacher's preprocessed images; a student with a smaller `input_size` resizes them inside
+- Students see the teacher's preprocessed images; a student with a smaller `image_size` resizes them inside
   its forward (so the cost of resizing is part of its measured latency, and a cascade feeds every level the
   same tensors).
 - The text tower is an open_clip `TextTransformer` built from the teacher's text config and filled with the
@@ -39,21 +39,21 @@ from compress.models.backbones import (
     read_weights_file,
     torchvision_backbone,
 )
-from compress.models.registry import register_model_kind
+from compress.models.registry import open_clip_preprocess, register_model_kind
 
 # --- specs ---------------------------------------------------------------------------------------------
 
 
-def student_image_spec(student: str, teacher_model: str, input_size: Optional[int] = None,
+def student_image_spec(student: str, teacher_model: str, image_size: Optional[int] = None,
                        width: Optional[int] = None, layers: Optional[int] = None,
                        freeze_backbone: bool = False) -> Dict[str, Any]:
     """Image-tower spec for `--student`: a torchvision architecture, an open_clip model name (its vision
-    config), or `teacher` (the teacher's vision config). `width`/`layers`/`input_size` shrink a ViT."""
+    config), or `teacher` (the teacher's vision config). `width`/`layers`/`image_size` shrink a ViT."""
     teacher_vision = open_clip_model_config(teacher_model)["vision_cfg"]
     if is_torchvision_arch(student):
         if width is not None or layers is not None:
             raise ValueError("--student-width/--student-layers apply to open_clip ViT students only")
-        return {"type": "torchvision", "arch": student, "input_size": input_size or teacher_vision["image_size"],
+        return {"type": "torchvision", "name": student, "image_size": image_size or teacher_vision["image_size"],
                 "freeze_backbone": freeze_backbone}
     source = teacher_model if student == "teacher" else student
     try:
@@ -63,7 +63,7 @@ def student_image_spec(student: str, teacher_model: str, input_size: Optional[in
     vision_cfg = dict(config["vision_cfg"])
     if isinstance(vision_cfg.get("layers"), (list, tuple)) or vision_cfg.get("timm_model_name"):
         raise ValueError(f"--student {student!r}: only open_clip ViT configs are supported as students")
-    for key, value in (("image_size", input_size), ("width", width), ("layers", layers)):
+    for key, value in (("image_size", image_size), ("width", width), ("layers", layers)):
         if value is not None:
             vision_cfg[key] = value
     return {"type": "open_clip_vit", "vision_cfg": vision_cfg, "quick_gelu": bool(config.get("quick_gelu", False)),
@@ -80,8 +80,6 @@ def student_clip_spec(image_tower: Dict[str, Any], teacher_model: str,
                       text_model: Optional[str] = None) -> Dict[str, Any]:
     """Spec of a student CLIP: `image_tower` + the text tower of `text_model` (default: the teacher's),
     in the teacher's embedding space and with the teacher's preprocessing."""
-    import open_clip
-
     teacher_config = open_clip_model_config(teacher_model)
     text_model = text_model or teacher_model
     return {
@@ -91,8 +89,7 @@ def student_clip_spec(image_tower: Dict[str, Any], teacher_model: str,
         "text_tower": teacher_text_spec(text_model),
         "tokenizer_model": text_model,
         "teacher_model": teacher_model,
-        "preprocess": {"image_size": int(teacher_config["vision_cfg"]["image_size"]),
-                       "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)},
+        "preprocess": open_clip_preprocess(teacher_model),
         **_model_cfg(teacher_model, text_model),
     }
 
@@ -118,12 +115,12 @@ class StudentImageTower(nn.Module):
         super().__init__()
         self.spec = spec
         if spec["type"] == "torchvision":
-            self.input_size = int(spec["input_size"])
-            net, self.head_name = torchvision_backbone(spec["arch"], self.input_size, out_dim=embed_dim)
+            self.image_size = int(spec["image_size"])
+            net, self.head_name = torchvision_backbone(spec["name"], self.image_size, out_dim=embed_dim)
         elif spec["type"] == "open_clip_vit":
             net = open_clip_image_tower(spec["vision_cfg"], embed_dim, spec.get("quick_gelu", False))
             self.head_name = "proj"
-            self.input_size = int(spec["vision_cfg"]["image_size"])
+            self.image_size = int(spec["vision_cfg"]["image_size"])
         else:
             raise ValueError(f"unknown student image tower type {spec['type']!r}")
         self.net = net
@@ -140,8 +137,8 @@ class StudentImageTower(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
-            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
                                    align_corners=False, antialias=True)
         return self.net(images)
 
@@ -156,7 +153,7 @@ def load_torchvision_weights(tower: StudentImageTower, path: str) -> str:
     head = tower.head_name + "."
     backbone = {k: v for k, v in tower.net.state_dict().items() if not k.startswith(head)}
     fitted = fit_backbone_weights(read_weights_file(path), backbone,
-                                  f"--student-pretrained {path} ({tower.spec['arch']})")
+                                  f"--student-pretrained {path} ({tower.spec['name']})")
     tower.net.load_state_dict(fitted.backbone, strict=False)
     return fitted.describe()
 

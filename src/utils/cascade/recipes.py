@@ -11,6 +11,9 @@ A level of an experiment config is one of
     {distill = {student = "mobilenet_v3_small", epochs = 1}}   a student distilled from the large model by the
                                                         trainer's `--job distill` (casCLIP "distilling")
 
+A recipe's parameters are checked with the schema language of compress.models.spec (`RECIPE_SCHEMAS`): a
+bad one is one line that names it, shows the value and says what the parameter means.
+
 The large model is the config's last level, which must be a checkpoint or a stock model. The pruning recipes
 call the compress.ops functions on calibration batches (utils.posttrain.calibration_batches: a training TSV or a
 COCO / Flickr30k eval root, `[calibration]`); the distill recipe runs `python -m training.main --job distill`
@@ -30,8 +33,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
+from compress.models.spec import (
+    Check,
+    boolean,
+    choice,
+    explained,
+    integer,
+    list_of,
+    number,
+    optional,
+    record,
+    text,
+    validate,
+)
 from foundation.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from foundation.errors import UserError
 from utils.cascade.search import LevelSource, file_sha256
@@ -44,80 +60,61 @@ RECIPE_FILE = "recipe.json"
 
 @dataclass
 class Param:
-    default: Any
-    check: Callable[[Any], bool]
-    meaning: str
-
-
-def _number(lo: float, hi: float, open_hi: bool = False) -> Callable[[Any], bool]:
-    def check(value: Any) -> bool:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and lo <= value and (value < hi if open_hi else value <= hi))
-    return check
-
-
-def _whole(lo: int) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= lo
-
-
-def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda value: value is None or check(value)
-
-
-def _flag(value: Any) -> bool:
-    return isinstance(value, bool)
-
-
-def _text(value: Any) -> bool:
-    return isinstance(value, str) and bool(value)
-
-
-def _towers(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(t in ("image", "text") for t in value)
-
-
-def _strings(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    default: Any  # REQUIRED: must be given
+    check: Check  # in compress.models.spec's schema language
+    meaning: str  # said when the value is missing or refused
 
 
 REQUIRED = object()
+TOWERS = list_of(choice("image", "text"), 1)
 
-# every recipe's parameters: default (REQUIRED: must be given), check, meaning (for error messages)
+# every recipe's parameters: default, check, meaning
 RECIPES: Dict[str, Dict[str, Param]] = {
     "token_mask": {
-        "drop": Param(REQUIRED, _number(0.0, 1.0, open_hi=True), "fraction of patch tokens dropped, 0 <= p < 1"),
-        "seed": Param(0, _whole(0), "seed of the per-image token choice"),
+        "drop": Param(REQUIRED, number(0.0, 1.0, hi_excluded=True), "fraction of patch tokens dropped, 0 <= p < 1"),
+        "seed": Param(0, integer(0), "seed of the per-image token choice"),
     },
     "head_sensitivity": {
-        "num_heads": Param(None, _optional(_whole(0)), "heads to remove (or give fraction)"),
-        "fraction": Param(None, _optional(_number(0.0, 1.0)), "share of the chosen towers' heads to remove"),
-        "heads_per_round": Param(1, _whole(1), "heads removed before the scores are recomputed"),
-        "towers": Param(["image"], _towers, "towers whose heads are pruned (image, text)"),
-        "normalize_per_layer": Param(True, _flag, "rank per-layer L2-normalised scores"),
+        "num_heads": Param(None, optional(integer(0)), "heads to remove (or give fraction)"),
+        "fraction": Param(None, optional(number(0.0, 1.0)), "share of the chosen towers' heads to remove"),
+        "heads_per_round": Param(1, integer(1), "heads removed before the scores are recomputed"),
+        "towers": Param(["image"], TOWERS, "towers whose heads are pruned (image, text)"),
+        "normalize_per_layer": Param(True, boolean, "rank per-layer L2-normalised scores"),
     },
     "fisher": {
-        "mac_constraint": Param(REQUIRED, _number(0.0, 1.0), "share of the chosen blocks' head+MLP MACs kept"),
-        "towers": Param(["image"], _towers, "towers whose blocks are pruned (image, text)"),
-        "rearrange": Param(True, _flag, "rearrange the masks within each layer"),
-        "rescale": Param(True, _flag, "least-squares rescaling of the kept units"),
-        "damping": Param(1e-4, _number(0.0, 1.0), "ridge damping of the rescaling"),
+        "mac_constraint": Param(REQUIRED, number(0.0, 1.0), "share of the chosen blocks' head+MLP MACs kept"),
+        "towers": Param(["image"], TOWERS, "towers whose blocks are pruned (image, text)"),
+        "rearrange": Param(True, boolean, "rearrange the masks within each layer"),
+        "rescale": Param(True, boolean, "least-squares rescaling of the kept units"),
+        "damping": Param(1e-4, number(0.0, 1.0), "ridge damping of the rescaling"),
     },
     "distill": {
-        "student": Param(REQUIRED, _text, "the student: a torchvision architecture or an open_clip ViT config"),
-        "epochs": Param(1, _whole(1), "epochs of the distill run"),
-        "batch_size": Param(64, _whole(1), "batch size"),
-        "lr": Param(1e-3, _number(0.0, 10.0), "peak learning rate"),
-        "warmup": Param(20, _whole(0), "warm-up steps"),
-        "loss": Param("cosine", _text, "--distill-loss (casCLIP: cosine)"),
-        "dataset_size": Param(None, _optional(_whole(1)), "use only the first N rows of the training data"),
-        "student_image_size": Param(None, _optional(_whole(1)), "side the student sees"),
-        "freeze_backbone": Param(False, _flag, "train only the projection head (casCLIP)"),
-        "student_pretrained": Param(None, _optional(_text), "a local torchvision state dict for the backbone"),
-        "workers": Param(1, _whole(0), "data loader workers"),
-        "seed": Param(0, _whole(0), "the trainer's --seed"),
-        "args": Param([], _strings, "more trainer flags, as a list of strings"),
+        "student": Param(REQUIRED, text(1), "the student: a torchvision architecture or an open_clip ViT config"),
+        "epochs": Param(1, integer(1), "epochs of the distill run"),
+        "batch_size": Param(64, integer(1), "batch size"),
+        "lr": Param(1e-3, number(0.0, 10.0), "peak learning rate"),
+        "warmup": Param(20, integer(0), "warm-up steps"),
+        "loss": Param("cosine", text(1), "--distill-loss (casCLIP: cosine)"),
+        "dataset_size": Param(None, optional(integer(1)), "use only the first N rows of the training data"),
+        "student_image_size": Param(None, optional(integer(1)), "side the student sees"),
+        "freeze_backbone": Param(False, boolean, "train only the projection head (casCLIP)"),
+        "student_pretrained": Param(None, optional(text(1)), "a local torchvision state dict for the backbone"),
+        "workers": Param(1, integer(0), "data loader workers"),
+        "seed": Param(0, integer(0), "the trainer's --seed"),
+        "args": Param([], list_of(text()), "more trainer flags, as a list of strings"),
     },
 }
+
+
+def _schema(params: Dict[str, Param]) -> Check:
+    """A recipe's table: its parameters, each refusal saying what the parameter means."""
+    checks = {name: explained(param.check, param.meaning) for name, param in params.items()}
+    return record({name: check for name, check in checks.items() if params[name].default is REQUIRED},
+                  {name: check for name, check in checks.items() if params[name].default is not REQUIRED},
+                  unknown=f"unknown parameter (known: {', '.join(params)})")
+
+
+RECIPE_SCHEMAS: Dict[str, Check] = {kind: _schema(params) for kind, params in RECIPES.items()}
 
 
 def recipe_kind(entry: Dict[str, Any]) -> Optional[str]:
@@ -131,18 +128,8 @@ def normalize_recipe(kind: str, given: Any) -> Dict[str, Any]:
     """The recipe's parameters with defaults filled in; one line naming the parameter otherwise."""
     if not isinstance(given, dict):
         raise UserError(f"{kind}: expected a table of parameters, e.g. {kind} = {{...}}")
-    schema = RECIPES[kind]
-    unknown = sorted(set(given) - set(schema))
-    if unknown:
-        raise UserError(f"{kind}.{unknown[0]}: unknown parameter (known: {', '.join(schema)})")
-    params = {}
-    for name, param in schema.items():
-        value = given.get(name, param.default)
-        if value is REQUIRED:
-            raise UserError(f"{kind}.{name}: missing ({param.meaning})")
-        if not param.check(value):
-            raise UserError(f"{kind}.{name} = {value!r}: {param.meaning}")
-        params[name] = value
+    given = validate(RECIPE_SCHEMAS[kind], given, kind)
+    params = {name: given.get(name, param.default) for name, param in RECIPES[kind].items()}
     if kind == "head_sensitivity" and (params["num_heads"] is None) == (params["fraction"] is None):
         raise UserError("head_sensitivity: give exactly one of num_heads and fraction")
     return params
