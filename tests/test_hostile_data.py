@@ -11,9 +11,12 @@ import torch
 from PIL import Image, ImageFile
 
 from foundation import images
+from foundation.errors import DataError
 from foundation.images import BACKGROUND_RGB, DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, open_rgb, to_rgb
-from training import data as training_data
-from training.data import CsvDataset, decode_shard_sample, get_data
+from training.data import get_data
+from training.data import samples as training_samples
+from training.data.csv_dataset import CsvDataset
+from training.data.shards import decode_shard_sample
 from training.params import build_parser
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
@@ -125,7 +128,7 @@ def test_max_image_pixels_flag_reaches_the_loader_and_counts_as_bad(tmp_path, de
 
 def test_training_data_leaves_pils_own_bomb_limit_in_place():
     # importing the loader used to set MAX_IMAGE_PIXELS = None for the whole process (eval, tools too)
-    assert training_data.Image.MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_IMAGE_PIXELS
+    assert training_samples.Image.MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_IMAGE_PIXELS
 
 
 def test_16_bit_png_decodes_to_its_grey_not_white():
@@ -286,5 +289,5 @@ def test_malformed_row_mid_file_is_skipped_and_counted_with_its_line(tmp_path, c
 
 def test_a_file_of_only_malformed_rows_is_one_clear_error(tmp_path):
     (tmp_path / "train.tsv").write_text("filepath\ttitle\na.png\tx\ty\nb.png\tx\ty\n")
-    with pytest.raises(training_data.DataError, match="no row can be read.*line 2.*--csv-separator"):
+    with pytest.raises(DataError, match="no row can be read.*line 2.*--csv-separator"):
         CsvDataset(str(tmp_path / "train.tsv"), pixels)

@@ -6,7 +6,9 @@ import torch
 from torchvision import transforms as T
 
 from foundation.errors import DataError
-from training.data import EpochShards, LoaderPosition, check_shared_memory, get_data, shared_memory_needed
+from training.data import get_data
+from training.data.memory import check_shared_memory, shared_memory_needed
+from training.data.shards import EpochShards, LoaderPosition
 
 # random enough that two streams drawing the same crop of the same picture would be a coincidence
 AUGMENT = T.Compose([T.RandomResizedCrop(24, scale=(0.2, 1.0)), T.ToTensor()])

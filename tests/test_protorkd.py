@@ -106,7 +106,7 @@ def _job_and_context(corpus: str, world_size: int, rank: int, clustering_frequen
     trainer's RunContext it reads: a tiny student and the data's episodes."""
     from compress.models.registry import get_preprocess
     from compress.models.text_students import ImageStudent, image_student_spec
-    from training.data import CsvDataset, episode_indices
+    from training.data.csv_dataset import CsvDataset, episode_indices
     from training.jobs.protorkd import ProtoRKDJob
 
     args = types.SimpleNamespace(distiller="proto", w_proto_external=1.0, PBT=True, k=4, kmeans_max_iter=10,

@@ -257,11 +257,11 @@ def test_protorkd_with_an_image_teacher_end_to_end(tiny_corpus, tmp_path):
     assert features.shape == (256, 128) and np.abs(features).sum(axis=1).min() > 0  # every row embedded
 
     from compress.models.image_teachers import FrozenImageTeacher
-    from training.data import CsvDataset
+    from training.data.csv_dataset import CsvDataset
 
     teacher = FrozenImageTeacher("resnet18", str(tmp_path / "moco.pth"), "head", image_size=32)
     rows = CsvDataset(str(tiny_corpus / "train.tsv"), teacher.transform)
-    from training.data import load_image
+    from training.data.samples import load_image
 
     batch = torch.stack([teacher.transform(load_image(rows.paths[i], lambda: "row")) for i in (0, 97, 255)])
     assert torch.allclose(torch.from_numpy(features[[0, 97, 255]]), teacher.encode(batch), atol=1e-4)

@@ -31,7 +31,8 @@ from foundation.checkpoint import atomic_write_bytes, load_checkpoint, save_chec
 from foundation.errors import UserError
 from foundation.images import open_rgb
 from foundation.logs import quiet_open_clip
-from training.data import BatchCollator, CsvDataset
+from training.data.csv_dataset import CsvDataset
+from training.data.samples import BatchCollator
 from training.models import create_clip
 
 

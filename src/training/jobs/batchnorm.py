@@ -59,7 +59,7 @@ class BatchNormRecalibration:
         dataset = getattr(ctx.data, "dataset", None)
         if dataset is None:
             return list(self.recent or [])
-        from training.data import BatchCollator
+        from training.data.samples import BatchCollator
 
         count = min(len(dataset), self.batches * self.args.batch_size)
         rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.args.seed))[:count]

@@ -15,7 +15,7 @@ training/proto.py.
 
 Episodes: each epoch is an episode of `--episode-size` row indices drawn with replacement from the first
 `--dataset-size` rows (`--episode-size 0`: every row once, shuffled). The mapping is a pure function of
-(seed, epoch) (`training.data.episode_indices`, the one the trainer's sampler walks): every rank computes
+(seed, epoch) (`training.data.csv_dataset.episode_indices`, the one the trainer's sampler walks): every rank computes
 it, and a resume recomputes it, so it is neither sent nor saved. Rank 0 clusters; the prototypes and
 labels reach the other ranks through torch.distributed (no files) and are saved in the checkpoint's
 job_state, so a resume continues the episode with the same prototypes.
@@ -302,7 +302,7 @@ class ProtoRKDJob(Job):
 
     def episode_indices(self, episode: int, ctx) -> torch.Tensor:
         """Row indices of `episode`, as the trainer's sampler walks them: a pure function of seed and
-        episode (training/data.py), so every rank computes the same rows without being sent them."""
+        episode (training/data/csv_dataset.py), so every rank computes the same rows without being sent them."""
         mapping = ctx.data.episode_indices(episode)
         # a full pass (no --episode-size): the trainer shuffles; the prototypes cover every row
         return mapping if mapping is not None else torch.arange(self.dataset_size)
@@ -404,7 +404,7 @@ class ProtoRKDJob(Job):
         """L2-normalised student image features of every episode position, in mapping order, on rank 0 (the
         one that clusters; None elsewhere). Each rank embeds an equal contiguous share (eval mode), then a
         gather to rank 0: the other ranks never hold the episode's features."""
-        from training.data import BatchCollator
+        from training.data.samples import BatchCollator
 
         args, world_size, rank = self.args, self.dist.world_size, self.dist.rank
         model = ctx.unwrapped_model
@@ -515,7 +515,7 @@ class TeacherImageRows(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, row: int):
-        from training.data import BadSample, load_image
+        from training.data.samples import BadSample, load_image
 
         size = self.image_size
         if row in self.dataset.malformed:

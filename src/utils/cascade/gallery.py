@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from eval.data import find_coco_root, find_flickr_root, load_coco_captions, load_flickr30k
-from foundation.errors import UserError
+from foundation.errors import DataError, UserError
+from foundation.tables import table_records, uses_quotes
 
 FORMATS = ("auto", "coco", "flickr30k", "imagefolder", "tsv")
 # what an ImageFolder gallery lists (torchvision's own list of image suffixes)
@@ -104,8 +105,6 @@ def _image_folder(root: Path) -> Gallery:
 
 
 def _table(path: Path, img_key: str, caption_key: str, sep: str, quoting: str) -> Gallery:
-    from training.data import DataError, table_records, uses_quotes
-
     try:
         quoted = uses_quotes(sep, quoting)
         with open(path, encoding="utf-8", newline="") as handle:
