@@ -10,9 +10,9 @@ import torch
 from conftest import REPO, run_trainer, subprocess_env
 
 import compress
+from compress.models.pretrained import create_clip
 from compress.models.spec import SpecError
 from foundation.errors import UserError
-from training.models import create_clip
 from utils.posttrain import load_input_model
 
 transformers = pytest.importorskip("transformers")
@@ -87,7 +87,7 @@ def test_a_known_architecture_gets_its_config_name_and_a_new_one_a_content_name(
 
 
 def test_a_tool_output_loads_in_a_fresh_process(custom, tmp_path):
-    from compress import lowrank as lowrank_cli
+    from utils import lowrank as lowrank_cli
 
     lowrank_cli.main(["--pretrained", f"hf:{custom[1]}", "--out", str(tmp_path / "lr"), "--ratio", "0.5",
                       "--towers", "image,text"])

@@ -5,7 +5,8 @@
   every model kind the project writes (dense CLIPs, pruned CLIPs, students…) from the stored `model_spec`;
 - an open_clip_train checkpoint (no `model_spec`): the architecture comes from `model_name=` or from the
   `params.txt` that open_clip_train writes beside `checkpoints/`;
-- an open_clip model name, with `pretrained` a local weights file or a tag open_clip knows.
+- an open_clip model name, with `pretrained` a local weights file, `hf:DIR` or a tag open_clip knows: built by
+  `compress.models.pretrained.create_clip`, the trainer's builder too.
 
 Nothing here branches on the model kind: the spec's tokenizer and image transform come from
 `compress.models.registry` too, so a new kind needs no edit in eval.
@@ -23,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import compress
-from compress.models.registry import get_preprocess, get_tokenizer, open_clip_spec
+from compress.models.pretrained import create_clip
+from compress.models.registry import get_preprocess, get_tokenizer, open_clip_preprocess, open_clip_spec
 from foundation.checkpoint import load_checkpoint
-from foundation.model_configs import register_model_configs
 
 
 @dataclass
@@ -179,6 +180,14 @@ _ARCHITECTURE_FLAGS = {
     "force_image_size": "force_image_size",
     "force_context_length": "force_context_length",
 }
+# open_clip_train flags that change the image transform, and the key of a spec's `preprocess` each sets
+_PREPROCESS_FLAGS = {
+    "force_image_size": "image_size",
+    "image_mean": "mean",
+    "image_std": "std",
+    "image_interpolation": "interpolation",
+    "image_resize_mode": "resize_mode",
+}
 
 
 def open_clip_train_spec(params: Mapping[str, Any], model_name: Optional[str] = None) -> Dict[str, Any]:
@@ -193,14 +202,12 @@ def open_clip_train_spec(params: Mapping[str, Any], model_name: Optional[str] = 
     model_kwargs = {kwarg: params[flag] for flag, kwarg in _ARCHITECTURE_FLAGS.items() if params.get(flag)}
     if model_kwargs:
         spec["model_kwargs"] = model_kwargs
-    if params.get("force_image_size") or params.get("image_mean") or params.get("image_std"):
-        default = _default_preprocess_cfg(str(model_name))
-        image_size = params.get("force_image_size") or default["image_size"]
-        spec["preprocess"] = {
-            "image_size": image_size[0] if isinstance(image_size, list) else image_size,
-            "mean": params.get("image_mean") or default["mean"],
-            "std": params.get("image_std") or default["std"],
-        }
+    overrides = {key: params.get(flag) for flag, key in _PREPROCESS_FLAGS.items() if params.get(flag)}
+    if overrides:
+        preprocess = {**open_clip_preprocess(str(model_name)), **overrides}
+        size = preprocess["image_size"]  # --force-image-size takes one number or two
+        preprocess["image_size"] = size[0] if isinstance(size, list) and len(size) == 1 else size
+        spec["preprocess"] = preprocess
     return spec
 
 
@@ -208,38 +215,8 @@ def open_clip_train_spec(params: Mapping[str, Any], model_name: Optional[str] = 
 
 
 def _load_open_clip_model(model_name: str, pretrained: Optional[str], device: str | torch.device) -> Encoder:
-    import open_clip
-
-    register_model_configs()
-    if model_name not in open_clip.list_models():
-        raise ValueError(f"{model_name!r} is neither a checkpoint file nor an open_clip model name")
-    if pretrained and _looks_like_a_path(pretrained) and not os.path.isfile(pretrained):
-        raise FileNotFoundError(f"pretrained weights not found: {pretrained}")
-    # open_clip reads a local file or a known tag; our spec records only the architecture and its transform.
-    model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
-    spec = open_clip_spec(model_name)
-    preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
-    if preprocess_cfg:
-        size = preprocess_cfg.get("size", _default_preprocess_cfg(model_name)["image_size"])
-        spec["preprocess"] = {
-            "image_size": size[0] if isinstance(size, (list, tuple)) else size,
-            "mean": list(preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-            "std": list(preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD)),
-        }
-    model.model_spec = spec
+    model = create_clip(model_name, pretrained, device=device)
     return encoder_from_model(model.eval(), device=device)
-
-
-def _default_preprocess_cfg(model_name: str) -> Dict[str, Any]:
-    import open_clip
-
-    register_model_configs()
-    vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {})
-    return {
-        "image_size": vision.get("image_size", 224),
-        "mean": list(open_clip.OPENAI_DATASET_MEAN),
-        "std": list(open_clip.OPENAI_DATASET_STD),
-    }
 
 
 def _looks_like_a_path(text: Any) -> bool:

@@ -6,6 +6,10 @@
 
 They are registered into open_clip's config registry, so `open_clip.create_model(name)` and every
 open_clip tool accept these names like their own.
+
+A config may carry its image preprocessing beside the architecture: `"preprocess_cfg": {"mean": [...],
+"std": [...], "interpolation": "bicubic", "resize_mode": "squash"}` (open_clip's PreprocessCfg keys, the key
+open_clip's own hub configs put beside `model_cfg`); `config_preprocess_cfg(name)` reads it.
 """
 from pathlib import Path
 
@@ -26,6 +30,28 @@ def register_model_configs() -> None:
 
         for name, config in _INLINE.items():
             factory._MODEL_CONFIGS.setdefault(name, config)
+    _move_preprocess_cfgs()
+
+
+# open_clip's model classes take only architecture keys, so a config's `preprocess_cfg` leaves the registry
+# (again after every rescan of the config files, which open_clip.add_model_config does) and is kept here.
+_PREPROCESS: dict = {}
+
+
+def _move_preprocess_cfgs() -> None:
+    from open_clip import factory
+
+    for name, config in factory._MODEL_CONFIGS.items():
+        if "preprocess_cfg" in config:
+            _PREPROCESS[name] = config.pop("preprocess_cfg")
+
+
+def config_preprocess_cfg(name: str) -> dict:
+    """The image preprocessing that config `name` itself carries ({} when it carries none)."""
+    import copy
+
+    register_model_configs()
+    return copy.deepcopy(_PREPROCESS.get(name, {}))
 
 
 # --- configs that come with a checkpoint or a Hugging Face folder, not with a file of ours --------------

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 import compress
 from compress.models.hf_clip import is_hf_source, load_hf_clip
+from compress.models.pretrained import create_clip
 from compress.models.registry import get_preprocess, get_tokenizer
 from compress.ops.calibration import Batch
 from compress.ops.profile import profile_model
@@ -33,7 +34,6 @@ from foundation.images import open_rgb
 from foundation.logs import quiet_open_clip
 from training.data.csv_dataset import CsvDataset
 from training.data.samples import BatchCollator
-from training.models import create_clip
 
 
 def add_tower_flags(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ before `build_model` is first called.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from torch import nn
 from compress.models.spec import SpecError, validate_spec
 from foundation.checkpoint import load_checkpoint
 from foundation.logs import open_clip_chatter
-from foundation.model_configs import inline_config, register_model_configs
+from foundation.model_configs import config_preprocess_cfg, inline_config, register_model_configs
 
 ModelBuilder = Callable[[Dict[str, Any]], nn.Module]
 MODEL_KINDS: Dict[str, ModelBuilder] = {}
@@ -125,6 +125,73 @@ def _build_open_clip(spec: Dict[str, Any]) -> nn.Module:
     return create_open_clip(spec["model"], **spec.get("model_kwargs", {}))
 
 
+# --- image preprocessing of an open_clip architecture ---------------------------------------------
+
+
+def open_clip_preprocess(model_name: str, pretrained: Optional[str] = None,
+                         model_kwargs: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The image preprocessing of open_clip's `model_name`, as a spec's `preprocess` holds it (image_size,
+    mean, std, interpolation, resize_mode, fill_color).
+
+    Each source overrides the ones before it: open_clip's defaults (PreprocessCfg: OpenAI's mean and std,
+    bicubic, shortest-side resize and centre crop); the preprocessing that every published weights tag of the
+    architecture shares (open_clip keeps it per tag, e.g. SigLIP's mean = std = 0.5 with a squash resize), so a
+    local copy of those weights gets it too; the config's own `preprocess_cfg` (foundation.model_configs);
+    the tag `pretrained` names, when it is one. The size is the architecture's image size
+    (`force_image_size` of `model_kwargs` included).
+    """
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    register_model_configs()
+    cfg = merge_preprocess_dict(PreprocessCfg(), _published_preprocess(model_name))
+    cfg = merge_preprocess_dict(cfg, config_preprocess_cfg(model_name))
+    if pretrained:
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(model_name, pretrained))
+    vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {})
+    size = (model_kwargs or {}).get("force_image_size") or vision.get("image_size") or cfg["size"]
+    return {
+        "image_size": list(size) if isinstance(size, (list, tuple)) else size,
+        "mean": _per_channel(cfg["mean"]),
+        "std": _per_channel(cfg["std"]),
+        "interpolation": cfg["interpolation"],
+        "resize_mode": cfg["resize_mode"],
+        "fill_color": cfg["fill_color"],
+    }
+
+
+def _published_preprocess(model_name: str) -> Dict[str, Any]:
+    """The preprocessing (PreprocessCfg keys but size) all open_clip weights tags of `model_name` share; {}
+    when it has no tags or they differ."""
+    import open_clip
+    from open_clip.transform import merge_preprocess_dict
+
+    configs = []
+    for tag in open_clip.list_pretrained_tags_by_model(model_name):
+        cfg = merge_preprocess_dict({}, open_clip.get_pretrained_cfg(model_name, tag))
+        cfg.pop("size", None)
+        configs.append({key: list(value) if isinstance(value, tuple) else value for key, value in cfg.items()})
+    return configs[0] if configs and all(cfg == configs[0] for cfg in configs) else {}
+
+
+def _per_channel(value: Any) -> list:
+    """A mean or std per RGB channel (open_clip also takes one number for all three)."""
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * 3
+
+
+def to_preprocess_cfg(preprocess: Mapping[str, Any]) -> Dict[str, Any]:
+    """A spec's `preprocess` as open_clip's PreprocessCfg dict (`size` for `image_size`; an absent key gets
+    open_clip's default), what open_clip's transforms and `set_model_preprocess_cfg` take."""
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    size = preprocess["image_size"]
+    return merge_preprocess_dict(asdict(PreprocessCfg()), {
+        **preprocess, "size": tuple(size) if isinstance(size, list) else size,
+        "mean": tuple(preprocess["mean"]), "std": tuple(preprocess["std"])})
+
+
 # --- tokenizer and image transform of a spec ----------------------------------------------------
 
 
@@ -147,21 +214,17 @@ def get_tokenizer(spec: Dict[str, Any]) -> Callable[[list], Any]:
     return open_clip.get_tokenizer(spec.get("tokenizer_model", spec.get("model")))
 
 
-def get_preprocess(spec: Dict[str, Any]) -> Callable:
-    """Eval-time image transform (resize, centre crop, normalise) of a spec."""
-    import open_clip
-    from open_clip.transform import image_transform
-
-    register_model_configs()
+def preprocess_config(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The image preprocessing of a spec, as its `preprocess` holds it: the recorded one, else its
+    architecture's (open_clip_preprocess)."""
     spec = input_spec(spec)
-    cfg = spec.get("preprocess")
-    if cfg is None:
-        model_name = spec.get("preprocess_model", spec.get("model"))
-        model_cfg = open_clip.get_model_config(model_name) or {}
-        vision = model_cfg.get("vision_cfg", {})
-        cfg = {
-            "image_size": vision.get("image_size", 224),
-            "mean": list(open_clip.OPENAI_DATASET_MEAN),
-            "std": list(open_clip.OPENAI_DATASET_STD),
-        }
-    return image_transform(cfg["image_size"], is_train=False, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    return spec.get("preprocess") or open_clip_preprocess(spec.get("preprocess_model", spec.get("model")),
+                                                          model_kwargs=spec.get("model_kwargs"))
+
+
+def get_preprocess(spec: Dict[str, Any]) -> Callable:
+    """The image transform (resize, centre crop or squash, normalise) of a spec's `preprocess_config`, for eval
+    and for the trainer's images alike."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**to_preprocess_cfg(preprocess_config(spec))), is_train=False)

@@ -277,7 +277,12 @@ FRACTION = number(0.0, 1.0)
 IMAGE_SIZE = either(SIZE, list_of(SIZE, 2, 2))
 CHANNEL_STATS = list_of(number(-1e3, 1e3), 3, 3)
 
-PREPROCESS = record({"image_size": IMAGE_SIZE, "mean": CHANNEL_STATS, "std": CHANNEL_STATS})
+# open_clip's PreprocessCfg (image_transform): an absent key means open_clip's default (bicubic, shortest, 0)
+PREPROCESS = record({"image_size": IMAGE_SIZE, "mean": CHANNEL_STATS, "std": CHANNEL_STATS}, {
+    "interpolation": choice("bicubic", "bilinear", "random"),
+    "resize_mode": choice("shortest", "longest", "squash"),
+    "fill_color": integer(0, 255),
+})
 
 # open_clip.create_model keyword arguments that only shape the architecture. Everything that reads weights
 # (pretrained*, load_weights, weights_only, cache_dir, require_pretrained) or changes the device/precision

@@ -22,7 +22,7 @@ from torch import nn
 
 from compress.models.compact_clip import TOWERS, clone, refresh_spec, to_compact
 from compress.models.quantized import KIND, SCHEMES, quantizable_linears, quantized_spec, replace_linears
-from compress.models.registry import get_preprocess, get_tokenizer
+from compress.models.registry import get_tokenizer, preprocess_config
 from compress.ops.profile import default_text_input
 
 # kinds whose transformer blocks are open_clip's and convert exactly to compact blocks
@@ -30,17 +30,10 @@ _COMPACTABLE = ("open_clip", "pruned_clip", "compact_clip")
 
 
 def spec_image_size(spec: Dict) -> int:
-    """Side of the square image the model takes (its eval transform's centre crop)."""
-    from torchvision import transforms as T
-
-    size = None
-    for transform in getattr(get_preprocess(spec), "transforms", []):
-        if isinstance(transform, T.CenterCrop):
-            size = transform.size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    if not size:
-        raise ValueError("cannot tell the model's image size from its preprocessing")
-    return int(size)
+    """Side of the square image the model takes (its preprocessing's image size; the height of a (height,
+    width) one)."""
+    size = preprocess_config(spec)["image_size"]
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 def linears_by_tower(model: nn.Module) -> Dict[str, List[str]]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import torch
+from torch import nn
 
+from compress.models.pretrained import create_clip
 from compress.models.registry import build_model
 from training.jobs import Job
-from training.models import create_clip, lock_towers
 
 
 class ClipJob(Job):
@@ -31,3 +32,13 @@ class ClipJob(Job):
         out = model(batch["image"], batch["text"])
         loss = self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
         return {"loss": loss, "contrastive_loss": loss}
+
+
+def lock_towers(model: nn.Module, args) -> None:
+    """`--lock-image` / `--lock-text` freeze a tower (LiT). Works on a standard CLIP without extra flags:
+    open_clip_train asserts there unless --lock-text-freeze-layer-norm is also given."""
+    if getattr(args, "lock_image", False):
+        model.lock_image_tower(unlocked_groups=args.lock_image_unlocked_groups,
+                               freeze_bn_stats=args.lock_image_freeze_bn_stats)
+    if getattr(args, "lock_text", False):
+        model.lock_text_tower(unlocked_layers=args.lock_text_unlocked_layers, freeze_layer_norm=True)

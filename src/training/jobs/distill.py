@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.models.image_teachers import is_image_teacher_arch
+from compress.models.pretrained import create_clip
 from compress.models.registry import build_model, get_tokenizer
 from compress.models.students import (
     copy_teacher_text_tower,
@@ -30,7 +31,6 @@ from compress.ops.distill_losses import LOSSES, DistillFeatures
 from foundation.errors import UserError
 from training.jobs import Job, add_argument_once
 from training.jobs.batchnorm import BatchNormRecalibration, add_recalibration_flag
-from training.models import create_clip
 
 
 def parse_loss_names(text: str) -> List[str]:

@@ -30,13 +30,13 @@ import torch.nn.functional as F
 
 from compress.models import pruning
 from compress.models.compact_clip import to_compact
+from compress.models.pretrained import create_clip
 from compress.models.registry import build_model, open_clip_spec
 from compress.ops import distill_losses
 from compress.ops.profile import params_and_macs
 from foundation.errors import UserError
 from training.distributed import all_reduce_sum
 from training.jobs import Job, add_argument_once
-from training.models import create_clip
 
 
 class PruneJob(Job):

@@ -1,0 +1,67 @@
+"""An open_clip CLIP from a config name and pretrained weights: the one builder the trainer's jobs, eval and
+the post-training tools share (a checkpoint of ours is rebuilt from its spec instead: compress.load).
+
+    model = create_clip("ViT-B-32", "weights/ViT-B-32-openai.pt")      # model.model_spec, its preprocessing
+    transform = compress.get_preprocess(model.model_spec)              # the config's mean/std/resize
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from compress.models.hf_clip import is_hf_source, load_hf_clip
+from compress.models.registry import open_clip_preprocess, open_clip_spec, to_preprocess_cfg
+from foundation.errors import UserError
+from foundation.model_configs import register_model_configs
+
+
+class ModelSourceError(UserError, ValueError):
+    """A model name or weights source `create_clip` cannot build from (one line; a ValueError too, as eval's
+    callers handle a bad source)."""
+
+
+def create_clip(model_name: Optional[str], pretrained: Optional[str] = None,
+                device: str | torch.device = "cpu") -> nn.Module:
+    """An open_clip CLIP by config name (any config, ours included), with weights, on `device`: the one
+    builder of a model from a name, for training and eval alike.
+
+    `pretrained` is a local file (ours, open_clip's, or OpenAI's), `hf:DIR` (a local transformers CLIPModel
+    folder, converted: compress.models.hf_clip; then `model_name` may be None or must name its architecture)
+    or, when online, an open_clip tag such as `laion2b_s34b_b79k`. The model carries its `model_spec`, and
+    its image preprocessing is `open_clip_preprocess(model_name, pretrained)`: the spec records it where the
+    architecture name alone implies other preprocessing (a tag's own), so `get_preprocess` of the spec, which
+    the trainer and eval both use, is always this build's.
+    """
+    import open_clip
+
+    if is_hf_source(pretrained):
+        return load_hf_clip(pretrained, model_name).to(device)
+    register_model_configs()
+    if model_name not in open_clip.list_models():
+        raise ModelSourceError(f"unknown --model {model_name!r}: neither an open_clip model config nor one of ours "
+                               "(see open_clip.list_models() or src/foundation/configs/)")
+    if (pretrained and not os.path.exists(pretrained) and "://" not in pretrained
+            and not pretrained.startswith("hf-hub:")):
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            raise ModelSourceError(f"--pretrained {pretrained!r} is neither a file nor a tag of {model_name} "
+                                   f"({tags or 'none'})")
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
+    except Exception as e:  # not a checkpoint (UnpicklingError), truncated, wrong shapes (RuntimeError)…
+        reason = str(e).splitlines()[0][:300] if str(e) else ""
+        raise ModelSourceError(f"cannot load --pretrained {pretrained} into {model_name} "
+                               f"({type(e).__name__}: {reason})")
+    if pretrained:
+        logging.info("loaded %s weights from %s", model_name, pretrained)
+    spec = open_clip_spec(model_name)
+    preprocess = open_clip_preprocess(model_name, pretrained)
+    if preprocess != open_clip_preprocess(model_name):
+        spec["preprocess"] = preprocess
+    open_clip.set_model_preprocess_cfg(model, to_preprocess_cfg(preprocess))
+    model.model_spec = spec
+    return model
