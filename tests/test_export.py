@@ -164,7 +164,7 @@ def test_minilm_text_graph_takes_its_own_tokenizer(dense, tmp_path):
 
 
 def test_export_command_line(dense, tmp_path, capsys):
-    from compress import export as export_cli
+    from utils import export as export_cli
 
     checkpoint = tmp_path / "dense.pt"
     torch.save({"model_spec": dense.model_spec, "state_dict": dense.state_dict(), "epoch": 1, "step": 2}, checkpoint)

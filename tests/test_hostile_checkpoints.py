@@ -219,7 +219,7 @@ def test_compress_tools_refuse_and_write_nothing(attack, tiny_corpus, tmp_path, 
     marker, checkpoint = attack
     flags = [str(tiny_corpus / "train.tsv") if f == "TRAIN" else f for f in flags]
     out = tmp_path / "out"
-    result = run_module(["-m", f"compress.{tool}", "--pretrained", str(checkpoint), "--out", str(out), *flags])
+    result = run_module(["-m", f"utils.{tool}", "--pretrained", str(checkpoint), "--out", str(out), *flags])
     assert_refused(result, marker)
     assert result.returncode == 2 and not out.exists()
 

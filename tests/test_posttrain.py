@@ -361,9 +361,9 @@ def test_upop_pruned_model_converts_exactly_and_every_tool_takes_it(upop_pruned,
 
 
 def test_command_lines_chain_and_write_loadable_runs(tiny_corpus, tmp_path, dense, capsys):
-    from compress import fisher_prune as fisher_cli
-    from compress import lowrank as lowrank_cli
-    from compress import token_mask as token_cli
+    from utils import fisher_prune as fisher_cli
+    from utils import lowrank as lowrank_cli
+    from utils import token_mask as token_cli
     from eval import load_encoder
 
     source = tmp_path / "dense.pt"

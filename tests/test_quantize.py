@@ -138,8 +138,8 @@ def test_quantized_specs_are_validated(dense):
 
 
 def test_prune_then_quantize_command_line_and_monitor(dense, tiny_corpus, tmp_path, capsys):
-    from compress import lowrank as lowrank_cli
-    from compress import quantize as quantize_cli
+    from utils import lowrank as lowrank_cli
+    from utils import quantize as quantize_cli
     from utils import evaluate_checkpoints as monitor
 
     model = to_compact(clone(dense))

@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 
-from compress import sweep
+from utils import sweep
 from compress.models.registry import build_model, open_clip_spec
 from utils import report
 
