@@ -15,9 +15,7 @@ does not do).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from compress.models.students import student_clip_spec, student_image_spec
 from compress.models.text_students import image_student_spec
 from compress.ops.export import example_inputs, export_onnx, onnx_session, run_graph
 from compress.ops.lowrank import low_rank
+from compress.ops.profile import time_interleaved
 from compress.ops.quantize import quantize
 from compress.ops.text_layers import drop_text_layers
 from compress.ops.token_mask import mask_tokens
@@ -69,14 +68,6 @@ def kinds(model_name: str):
     yield "quantized int8 (pruned p=0.5)", lambda: quantize(pruned(), "int8_dynamic")
 
 
-def timed(forward, repeats_out, cpu_out):
-    start, start_cpu = time.perf_counter(), time.process_time()
-    result = forward()
-    repeats_out.append((time.perf_counter() - start) * 1000)
-    cpu_out.append((time.process_time() - start_cpu) * 1000)
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="clipc-vit-t2-64")
@@ -107,13 +98,11 @@ def main() -> None:
                 graphs["text"] = (lambda: model.encode_text(inputs["text"][0], normalize=True), list(inputs["text"]))
             for graph, (torch_forward, feeds) in graphs.items():
                 session = onnx_session(out / f"{graph}_encoder.onnx", threads=args.threads)
-                times = {"torch": ([], []), "ort": ([], [])}
                 with torch.no_grad():
-                    reference, exported = torch_forward(), run_graph(session, *feeds)  # warm-up
-                    for _ in range(args.repeats):
-                        timed(torch_forward, *times["torch"])
-                        timed(lambda: run_graph(session, *feeds), *times["ort"])
-                torch_ms, ort_ms = (statistics.median(times[k][0]) for k in ("torch", "ort"))
+                    reference, exported = torch_forward(), run_graph(session, *feeds)  # also the warm-up
+                latency = time_interleaved({"torch": torch_forward, "ort": lambda: run_graph(session, *feeds)},
+                                           args.repeats, warmup=0)
+                torch_ms, ort_ms = (latency[k].median_wall_ms for k in ("torch", "ort"))
                 diff = float((exported - reference.float()).abs().max())
                 print(f"{name:34s} {graph:5s} {torch_ms:9.2f} {ort_ms:9.2f} {torch_ms / ort_ms:8.2f}x {diff:10.1e}")
 

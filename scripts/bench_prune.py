@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
-import time
 
 import torch
 
 from compress.models import pruning
 from compress.models.compact_clip import to_compact
 from compress.models.registry import build_model
-from compress.ops.profile import params_and_macs
+from compress.ops.profile import params_and_macs, time_interleaved
 
 
 def prune_image_tower(model, p: float, prune_heads: bool, round_to: int = 1):
@@ -74,36 +72,19 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, *image_size, device=device)
     towers = {name: m.visual.to(device) for name, m in models.items()}
 
-    def run(tower):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start, start_cpu = time.perf_counter(), time.process_time()
-        tower(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1000, (time.process_time() - start_cpu) * 1000
-
-    times = {name: [] for name in towers}
-    with torch.no_grad():
-        for _ in range(args.warmup):
-            for tower in towers.values():
-                run(tower)
-        for _ in range(args.repeats):
-            for name, tower in towers.items():
-                times[name].append(run(tower))
+    latency = time_interleaved({name: (lambda tower=tower: tower(images)) for name, tower in towers.items()},
+                               args.repeats, args.warmup, device)
 
     base = "dense (nn.MultiheadAttention)"
-    def median(name, which):
-        return statistics.median(t[which] for t in times[name])
-
-    base_ms, base_cpu, base_macs = median(base, 0), median(base, 1), size[base]["macs_image"]
+    base_ms, base_cpu = latency[base].median_wall_ms, latency[base].median_cpu_ms
+    base_macs = size[base]["macs_image"]
     print(f"{args.model} image tower, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}; masks from weight magnitude, {'head' if args.prune_heads else 'head-dim'} units; "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'model':38s} {'params':>9s} {'GMACs/img':>9s} {'MAC ratio':>9s} {'wall ms':>9s} {'speedup':>8s} "
           f"{'CPU ms':>9s} {'speedup':>8s}")
     for name in towers:
-        ms, cpu = median(name, 0), median(name, 1)
+        ms, cpu = latency[name].median_wall_ms, latency[name].median_cpu_ms
         macs = size[name]["macs_image"]
         print(f"{name:38s} {image_params[name] / 1e6:8.2f}M {macs / 1e9:9.3f} {base_macs / macs:8.2f}x "
               f"{ms:9.1f} {base_ms / ms:7.2f}x {cpu:9.1f} {base_cpu / cpu:7.2f}x")

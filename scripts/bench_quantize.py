@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ import torch
 import compress
 from compress.models.compact_clip import clone, to_compact
 from compress.models.registry import build_model, open_clip_spec
-from compress.ops.profile import model_size_bytes
+from compress.ops.profile import model_size_bytes, time_interleaved
 from compress.ops.quantize import quantize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,23 +46,13 @@ def variants(dense):
 
 def time_towers(models, images, text, repeats):
     """{name: {tower: (wall ms, cpu ms)}}, medians of interleaved repeats after one warm-up each."""
-    calls = {"image": lambda m: m.encode_image(images)}
+    towers = {"image": lambda m: m.encode_image(images)}
     if text is not None:
-        calls["text"] = lambda m: m.encode_text(text)
-    times = {name: {tower: [] for tower in calls} for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            for call in calls.values():
-                call(model)
-        for _ in range(repeats):
-            for name, model in models.items():
-                for tower, call in calls.items():
-                    start, cpu = time.perf_counter(), time.process_time()
-                    call(model)
-                    times[name][tower].append(((time.perf_counter() - start) * 1000,
-                                               (time.process_time() - cpu) * 1000))
-    return {name: {tower: tuple(statistics.median(t[i] for t in values) for i in (0, 1))
-                   for tower, values in towers.items()} for name, towers in times.items()}
+        towers["text"] = lambda m: m.encode_text(text)
+    latency = time_interleaved({(name, tower): (lambda model=model, call=call: call(model))
+                                for name, model in models.items() for tower, call in towers.items()}, repeats)
+    return {name: {tower: (latency[name, tower].median_wall_ms, latency[name, tower].median_cpu_ms)
+                   for tower in towers} for name in models}
 
 
 def print_latency(title, models, timings):

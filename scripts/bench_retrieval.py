@@ -11,15 +11,14 @@ Measures, side by side in one run (alternating, median of --repeats):
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from compress.ops.profile import time_interleaved  # noqa: E402
 from eval.metrics import DEFAULT_CHUNK_ELEMENTS, retrieval_metrics  # noqa: E402
 
 
@@ -40,28 +39,11 @@ def main() -> None:
                                              dim=-1).to(device)
     caption_image = torch.arange(num_captions, device=device) // args.captions_per_image
 
-    def synchronise() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def bare_matmul() -> None:
-        similarities = images @ captions.T
-        synchronise()
-        del similarities
-
-    def chunked_recall() -> None:
-        retrieval_metrics(images, captions, caption_image)
-        synchronise()
-
-    timings = {"matmul": [], "recall": []}
-    bare_matmul(), chunked_recall()  # warm-up (allocator, kernels)
-    for _ in range(args.repeats):
-        for name, run in (("matmul", bare_matmul), ("recall", chunked_recall)):
-            start = time.perf_counter()
-            run()
-            timings[name].append(time.perf_counter() - start)
-
-    matmul_s, recall_s = statistics.median(timings["matmul"]), statistics.median(timings["recall"])
+    # one warm-up round (allocator, kernels); the full similarity matrix is dropped as soon as it is made
+    latency = time_interleaved({"matmul": lambda: images @ captions.T,
+                                "recall": lambda: retrieval_metrics(images, captions, caption_image)},
+                               args.repeats, warmup=1, device=device)
+    matmul_s, recall_s = (latency[name].median_wall_ms / 1000 for name in ("matmul", "recall"))
     full_matrix_mib = args.images * num_captions * 4 / 2**20
     chunk_mib = DEFAULT_CHUNK_ELEMENTS * 4 / 2**20
     print(f"{args.images} images x {num_captions} captions, dim {args.dim}, {device}, "

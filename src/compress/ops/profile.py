@@ -14,14 +14,18 @@ One helper for every model the project makes (dense, pruned, low-rank, students)
   registered, `make_flop_counter`), and in eval mode nn.MultiheadAttention takes a fused native fast path
   the counter does not see — which the parameter recorder, a TorchFunctionMode active during the same
   forward, switches off (the fast path is skipped whenever a torch function mode is active).
-- Latency: median wall time of `repeats` forwards at `batch_size` under no_grad, after warm-up
-  (CUDA-synchronised on GPU). Milliseconds per batch.
+- Latency: `time_interleaved`, the one timer of the project (the monitor's profile and every benchmark): several
+  callables (dense vs pruned, torch vs onnxruntime, image vs text tower) timed in interleaved rounds
+  (A B A B …) after warm-up, so load from other processes hits them alike; wall and process CPU time of each
+  call (CUDA-synchronised on GPU), medians in milliseconds. `profile_model` reports the median wall time per
+  batch of `batch_size`.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Set, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -91,22 +95,56 @@ def tower_costs(model: nn.Module, images: torch.Tensor, text_input: Any) -> Dict
             "macs_image": image_cost["macs"], "macs_text": text_cost["macs"]}
 
 
-def _time_ms(forward: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+Key = TypeVar("Key", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """One callable's times over the repeats of `time_interleaved`, in milliseconds, in the order measured."""
+
+    wall_ms: Tuple[float, ...]  # time.perf_counter
+    cpu_ms: Tuple[float, ...]  # time.process_time: CPU time of every thread of this process, not of others
+
+    @property
+    def median_wall_ms(self) -> float:
+        return statistics.median(self.wall_ms)
+
+    @property
+    def median_cpu_ms(self) -> float:
+        """Steadier than the wall time on a shared machine: other processes' load does not count."""
+        return statistics.median(self.cpu_ms)
+
+
+def time_interleaved(calls: Mapping[Key, Callable[[], Any]], repeats: int, warmup: int = 1,
+                     device: torch.device | str | None = None) -> Dict[Key, Latency]:
+    """Times each of `calls` `repeats` times, interleaved: `warmup` untimed rounds, then `repeats` rounds that
+    each call every callable once, in the mapping's order (A B A B …), so machine load and clock changes hit
+    all of them alike. Under no_grad; with a CUDA `device` each clock reading follows a synchronise, so a
+    call's time covers its kernels. What a call returns is dropped at once (no result is held across calls)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    cuda = device is not None and torch.device(device).type == "cuda"
+
     def synchronise() -> None:
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
 
+    wall: Dict[Key, List[float]] = {key: [] for key in calls}
+    cpu: Dict[Key, List[float]] = {key: [] for key in calls}
     with torch.no_grad():
         for _ in range(warmup):
-            forward()
+            for call in calls.values():
+                call()
         synchronise()
-        times: List[float] = []
         for _ in range(repeats):
-            start = time.perf_counter()
-            forward()
-            synchronise()
-            times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+            for key, call in calls.items():
+                start_wall, start_cpu = time.perf_counter(), time.process_time()
+                call()
+                synchronise()
+                end_wall, end_cpu = time.perf_counter(), time.process_time()
+                wall[key].append((end_wall - start_wall) * 1000.0)
+                cpu[key].append((end_cpu - start_cpu) * 1000.0)
+    return {key: Latency(tuple(wall[key]), tuple(cpu[key])) for key in calls}
 
 
 def _unique_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -163,14 +201,15 @@ def profile_model(
 
     try:
         costs = tower_costs(model, images, text_input)
-        latency_image = _time_ms(lambda: model.encode_image(images), device, warmup, repeats)
-        latency_text = _time_ms(lambda: model.encode_text(text_input[:batch_size]), device, warmup, repeats)
+        latency = time_interleaved({"image": lambda: model.encode_image(images),
+                                    "text": lambda: model.encode_text(text_input[:batch_size])},
+                                   repeats, warmup, device)
     finally:
         model.train(was_training)
     return {
         **costs,
-        "latency_image_ms": latency_image,
-        "latency_text_ms": latency_text,
+        "latency_image_ms": latency["image"].median_wall_ms,
+        "latency_text_ms": latency["text"].median_wall_ms,
         "latency_batch_size": batch_size,
     }
 
