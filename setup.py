@@ -27,7 +27,8 @@ setup(
         "onnxscript>=0.2",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "import-linter>=2.1", "ruff>=0.6", "mkdocs>=1.6"],
+        "dev": ["pytest", "pytest-timeout", "import-linter>=2.1", "ruff>=0.6", "mkdocs>=1.6",
+                "mkdocstrings[python]>=0.26"],
         # faiss: exactly one of these. Both wheels install the same `faiss` package, so with both the one pip
         # wrote last wins and the GPU build can silently vanish; scripts/setup_env.sh picks one (nvidia-smi
         # decides, CLIPCOMPRESS_FAISS=cpu|gpu overrides) and the trainer logs which one it loaded

@@ -52,12 +52,14 @@ class Encoder:
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Float32 features of a batch of preprocessed images (unit length unless `normalize=False`)."""
         with self._autocast():
             features = self.model.encode_image(images.to(self.device, self._weight_dtype())).float()
         return F.normalize(features, dim=-1) if normalize else features
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """Float32 features of captions, tokenized here (unit length unless `normalize=False`)."""
         with self._autocast():
             features = self.model.encode_text(self.text_input(texts)).float()
         return F.normalize(features, dim=-1) if normalize else features
@@ -73,6 +75,7 @@ class Encoder:
         return image_size_of_transform(self.preprocess)
 
     def to(self, device: str | torch.device) -> "Encoder":
+        """Move the model to `device`; later inputs go there too. Returns this encoder."""
         self.device = torch.device(device)
         self.model.to(self.device)
         return self

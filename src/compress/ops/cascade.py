@@ -433,6 +433,8 @@ FORMAT_VERSION = 1
 
 @dataclass
 class IndexOptions:
+    """How the level-1 faiss index is built (`build_faiss_index`); recorded in the index's manifest."""
+
     kind: str = "flat"
     nlist: Optional[int] = None  # IVF lists (default: default_nlist)
     hnsw_m: int = 32  # HNSW links per node (faiss's usual default)
@@ -509,6 +511,7 @@ class SearchIndex:
 
     @classmethod
     def open(cls, folder: Union[str, Path], check_complete: bool = True) -> "SearchIndex":
+        """Read an index folder back; with `check_complete`, refuse one whose build has not finished."""
         folder = Path(folder)
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
@@ -546,6 +549,7 @@ class SearchIndex:
         return self.stores[self.manifest["stores"][0]]
 
     def store_of(self, level: int) -> FeatureStore:
+        """The feature store of a level (0-based); levels with the same identity share one."""
         return self.stores[self.manifest["stores"][level]]
 
     # --- building ----------------------------------------------------------------------------------
@@ -576,6 +580,7 @@ class SearchIndex:
         os.replace(temporary, self.folder / LEVEL1_INDEX)
 
     def read_index(self):
+        """The level-1 faiss index, as written when the build completed."""
         import faiss
 
         return faiss.read_index(str(self.folder / LEVEL1_INDEX))

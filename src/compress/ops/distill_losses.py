@@ -233,6 +233,8 @@ def _relational(loss: Callable[..., torch.Tensor]) -> Callable[[DistillFeatures]
 
 
 class DistillLoss(NamedTuple):
+    """One entry of `LOSSES`: how to compute a distillation loss from `DistillFeatures`, and what it needs."""
+
     compute: Callable[[DistillFeatures], torch.Tensor]
     needs_text: bool  # reads the batch's captions (teacher_text / student_text)
     default_weight: float  # CLIP-KD / TinyCLIP's

@@ -48,10 +48,13 @@ from compress.ops.calibration import Batch, contrastive_loss, per_batch_gradient
 
 
 def head_macs(tokens: int, width: int, head_dim: int) -> int:
+    """MACs of one attention head per sample: its slices of the q, k, v and output projections
+    (4·T·W·d) plus its attention scores and weighted sum (2·T²·d)."""
     return 4 * tokens * width * head_dim + 2 * tokens * tokens * head_dim
 
 
 def neuron_macs(tokens: int, width: int) -> int:
+    """MACs of one MLP hidden neuron per sample: its row of the first Linear and column of the second (2·T·W)."""
     return 2 * tokens * width
 
 
@@ -100,6 +103,7 @@ def search_under_constraint(head_scores: torch.Tensor, head_costs: torch.Tensor,
 
 
 def pruning_loss(fisher_block: torch.Tensor, pruned: torch.Tensor) -> float:
+    """Fisher estimate of the loss increase from pruning the units marked in the boolean `pruned`: zᵀ F z."""
     z = pruned.double()
     return float(z @ fisher_block.double() @ z)
 

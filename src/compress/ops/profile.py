@@ -107,6 +107,7 @@ class Latency:
 
     @property
     def median_wall_ms(self) -> float:
+        """Median wall-clock time of one call."""
         return statistics.median(self.wall_ms)
 
     @property
