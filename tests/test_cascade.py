@@ -185,3 +185,25 @@ plot = "{tmp_path / 'plot.png'}"
         assert rows["cascade m=72"]["sparse_large_encoded_fraction"] == 1.0
         assert 0 < rows["cascade m=5"]["sparse_large_encoded_fraction"] <= 50 / 72
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_recall_speedup_plot_reads_without_the_code():
+    import matplotlib.pyplot as plt
+
+    from utils.cascade.experiments import recall_speedup_figure
+
+    rows = [{"system": "large alone", "m": [], "lifetime_speedup": 1.0, "R@1": 30.0, "R@10": 66.0},
+            {"system": "level 1 alone", "m": [], "lifetime_speedup": 4.8, "R@1": 21.0, "R@10": 56.0},
+            {"system": "cascade m=50", "m": [50], "lifetime_speedup": 3.0, "R@1": 28.5, "R@10": 65.1},
+            {"system": "cascade m=200,20", "m": [200, 20], "lifetime_speedup": 1.7, "R@1": 29.8, "R@10": 65.9}]
+    figure = recall_speedup_figure(rows, [1, 10], "demo: coco2017, 5000 images, 1000 captions as queries")
+    axes = figure.axes[0]
+    assert axes.get_title() == ("Cascaded search: recall against speedup\n"
+                                "demo: coco2017, 5000 images, 1000 captions as queries")
+    assert axes.get_xlabel().startswith("speedup over the large model alone (×)")
+    assert axes.get_ylabel() == "text-to-image recall@k (%)"
+    # points are told apart by the legend, never by text that could overlap
+    assert not axes.texts
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
+        "recall@1", "recall@10", "large model alone", "level 1 alone", "cascade m=200,20", "cascade m=50"]
+    plt.close(figure)

@@ -189,47 +189,147 @@ def axis_value(text: Optional[str]) -> float:
     return number
 
 
-def plot_pareto(rows: Sequence[Dict[str, str]], metric: str, latency: str, path: Path,
-                group: Optional[str] = None) -> int:
-    """`metric` against column `latency` (any x column): a scatter with the Pareto front when x is a cost,
-    otherwise each `group`'s points joined in x order; returns the number of points drawn."""
+# a monitor column on a plot's axis, in words: (pattern, name, unit, scale); the name's {0}, {1} are the
+# pattern's groups. A column that matches none (a sweep's grid column, a flag from params.txt) keeps its name.
+AXIS_NAMES: List[Tuple[str, str, str, float]] = [
+    (r"^latency_image_ms$", "image latency", "ms per batch{batch}, median wall time", 1.0),
+    (r"^latency_text_ms$", "text latency", "ms per batch{batch}, median wall time", 1.0),
+    (r"^macs_image$", "image MACs", "millions per image", 1e6),
+    (r"^macs_text$", "text MACs", "millions per caption", 1e6),
+    (r"^params$", "parameters", "millions", 1e6),
+    (r"^params_image$", "image tower parameters", "millions", 1e6),
+    (r"^params_text$", "text tower parameters", "millions", 1e6),
+    (r"^size_bytes$", "weights size", "MB", 1e6),
+    (r"^checkpoint_bytes$", "checkpoint file size", "MB", 1e6),
+    (r"^zeroshot/(.+)/acc(\d+)$", "zero-shot top-{1} accuracy on {0}", "0 to 1", 1.0),
+    (r"^zeroshot/(.+)/mean_per_class_recall$", "zero-shot mean per-class recall on {0}", "0 to 1", 1.0),
+    (r"^linear_probe/(.+)/lp_acc(\d+)$", "linear-probe top-{1} accuracy on {0}", "0 to 1", 1.0),
+    (r"^retrieval/(.+)/image_retrieval_recall@(\d+)$", "text-to-image recall@{1} on {0}", "0 to 1", 1.0),
+    (r"^retrieval/(.+)/text_retrieval_recall@(\d+)$", "image-to-text recall@{1} on {0}", "0 to 1", 1.0),
+    (r"^retrieval/(.+)/mean_recall$", "mean retrieval recall on {0}", "0 to 1", 1.0),
+]
+
+
+def axis_name(column: str, rows: Sequence[Dict[str, str]] = ()) -> Tuple[str, str, float]:
+    """(name in words, unit, scale) of a column on a plot's axis; the unit is "" for a column we know nothing
+    of. A latency names its batch size when every row was timed at the same one."""
+    for pattern, name, unit, scale in AXIS_NAMES:
+        match = re.match(pattern, column)
+        if match:
+            sizes = {row.get("latency_batch_size") for row in rows} - {None, ""}
+            batch = f" of {int(as_float(sizes.pop()))}" if len(sizes) == 1 else ""
+            return name.format(*match.groups()), unit.format(batch=batch), scale
+    return column, "", 1.0
+
+
+def axis_label(column: str, rows: Sequence[Dict[str, str]] = ()) -> str:
+    name, unit, _ = axis_name(column, rows)
+    return f"{name} ({unit})" if unit else name
+
+
+def place_labels(axes, points: Sequence[Tuple[float, float]], labels: Sequence[str], fontsize: float = 7) -> None:
+    """Write each label beside its point where it covers no other label, point or legend: the first free place
+    among rings of candidates around the point (nearest first; a thin line leads from a far one to its point),
+    else the place that overlaps least. Greedy, in order of x, on the figure as laid out now."""
+    from matplotlib.transforms import Bbox
+
+    figure = axes.figure
+    renderer = figure.canvas.get_renderer()
+    area = axes.get_window_extent(renderer)
+    centres = axes.transData.transform(points) if len(points) else []
+    taken = [Bbox.from_bounds(cx - 4, cy - 4, 8, 8) for cx, cy in centres]
+    legend = axes.get_legend()
+    if legend is not None:
+        taken.append(legend.get_window_extent(renderer))
+    # (dx, dy, horizontal alignment, vertical alignment) in points, ring by ring
+    sides = [(1, 1, "left", "bottom"), (1, -1, "left", "top"), (-1, 1, "right", "bottom"),
+             (-1, -1, "right", "top"), (0, 1, "center", "bottom"), (0, -1, "center", "top")]
+    candidates = [(dx * ring, dy * ring, ha, va) for ring in (4, 12, 22, 34) for dx, dy, ha, va in sides]
+
+    def cost(box) -> float:
+        overlap = sum(max(0.0, min(box.x1, t.x1) - max(box.x0, t.x0)) * max(0.0, min(box.y1, t.y1) - max(box.y0, t.y0))
+                      for t in taken)
+        outside = box.width * box.height - max(0.0, min(box.x1, area.x1) - max(box.x0, area.x0)) * max(
+            0.0, min(box.y1, area.y1) - max(box.y0, area.y0))
+        return overlap + outside
+
+    for index in sorted(range(len(points)), key=lambda i: points[i]):
+        text = axes.annotate(labels[index], points[index], textcoords="offset points", fontsize=fontsize,
+                             xytext=candidates[0][:2], ha=candidates[0][2], va=candidates[0][3])
+        best = None
+        for dx, dy, ha, va in candidates:
+            text.xyann = (dx, dy)
+            text.set_horizontalalignment(ha)
+            text.set_verticalalignment(va)
+            box = text.get_window_extent(renderer).padded(1)
+            score = cost(box)
+            if best is None or score < best[0]:
+                best = (score, (dx, dy, ha, va), box)
+            if score == 0:
+                break
+        text.remove()
+        _, (dx, dy, ha, va), box = best
+        far = max(abs(dx), abs(dy)) > candidates[0][1]
+        axes.annotate(labels[index], points[index], textcoords="offset points", fontsize=fontsize, xytext=(dx, dy),
+                      ha=ha, va=va, arrowprops={"arrowstyle": "-", "color": "0.5", "linewidth": 0.6,
+                                                "shrinkA": 1, "shrinkB": 3} if far else None)
+        taken.append(box)
+
+
+def pareto_figure(rows: Sequence[Dict[str, str]], metric: str, latency: str, group: Optional[str] = None):
+    """The figure `plot_pareto` saves, and the number of points on it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    _, _, x_scale = axis_name(latency)
+    _, _, y_scale = axis_name(metric)
+    # several checkpoints of a run (--all-checkpoints): one colour per run, each point labelled by its checkpoint
+    by_run = not group and any(r.get("checkpoint") for r in rows) and len(rows) != len({r["run"] for r in rows})
     points, labels, groups = [], [], []
     for row in rows:
         x, y = axis_value(row.get(latency)), as_float(row.get(metric))
         if not (math.isnan(x) or math.isnan(y)):
-            points.append((x, y))
-            labels.append(row["run"] if not row.get("checkpoint") or len(rows) == len({r["run"] for r in rows})
-                          else f"{row['run']}:{row['checkpoint']}")
-            groups.append(row.get(group, "") if group else "")
-    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+            points.append((x / x_scale, y / y_scale))
+            labels.append(row.get("checkpoint") or row["run"] if by_run else row["run"])
+            groups.append(row["run"] if by_run else row.get(group, "") if group else "")
+    figure, axes = plt.subplots(figsize=(7.5, 5.0))
     cost = bool(COST_COLUMNS.match(latency))
     if points:
         for value in sorted(set(groups), key=lambda g: (axis_value(g), g)):
             chosen = sorted((p for p, g in zip(points, groups) if g == value))
             axes.plot([p[0] for p in chosen], [p[1] for p in chosen], "o" if cost else "o-", zorder=3,
-                      label=f"{group} = {value}" if group else None)
-        for (x, y), label in zip(points, labels):
-            axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                      label=value if by_run else f"{group} = {value}" if group else None)
         if cost:
             front = pareto_front(points)
             axes.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:red",
-                      drawstyle="steps-post", label="Pareto front", zorder=2)
-        if cost or group:
+                      drawstyle="steps-post", label="Pareto front: no other point is both cheaper and better",
+                      zorder=2)
+        if cost or group or by_run:
             axes.legend(loc="best", fontsize=8)
-    axes.set_xlabel(f"{latency} (measured)" if latency.startswith("latency") else latency)
-    axes.set_ylabel(metric)
-    axes.set_title(f"{metric} vs {latency}")
+    y_name, x_name = axis_name(metric)[0], axis_name(latency)[0]
+    axes.set_xlabel(axis_label(latency, rows))
+    axes.set_ylabel(axis_label(metric, rows))
+    axes.set_title(f"{y_name[:1].upper()}{y_name[1:]} against {x_name}", fontsize=11)
     axes.grid(alpha=0.3)
+    axes.margins(0.12)  # room for the labels of the points at the edges
     figure.tight_layout()
+    place_labels(axes, points, labels)
+    return figure, len(points)
+
+
+def plot_pareto(rows: Sequence[Dict[str, str]], metric: str, latency: str, path: Path,
+                group: Optional[str] = None) -> int:
+    """`metric` against column `latency` (any x column): a scatter with the Pareto front when x is a cost,
+    otherwise each `group`'s points joined in x order; returns the number of points drawn."""
+    import matplotlib.pyplot as plt
+
+    figure, count = pareto_figure(rows, metric, latency, group)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
-    return len(points)
+    return count
 
 
 def write_csv(rows: Sequence[Dict[str, str]], path: Path) -> None:
