@@ -361,10 +361,10 @@ def test_upop_pruned_model_converts_exactly_and_every_tool_takes_it(upop_pruned,
 
 
 def test_command_lines_chain_and_write_loadable_runs(tiny_corpus, tmp_path, dense, capsys):
+    from eval import load_encoder
     from utils import fisher_prune as fisher_cli
     from utils import lowrank as lowrank_cli
     from utils import token_mask as token_cli
-    from eval import load_encoder
 
     source = tmp_path / "dense.pt"
     torch.save({"model_spec": dense.model_spec, "state_dict": dense.state_dict(), "epoch": 3, "step": 30}, source)

@@ -138,9 +138,9 @@ def test_quantized_specs_are_validated(dense):
 
 
 def test_prune_then_quantize_command_line_and_monitor(dense, tiny_corpus, tmp_path, capsys):
+    from utils import evaluate_checkpoints as monitor
     from utils import lowrank as lowrank_cli
     from utils import quantize as quantize_cli
-    from utils import evaluate_checkpoints as monitor
 
     model = to_compact(clone(dense))
     masks = pruning.init_masks(model)

@@ -5,9 +5,8 @@ import csv
 import pytest
 import torch
 
-from utils import sweep
 from compress.models.registry import build_model, open_clip_spec
-from utils import report
+from utils import report, sweep
 
 
 @pytest.fixture(scope="module")
