@@ -38,30 +38,30 @@ class EntryPoint(NamedTuple):
 ENTRY_POINTS: List[EntryPoint] = [
     EntryPoint("training.main", "torchrun --nproc_per_node N -m training.main", "training.params",
                "The trainer: every job's flags, one group per job (`--job clip`, ...). "
-               "`python -m training.main` runs one process."),
-    EntryPoint("utils.lowrank", "python -m utils.lowrank", "utils.lowrank",
+               "`clipcompress train` runs one process."),
+    EntryPoint("utils.lowrank", "clipcompress lowrank", "utils.lowrank",
                "Low-rank factorisation (SVD / Fisher-weighted SVD) of transformer Linears."),
-    EntryPoint("utils.heads", "python -m utils.heads", "utils.heads",
+    EntryPoint("utils.heads", "clipcompress heads", "utils.heads",
                "Attention-head pruning by sensitivity."),
-    EntryPoint("utils.fisher_prune", "python -m utils.fisher_prune", "utils.fisher_prune",
+    EntryPoint("utils.fisher_prune", "clipcompress fisher-prune", "utils.fisher_prune",
                "Fisher pruning of heads and MLP neurons under a MAC budget."),
-    EntryPoint("utils.token_mask", "python -m utils.token_mask", "utils.token_mask",
+    EntryPoint("utils.token_mask", "clipcompress token-mask", "utils.token_mask",
                "Patch-token masking at inference (FLIP)."),
-    EntryPoint("utils.text_layers", "python -m utils.text_layers", "utils.text_layers",
+    EntryPoint("utils.text_layers", "clipcompress text-layers", "utils.text_layers",
                "Dropping text-encoder layers."),
-    EntryPoint("utils.quantize", "python -m utils.quantize", "utils.quantize",
+    EntryPoint("utils.quantize", "clipcompress quantize", "utils.quantize",
                "int8 quantisation of the Linears of any model kind (the last step of a chain)."),
-    EntryPoint("utils.export", "python -m utils.export", "utils.export",
+    EntryPoint("utils.export", "clipcompress export", "utils.export",
                "ONNX export of any model kind: image and text graphs plus their preprocessing."),
-    EntryPoint("utils.sweep", "python -m utils.sweep", "utils.sweep",
+    EntryPoint("utils.sweep", "clipcompress sweep", "utils.sweep",
                "A post-training tool over a grid, each result scored by the monitor: one table and plots."),
-    EntryPoint("utils.cascade", "python -m utils.cascade", "utils.cascade",
+    EntryPoint("utils.cascade", "clipcompress cascade", "utils.cascade",
                "Cascaded image search: experiments configured in TOML, and the `index` / `search` subcommands."),
     EntryPoint("evaluate_checkpoints", "python src/utils/evaluate_checkpoints.py", "utils.evaluate_checkpoints",
-               "The checkpoint monitor (also `python -m utils.evaluate_checkpoints`)."),
-    EntryPoint("utils.report", "python -m utils.report", "utils.report",
+               "The checkpoint monitor (also `clipcompress monitor`)."),
+    EntryPoint("utils.report", "clipcompress report", "utils.report",
                "One table and a Pareto plot over the runs the monitor scored."),
-    EntryPoint("utils.make_corpus", "python -m utils.make_corpus", "utils.make_corpus",
+    EntryPoint("utils.make_corpus", "clipcompress corpus", "utils.make_corpus",
                "The embedded default corpus."),
 ]
 
@@ -209,7 +209,7 @@ def render(entry: EntryPoint, parser: argparse.ArgumentParser) -> str:
 
 
 def subcommands(entry: EntryPoint, parser: argparse.ArgumentParser) -> List[Tuple[EntryPoint, argparse.ArgumentParser]]:
-    """A page per subcommand (`python -m utils.cascade index`), named <page>.<subcommand>, from its own
+    """A page per subcommand (`clipcompress cascade index`), named <page>.<subcommand>, from its own
     parser: its flags are not the main parser's."""
     found = []
     for action in parser._actions:

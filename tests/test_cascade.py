@@ -137,7 +137,7 @@ def test_recall_counts_a_tie_in_the_results_against_the_model():
 
 def test_cli_parser_names_its_command_and_explains_every_flag():
     parser = build_parser()
-    assert parser.prog == "python -m utils.cascade"
+    assert parser.prog == "clipcompress cascade"
     assert all(action.help for action in parser._actions)
 
 

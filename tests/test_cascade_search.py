@@ -219,8 +219,8 @@ def test_stale_or_foreign_indexes_are_refused_in_one_line(levels, tiny_corpus, t
 def test_search_parsers_name_their_command_and_explain_every_flag():
     from utils.cascade import build_index_parser, build_search_parser
 
-    for build, prog in ((build_index_parser, "python -m utils.cascade index"),
-                        (build_search_parser, "python -m utils.cascade search")):
+    for build, prog in ((build_index_parser, "clipcompress cascade index"),
+                        (build_search_parser, "clipcompress cascade search")):
         parser = build()
         assert parser.prog == prog and all(action.help for action in parser._actions)
 

@@ -244,5 +244,5 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
 
 def test_parser_names_the_module_and_explains_every_flag():
     parser = mc.build_parser()
-    assert parser.prog == "python -m utils.make_corpus"
+    assert parser.prog == "clipcompress corpus"
     assert all(action.help for action in parser._actions)

@@ -1,6 +1,7 @@
 """The documentation holds together: the site builds in strict mode, the generated flag pages match the
 parsers, every page is reachable from the nav, and the README stays short."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,26 @@ def test_every_docs_page_is_in_the_nav():
     nav = _nav_pages(config["nav"])
     assert not pages - nav, f"pages missing from mkdocs.yml's nav: {sorted(pages - nav)}"
     assert not nav - pages, f"nav entries without a page: {sorted(nav - pages)}"
+
+
+def _trainer_commands(markdown: str) -> list:
+    """The trainer command lines of a page's shell blocks, continuation lines joined: what follows
+    `-m training.main` (torchrun, srun, python) or `slurm_example.sh` (its arguments are the trainer's)."""
+    commands = []
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", markdown, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            match = re.search(r"(?:-m training\.main|slurm_example\.sh)\s(.*)", line)
+            if match:
+                commands.append(match.group(1))
+    return commands
+
+
+def test_quickstart_uses_only_flags_the_trainer_has():
+    from training.params import build_parser
+
+    known = {option for action in build_parser()._actions for option in action.option_strings}
+    commands = _trainer_commands((REPO / "docs" / "quickstart.md").read_text(encoding="utf-8"))
+    assert len(commands) >= 2, "docs/quickstart.md should hold the torchrun and the sbatch command"
+    used = {flag for command in commands for flag in re.findall(r"(?<!\S)(--[A-Za-z][\w-]*)", command)}
+    assert "--job" in used and "--KD" in used
+    assert not used - known, f"docs/quickstart.md names trainer flags that do not exist: {sorted(used - known)}"

@@ -91,7 +91,7 @@ def test_missing_runs_are_skipped_and_none_is_an_error(runs, tmp_path, capsys):
 
 def test_parser_names_the_module_and_explains_every_flag():
     parser = report.build_parser()
-    assert parser.prog == "python -m utils.report"
+    assert parser.prog == "clipcompress report"
     assert all(action.help for action in parser._actions)
 
 

@@ -2,7 +2,7 @@
 
     python src/utils/evaluate_checkpoints.py                        # asks for the experiment dir (and an epoch)
     python src/utils/evaluate_checkpoints.py --logs-dir logs/run --eval-data-dir data/eval          # keep watching
-    python -m utils.evaluate_checkpoints --logs-dir logs/run --eval-data-dir data/eval --once      # score, print
+    clipcompress monitor --logs-dir logs/run --eval-data-dir data/eval --once      # score, print
 
 It watches `<logs-dir>/checkpoints/` for `epoch_N.pt` (never `epoch_latest.pt`, which is rewritten mid-epoch),
 rebuilds each model — from the checkpoint's `model_spec`, or for an open_clip_train run from the `model:` line

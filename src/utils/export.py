@@ -1,6 +1,6 @@
-"""`python -m utils.export CKPT --format onnx --out DIR`: a checkpoint of any kind as deployable graphs.
+"""`clipcompress export CKPT --format onnx --out DIR`: a checkpoint of any kind as deployable graphs.
 
-    python -m utils.export logs/lowrank/checkpoints/epoch_0.pt --format onnx --out deploy/lowrank
+    clipcompress export logs/lowrank/checkpoints/epoch_0.pt --format onnx --out deploy/lowrank
 
 Writes `DIR/image_encoder.onnx`, `DIR/text_encoder.onnx` (batch dynamic, normalised float32 features) and
 `DIR/preprocessing.json` (image size, resize/crop, mean/std; the tokenizer, its context length and ids, and
@@ -21,7 +21,7 @@ from utils.posttrain import load_input_model
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m utils.export",
+    parser = argparse.ArgumentParser(prog="clipcompress export",
                                      description="export a checkpoint's image and text encoders as ONNX graphs")
     parser.add_argument("checkpoint", metavar="CKPT",
                         help="our checkpoint (any kind), or an open_clip weights file with --model, or hf:DIR")

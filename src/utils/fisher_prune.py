@@ -1,7 +1,7 @@
-"""`python -m utils.fisher_prune`: retraining-free pruning of heads and MLP neurons under a MAC budget
+"""`clipcompress fisher-prune`: retraining-free pruning of heads and MLP neurons under a MAC budget
 (Kwon et al., NeurIPS 2022).
 
-    python -m utils.fisher_prune --pretrained CKPT --out RUN_DIR --mac-constraint 0.6 --calib-data TSV
+    clipcompress fisher-prune --pretrained CKPT --out RUN_DIR --mac-constraint 0.6 --calib-data TSV
 
 The algorithm is `compress.ops.fisher_prune.fisher_prune`; this module is its command line.
 """
@@ -13,7 +13,7 @@ from utils.posttrain import add_tower_flags, base_parser, parse_layers, run_tool
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser("retraining-free Fisher pruning of heads and MLP neurons under a MAC constraint (Kwon et al.)",
-                         prog="python -m utils.fisher_prune")
+                         prog="clipcompress fisher-prune")
     parser.add_argument("--mac-constraint", type=float, required=True,
                         help="fraction of the chosen blocks' head+MLP MACs to keep (e.g. 0.6)")
     add_tower_flags(parser)

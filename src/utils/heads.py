@@ -1,6 +1,6 @@
-"""`python -m utils.heads`: attention-head pruning by sensitivity (Michel et al. 2019, as casCLIP applied it).
+"""`clipcompress heads`: attention-head pruning by sensitivity (Michel et al. 2019, as casCLIP applied it).
 
-    python -m utils.heads --pretrained CKPT --out RUN_DIR --num-heads 4 --calib-data TSV
+    clipcompress heads --pretrained CKPT --out RUN_DIR --num-heads 4 --calib-data TSV
 
 The algorithm is `compress.ops.heads.prune_heads_by_sensitivity`; this module is its command line.
 """
@@ -12,7 +12,7 @@ from utils.posttrain import add_tower_flags, base_parser, parse_layers, run_tool
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser("attention-head pruning by Fisher sensitivity of head masks (iterative)",
-                         prog="python -m utils.heads")
+                         prog="clipcompress heads")
     parser.add_argument("--num-heads", type=int, required=True, help="total number of heads to remove")
     parser.add_argument("--heads-per-round", type=int, default=1,
                         help="heads removed before the scores are recomputed (default 1)")

@@ -1,6 +1,6 @@
-"""`python -m utils.lowrank`: low-rank factorisation (plain SVD or Fisher-weighted SVD) of transformer Linears.
+"""`clipcompress lowrank`: low-rank factorisation (plain SVD or Fisher-weighted SVD) of transformer Linears.
 
-    python -m utils.lowrank --pretrained CKPT --out RUN_DIR --ratio 0.5 [--method fwsvd --calib-data TSV]
+    clipcompress lowrank --pretrained CKPT --out RUN_DIR --ratio 0.5 [--method fwsvd --calib-data TSV]
 
 The algorithm is `compress.ops.lowrank.low_rank`; this module is its command line.
 """
@@ -12,7 +12,7 @@ from utils.posttrain import add_tower_flags, base_parser, needs_calibration, par
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser("low-rank factorisation (SVD / Fisher-weighted SVD) of transformer Linears",
-                         prog="python -m utils.lowrank")
+                         prog="clipcompress lowrank")
     parser.add_argument("--ratio", type=float, required=True, help="kept-parameter ratio ρ of each factorised Linear")
     parser.add_argument("--method", choices=("svd", "fwsvd"), default="svd",
                         help="plain SVD, or Fisher-weighted SVD (needs --calib-data)")

@@ -61,7 +61,7 @@ editing the caption templates does not change any image.
 
 Usage
 -----
-``python -m utils.make_corpus --out DIR [--train-size 20000] [--eval-size 1000]
+``clipcompress corpus --out DIR [--train-size 20000] [--eval-size 1000]
 [--image-size 64] [--seed 0] [--shard-size 1000] [--workers 1]``
 
 The corpus is built in a sibling temporary directory and renamed into place at
@@ -669,7 +669,7 @@ def make_corpus(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m utils.make_corpus",
+        prog="clipcompress corpus",
         description="Generate a deterministic synthetic captioned-shapes corpus (CC3M/COCO/ImageFolder stand-in).",
     )
     parser.add_argument("--out", required=True, help="output directory (replaced if it already holds a corpus)")

@@ -1,6 +1,6 @@
 """One table and one Pareto plot over any number of runs, from the monitor's CSVs.
 
-    python -m utils.report logs/dense logs/lowrank logs/fisher logs/flip --out-dir logs/report
+    clipcompress report logs/dense logs/lowrank logs/fisher logs/flip --out-dir logs/report
 
 Each LOGDIR is a run folder the monitor (`src/utils/evaluate_checkpoints.py`) has scored: it reads
 `LOGDIR/evaluation_metrics_all.csv` (one row per checkpoint: params, macs_image, macs_text,
@@ -13,7 +13,7 @@ more accurate) drawn through.
 Any column against any other: `--x COLUMN --y METRIC` (e.g. `--x size_bytes`, `--x macs_image`, or a flag of
 the tool that made the run, such as `--x ratio`, read from its params.txt when the CSV has no such column),
 `--group COLUMN` for one line per value (a ratio, a layer count). `--table CSV` reads rows from a table that
-has a `run` column instead of run folders: what `python -m utils.sweep` writes, with its grid columns.
+has a `run` column instead of run folders: what `clipcompress sweep` writes, with its grid columns.
 """
 from __future__ import annotations
 
@@ -380,7 +380,7 @@ def build_report(log_dirs: Sequence[str], out_dir: str | Path, select: str = "la
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m utils.report",
+    parser = argparse.ArgumentParser(prog="clipcompress report",
                                      description="table + Pareto plot over the monitor CSVs of several runs")
     parser.add_argument("log_dirs", nargs="*", metavar="LOGDIR", help="run folders holding evaluation_metrics_all.csv")
     parser.add_argument("--out-dir", default=None,

@@ -1,8 +1,8 @@
-"""`python -m utils.sweep TOOL`: run one post-training tool over a grid, score every result, one table + plots.
+"""`clipcompress sweep TOOL`: run one post-training tool over a grid, score every result, one table + plots.
 
-    python -m utils.sweep lowrank --pretrained CKPT --ratio 0.25 0.5 0.75 --layers 3 6 9 \\
+    clipcompress sweep lowrank --pretrained CKPT --ratio 0.25 0.5 0.75 --layers 3 6 9 \\
         --eval-data-dir DIR --out DIR [--towers image,text ...any other flag of the tool]
-    python -m utils.sweep text_layers --pretrained CKPT --keep-first 1 2 4 8 --eval-data-dir DIR --out DIR
+    clipcompress sweep text_layers --pretrained CKPT --keep-first 1 2 4 8 --eval-data-dir DIR --out DIR
 
 Accuracy and time against the number of compressed layers and against the compression ratio show where a
 tool stops paying for itself; this driver draws those curves for any tool. Every grid point (the product of
@@ -15,7 +15,7 @@ too, as run `input`. A point already written or scored is reused, so a stopped s
 N compresses the blocks of every smaller N and more. Output: `OUT/sweep.csv` (grid columns, then every monitor
 column), the table printed, and per grid column `<metric>_vs_<column>.png` and
 `latency_image_ms_vs_<column>.png` (one line per value of the other grid column), drawn by utils.report, which
-also replots the table: `python -m utils.report --table OUT/sweep.csv
+also replots the table: `clipcompress report --table OUT/sweep.csv
 --x ratio --y METRIC --group layers`.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ INPUT_RUN = "input"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m utils.sweep",
+        prog="clipcompress sweep",
         description="run a post-training tool over a grid, score each result with the monitor, write one table "
                     "and plots; flags not listed here go to the tool")
     parser.add_argument("tool", choices=sorted(TOOLS), help="the compress.<tool> to sweep")

@@ -1,7 +1,7 @@
-"""`python -m utils.text_layers`: drop text-encoder layers (no retraining).
+"""`clipcompress text-layers`: drop text-encoder layers (no retraining).
 
-    python -m utils.text_layers --pretrained CKPT --out RUN_DIR --keep-first 6
-    python -m utils.text_layers --pretrained CKPT --out RUN_DIR --drop 3,5
+    clipcompress text-layers --pretrained CKPT --out RUN_DIR --keep-first 6
+    clipcompress text-layers --pretrained CKPT --out RUN_DIR --drop 3,5
 
 The algorithm is `compress.ops.text_layers.drop_text_layers`; this module is its command line.
 """
@@ -12,7 +12,7 @@ from utils.posttrain import base_parser, run_tool
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser("drop text-encoder layers", calibration=False, prog="python -m utils.text_layers")
+    parser = base_parser("drop text-encoder layers", calibration=False, prog="clipcompress text-layers")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--drop", default=None, help="comma list of text block indices to remove")
     group.add_argument("--keep-first", type=int, default=None, help="keep only the first N text blocks")

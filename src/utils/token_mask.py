@@ -1,6 +1,6 @@
-"""`python -m utils.token_mask`: FLIP-style token masking at inference (no retraining).
+"""`clipcompress token-mask`: FLIP-style token masking at inference (no retraining).
 
-    python -m utils.token_mask --pretrained CKPT --out RUN_DIR --drop 0.5
+    clipcompress token-mask --pretrained CKPT --out RUN_DIR --drop 0.5
 
 The algorithm is `compress.ops.token_mask.mask_tokens`; this module is its command line.
 """
@@ -12,7 +12,7 @@ from utils.posttrain import base_parser, run_tool
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser("FLIP token masking at inference (no retraining)", calibration=False,
-                         prog="python -m utils.token_mask")
+                         prog="clipcompress token-mask")
     parser.add_argument("--drop", type=float, required=True, help="fraction p of patch tokens dropped (0 ≤ p < 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the token choice")
     return parser

@@ -1,9 +1,9 @@
 """Cascaded image search: index a gallery once with a cheap encoder, answer text queries by re-ranking its
 shortlists with larger ones; and casCLIP's experiments on it.
 
-    python -m utils.cascade index --gallery data/corpus/eval --levels STUDENT.pt CLIP.pt --out IDX
-    python -m utils.cascade search IDX "a red circle" --k 10 --m 50
-    python -m utils.cascade --config scripts/experiments/cascade_topk_demo.toml
+    clipcompress cascade index --gallery data/corpus/eval --levels STUDENT.pt CLIP.pt --out IDX
+    clipcompress cascade search IDX "a red circle" --k 10 --m 50
+    clipcompress cascade --config scripts/experiments/cascade_topk_demo.toml
 
 `index` streams the gallery (COCO, Flickr30k, an ImageFolder or a TSV of image paths) from disk in batches
 through level 1 into an on-disk feature store and faiss index, and resumes an interrupted build; `search`
@@ -32,7 +32,7 @@ __all__ = ["Experiment", "Gallery", "IndexReport", "LevelSource", "Searcher", "b
            "build_search_parser", "format_table", "index_gallery", "main", "read_experiment", "read_gallery",
            "run_experiment"]
 
-PROG = "python -m utils.cascade"
+PROG = "clipcompress cascade"
 LOG_LEVELS = ["debug", "info", "warning"]
 
 

@@ -1,5 +1,5 @@
 """Index a gallery on disk and answer text queries with a cascade of checkpoints (the Python API of
-`python -m utils.cascade index` and `... search`).
+`clipcompress cascade index` and `... search`).
 
     from utils.cascade import index_gallery, Searcher
     index_gallery("data/corpus/eval", ["student.pt", "clip.pt"], "logs/gallery_index")   # cheapest first
