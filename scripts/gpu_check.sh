@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU check: what CI cannot run. On one CUDA GPU, after the README's setup (scripts/setup_env.sh picks
-# faiss-gpu there), with no edits: every job for ~100 steps under amp and amp_bf16 (--torchcompile and
-# --grad-checkpointing once each), one run under an NCCL process group, a faiss-gpu k-means, the monitor on
+# GPU check: what CI cannot run. On one CUDA GPU, after `CLIPCOMPRESS_FAISS=gpu bash scripts/setup_env.sh`
+# (the README's setup with a GPU faiss in place of faiss-cpu), with no edits: every job for ~100 steps
+# under amp and amp_bf16 (--torchcompile and --grad-checkpointing once each), one run under an NCCL
+# process group, a faiss-gpu k-means, the monitor on
 # CUDA, and bench_trainer.py against open_clip_train (ViT-B-32, 224 px, amp_bf16, batch 256). Prints each
 # run's peak GPU memory and both trainers' samples/s. Meant to take under 8 minutes on one H100-class GPU.
 #

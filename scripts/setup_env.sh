@@ -1,32 +1,33 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install clipcompress with its test extras into it. Sourced by demo.sh / test.sh.
+# Create .venv (once) and install clipcompress with its test extras into it, at the exact versions the test
+# suite ran with (constraints.txt). Sourced by demo.sh / test.sh. docs/install.md: installing into an
+# environment of your own, with your own torch.
+#
+#   bash scripts/setup_env.sh                          # faiss-cpu (k-means and search on the CPU)
+#   CLIPCOMPRESS_FAISS=gpu bash scripts/setup_env.sh   # PyPI's GPU faiss in its place (docs/install.md)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 if [ ! -x "$REPO/.venv/bin/python" ]; then
   "$PYTHON" -m venv "$REPO/.venv"
 fi
-# faiss: exactly one build (setup.py's cpu / gpu extras install the same `faiss` package): the GPU one
-# where a GPU answers, unless CLIPCOMPRESS_FAISS=cpu|gpu says otherwise
-FAISS="${CLIPCOMPRESS_FAISS:-auto}"
-if [ "$FAISS" = auto ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then FAISS=gpu; else FAISS=cpu; fi
+PIP=("$REPO/.venv/bin/python" -m pip)
+# the pins hold for the Python that constraints.txt's first line names; another one gets setup.py's ranges
+TESTED="$(sed -n '1s/^# python \([0-9.]*\).*/\1/p' "$REPO/constraints.txt")"
+HAVE="$("$REPO/.venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if [ "$HAVE" = "$TESTED" ]; then
+  PINS=(-c "$REPO/constraints.txt")
+else
+  PINS=()
+  echo "setup_env: Python $HAVE, constraints.txt is for $TESTED: installing setup.py's version ranges" >&2
 fi
-case "$FAISS" in
-  cpu) OTHER="faiss-gpu faiss-gpu-cu11 faiss-gpu-cu12" ;;
-  gpu) OTHER="faiss-cpu" ;;
-  *) echo "CLIPCOMPRESS_FAISS=$FAISS: one of auto, cpu, gpu" >&2; exit 2 ;;
-esac
-# the other build would share faiss/ with this one: take it out first (a no-op when it is not there)
-for dist in $OTHER; do
-  if "$REPO/.venv/bin/python" -m pip show -q "$dist" >/dev/null 2>&1; then
-    "$REPO/.venv/bin/python" -m pip uninstall -q -y "$dist"
-    FORCE=1
-  fi
-done
 # pip skips what is already installed, so a second run costs seconds
-"$REPO/.venv/bin/python" -m pip install -q -e "$REPO[dev,$FAISS]"
-if [ "${FORCE:-0}" = 1 ]; then  # the uninstall removed files the kept build also owns: write them again
-  if [ "$FAISS" = gpu ]; then KEEP=faiss-gpu-cu12; else KEEP=faiss-cpu; fi
-  "$REPO/.venv/bin/python" -m pip install -q --force-reinstall --no-deps "$KEEP"
-fi
+"${PIP[@]}" install -q ${PINS[@]+"${PINS[@]}"} -e "$REPO[dev]"
+case "${CLIPCOMPRESS_FAISS:-cpu}" in
+  cpu) ;;
+  gpu)  # both wheels install the same faiss/ package: take faiss-cpu out, then write the GPU build whole
+    "${PIP[@]}" uninstall -q -y faiss-cpu
+    "${PIP[@]}" install -q ${PINS[@]+"${PINS[@]}"} --force-reinstall --no-deps faiss-gpu-cu12
+    "${PIP[@]}" install -q ${PINS[@]+"${PINS[@]}"} faiss-gpu-cu12 ;;  # its CUDA 12 runtime wheels
+  *) echo "CLIPCOMPRESS_FAISS=$CLIPCOMPRESS_FAISS: cpu or gpu" >&2; exit 2 ;;
+esac

@@ -65,7 +65,7 @@ def faiss_summary() -> str:
     installed = faiss_distributions()
     if len(installed) > 1:
         line += (f"; WARNING: {' and '.join(installed)} are all installed and share this package: keep one "
-                 f"(scripts/setup_env.sh, CLIPCOMPRESS_FAISS=cpu|gpu)")
+                 "(pip uninstall both, then install one: docs/install.md)")
     return line
 
 

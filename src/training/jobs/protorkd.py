@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from compress.ops import distill_losses
+from foundation.dependencies import FAISS_INSTALL, require
 from foundation.errors import UserError
 from training import proto
 from training.accel import autocast, autocast_dtype
@@ -127,6 +128,8 @@ class ProtoRKDJob(Job):
             raise UserError(f"--distiller {args.distiller!r}: choose a comma list of {', '.join(DISTILLERS)}")
         self.uses_infonce = "infonce" in self.distillers or "proto" in self.distillers
         self.uses_proto = "proto" in self.distillers
+        if self.uses_proto:  # faiss k-means: checked before the teacher embeds every caption
+            require("--distiller proto (k-means prototypes)", ["faiss"], FAISS_INSTALL)
         if args.lit_start_epoch >= 0 and not self.uses_infonce:
             raise UserError("--lit-start-epoch trains the head with InfoNCE only: "
                             "add infonce (or proto) to --distiller")
