@@ -9,7 +9,7 @@ Knows nothing of training. Typical use:
 Metric names follow CLIP_benchmark: acc1, acc5, mean_per_class_recall, lp_acc1…,
 image_retrieval_recall@k, text_retrieval_recall@k, mean_recall.
 """
-from eval.benchmarks import BENCHMARKS, evaluate_dataset, run_benchmarks
+from eval.benchmarks import BENCHMARKS, check_eval_data, evaluate_dataset, run_benchmarks
 from eval.data import discover_datasets
 from eval.features import extract_image_features, extract_text_features
 from eval.linear_probe import fit_logistic_regression, linear_probe, select_weight_decay
@@ -20,6 +20,7 @@ from eval.zeroshot import zero_shot_classifier, zero_shot_metrics
 __all__ = [
     "BENCHMARKS",
     "Encoder",
+    "check_eval_data",
     "classification_metrics",
     "discover_datasets",
     "encoder_from_model",

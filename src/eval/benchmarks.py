@@ -14,17 +14,58 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 
-from eval.data import ClassificationSet, RetrievalSet, discover_datasets
+from eval.data import ClassificationSet, FoundDataset, RetrievalSet, discover_datasets
 from eval.features import extract_image_features, extract_text_features
 from eval.linear_probe import linear_probe
 from eval.metrics import DEFAULT_TOPK, check_topk, feature_statistics, retrieval_metrics
 from eval.zeroshot import zero_shot_classifier, zero_shot_metrics
+from foundation.errors import UserError
 
 log = logging.getLogger(__name__)
 
 BENCHMARKS = ("zeroshot", "linear_probe", "retrieval", "features")
-_TASK_OF_BENCHMARK = {"zeroshot": "classification", "linear_probe": "classification",
+TASK_OF_BENCHMARK = {"zeroshot": "classification", "linear_probe": "classification",
                       "retrieval": "retrieval", "features": "retrieval"}
+
+
+_SETS_OF_TASK = {"classification": "a classification set (<name>/test/<class>/, imagenet/, cifar10/, ...)",
+                 "retrieval": "a retrieval set (coco2017/ or flickr30k/)"}
+
+
+def check_eval_data(eval_data_dir: str | Path, benchmarks: Iterable[str] = BENCHMARKS,
+                    datasets: Optional[Sequence[str]] = None, every_benchmark: bool = True,
+                    what: str = "--eval-data-dir") -> Dict[str, FoundDataset]:
+    """The datasets under `eval_data_dir` that `benchmarks` would score, found before any work is done (a run
+    that scores only after an epoch of training checks its eval root with this at start).
+
+    Raises UserError (one line naming `what`, the flag that gave the root) when the root is not a folder,
+    holds no evaluation set, lacks one of `datasets`, or holds no set that a benchmark applies to: with
+    `every_benchmark` each of `benchmarks` needs one (they were asked for by name), else at least one of them
+    (a default list, of which whatever applies is scored)."""
+    benchmarks = tuple(benchmarks)
+    unknown = sorted(set(benchmarks) - set(BENCHMARKS))
+    if unknown:
+        raise UserError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    try:
+        found, _ = discover_datasets(eval_data_dir)
+    except FileNotFoundError:
+        raise UserError(f"{what} {eval_data_dir}: folder not found") from None
+    if not found:
+        raise UserError(f"{what} {eval_data_dir}: no evaluation sets in it (expected coco2017/, flickr30k/, "
+                        f"<name>/test/<class>/, ...)")
+    if datasets is not None:
+        missing = sorted(set(datasets) - set(found))
+        if missing:
+            raise UserError(f"{what} {eval_data_dir}: dataset(s) {missing} not in it; found: {sorted(found)}")
+        found = {name: found[name] for name in datasets}
+    tasks = {entry.task for entry in found.values()}
+    unserved = [b for b in benchmarks if TASK_OF_BENCHMARK[b] not in tasks]
+    if unserved and (every_benchmark or len(unserved) == len(benchmarks)):
+        needed = sorted({TASK_OF_BENCHMARK[b] for b in unserved})
+        listed = ", ".join(f"{name} ({entry.task})" for name, entry in sorted(found.items()))
+        raise UserError(f"{what} {eval_data_dir}: {'/'.join(unserved)} need{'s' if len(unserved) == 1 else ''} "
+                        f"{' and '.join(_SETS_OF_TASK[task] for task in needed)}; it holds {listed}")
+    return found
 
 
 def run_benchmarks(
@@ -68,11 +109,11 @@ def run_benchmarks(
         if missing:
             raise ValueError(f"dataset(s) {missing} not found under {eval_data_dir}; found: {sorted(found)}")
         found = {name: found[name] for name in datasets}
-    wanted_tasks = {_TASK_OF_BENCHMARK[b] for b in benchmarks}
+    wanted_tasks = {TASK_OF_BENCHMARK[b] for b in benchmarks}
     for task in ("classification", "retrieval"):
         if task in wanted_tasks and not any(d.task == task for d in found.values()):
             log.info("no %s datasets under %s; %s skipped", task, eval_data_dir,
-                     "/".join(b for b in benchmarks if _TASK_OF_BENCHMARK[b] == task))
+                     "/".join(b for b in benchmarks if TASK_OF_BENCHMARK[b] == task))
     metric_device = torch.device(device) if device is not None else encoder.device
 
     metrics: Dict[str, float] = {}

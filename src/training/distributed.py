@@ -115,6 +115,29 @@ def barrier() -> None:
         dist.barrier()
 
 
+def in_turns(work: Callable[[], Any], local_rank: int) -> Any:
+    """`work()` on every rank, in three turns with a barrier after each: rank 0; then the first process of
+    each other node (`local_rank` 0); then all the others. For work that fills a download cache (open_clip
+    and Hugging Face weights): rank 0 fills a cache the nodes share, each node's first process its own,
+    and the rest find the files there instead of every process downloading them at once. A rank whose work
+    fails (an Exception) still joins the later turns, then raises; a stop signal or Ctrl-C (BaseException)
+    ends it at once. Plain `work()` in one process."""
+    if not is_distributed():
+        return work()
+    turn = 0 if dist.get_rank() == 0 else 1 if local_rank == 0 else 2
+    result, failure = None, None
+    for current in range(3):
+        if current == turn:
+            try:
+                result = work()
+            except Exception as error:  # the other turns must still meet this rank at their barriers
+                failure = error
+        dist.barrier()
+    if failure is not None:
+        raise failure
+    return result
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (itself when not distributed)."""
     if dist.is_available() and dist.is_initialized():

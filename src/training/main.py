@@ -27,7 +27,15 @@ from foundation.locks import RunLock
 from foundation.logs import quiet_open_clip
 from training.accel import log_accelerator_setup
 from training.data import get_data
-from training.distributed import DistInfo, barrier, broadcast_object, cleanup, compute_on_master, init_distributed
+from training.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    cleanup,
+    compute_on_master,
+    in_turns,
+    init_distributed,
+)
 from training.jobs import available_jobs
 from training.params import parse_args
 from training.preemption import STOP_EXIT_CODE, StopRequest, StopRequested, serve_stack_dumps
@@ -95,13 +103,17 @@ def start_run(args, stop: StopRequest, held: contextlib.ExitStack):
     log_accelerator_setup(args, dist_info.device)  # TF32 on CUDA; the pure-bf16 warning; which faiss loaded
     if getattr(args, "job_from_flags", None):  # the ProtoRKD README's commands carry no --job
         logging.info("no --job given: running --job %s, the job of %s", args.job, args.job_from_flags)
+    for note in getattr(args, "config_notes", ()):  # e.g. OpenAI weights → the -quickgelu config
+        logging.info("%s", note)
 
     # 2. job and model (same init on every rank, then per-rank randomness) --------------------------
     seed_everything(args.seed)
     resumed = load_resume_state(args, log_dir, dist_info)  # rank 0 chooses; every rank gets the same state
     resume_from, checkpoint = resumed if resumed else (None, None)
     job = available_jobs()[args.job](args, dist_info)
-    model = job.build_model(checkpoint["model_spec"] if checkpoint else None)
+    # weights a build downloads (an open_clip tag, a hub teacher) are fetched once per cache: rank 0 builds
+    # first, then the first rank of each other node, then the rest, who find the weights in their node's cache
+    model = in_turns(lambda: job.build_model(checkpoint["model_spec"] if checkpoint else None), dist_info.local_rank)
     if checkpoint:
         model.load_state_dict(checkpoint["state_dict"])
     model = place_model(model, args, dist_info)

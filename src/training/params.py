@@ -3,6 +3,7 @@ each job adds its own group (training/jobs/<job>.py: add_arguments)."""
 from __future__ import annotations
 
 import argparse
+import os
 from typing import List, Optional
 
 from foundation.errors import UserError
@@ -160,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "'clipcompress[wandb]'; WANDB_MODE=offline logs without network) or none")
     run.add_argument("--wandb-project-name", default="clipcompress", help="the wandb project of --report-to wandb")
     run.add_argument("--log-every-n-steps", type=int, default=10, help="log losses/lr/throughput every N steps")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"], help="console log level")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
+                     help="console log level. Progress (the epoch, the teacher pass, k-means, eval) is a bar on a "
+                          "terminal; where stderr is a file (SLURM) it is a log line every "
+                          "$CLIPCOMPRESS_PROGRESS_SECONDS (default 30), in out.log too; warning: none")
     run.add_argument("--copy-codebase", action="store_true", help="copy src/ into the run folder (ProtoCLIP)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda")
     run.add_argument("--dist-backend", default=None, help="process-group backend (default: nccl on GPU, gloo on CPU)")
@@ -196,12 +200,54 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     check_run_name(args.name)
     if args.stack_dump_signal is not None and args.stack_dump_signal in (*ALWAYS_STOP, args.stop_signal):
         raise UserError(f"--stack-dump-signal {args.stack_dump_signal} is a stop signal; choose another")
-    if (args.zeroshot_frequency or args.linear_frequency or args.retrieval_frequency) and not args.eval_data_dir:
-        # here, not at the first eval, which comes after a whole epoch of training
-        raise UserError("--zeroshot/--linear/--retrieval-frequency need --eval-data-dir")
+    check_in_loop_eval(args)
+    args.config_notes = choose_weight_configs(args)
     if any(k < 1 for k in args.topk):
         raise UserError(f"--topk {' '.join(map(str, args.topk))}: every k must be at least 1")
     return args
+
+
+def in_loop_benchmarks(args: argparse.Namespace) -> List[str]:
+    """The eval benchmarks a --*-frequency flag asks for."""
+    return [name for name, frequency in (("zeroshot", args.zeroshot_frequency), ("linear_probe", args.linear_frequency),
+                                         ("retrieval", args.retrieval_frequency)) if frequency]
+
+
+def check_in_loop_eval(args: argparse.Namespace) -> None:
+    """The in-loop eval's root, checked here and not at the first eval, which comes after a whole epoch of
+    training: it exists and holds a set for each benchmark a --*-frequency flag asks for."""
+    wanted = in_loop_benchmarks(args)
+    if not wanted:
+        return
+    if not args.eval_data_dir:
+        raise UserError("--zeroshot/--linear/--retrieval-frequency need --eval-data-dir")
+    from eval.benchmarks import check_eval_data
+
+    check_eval_data(args.eval_data_dir, wanted)
+
+
+# (config flag, weights flag) pairs whose weights may be an open_clip tag: the student's, and a teacher's
+WEIGHT_FLAGS = (("model", "pretrained"), ("teacher_model", "teacher_pretrained"))
+
+
+def choose_weight_configs(args: argparse.Namespace) -> List[str]:
+    """A tag trained with QuickGELU (OpenAI's) builds open_clip's `-quickgelu` config: `--model ViT-B-32
+    --pretrained openai` runs ViT-B-32-quickgelu (compress.models.pretrained.config_for_weights). Chosen here,
+    once, so that the run's model and teacher specs and params.txt name the config actually built; returns
+    the lines saying so, for the run's log."""
+    notes = []
+    for config_dest, weights_dest in WEIGHT_FLAGS:
+        name, weights = getattr(args, config_dest, None), getattr(args, weights_dest, None)
+        if not name or not weights or os.path.exists(weights):
+            continue
+        from compress.models.pretrained import config_for_weights
+
+        chosen = config_for_weights(name, weights)
+        if chosen != name:
+            setattr(args, config_dest, chosen)
+            notes.append(f"--{weights_dest.replace('_', '-')} {weights} was trained with QuickGELU: "
+                         f"--{config_dest.replace('_', '-')} {chosen} is built, not {name}")
+    return notes
 
 
 def given_flags(argv: Optional[List[str]]) -> set:

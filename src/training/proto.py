@@ -8,10 +8,12 @@ RKD, the prototype loss) are distillation losses and live in compress.ops.distil
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
+
+from foundation.progress import Progress
 
 # --- clustering --------------------------------------------------------------------------------------
 
@@ -57,15 +59,22 @@ def _flat_index(dim: int, gpu: Optional[int]):
 
 
 def kmeans(features, k: int, max_iter: int = 20, nredo: int = 1, seed: int = 0, gpu: Optional[int] = None,
-           max_points_per_centroid: int = DEFAULT_MAX_POINTS_PER_CENTROID) -> Tuple[torch.Tensor, torch.Tensor]:
+           max_points_per_centroid: int = DEFAULT_MAX_POINTS_PER_CENTROID, desc: str = "k-means",
+           show_progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """faiss k-means on `features` (N, D): returns (centroids (k, D) float32, labels (N,) int64).
 
     Trained on at most `max_points_per_centroid` * k points (faiss samples them, seeded); labels of all N
     rows are the nearest centroid (L2), by `assign_to_centroids`. On GPU `gpu` (its index) when given, else
-    on the CPU. Memory: O(N·D + k·D)."""
+    on the CPU. Memory: O(N·D + k·D). `show_progress`: both phases' progress under the name `desc`
+    (foundation.progress: the elapsed time of faiss's training, the rows labelled)."""
     points = _points(features)
-    centroids = train_centroids(points, k, max_iter, nredo, seed, gpu, max_points_per_centroid)
-    return torch.from_numpy(centroids), assign_to_centroids(points, centroids, gpu=gpu)
+    with Progress(desc=f"{desc}: training {k} centroids ({max_iter} iterations x {nredo})",
+                  enabled=show_progress) as training, training.ticking():
+        centroids = train_centroids(points, k, max_iter, nredo, seed, gpu, max_points_per_centroid)
+    with Progress(total=len(points), desc=f"{desc}: labelling by nearest centroid", unit="row",
+                  enabled=show_progress) as labelling:
+        labels = assign_to_centroids(points, centroids, gpu=gpu, progress=labelling.update)
+    return torch.from_numpy(centroids), labels
 
 
 def train_centroids(points: np.ndarray, k: int, max_iter: int = 20, nredo: int = 1, seed: int = 0,
@@ -86,10 +95,11 @@ def train_centroids(points: np.ndarray, k: int, max_iter: int = 20, nredo: int =
     return faiss.vector_float_to_array(clustering.centroids).reshape(k, points.shape[1]).copy()
 
 
-def assign_to_centroids(features, centroids, gpu: Optional[int] = None,
-                        chunk_rows: int = ASSIGN_CHUNK_ROWS) -> torch.Tensor:
+def assign_to_centroids(features, centroids, gpu: Optional[int] = None, chunk_rows: int = ASSIGN_CHUNK_ROWS,
+                        progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """Nearest centroid (L2) of each row: a faiss search (k=1) over the centroids, `chunk_rows` rows at a
-    time. Memory O(N·D + k·D), never the N×k score matrix (2.7M rows × 20000 centroids would be 216 GB)."""
+    time. Memory O(N·D + k·D), never the N×k score matrix (2.7M rows × 20000 centroids would be 216 GB).
+    `progress(rows)` is called after each chunk with the rows it labelled."""
     centroids = _points(centroids)
     index, _resources = _flat_index(centroids.shape[1], gpu)
     index.add(centroids)
@@ -98,6 +108,8 @@ def assign_to_centroids(features, centroids, gpu: Optional[int] = None,
     for start in range(0, num_rows, chunk_rows):
         _, nearest = index.search(_points(features[start:start + chunk_rows]), 1)
         labels[start:start + chunk_rows] = nearest[:, 0]
+        if progress is not None:
+            progress(len(nearest))
     return torch.from_numpy(labels)
 
 

@@ -13,9 +13,9 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from foundation.errors import DataError, NonFiniteLossError
+from foundation.progress import Progress
 from training.accel import autocast
 from training.distributed import DistInfo, all_reduce_mean, all_reduce_sum
 
@@ -107,9 +107,9 @@ def train_one_epoch(ctx: RunContext, job) -> None:
     model.train()
     num_batches = ctx.data.num_batches
     steps_per_epoch = num_batches // args.accum_freq
-    progress = tqdm(total=num_batches, initial=ctx.step_in_epoch, desc=f"epoch {ctx.epoch}", unit="batch",
-                    disable=None if dist_info.is_master and args.log_level != "warning" else True,
-                    dynamic_ncols=True, leave=False)
+    # a bar on a terminal; where stderr is a file (SLURM), a line every $CLIPCOMPRESS_PROGRESS_SECONDS
+    progress = Progress(total=num_batches, initial=ctx.step_in_epoch, desc=f"epoch {ctx.epoch}", unit="batch",
+                        enabled=dist_info.is_master and args.log_level != "warning")
     data_time = batch_time = 0.0
     window_samples, window_start = 0, time.perf_counter()
     end = time.perf_counter()

@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch (default: torch's choice); 1-2 keeps a monitor beside a "
                         "CPU training run from slowing it down")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
-                        help="verbosity of the monitor's own log lines (debug adds tracebacks of failed scorings)")
+                        help="verbosity of the monitor's own log lines (debug adds tracebacks of failed scorings). "
+                             "Embedding progress is a bar on a terminal, else a line every "
+                             "$CLIPCOMPRESS_PROGRESS_SECONDS (default 30); warning: none")
     return parser
 
 
@@ -438,21 +440,16 @@ def configure_logging(level: str) -> None:
 
 
 def resolve_eval_data_dir(args: argparse.Namespace, experiment: Experiment) -> str:
-    from eval.data import discover_datasets
+    """The eval root (--eval-data-dir, else the run's params.txt), checked before anything is scored or
+    written: it exists and holds the --datasets and a set for the --benchmarks (eval.check_eval_data)."""
+    from eval.benchmarks import BENCHMARKS, check_eval_data
 
     eval_data_dir = args.eval_data_dir or experiment.params.get("eval_data_dir")
     if not eval_data_dir:
         raise UserError("no evaluation data: pass --eval-data-dir (the root holding coco2017/, shapes/, …)")
-    try:
-        found, notes = discover_datasets(str(eval_data_dir))
-    except FileNotFoundError as error:
-        raise UserError(str(error)) from None
-    if not found:
-        raise UserError(f"no evaluation datasets under {eval_data_dir} (expected coco2017/, <name>/test/<class>/, …)")
-    if args.datasets:
-        missing = sorted(set(args.datasets) - set(found))
-        if missing:
-            raise UserError(f"dataset(s) {missing} not under {eval_data_dir}; found: {sorted(found)}")
+    what = "--eval-data-dir" if args.eval_data_dir else f"eval_data_dir of {experiment.root / 'params.txt'}"
+    check_eval_data(str(eval_data_dir), args.benchmarks or BENCHMARKS, args.datasets,
+                    every_benchmark=bool(args.benchmarks), what=what)
     return str(eval_data_dir)
 
 
@@ -478,10 +475,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if unknown:
                 raise UserError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
         experiment = open_experiment(args.logs_dir)
+        eval_data_dir = resolve_eval_data_dir(args, experiment)  # before the lock: a bad root writes nothing
         # one monitor per run: two would score every checkpoint twice into one CSV. A lock file of its own,
         # so the run's trainer (which holds trainer.lock) and its monitor run side by side
         lock = RunLock(experiment.root / MONITOR_LOCK, "monitor").acquire()
-        monitor = Monitor(experiment, args, resolve_eval_data_dir(args, experiment))
+        monitor = Monitor(experiment, args, eval_data_dir)
 
         if args.once:
             if not epoch_checkpoints(experiment, args.epoch):

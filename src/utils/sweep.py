@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clipcompress sweep",
         description="run a post-training tool over a grid, score each result with the monitor, write one table "
                     "and plots; flags not listed here go to the tool")
-    parser.add_argument("tool", choices=sorted(TOOLS), help="the compress.<tool> to sweep")
+    parser.add_argument("tool", choices=sorted(TOOLS), help="the post-training tool (utils.<tool>) to sweep")
     parser.add_argument("--pretrained", required=True, help="the input checkpoint (or hf:DIR), as for the tool")
     parser.add_argument("--model", default=None, help="open_clip config of a weights file that is not ours")
     parser.add_argument("--eval-data-dir", required=True, help="evaluation sets the monitor scores on")
@@ -121,12 +121,22 @@ def tool_argv(args: argparse.Namespace, point: Dict[str, Any], out: Path, passth
 
 def run_tool(tool: str, argv: List[str]) -> None:
     """The tool's own command line, in this process; its one-line user errors stop the sweep."""
-    module = importlib.import_module(f"compress.{tool}")
+    module = importlib.import_module(f"utils.{tool}")
     try:
         module.main(argv)
     except SystemExit as stop:
         if stop.code:
-            raise UserError(f"compress.{tool} {' '.join(argv)} failed (exit {stop.code}; its error is above)")
+            raise UserError(f"utils.{tool} {' '.join(argv)} failed (exit {stop.code}; its error is above)")
+
+
+def scored_benchmarks(args: argparse.Namespace) -> None:
+    """Check --eval-data-dir (it holds the --datasets and a set for at least one of --benchmarks) and keep in
+    args.benchmarks those it has sets for: the monitor refuses a benchmark named to it that it cannot score."""
+    from eval.benchmarks import TASK_OF_BENCHMARK, check_eval_data
+
+    found = check_eval_data(args.eval_data_dir, args.benchmarks, args.datasets, every_benchmark=False)
+    tasks = {entry.task for entry in found.values()}
+    args.benchmarks = [b for b in args.benchmarks if TASK_OF_BENCHMARK[b] in tasks]
 
 
 def score(run_dir: Path, args: argparse.Namespace) -> Dict[str, str]:
@@ -214,6 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, passthrough = parser.parse_known_args(argv)
     try:
         points = grid_points(args)
+        scored_benchmarks(args)  # before the first tool runs: a bad eval root is found now, not after it
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         grid = list(points[0])

