@@ -62,6 +62,23 @@ def launched(cmd, **popen_kwargs):
                 stream.close()
 
 
+def run_bounded(args, data_bytes=2 << 30, timeout=120, env=None):
+    """`python ARGS` (`["-c", code, ...]`, `["-m", "training.main", ...]`) in a child whose private writable
+    memory (heap, anonymous maps: what an allocation takes) is limited to `data_bytes` by RLIMIT_DATA (RLIMIT_AS
+    would also count the ~3.6 GB of libraries torch maps), its whole process tree killed after `timeout` seconds
+    (subprocess.TimeoutExpired). Loader workers it forks inherit the limit."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_DATA, (data_bytes, data_bytes))
+
+    cmd = [sys.executable, *map(str, args)]
+    with launched(cmd, cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                  text=True, preexec_fn=limit) as proc:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def run_trainer(args, timeout=300, nproc=None, extra_torchrun=(), check=True, env=None):
     """`python -m training.main ARGS` (or under torchrun with `nproc` processes)."""
     if nproc:

@@ -1,6 +1,7 @@
 """Scraped data is untrusted input: image bombs, 16-bit and transparent images, and TSV/CSV files that
 quote, break lines or lose a separator. Every file here is crafted by the test itself, a few KB each."""
 import io
+import os
 import struct
 import warnings
 import zlib
@@ -291,3 +292,78 @@ def test_a_file_of_only_malformed_rows_is_one_clear_error(tmp_path):
     (tmp_path / "train.tsv").write_text("filepath\ttitle\na.png\tx\ty\nb.png\tx\ty\n")
     with pytest.raises(DataError, match="no row can be read.*line 2.*--csv-separator"):
         CsvDataset(str(tmp_path / "train.tsv"), pixels)
+
+
+def test_a_bad_row_is_counted_once_an_epoch(tmp_path):
+    """15 bad rows of 16: each is counted when the sampler asks for it, not again each time another bad row
+    searches past it for a good one to stand in (that gave samples_skipped 120)."""
+    good_image(tmp_path, "good.png")
+    rows = ["good.png\tthe only good row"] + [f"missing{i}.png\ta missing picture" for i in range(15)]
+    (tmp_path / "train.tsv").write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    for _ in range(2):  # every epoch the same
+        batches = epoch(parsed_args(tmp_path / "train.tsv"))
+        reasons = [r for b in batches for r in b["skipped_reasons"]]
+        assert sum(b["skipped"] for b in batches) == 15 == len(set(reasons))
+        assert sorted(int(r.split()[1]) for r in reasons) == list(range(1, 16))
+
+
+def test_a_nul_byte_in_a_path_is_a_counted_bad_row(tmp_path):
+    names = write_images(tmp_path, 3)
+    (tmp_path / "train.tsv").write_text("filepath\ttitle\n" + f"{names[0]}\tred\nbad\0name.png\tnul\n"
+                                        f"{names[1]}\tgreen\n{names[2]}\tblue\n")
+    batches = epoch(parsed_args(tmp_path / "train.tsv"))
+    (reason,) = [r for b in batches for r in b["skipped_reasons"]]
+    assert reason.startswith("row 1 ") and "unreadable image (bad path" in reason
+
+
+FIFO_ROW = """
+import sys
+from training.data.csv_dataset import CsvDataset
+dataset = CsvDataset(sys.argv[1], lambda image: image.size)
+sample = dataset[0]
+print(sample["index"], sample["skipped_reasons"])
+"""
+
+
+@pytest.mark.slow
+def test_a_fifo_named_jpg_in_a_tsv_is_skipped_and_counted_without_blocking(tmp_path):
+    """The report's trainer blocked in open() on it for ever (SIGTERM could not end it either)."""
+    from conftest import run_bounded
+
+    os.mkfifo(tmp_path / "fifo.jpg")
+    (tmp_path / "dev.jpg").symlink_to("/dev/zero")
+    good_image(tmp_path, "good.png")
+    (tmp_path / "train.tsv").write_text("filepath\ttitle\nfifo.jpg\ta fifo\ndev.jpg\tzeros\ngood.png\ta square\n")
+    result = run_bounded(["-c", FIFO_ROW, tmp_path / "train.tsv"], timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("2 ['row 0 (") and "not a regular file (a FIFO" in result.stdout
+    # the TSV itself must be a regular file too
+    os.mkfifo(tmp_path / "fifo.tsv")
+    result = run_bounded(["-c", FIFO_ROW, tmp_path / "fifo.tsv"], timeout=60)
+    assert result.returncode == 1 and "DataError: cannot read --train-data" in result.stderr
+    assert "a FIFO, not a regular file" in result.stderr
+
+
+GALLERY = """
+import sys
+import numpy as np
+from compress.models.registry import get_preprocess
+from compress.ops.cascade import ImageFiles
+preprocess = get_preprocess({"kind": "open_clip", "model": "clipc-vit-t2-32", "preprocess": {
+    "image_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}})
+images, readable, unreadable = ImageFiles(sys.argv[1:], preprocess).load(np.arange(len(sys.argv) - 1))
+print(tuple(images.shape), readable.tolist(), unreadable.tolist())
+"""
+
+
+@pytest.mark.slow
+def test_a_gallery_image_that_would_explode_on_resize_is_unreadable_not_fatal(tmp_path):
+    """`compress.cascade index` over a gallery holding the 1 x 3,000,000 strip could never finish."""
+    from conftest import run_bounded
+
+    (tmp_path / "strip.png").write_bytes(bilevel_png(1, 3_000_000))
+    good_image(tmp_path, "good.png")
+    result = run_bounded(["-c", GALLERY, tmp_path / "strip.png", tmp_path / "good.png"], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[0] == "(1, 3, 224, 224) [1] [0]"
+    assert "extreme aspect ratio" in result.stderr  # the warning line naming it

@@ -92,3 +92,40 @@ def test_an_unfinished_build_is_redone_not_read(tiny_corpus, tmp_path, spec):
     for batch in epoch_batches(loader_args(tsv, cache, workers=0), spec):
         torch.testing.assert_close(batch["text"], tokenizer(batch["caption"]), rtol=0, atol=0)
     assert marker.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (a real ENOSPC, unlike RLIMIT_FSIZE's EFBIG); skipped where mounting is not allowed."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_the_build_is_one_line_and_leaves_nothing(tiny_corpus, tmp_path, small_disk):
+    """The cache (256 rows x 16 tokens x 4 bytes) does not fit in the 8 KiB left. Writing through a memory map,
+    the trainer died of SIGBUS (exit 135, no message) and left the partial file; now its size is reserved
+    first: exit 2, one line, nothing left, the run's lock free."""
+    from conftest import run_bounded
+
+    from foundation.locks import RunLock
+
+    args = ["-m", "training.main", "--train-data", tiny_corpus / "train.tsv", "--model", "clipc-vit-t2-32",
+            "--logs-root", tmp_path / "logs", "--name", "full", "--batch-size", "16", "--workers", "0",
+            "--epochs", "1", "--token-cache-dir", small_disk]
+    (small_disk / "filler").write_bytes(bytes(56 << 10))
+    result = run_bounded(args, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert "cannot write the caption tokens cache" in errors[0] and "No space left on device" in errors[0]
+    assert [p.name for p in small_disk.iterdir()] == ["filler"]  # no partial file, no completion mark
+    RunLock(tmp_path / "logs" / "full" / "trainer.lock", "trainer").acquire().release()  # the lock is free

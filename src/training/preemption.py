@@ -161,6 +161,21 @@ def loader_worker_init(worker_id: int) -> None:
     _serve_signals({int(sig) for sig in _installed.signals}, on_signal, "stop-signals")
 
 
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Inside, this thread blocks the run's stop signals, so loader workers forked here start with them blocked:
+    one that comes before the worker reaches `loader_worker_init` waits there, pending, for its thread (torch's
+    worker loop would otherwise let it kill the worker). Here it is delivered when the block ends."""
+    if _installed is None or os.getpid() != _installed._owner:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {int(sig) for sig in _installed.signals})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def serve_stack_dumps(name: Optional[str]) -> None:
     """`kill -USR2 <pid>` (--stack-dump-signal): every thread's Python stack on stderr, and the run goes on.
 

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
 from foundation.errors import DataError
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS
 from training.data.csv_dataset import CsvDataset, ResumableDistributedSampler, SyntheticDataset, episode_indices
+from training.data.loaders import run_loader
 from training.data.memory import check_loader_shared_memory, loader_prefetch_factor
 from training.data.samples import BatchCollator
 from training.data.shards import (
@@ -44,11 +44,11 @@ from training.data.shards import (
     decode_shard_sample,
     drop_bad_samples,
     expand_urls,
+    shard_samples,
     shard_sizes,
     stream_seed,
 )
 from training.data.token_cache import attach_token_cache
-from training.preemption import loader_worker_init
 
 
 @dataclass
@@ -152,9 +152,9 @@ def _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size) 
     per_rank_batches = sampler.num_samples // args.batch_size
     if per_rank_batches == 0:
         raise DataError(f"{len(dataset)} samples give no full batch of {args.batch_size} on {world_size} process(es)")
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+    loader = run_loader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         collate_fn=BatchCollator(tokenizer), drop_last=True, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=False, generator=torch.Generator(), worker_init_fn=loader_worker_init,
+                        persistent_workers=False, generator=torch.Generator(),
                         prefetch_factor=loader_prefetch_factor(args) if args.workers > 0 else None)
     return DataInfo(loader, per_rank_batches, per_rank_batches * args.batch_size * world_size, sampler=sampler,
                     dataset=dataset, seed=args.seed, rank=rank)
@@ -190,7 +190,7 @@ def _webdataset_data(args, transform, tokenizer, rank, world_size) -> DataInfo:
     quota = EpochQuota(num_batches, args.seed, rank)
     if args.dataset_resampled:
         shards = SeededResampledShards(urls, args.seed, rank)
-        pipeline = [shards, wds.tarfile_to_samples(handler=wds.warn_and_continue), shuffle]
+        pipeline = [shards, shard_samples, shuffle]
     else:
         shards = EpochShards(urls, args.seed, rank, world_size, shuffle)  # shuffles each pass itself
         pipeline = [shards]
@@ -205,9 +205,8 @@ def _webdataset_data(args, transform, tokenizer, rank, world_size) -> DataInfo:
         quota,
     ]
     dataset = wds.DataPipeline(*pipeline)
-    loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                           worker_init_fn=loader_worker_init,
-                           prefetch_factor=loader_prefetch_factor(args) if workers > 0 else None)
+    loader = run_loader(dataset, wds.WebLoader, batch_size=None, shuffle=False, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                        prefetch_factor=loader_prefetch_factor(args) if workers > 0 else None)
     return DataInfo(loader, num_batches, num_batches * global_batch, seeded_stages=seeded, seed=args.seed,
                     rank=rank, position=position)

@@ -3,6 +3,7 @@ data, and the sampler that resumes part-way through an epoch and walks episodes 
 episode_indices). The webdataset shards stream instead (training.data.shards)."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -13,6 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from foundation.errors import DataError
+from foundation.files import open_regular
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS
 from foundation.tables import table_records, uses_quotes
 from training.data.samples import MAX_CONSECUTIVE_BAD, BadSample, check_caption, load_image
@@ -29,8 +31,6 @@ class CsvDataset(Dataset):
     def __init__(self, path: str, transform: Callable, img_key: str = "filepath",
                  caption_key: str = "title", sep: str = "\t", allow_empty_captions: bool = False,
                  max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, quoting: str = "auto"):
-        if not os.path.isfile(path):
-            raise DataError(f"--train-data {path} does not exist")
         self.source = path
         self.paths: List[str] = []
         self.captions: List[str] = []
@@ -39,7 +39,9 @@ class CsvDataset(Dataset):
         try:
             # surrogateescape keeps invalid UTF-8 bytes visible (check_caption rejects them) instead of
             # failing the whole file or silently replacing characters; utf-8-sig drops a BOM
-            with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            # a regular file only: a FIFO would block the run here for ever
+            with io.TextIOWrapper(open_regular(path), encoding="utf-8-sig", errors="surrogateescape",
+                                  newline="") as f:
                 records = table_records(f, sep, uses_quotes(sep, quoting))
                 header = next(records, None)
                 if header is None:
@@ -65,8 +67,10 @@ class CsvDataset(Dataset):
                     image = fields[img_column]
                     self.paths.append(image if os.path.isabs(image) else os.path.join(root, image))
                     self.captions.append(fields[caption_column])
-        except OSError as e:
-            raise DataError(f"cannot read {path}: {e}")
+        except FileNotFoundError:
+            raise DataError(f"--train-data {path} does not exist") from None
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read --train-data {path}: {e}") from None
         if not self.paths:
             raise DataError(f"{path} has no rows")
         if self.malformed:
@@ -114,6 +118,9 @@ class CsvDataset(Dataset):
         return sample
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
+        """Row `index`, or when it is bad the next good row in its place, with the reason `index` is bad. Only
+        the row asked for is reported: the sampler asks for each row once an epoch, so each bad row is counted
+        once an epoch, not again whenever a bad row before it searches past it."""
         reasons = []
         for offset in range(MAX_CONSECUTIVE_BAD):
             row = (index + offset) % len(self)
@@ -122,8 +129,10 @@ class CsvDataset(Dataset):
                 sample["skipped_reasons"] = reasons
                 return sample
             except BadSample as e:
-                reasons.append(str(e))
-        raise DataError(f"{MAX_CONSECUTIVE_BAD} consecutive bad rows from row {index}; last: {reasons[-1]}")
+                if offset == 0:
+                    reasons.append(str(e))
+                last = str(e)
+        raise DataError(f"{MAX_CONSECUTIVE_BAD} consecutive bad rows from row {index}; last: {last}")
 
 
 def episode_indices(dataset_size: int, episode_size: int, seed: int, epoch: int) -> torch.Tensor:

@@ -14,6 +14,15 @@ from foundation.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ImageTooLarg
 # How many following rows a TSV sample may try before giving up: a run of more bad rows than this
 # means the data is broken, not noisy.
 MAX_CONSECUTIVE_BAD = 64
+# Longest caption (UTF-8 bytes) a sample may have: CLIP reads 77 tokens, a few hundred characters; a caption
+# past this is no caption (a page's text, a file pasted in) and its tokenizing alone would take seconds
+# and gigabytes, so the sample is skipped as bad. Shards refuse a longer `txt` member before reading it.
+MAX_CAPTION_BYTES = 64 << 10
+
+
+# Per-sample tensors a source may add, stacked into the batch under the same name: a reinforced set's stored
+# teacher embeddings (training.data.reinforced)
+STACKED_FIELDS = ("teacher_image", "teacher_text")
 
 
 class BadSample(Exception):
@@ -34,10 +43,15 @@ def load_image(source: str | bytes, what: Callable[[], str],
 def check_caption(caption: Any, what: Callable[[], str], allow_empty: bool = False) -> str:
     if not isinstance(caption, str):
         raise BadSample(f"{what()}: caption is not text")
+    if len(caption) > MAX_CAPTION_BYTES:  # characters: at least as many UTF-8 bytes, checked before encoding
+        raise BadSample(f"{what()}: caption of {len(caption):,} characters, over the limit of "
+                        f"{MAX_CAPTION_BYTES:,} bytes")
     try:
-        caption.encode("utf-8")  # surrogate escapes from invalid UTF-8 bytes fail here
+        size = len(caption.encode("utf-8"))  # surrogate escapes from invalid UTF-8 bytes fail here
     except UnicodeEncodeError:
         raise BadSample(f"{what()}: caption is not valid UTF-8")
+    if size > MAX_CAPTION_BYTES:
+        raise BadSample(f"{what()}: caption of {size:,} bytes, over the limit of {MAX_CAPTION_BYTES:,}")
     if not caption.strip() and not allow_empty:
         raise BadSample(f"{what()}: empty caption")
     return caption
@@ -64,6 +78,9 @@ class BatchCollator:
             "skipped": len(reasons),
             "skipped_reasons": reasons,
         }
+        for name in STACKED_FIELDS:
+            if good and name in good[0]:
+                batch[name] = torch.stack([s[name] for s in good])
         if good and "text" in good[0]:
             batch["text"] = torch.from_numpy(np.stack([s["text"] for s in good]).astype(np.int64))
         elif self.tokenizer is not None:

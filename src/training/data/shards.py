@@ -7,21 +7,38 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import random
-from typing import Any, Callable, Dict, List, Optional
+import tarfile
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
 
 from foundation.errors import DataError
+from foundation.files import open_regular
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS
-from training.data.samples import BadSample, check_caption, load_image
+from training.data.samples import MAX_CAPTION_BYTES, BadSample, check_caption, load_image
 
 # samples in the shard shuffle buffer (--shuffle-buffer): open_clip's 1000 mixes only the neighbours of a
 # few shards; 5000 raw (still encoded) samples of ~50-100 KB cost 0.25-0.5 GB of RAM per worker
 DEFAULT_SHUFFLE_BUFFER = 5000
+# ... and at most this many bytes of them: a shard of large members fills the buffer by size, not count
+SHUFFLE_BUFFER_BYTES = 1 << 30
+
+# The members a sample is made of (decode_shard_sample); a shard's other members are passed over unread.
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+TEXT_MEMBERS = ("txt", "idx")
+# Largest member read into memory: an image file this big is far past any training resolution (a
+# 9459x9459 JPEG, the default pixel limit, is ~10-40 MB); a caption's limit is samples.MAX_CAPTION_BYTES.
+# A larger member is skipped, never read (its bytes are streamed past), and its sample counted as bad.
+MAX_IMAGE_MEMBER_BYTES = 64 << 20
+# Largest tar header record (a pax header or a GNU long name), which tarfile reads whole before the member
+# it describes; real ones are a few hundred bytes.
+MAX_TAR_HEADER_BYTES = 1 << 20
+SIZES_FILE_BYTES = 64 << 20  # sizes.json: a few dozen bytes per shard
 
 
 def expand_urls(pattern: str) -> List[str]:
@@ -39,18 +56,126 @@ def shard_sizes(urls: List[str]) -> Optional[int]:
     sizes_file = os.path.join(os.path.dirname(urls[0]), "sizes.json")
     if not os.path.exists(sizes_file):
         return None
-    sizes = json.load(open(sizes_file))
     try:
+        with open_regular(sizes_file) as f:
+            text = f.read(SIZES_FILE_BYTES + 1)
+        if len(text) > SIZES_FILE_BYTES:
+            raise ValueError(f"over {SIZES_FILE_BYTES:,} bytes")
+        sizes = json.loads(text)
         return sum(int(sizes[os.path.basename(u)]) for u in urls)
     except KeyError:
         return None
+    except (OSError, ValueError, TypeError) as e:
+        raise DataError(f"{sizes_file} cannot be read ({type(e).__name__}: {e}); fix or remove it, or pass "
+                        f"--train-num-samples") from None
+
+
+class MemberTooLarge:
+    """Stands in a sample for a member that was not read because of its size."""
+
+    def __init__(self, name: str, size: int, limit: int):
+        self.name, self.size, self.limit = name, size, limit
+
+    def __len__(self) -> int:
+        return 0
+
+    def __str__(self) -> str:
+        return f"member {self.name} is {self.size:,} bytes, over the limit of {self.limit:,}"
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extension records (pax headers, GNU long names) tarfile would read whole into
+    memory, refused past MAX_TAR_HEADER_BYTES: the rest of that shard is then unreadable."""
+
+    def _proc_member(self, tar):
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                         tarfile.SOLARIS_XHDTYPE) and self.size > MAX_TAR_HEADER_BYTES:
+            raise tarfile.SubsequentHeaderError(f"a tar header record of {self.size:,} bytes (over "
+                                                f"{MAX_TAR_HEADER_BYTES:,})")
+        return super()._proc_member(tar)
+
+
+def _member_limit(suffix: str) -> Optional[int]:
+    if suffix in IMAGE_MEMBERS:
+        return MAX_IMAGE_MEMBER_BYTES
+    if suffix in TEXT_MEMBERS:
+        return MAX_CAPTION_BYTES
+    return None  # not used: never read
+
+
+def _open_shard(url: str):
+    if "://" in url or url.startswith("pipe:"):
+        from webdataset import gopen
+
+        return gopen.gopen(url)
+    return open_regular(url)  # a FIFO or a device named like a shard is refused, never waited on
+
+
+def _split_name(name: str):
+    """(sample key, member suffix) of a tar member name, webdataset's rule: the key is everything before
+    the first dot of the last path component."""
+    from webdataset.tariterators import base_plus_ext
+
+    return base_plus_ext(name)
+
+
+def shard_samples(sources: Iterable[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+    """The samples of each shard `{"url": ...}` in `sources`, webdataset's layout (members grouped by key,
+    `__key__` and `__url__` added). Only regular members whose suffix a sample uses are read, each only if its
+    size is within its bound; a larger one is a `MemberTooLarge` in its sample (decode_shard_sample makes
+    that sample a counted bad one). Memory: one sample's members, each bounded. A shard that cannot be opened
+    or read is logged and the next one read, as webdataset's warn_and_continue does."""
+    for source in sources:
+        url = source["url"]
+        try:
+            stream = _open_shard(url)
+        except Exception as e:  # noqa: BLE001 (a shard that cannot be read is logged and left out)
+            logging.warning("shard %s cannot be read, skipped: %s", url, e)
+            continue
+        try:
+            yield from _tar_samples(url, stream)
+        except Exception as e:  # noqa: BLE001 (tarfile, zlib, lzma, bz2 errors: as warn_and_continue)
+            logging.warning("shard %s cannot be read further, the rest skipped: %s: %s", url, type(e).__name__, e)
+        finally:
+            stream.close()
+
+
+def _tar_samples(url: str, stream) -> Iterator[Dict[str, Any]]:
+    sample: Optional[Dict[str, Any]] = None
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_BoundedTarInfo)
+        for info in tar:
+            tar.members = []  # a stream's headers are not kept
+            if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE):
+                continue
+            key, suffix = _split_name(info.name)
+            if key is None or os.path.basename(key).startswith("__"):  # webdataset's meta members
+                continue
+            suffix = suffix.lower()
+            limit = _member_limit(suffix)
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            if limit is None or suffix in sample:  # unused, or a duplicate: the first one stays
+                continue
+            if info.size > limit:
+                sample[suffix] = MemberTooLarge(info.name, info.size, limit)
+            else:
+                sample[suffix] = tar.extractfile(info).read()
+    finally:  # the sample read so far, also when the shard breaks off (as webdataset's grouping yields it)
+        if sample is not None:
+            yield sample
 
 
 def decode_shard_sample(sample: Dict[str, Any], transform: Callable, allow_empty_captions: bool = False,
                         max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Dict[str, Any]:
     what = lambda: f"shard sample {sample.get('__key__')} ({sample.get('__url__')})"  # noqa: E731
     try:
-        image_bytes = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        refused = next((v for v in sample.values() if isinstance(v, MemberTooLarge)), None)
+        if refused is not None:
+            raise BadSample(f"{what()}: {refused}")
+        image_bytes = next((sample[k] for k in IMAGE_MEMBERS if k in sample), None)
         if image_bytes is None:
             raise BadSample(f"{what()}: no image member")
         if "txt" not in sample and not allow_empty_captions:
@@ -61,13 +186,25 @@ def decode_shard_sample(sample: Dict[str, Any], transform: Callable, allow_empty
             raise BadSample(f"{what()}: caption is not valid UTF-8")
         caption = check_caption(caption, what, allow_empty_captions)
         image = load_image(image_bytes, what, max_pixels)
-        if "idx" in sample:
-            index = int(sample["idx"].decode())
-        else:
-            index = int(sample["__key__"]) if str(sample["__key__"]).isdigit() else -1
-        return {"index": index, "image": transform(image), "caption": caption, "skipped_reasons": []}
+        return {"index": _sample_index(sample, what), "image": transform(image), "caption": caption,
+                "skipped_reasons": []}
     except BadSample as e:
         return {"bad": str(e)}
+
+
+# digits of a sample index: far more rows than any corpus, far fewer than Python's int() limit
+_INDEX_DIGITS = 18
+
+
+def _sample_index(sample: Dict[str, Any], what: Callable[[], str]) -> int:
+    """The sample's row index: its `idx` member, else a key of digits, else -1."""
+    if "idx" in sample:
+        text = sample["idx"].decode("ascii", errors="replace").strip()
+        if not (text.isdigit() and text.isascii() and len(text) <= _INDEX_DIGITS):
+            raise BadSample(f"{what()}: idx member is not a row number")
+        return int(text)
+    key = str(sample["__key__"])
+    return int(key) if key.isdigit() and key.isascii() and len(key) <= _INDEX_DIGITS else -1
 
 
 def stream_seed(seed: int, stream: str, epoch: int, rank: int, worker: int) -> int:
@@ -154,15 +291,12 @@ class EpochShards(EpochSeeded, torch.utils.data.IterableDataset):
         return order[self.rank:: self.world_size][self.position.worker():: self.position.workers]
 
     def __iter__(self):
-        import webdataset as wds
-
-        expand = wds.tarfile_to_samples(handler=wds.warn_and_continue)
         epoch = self.epoch
         for pass_index in itertools.count():
             mine, produced = self.shards(epoch, pass_index), 0
             rng = None if pass_index == 0 else random.Random(
                 stream_seed(self.seed, f"{self.shuffle.stream}/{pass_index}", epoch, self.rank, self.position.worker()))
-            for sample in self.shuffle(expand(iter([{"url": url} for url in mine])), rng):
+            for sample in self.shuffle(shard_samples({"url": url} for url in mine), rng):
                 produced += 1
                 yield sample
             if not produced:  # going round again would wait forever
@@ -220,30 +354,44 @@ class SeededResampledShards(EpochSeeded, torch.utils.data.IterableDataset):
 
 
 class SeededShuffle(EpochSeeded):
-    """Buffer shuffle of samples (webdataset's `shuffle(bufsize, initial)` semantics) with a seeded RNG."""
+    """Buffer shuffle of samples (webdataset's `shuffle(bufsize, initial)` semantics) with a seeded RNG. The
+    buffer also holds at most `max_bytes` of sample bytes: past that it gives out a sample before taking the
+    next, so a shard of large members fills it by size (the same data always shuffles the same way)."""
 
-    def __init__(self, bufsize: int, initial: int, seed: int, rank: int):
+    def __init__(self, bufsize: int, initial: int, seed: int, rank: int, max_bytes: int = SHUFFLE_BUFFER_BYTES):
         super().__init__(seed, rank, "sample-shuffle")
-        self.bufsize, self.initial = bufsize, initial
+        self.bufsize, self.initial, self.max_bytes = bufsize, initial, max_bytes
 
     def __call__(self, samples, rng: Optional[random.Random] = None):
         rng, buf, source = rng or self.rng(), [], iter(samples)
+        held = 0
 
         def pick():
+            nonlocal held
             k = rng.randrange(len(buf))
             buf[k], buf[-1] = buf[-1], buf[k]
-            return buf.pop()
+            sample = buf.pop()
+            held -= _sample_bytes(sample)
+            return sample
 
         for sample in source:
             buf.append(sample)
-            if len(buf) < self.bufsize:  # two in, one out until the buffer is full
+            held += _sample_bytes(sample)
+            if len(buf) < self.bufsize and held < self.max_bytes:  # two in, one out until the buffer is full
                 extra = next(source, None)
                 if extra is not None:
                     buf.append(extra)
-            if len(buf) >= self.initial:
+                    held += _sample_bytes(extra)
+            if len(buf) >= self.initial or held >= self.max_bytes:
+                yield pick()
+            while held > self.max_bytes and len(buf) > 1:
                 yield pick()
         while buf:
             yield pick()
+
+
+def _sample_bytes(sample: Dict[str, Any]) -> int:
+    return sum(len(value) for value in sample.values() if isinstance(value, (bytes, bytearray)))
 
 
 def drop_bad_samples(samples):

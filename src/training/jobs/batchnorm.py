@@ -17,9 +17,10 @@ from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from compress.ops.batchnorm import recalibrate_batchnorm, trained_batchnorms
+from training.data.loaders import run_loader
 from training.jobs import add_argument_once
 
 # batches of --batch-size images: ~1000 images at the default 64, enough for stable per-channel moments
@@ -63,7 +64,8 @@ class BatchNormRecalibration:
 
         count = min(len(dataset), self.batches * self.args.batch_size)
         rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.args.seed))[:count]
-        loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=self.args.batch_size, shuffle=False,
+        logging.info("re-estimating the student's BatchNorm statistics on %d training images", count)
+        loader = run_loader(Subset(dataset, rows.tolist()), batch_size=self.args.batch_size, shuffle=False,
                             num_workers=self.args.workers, collate_fn=BatchCollator(), generator=torch.Generator())
         return (batch["image"] for batch in loader)
 

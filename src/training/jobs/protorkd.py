@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from compress.ops import distill_losses
 from foundation.dependencies import FAISS_INSTALL, require
@@ -41,6 +41,7 @@ from foundation.errors import UserError
 from foundation.progress import Progress
 from training import proto
 from training.accel import autocast, autocast_dtype
+from training.data.loaders import run_loader
 from training.distributed import compute_on_master, is_distributed
 from training.jobs import Job, add_argument_once
 from training.jobs.batchnorm import BatchNormRecalibration, add_recalibration_flag
@@ -421,7 +422,9 @@ class ProtoRKDJob(Job):
         model.eval()
         per_rank = math.ceil(len(self.mapping) / world_size)
         mine = self.mapping[rank * per_rank:(rank + 1) * per_rank].tolist()
-        loader = DataLoader(ctx.data.dataset, batch_size=args.batch_size, sampler=mine,
+        logging.info("embedding the episode's %d images with the student (%d on this rank)", len(self.mapping),
+                     len(mine))
+        loader = run_loader(ctx.data.dataset, batch_size=args.batch_size, sampler=mine,
                             num_workers=args.workers, collate_fn=BatchCollator())
         dtype = next(model.parameters()).dtype
         with autocast(args.precision, self.device):  # as fast as the training steps (TF32/bf16 GEMMs)
@@ -538,7 +541,7 @@ class TeacherImageRows(Dataset):
 
     def encode(self, rows: List[int]) -> torch.Tensor:
         if self.loader is None:
-            self.loader = iter(DataLoader(self, batch_sampler=[b for b in self.batches if b],
+            self.loader = iter(run_loader(self, batch_sampler=[b for b in self.batches if b],
                                           num_workers=self.workers))
         loaded, images, good = next(self.loader)
         if loaded.tolist() != list(rows):  # the cache build and this loader walk the same rows
