@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -187,6 +187,17 @@ def main(argv=None) -> int:
         scores = dict(zip(wanted, pool.map(
             lambda w: score(logs / w[0] / "checkpoints" / f"epoch_{w[2]}.pt", eval_dir, cfg, teacher, w[1]), wanted)))
 
+    print("\n" + "\n".join(claims_table(scores, cfg, mode, layer_counts, time.perf_counter() - started)))
+    return 0
+
+
+def claims_table(scores: Dict[Tuple[str, str, int], Dict[str, float]], cfg, mode: str, layer_counts: Sequence[int],
+                 seconds: float) -> List[str]:
+    """The printed table: for each claim the mean ± std over seeds of both arms and whether the claimed direction
+    holds (by the means), then the low-rank series (the teacher, then 1, 2, ... factorised image layers) and
+    whether it falls monotonically. `scores` maps (run name, benchmark, epoch) to that checkpoint's metrics."""
+    seeds, epochs = cfg["seeds"], cfg["teacher_epochs"]
+
     def final(name: str, benchmark: str, epoch: int = None) -> Dict[str, float]:
         return scores[(name, benchmark, cfg["arm_epochs"] if epoch is None else epoch)]
 
@@ -215,16 +226,15 @@ def main(argv=None) -> int:
     monotone = all(a >= b for a, b in zip(lowrank, lowrank[1:])) and lowrank[-1] < lowrank[0]
 
     what = "quick: 1 seed, tiny sizes, direction not asserted" if mode == "quick" else f"{mode}: {len(seeds)} seeds"
-    print(f"\nclaims ({what}"
-          f"; teacher {model}, {cfg['train_size']} samples; {time.perf_counter() - started:.0f} s)")
-    print(f"{'claim':<44} | {'arm A':<14} {'mean ± std':<16} | {'arm B':<12} {'mean ± std':<16} | n | holds")
+    lines = [f"claims ({what}; teacher {cfg['model']}, {cfg['train_size']} samples; {seconds:.0f} s)",
+             f"{'claim':<44} | {'arm A':<14} {'mean ± std':<16} | {'arm B':<12} {'mean ± std':<16} | n | holds"]
     for label, a_name, a, b_name, b, holds in rows:
-        print(f"{label:<44} | {a_name:<14} {_mean_std(a):<16} | {b_name:<12} {_mean_std(b):<16} | "
-              f"{len(a)}/{len(b)} | {'yes' if holds else 'no'}")
-    print(f"{'003 zero-shot acc1 by low-rank image layers':<44} | "
-          + ", ".join(f"{n}: {v:.4f}" for n, v in enumerate(lowrank))
-          + f" | monotone falling: {'yes' if monotone else 'no'}")
-    return 0
+        lines.append(f"{label:<44} | {a_name:<14} {_mean_std(a):<16} | {b_name:<12} {_mean_std(b):<16} | "
+                     f"{len(a)}/{len(b)} | {'yes' if holds else 'no'}")
+    lines.append(f"{'003 zero-shot acc1 by low-rank image layers':<44} | "
+                 + ", ".join(f"{n}: {v:.4f}" for n, v in enumerate(lowrank))
+                 + f" | monotone falling: {'yes' if monotone else 'no'}")
+    return lines
 
 
 def _image_layers(model: str) -> int:
