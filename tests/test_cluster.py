@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, launched, run_trainer, subprocess_env
+from conftest import REPO, _descendants, launched, run_trainer, subprocess_env
+
+pytestmark = pytest.mark.slow  # every test here starts trainers or other processes
 
 MODEL = "clipc-vit-t2-32"
 EPOCHS = 6  # 8 steps an epoch at 2 x 16 of the 256 pictures: 48 steps, enough to be signalled mid-run
@@ -368,38 +370,64 @@ def test_in_loop_eval_longer_than_the_collective_timeout_does_not_fail_the_job(t
     assert any("eval/zeroshot/shapes/acc1" in row for row in rows)
 
 
-class _Forever(torch.utils.data.IterableDataset):
-    def __iter__(self):
-        while True:
+LOADER_ITEMS = 4  # what the rank below takes: one, then three after the job signal
+
+A_RANK_WITH_A_LOADER_WORKER = f"""
+import multiprocessing, sys, time
+import torch
+from training.preemption import StopRequest, loader_worker_init
+
+
+class Items(torch.utils.data.IterableDataset):
+    def __iter__(self):  # the rank's items, then one that never comes: the worker cannot read the loader's
+        for _ in range({LOADER_ITEMS}):  # end-of-work message, so the loader's shutdown has to terminate() it
             yield torch.zeros(2)
+        time.sleep(3600)
+
+
+StopRequest().install()
+batches = iter(torch.utils.data.DataLoader(Items(), batch_size=None, num_workers=1,
+                                           worker_init_fn=loader_worker_init))
+next(batches)
+(worker,) = multiprocessing.active_children()
+print(worker.pid, flush=True)
+sys.stdin.readline()  # meanwhile the job signal reaches the worker
+for _ in range({LOADER_ITEMS} - 1):  # more than the loader prefetches (2): one is made after the signal
+    next(batches)
+print("served", flush=True)
+del batches  # the loader's shutdown: a join that times out, then the worker's terminate() and a join
+print(worker.exitcode, flush=True)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (not gone, not a zombie waiting for its parent)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def test_loader_worker_outlives_one_job_signal_and_ends_on_its_ranks_terminate():
-    """A signal to the whole job (here from another process) leaves the worker serving; its rank's terminate()
-    (the loader's and multiprocessing's at exit, which then join it without a timeout) ends it at once."""
-    from training.preemption import StopRequest, loader_worker_init
-
-    stop = StopRequest().install()
-    try:
-        loader = torch.utils.data.DataLoader(_Forever(), batch_size=None, num_workers=1,
-                                             worker_init_fn=loader_worker_init)
-        batches = iter(loader)
-        next(batches)
-        worker = batches._workers[0]
-        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+    """A signal to the whole job (here from the test, another process) leaves the worker serving; its rank's
+    terminate() (the loader's shutdown and multiprocessing's at exit, which then joins it without a timeout) ends
+    it at once: a worker that ignored it would still be running after the loader's join, its exit code None."""
+    cmd = [sys.executable, "-c", A_RANK_WITH_A_LOADER_WORKER]
+    with launched(cmd, cwd=REPO, env=subprocess_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE, text=True) as rank:
+        line = rank.stdout.readline()
+        assert line, rank.stderr.read()[-3000:]
+        worker = int(line)
+        assert _descendants(rank.pid) == [worker]
+        os.kill(worker, signal.SIGTERM)
         time.sleep(1)
-        assert worker.is_alive()
-        next(batches)
-        # as the loader's shutdown does before its terminate(): torch stops watching the worker's exit code
-        torch.utils.data._utils.signal_handling._remove_worker_pids(id(batches))
-        batches._worker_pids_set = False
-        worker.terminate()
-        worker.join(timeout=20)
-        assert not worker.is_alive()
-        assert worker.exitcode == 128 + signal.SIGTERM
-        del batches
-    finally:
-        stop.uninstall()
+        assert _running(worker)
+        stdout, stderr = rank.communicate("go\n", timeout=120)
+    assert rank.returncode == 0, stderr[-3000:]
+    # the worker's handler exits 128 + the signal (a worker killed by it would read -SIGTERM)
+    assert stdout.splitlines() == ["served", str(128 + signal.SIGTERM)], stdout + stderr[-3000:]
+    assert not _running(worker)
 
 
 SECOND_SIGINT_IN_A_FINALIZER = """
