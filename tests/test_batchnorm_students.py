@@ -95,6 +95,7 @@ def teacher_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_a_distilled_mobilenet_student_works_in_eval_mode(tiny_corpus, teacher_checkpoint, tmp_path):
     run_trainer(["--job", "distill", "--teacher-model", "clipc-vit-t2-32", "--teacher-pretrained",
                  str(teacher_checkpoint), "--student", "mobilenet_v3_small", "--train-data",

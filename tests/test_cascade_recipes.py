@@ -75,6 +75,7 @@ checkpoint = "{large}"
     return path
 
 
+@pytest.mark.slow
 def test_every_recipe_kind_is_built_once_then_reused(large, tiny_corpus, tmp_path, capsys):
     config = _config(tmp_path, tiny_corpus, large, "topk", f"""
 [cascade]

@@ -112,6 +112,7 @@ def _state_done(path):
         return 0
 
 
+@pytest.mark.slow
 def test_a_build_killed_mid_way_resumes_where_it_stopped(levels, tiny_corpus, tmp_path, capsys):
     """SIGKILL (no clean-up of any kind) while level 1 streams the gallery; the rerun embeds only the rest and
     ends with the features and index of an uninterrupted build."""

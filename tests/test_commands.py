@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from utils.commands import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +24,7 @@ def _user_folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_help_lists_every_subcommand_from_a_folder_with_clashing_modules(tmp_path):
     result = subprocess.run([_console_script(), "--help"], cwd=_user_folder(tmp_path), capture_output=True,
                             text=True, timeout=120)
@@ -30,6 +33,7 @@ def test_help_lists_every_subcommand_from_a_folder_with_clashing_modules(tmp_pat
         assert f"  {name} " in result.stdout, f"{name} missing from:\n{result.stdout}"
 
 
+@pytest.mark.slow
 def test_subcommands_reach_their_parsers_from_another_folder(tmp_path):
     folder = _user_folder(tmp_path)
     for name in ("report", "lowrank", "train"):
@@ -39,6 +43,7 @@ def test_subcommands_reach_their_parsers_from_another_folder(tmp_path):
         assert "usage:" in result.stdout and "--" in result.stdout, result.stdout[:500]
 
 
+@pytest.mark.slow
 def test_unknown_subcommand_is_one_line_and_exit_2(tmp_path):
     result = subprocess.run([_console_script(), "no-such-tool"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)

@@ -194,6 +194,7 @@ def teacher_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_distill_job_checkpoint_loads_and_encodes_in_the_teacher_space(tiny_corpus, teacher_checkpoint, tmp_path):
     import compress
     from eval.models import load_encoder

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +31,7 @@ def _mkdocs_config() -> dict:
         return yaml.safe_load(f)
 
 
+@pytest.mark.slow
 def test_mkdocs_builds_in_strict_mode(tmp_path):
     # strict mode fails on broken links and anchors, and (mkdocs.yml's validation) on pages left out of the nav
     result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
@@ -37,6 +39,7 @@ def test_mkdocs_builds_in_strict_mode(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_flag_pages_match_the_parsers():
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run([sys.executable, "scripts/gen_flag_docs.py", "--check"], cwd=REPO, env=env,

@@ -86,6 +86,7 @@ def test_a_known_architecture_gets_its_config_name_and_a_new_one_a_content_name(
         create_clip(None, f"hf:{custom[1]}/nothing")
 
 
+@pytest.mark.slow
 def test_a_tool_output_loads_in_a_fresh_process(custom, tmp_path):
     from utils import lowrank as lowrank_cli
 
@@ -120,6 +121,7 @@ def test_a_carried_config_is_validated(custom):
         compress.load({"model_spec": tampered, "state_dict": state})
 
 
+@pytest.mark.slow
 def test_the_trainer_takes_a_hugging_face_folder(custom, tiny_corpus, tmp_path):
     name = load_input_model(None, f"hf:{custom[1]}").model_spec["model"]
     common = ["--train-data", str(tiny_corpus / "train.tsv"), "--logs-root", str(tmp_path), "--batch-size", "32",

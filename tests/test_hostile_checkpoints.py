@@ -151,6 +151,7 @@ def test_eval_load_encoder_refuses(attack):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_trainer_resume_refuses(attack, tiny_corpus, tmp_path):
     marker, checkpoint = attack
     result = run_trainer(["--train-data", str(tiny_corpus / "train.tsv"), "--model", MODEL, "--logs-root",
@@ -160,6 +161,7 @@ def test_trainer_resume_refuses(attack, tiny_corpus, tmp_path):
     assert result.returncode == 2
 
 
+@pytest.mark.slow
 def test_protorkd_resume_refuses_a_crafted_student(tiny_corpus, tmp_path):
     """protorkd builds its student itself (not through build_model): its resume validates the spec too."""
     run = tmp_path / "logs" / "rkd"
@@ -175,6 +177,7 @@ def test_protorkd_resume_refuses_a_crafted_student(tiny_corpus, tmp_path):
     assert "model_spec.backbone.weights: unknown key" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job_flags", [
     ["--pretrained"],
     ["--job", "distill", "--teacher-model", MODEL, "--student", "resnet18", "--teacher-pretrained"],
@@ -208,6 +211,7 @@ def test_monitor_skips_and_names_the_key(attack, tiny_corpus, caplog):
     assert any("refused" in w and REFUSAL in w for w in warnings), warnings
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool, flags", [
     ("lowrank", ["--ratio", "0.5"]),
     ("heads", ["--num-heads", "1", "--calib-data", "TRAIN"]),
@@ -224,6 +228,7 @@ def test_compress_tools_refuse_and_write_nothing(attack, tiny_corpus, tmp_path, 
     assert result.returncode == 2 and not out.exists()
 
 
+@pytest.mark.slow
 def test_cascade_refuses(attack, tiny_corpus, tmp_path):
     marker, checkpoint = attack
     config = tmp_path / "cascade.toml"

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def _tool(name: str) -> str:
     return found
 
 
+@pytest.mark.slow
 def test_import_layers_hold():
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run([_tool("lint-imports"), "--no-cache"], cwd=REPO, env=env, capture_output=True,
@@ -64,6 +67,7 @@ def test_no_module_name_twice_inside_a_package():
             seen[name] = where
 
 
+@pytest.mark.slow
 def test_ruff_is_clean():
     result = subprocess.run([_tool("ruff"), "check", "--no-cache", "."], cwd=REPO, capture_output=True,
                             text=True, timeout=300)

@@ -171,6 +171,7 @@ def test_watching_retries_a_bad_file_only_after_it_changes(experiment, eval_root
     assert [p.name for p in settling] == ["epoch_5.pt"] and not ready
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_monitor_reads_an_open_clip_train_log_dir(tmp_path, eval_root):
     """A real open_clip_train run (its own params.txt and checkpoint format) on our tiny config."""
@@ -221,6 +222,7 @@ def test_user_errors_are_one_line(experiment, eval_root, tmp_path, capsys):
         assert err.startswith("error:") and message in err and "\n" not in err, (argv, err)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_runs_as_a_plain_script(tmp_path):
     """`python src/utils/evaluate_checkpoints.py` finds its packages (no PYTHONPATH); with no arguments and no

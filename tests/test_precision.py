@@ -11,6 +11,7 @@ from foundation.model_configs import register_model_configs
 from training.accel import PURE_BF16_WARNING, autocast_dtype, faiss_summary
 
 
+@pytest.mark.slow
 def test_training_and_in_loop_eval_in_pure_bf16(tiny_corpus, tmp_path):
     precision = "bf16"
     args = common_args(tiny_corpus, tmp_path, precision, "--epochs", "1", "--precision", precision,

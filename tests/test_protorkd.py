@@ -2,6 +2,7 @@
 end-to-end runs of `--job protorkd` whose student `compress.load` rebuilds with its teacher's text side."""
 import math
 import os
+import shutil
 import types
 from pathlib import Path
 
@@ -143,6 +144,22 @@ def _cluster_once(corpus: str, world_size: int, rank: int, out: str, episodes: i
                os.path.join(out, f"rank{rank}.pt"))
 
 
+def fork_ranks(main, *args) -> None:
+    """`main(rank, *args)` in 2 forked processes, joined. Forked, not spawned: a spawned rank imports torch,
+    faiss and the test modules again, most of a minute on 2 busy cores. A fork inherits none of its parent's
+    OpenMP worker threads, yet the runtime waits for them in the fork's first parallel region, for ever (faiss's
+    k-means hangs): each rank runs one thread, as a trainer rank on 2 cores does."""
+    mp.start_processes(_one_thread, args=(main, *args), nprocs=2, join=True, start_method="fork")
+
+
+def _one_thread(rank: int, main, *args) -> None:
+    import faiss
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    main(rank, *args)
+
+
 def _rank_main(rank: int, corpus: str, out: str) -> None:
     torch.set_num_threads(1)
     # a file rendezvous: no TCP port to race for with other tests on the machine
@@ -154,8 +171,9 @@ def _rank_main(rank: int, corpus: str, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_hold_identical_prototypes_equal_to_one_process(tiny_corpus, tmp_path):
-    mp.spawn(_rank_main, args=(str(tiny_corpus), str(tmp_path)), nprocs=2, join=True)
+    fork_ranks(_rank_main, str(tiny_corpus), str(tmp_path))
     (tmp_path / "single").mkdir()
     _cluster_once(str(tiny_corpus), 1, 0, str(tmp_path / "single"))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -220,9 +238,18 @@ def _checkpoint(path: Path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_end_to_end_and_mid_episode_resume(tiny_corpus, tmp_path):
-    logs, cache = tmp_path / "logs", tmp_path / "cache"
+@pytest.fixture(scope="module")
+def whole_run(tiny_corpus, tmp_path_factory):
+    """(logs, teacher cache) of an uninterrupted 2-episode run, which built the cache (fp32)."""
+    root = tmp_path_factory.mktemp("protorkd")
+    logs, cache = root / "logs", root / "cache"
     _train(tiny_corpus, logs, "whole", cache)
+    return logs, cache
+
+
+@pytest.mark.slow
+def test_end_to_end_and_mid_episode_resume(tiny_corpus, whole_run):
+    logs, cache = whole_run
     _train(tiny_corpus, logs, "cut", cache, "--stop-after-steps", "6")  # 4 steps per episode: stops inside episode 1
     mid = _checkpoint(logs / "cut" / "checkpoints" / "epoch_latest.pt")
     assert mid["epoch"] == 1 and mid["step_in_epoch"] == 2 and mid["job_state"]["episode"] == 1
@@ -256,6 +283,7 @@ def test_end_to_end_and_mid_episode_resume(tiny_corpus, tmp_path):
     assert student.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, cached.shape[1])
 
 
+@pytest.mark.slow
 def test_two_process_run_through_warmup_prototypes_and_lit(tiny_corpus, tmp_path):
     """torchrun, 2 gloo processes: episode 0 InfoNCE only (warm-up), episode 1 with prototypes, episode 2 LiT
     (frozen backbone, head + temperature trained with InfoNCE)."""
@@ -301,6 +329,7 @@ def test_clip_teacher_is_referenced_by_its_weights_file_and_rebuilt_on_load(tmp_
     assert torch.allclose(loaded.encode_image(images), student.encode_image(images))
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line(tiny_corpus, tmp_path):
     result = run_trainer(["--job", "protorkd", "--train-data", str(tiny_corpus / "train.tsv"), "--model",
                           "clipc-vit-t2-32", "--logs", str(tmp_path), "--name", "bad", "--distiller", "mse,dino"],
@@ -309,13 +338,15 @@ def test_user_errors_are_one_line(tiny_corpus, tmp_path):
     assert "error: --distiller 'mse,dino'" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_teacher_cache_is_built_under_the_runs_autocast_and_keyed_on_it(tiny_corpus, tmp_path):
+@pytest.mark.slow
+def test_teacher_cache_is_built_under_the_runs_autocast_and_keyed_on_it(tiny_corpus, whole_run, tmp_path):
     """--precision amp_bf16 embeds the captions under bf16 autocast, as the training steps run: a cache of its
-    own (fp32 features differ in their last bits), close to the fp32 one but not equal to it."""
+    own (fp32 features differ in their last bits), close to the fp32 one (the uninterrupted run's, same data and
+    teacher) but not equal to it."""
     import numpy as np
 
     logs, cache = tmp_path / "logs", tmp_path / "cache"
-    _train(tiny_corpus, logs, "fp32", cache, "--stop-after-steps", "1")
+    shutil.copytree(whole_run[1], cache)  # a copy: the end-to-end test counts the files of its own
     (fp32_cache,) = cache.glob("teacher_*.npy")
     _train(tiny_corpus, logs, "bf16", cache, "--stop-after-steps", "1", "--precision", "amp_bf16")
     (bf16_cache,) = set(cache.glob("teacher_*.npy")) - {fp32_cache}

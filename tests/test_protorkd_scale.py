@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from conftest import REPO, launched, run_trainer, subprocess_env
+from test_protorkd import fork_ranks
 
 from foundation.errors import UserError
 from training import proto
@@ -52,13 +52,17 @@ def test_a_flag_of_another_job_is_one_line_naming_its_job():
         _parse("--k", "3", "--distill-loss", "cosine")
 
 
-def test_help_still_lists_every_jobs_flags():
-    result = subprocess.run([sys.executable, "-m", "training.main", "--help"], cwd=REPO, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0
-    assert "--job protorkd:" in result.stdout and "--kmeans-max-points-per-centroid" in result.stdout
+def test_help_still_lists_every_jobs_flags(capsys):
+    from training.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    stdout = capsys.readouterr().out
+    assert "--job protorkd:" in stdout and "--kmeans-max-points-per-centroid" in stdout
 
 
+@pytest.mark.slow
 def test_report_to_wandb_is_offline_capable_or_one_line(tiny_corpus, tmp_path, monkeypatch):
     from training import reporting
 
@@ -103,6 +107,7 @@ def _launch(cmd, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_seed_torchrun_line_through_the_launcher_two_processes(tiny_corpus, tmp_path):
     """The ProtoRKD README's torchrun line, as written but for the launcher's name and sizes: no --job, a bare
     --logs, 2 gloo processes; then UPop's --p through the same launcher. (--standalone: a free rendezvous port,
@@ -240,6 +245,7 @@ def test_swav_wide_resnet_widths():
     assert 93e6 < sum(p.numel() for p in net.parameters()) < 95e6  # SwAV's RN50-w2: 94M parameters
 
 
+@pytest.mark.slow
 def test_protorkd_with_an_image_teacher_end_to_end(tiny_corpus, tmp_path):
     """rkd + prototypes against a MoCo-shaped resnet18 teacher: its features are cached by row from its own
     eval transform, and the student it leaves has no text side (linear probe only)."""
@@ -292,6 +298,7 @@ def test_chunked_assignment_equals_the_dense_argmin():
     assert torch.equal(proto.assign_to_centroids(features.numpy(), centroids.numpy()), dense)
 
 
+@pytest.mark.slow
 def test_assignment_memory_is_linear_not_rows_times_clusters():
     """200k rows x 5000 centroids: a dense score matrix would be 4 GB; the labelling stays near the features'
     own 12.8 MB (peak resident memory of a fresh process, above its baseline after imports)."""
@@ -363,8 +370,9 @@ def _wait_main(rank: int, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_waiting_ranks_outlast_the_collective_timeout(tmp_path):
-    mp.spawn(_wait_main, args=(str(tmp_path),), nprocs=2, join=True)
+    fork_ranks(_wait_main, str(tmp_path))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(rank0["result"]["centroids"], rank1["result"]["centroids"])
     assert any("still waiting for rank 0 (a k-means)" in line and "--dist-timeout-minutes does not apply" in line
@@ -388,8 +396,9 @@ def _gather_main(rank: int, corpus: str, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_back_translation_features_reach_rank_zero_only(tiny_corpus, tmp_path):
-    mp.spawn(_gather_main, args=(str(tiny_corpus), str(tmp_path)), nprocs=2, join=True)
+    fork_ranks(_gather_main, str(tiny_corpus), str(tmp_path))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["features"].shape == (64, 16) and rank1["features"] is None
 

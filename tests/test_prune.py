@@ -312,6 +312,7 @@ def full_run(tmp_path_factory):
     return logs / "full" / "checkpoints"
 
 
+@pytest.mark.slow
 def test_search_surgery_finetune_end_to_end(full_run):
     after_search = torch.load(full_run / "epoch_1.pt", weights_only=True)
     final = torch.load(full_run / "epoch_2.pt", weights_only=True)
@@ -333,6 +334,7 @@ def test_search_surgery_finetune_end_to_end(full_run):
         assert model.encode_image(images).shape == (2, 64) and model.encode_text(tokens).shape == (2, 64)
 
 
+@pytest.mark.slow
 def test_finetune_restarts_the_learning_rate_schedule_at_surgery(full_run):
     """UPop fine-tunes on its own warm-up + cosine: 3 search steps, surgery, 3 fine-tune steps, warm-up 2."""
     import json
@@ -354,6 +356,7 @@ def test_finetune_restarts_the_learning_rate_schedule_at_surgery(full_run):
     assert single(3) == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 0.25)))
 
 
+@pytest.mark.slow
 def test_resume_mid_search_is_exact(full_run, tmp_path):
     """Stopped after step 2 of the 3-step search, resumed: the same final weights as the uninterrupted run."""
     from training.main import main

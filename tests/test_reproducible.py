@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 from conftest import run_trainer
 
@@ -35,6 +36,7 @@ def test_resampled_shard_order_is_a_function_of_seed_and_epoch(tiny_corpus):
     assert sample_order(tiny_corpus, epoch=0, dataset_resampled=False) == plain
 
 
+@pytest.mark.slow
 def test_demo_prune_command_twice_writes_identical_weights(tiny_corpus, tmp_path):
     """The demo's prune command (shards, --dataset-resampled, a loader worker, --KD) on tiny sizes, run twice."""
     def run(name):

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import REPO, launched, subprocess_env
 
+pytestmark = pytest.mark.slow  # every test here starts torchrun
+
 MODEL = "clipc-vit-t2-32"
 
 

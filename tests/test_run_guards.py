@@ -2,6 +2,7 @@
 folder outside --logs, or a copied secret."""
 import os
 import resource
+import shutil
 import stat
 import subprocess
 import sys
@@ -54,6 +55,17 @@ def test_bad_flags_are_one_line_and_leave_nothing(tiny_corpus, tmp_path, capsys,
     assert not (tmp_path / "escaped").exists() and not os.path.exists("/tmp/abs/params.txt")
 
 
+@pytest.fixture(scope="module")
+def trained(tiny_corpus, tmp_path_factory):
+    """A finished 1-epoch run with --copy-codebase and --save-most-recent, shared by the tests that need a real
+    checkpoint, epoch_latest.pt or a copied codebase."""
+    logs = tmp_path_factory.mktemp("trained")
+    run_trainer(base_args(tiny_corpus, logs, "small", "--epochs", "1", "--save-most-recent", "--copy-codebase"),
+                timeout=180)
+    return logs / "small"
+
+
+@pytest.mark.slow
 def test_pretrained_that_is_no_checkpoint_is_one_line_in_stderr_and_out_log(tiny_corpus, tmp_path):
     junk = tmp_path / "weights.pt"
     junk.write_bytes(b"this is not a checkpoint\n" * 20)
@@ -67,10 +79,10 @@ def test_pretrained_that_is_no_checkpoint_is_one_line_in_stderr_and_out_log(tiny
     assert (tmp_path / "junk" / "params.txt").exists()
 
 
-def test_teacher_weights_of_another_architecture_are_one_line(tiny_corpus, tmp_path):
+@pytest.mark.slow
+def test_teacher_weights_of_another_architecture_are_one_line(tiny_corpus, tmp_path, trained):
     # a real checkpoint, of a CLIP with other widths than the teacher named
-    run_trainer(base_args(tiny_corpus, tmp_path, "small", "--epochs", "1"), timeout=180)
-    other = tmp_path / "small" / "checkpoints" / "epoch_1.pt"
+    other = trained / "checkpoints" / "epoch_1.pt"
     result = run_trainer(base_args(tiny_corpus, tmp_path, "rkd", "--epochs", "1", "--job", "protorkd",
                                    "--teacher-model", "clipc-vit-t2-64", "--teacher-pretrained", str(other)),
                          check=False, timeout=180)
@@ -84,23 +96,24 @@ def _limit_file_size(limit):
     return apply
 
 
-def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(tiny_corpus, tmp_path):
-    run_trainer(base_args(tiny_corpus, tmp_path, "disk", "--epochs", "1", "--save-most-recent"), timeout=180)
-    latest = tmp_path / "disk" / "checkpoints" / "epoch_latest.pt"
+@pytest.mark.slow
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(tiny_corpus, tmp_path, trained):
+    shutil.copytree(trained, tmp_path / "small")  # a copy: the resume below writes into it
+    latest = tmp_path / "small" / "checkpoints" / "epoch_latest.pt"
     before = latest.read_bytes()
     # every file this process writes may hold at most a tenth of a checkpoint: the next save fails mid-write
     args = [sys.executable, "-m", "training.main",
-            *base_args(tiny_corpus, tmp_path, "disk", "--epochs", "2", "--save-most-recent", "--resume", "latest")]
+            *base_args(tiny_corpus, tmp_path, "small", "--epochs", "2", "--save-most-recent", "--resume", "latest")]
     with launched(args, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                   preexec_fn=_limit_file_size(len(before) // 10)) as proc:
         stdout, stderr = proc.communicate(timeout=180)
     result = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
     line = assert_one_line_error(result, "cannot write", "File too large", "untouched")
-    assert line[len("error: "):] in (tmp_path / "disk" / "out.log").read_text()
+    assert line[len("error: "):] in (tmp_path / "small" / "out.log").read_text()
     assert latest.read_bytes() == before  # the previous checkpoint is whole and unchanged
     assert torch.load(latest, weights_only=True)["epoch"] == 1
-    assert not (tmp_path / "disk" / "checkpoints" / "epoch_2.pt").exists()
-    assert not [p for p in (tmp_path / "disk" / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert not (tmp_path / "small" / "checkpoints" / "epoch_2.pt").exists()
+    assert not [p for p in (tmp_path / "small" / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
 def test_copy_codebase_copies_package_source_only(tmp_path):
@@ -127,9 +140,9 @@ def test_copy_codebase_copies_package_source_only(tmp_path):
     assert found == ["pkg/__init__.py", "pkg/configs.json", "pkg/sub/mod.py"] and copied == 3
 
 
-def test_copy_codebase_flag_copies_the_real_packages(tiny_corpus, tmp_path):
-    run_trainer(base_args(tiny_corpus, tmp_path, "code", "--epochs", "1", "--copy-codebase"), timeout=180)
-    code = tmp_path / "code" / "code" / "src"
+@pytest.mark.slow
+def test_copy_codebase_flag_copies_the_real_packages(trained):
+    code = trained / "code" / "src"
     assert (code / "training" / "main.py").read_text() == (REPO / "src" / "training" / "main.py").read_text()
     assert (code / "foundation" / "configs" / f"{MODEL}.json").exists()
     assert not [p for p in code.rglob("*") if p.name.startswith(".") or p.is_symlink() or "__pycache__" in p.parts]

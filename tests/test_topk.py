@@ -77,6 +77,7 @@ def test_monitor_refuses_a_bad_k(run_dir, tiny_corpus, capsys):
     assert "--topk 0: every k must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_trainer_topk_flag_reaches_the_in_loop_eval(tiny_corpus, tmp_path):
     assert parse_args(["--train-data", "synthetic"]).topk == [1, 5]
     with pytest.raises(UserError, match="--topk 1 0"):

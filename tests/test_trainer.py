@@ -30,9 +30,22 @@ def final_state(run_dir, epoch):
     return torch.load(run_dir / "checkpoints" / f"epoch_{epoch}.pt", weights_only=True)
 
 
-def test_one_process_run_writes_everything(tiny_corpus, tmp_path):
-    run_trainer(common_args(tiny_corpus, tmp_path, "one", "--epochs", "2"))
-    run = tmp_path / "one"
+def straight_args(corpus, logs, name):
+    """2 epochs, epoch_latest.pt every 3 steps: the shared run below, and the run the kill -9 test interrupts."""
+    return common_args(corpus, logs, name, "--epochs", "2", "--save-every-n-steps", "3")
+
+
+@pytest.fixture(scope="module")
+def one_run(tiny_corpus, tmp_path_factory):
+    """The folder of one uninterrupted `straight_args` run, shared by the tests that read what it wrote."""
+    logs = tmp_path_factory.mktemp("straight")
+    run_trainer(straight_args(tiny_corpus, logs, "one"))
+    return logs / "one"
+
+
+@pytest.mark.slow
+def test_one_process_run_writes_everything(tiny_corpus, one_run):
+    run = one_run
     assert (run / "params.txt").read_text().count("model: clipc-vit-t2-32") == 1
     assert (run / "out.log").stat().st_size > 0
     # epoch_latest.pt by default, as ProtoCLIP's log tree has it (--no-save-most-recent leaves it out)
@@ -48,25 +61,26 @@ def test_one_process_run_writes_everything(tiny_corpus, tmp_path):
     assert ckpt["epoch"] == 2 and ckpt["step"] == 32 and ckpt["model_spec"] == {"kind": "open_clip", "model": MODEL}
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
     # the same name again without --resume is refused with one clear line
-    again = run_trainer(common_args(tiny_corpus, tmp_path, "one", "--epochs", "2"), check=False)
+    again = run_trainer(straight_args(tiny_corpus, run.parent, "one"), check=False)
     assert again.returncode == 2
     assert "already exists" in again.stderr and "Traceback" not in again.stderr
 
 
-def test_dense_checkpoint_loads_in_stock_open_clip(tiny_corpus, tmp_path):
+@pytest.mark.slow
+def test_dense_checkpoint_loads_in_stock_open_clip(one_run):
     import open_clip
 
     from foundation.model_configs import register_model_configs
 
-    run_trainer(common_args(tiny_corpus, tmp_path, "stock", "--epochs", "1"))
     register_model_configs()
-    path = tmp_path / "stock" / "checkpoints" / "epoch_1.pt"
+    path = one_run / "checkpoints" / "epoch_2.pt"
     stock = open_clip.create_model(MODEL, pretrained=str(path))
     ours = torch.load(path, weights_only=True)["state_dict"]
     for key, value in stock.state_dict().items():
         assert torch.equal(value, ours[key]), key
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(tiny_corpus, tmp_path):
     """2 ranks x B/2 with --local-loss --gather-with-grad follow the 1 x B loss trajectory."""
     one = common_args(tiny_corpus, tmp_path, "b32", "--epochs", "1", "--batch-size", "32",
@@ -94,8 +108,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_kill_9_then_resume_latest_ends_with_identical_weights(tiny_corpus, tmp_path):
-    args = common_args(tiny_corpus, tmp_path, "killed", "--epochs", "2", "--save-every-n-steps", "3")
+@pytest.mark.slow
+def test_kill_9_then_resume_latest_ends_with_identical_weights(tiny_corpus, tmp_path, one_run):
+    args = straight_args(tiny_corpus, tmp_path, "killed")
     proc = subprocess.Popen([sys.executable, "-m", "training.main", *args], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(tmp_path / "killed" / "checkpoints" / "epoch_latest.pt", proc)
@@ -104,8 +119,7 @@ def test_kill_9_then_resume_latest_ends_with_identical_weights(tiny_corpus, tmp_
     killed_at = torch.load(tmp_path / "killed" / "checkpoints" / "epoch_latest.pt", weights_only=True)["step"]
     assert killed_at < 32
     run_trainer(args + ["--resume", "latest"])
-    run_trainer(common_args(tiny_corpus, tmp_path, "straight", "--epochs", "2", "--save-every-n-steps", "3"))
-    resumed, straight = final_state(tmp_path / "killed", 2), final_state(tmp_path / "straight", 2)
+    resumed, straight = final_state(tmp_path / "killed", 2), final_state(one_run, 2)
     assert resumed["step"] == straight["step"] == 32
     for key, value in straight["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
@@ -140,6 +154,7 @@ def _write_bad_tsv(corpus: Path, out: Path) -> int:
     return len(broken)
 
 
+@pytest.mark.slow
 def test_bad_samples_are_skipped_and_counted(tiny_corpus, tmp_path):
     n_bad = _write_bad_tsv(tiny_corpus, tmp_path / "data")
     args = common_args(tiny_corpus, tmp_path, "bad", "--epochs", "1", "--max-bad-fraction", "0.05")
@@ -157,6 +172,7 @@ def test_bad_samples_are_skipped_and_counted(tiny_corpus, tmp_path):
     assert result.returncode == 2 and "--max-bad-fraction" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_wrong_columns_fail_at_once_naming_the_columns(tiny_corpus, tmp_path):
     args = common_args(tiny_corpus, tmp_path, "cols", "--epochs", "1", "--csv-img-key", "image")
     result = run_trainer(args, check=False)
@@ -166,6 +182,7 @@ def test_wrong_columns_fail_at_once_naming_the_columns(tiny_corpus, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_webdataset_shards_with_bad_members(tiny_corpus, tmp_path):
     import webdataset as wds
 
@@ -191,6 +208,7 @@ def test_webdataset_shards_with_bad_members(tiny_corpus, tmp_path):
     assert result.returncode == 2 and "no shard matches" in result.stderr
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_without_writing_a_checkpoint(tiny_corpus, tmp_path):
     args = common_args(tiny_corpus, tmp_path, "nan", "--epochs", "1", "--lr", "1e30", "--warmup", "1",
                        "--save-every-n-steps", "1")
@@ -202,6 +220,7 @@ def test_nonfinite_loss_stops_without_writing_a_checkpoint(tiny_corpus, tmp_path
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
 
 
+@pytest.mark.slow
 def test_skipped_nonfinite_steps_still_count(tiny_corpus, tmp_path):
     """--skip-nonfinite-loss: a skipped step advances the schedule and meets --stop-after-steps and the end
     of the epoch like any other. 1e30 blows the weights up at step 1, so steps 2… are non-finite and skipped;
@@ -225,6 +244,7 @@ def test_skipped_nonfinite_steps_still_count(tiny_corpus, tmp_path):
     assert stopped["optimizer"]["param_groups"][0]["lr"] == pytest.approx(scheduled_lr(8))
 
 
+@pytest.mark.slow
 def test_in_loop_eval_without_eval_data_fails_before_training(tiny_corpus, tmp_path):
     started = time.perf_counter()
     result = run_trainer(common_args(tiny_corpus, tmp_path, "noeval", "--epochs", "1", "--zeroshot-frequency", "1"),
@@ -253,17 +273,16 @@ def test_resume_latest_orders_checkpoints_by_epoch_then_step(tmp_path):
     assert find_resume_checkpoint(tmp_path) != tmp_path / "epoch_3.pt"
 
 
-def test_caption_less_images_train_image_only_distillation(tiny_corpus, tmp_path):
+@pytest.mark.slow
+def test_caption_less_images_train_image_only_distillation(tiny_corpus, tmp_path, one_run):
     """Cosine/FD distillation needs no captions: with --allow-empty-captions, caption-less rows are kept."""
     data = tmp_path / "data"
     data.mkdir()
     rows = (tiny_corpus / "train.tsv").read_text().splitlines()
     blanked = [rows[0]] + [f"{tiny_corpus / r.split(chr(9))[0]}\t" for r in rows[1:]]
     (data / "no_captions.tsv").write_text("\n".join(blanked) + "\n")
-    teacher_args = common_args(tiny_corpus, tmp_path, "teacher", "--epochs", "1")
-    run_trainer(teacher_args)
     args = common_args(tiny_corpus, tmp_path, "imgonly", "--epochs", "1", "--job", "distill", "--teacher-model", MODEL,
-                       "--teacher-pretrained", str(tmp_path / "teacher" / "checkpoints" / "epoch_1.pt"),
+                       "--teacher-pretrained", str(one_run / "checkpoints" / "epoch_2.pt"),
                        "--student", "mobilenet_v3_small", "--distill-loss", "cosine,fd", "--allow-empty-captions")
     args[args.index("--train-data") + 1] = str(data / "no_captions.tsv")
     run_trainer(args)
