@@ -1,12 +1,18 @@
 """Evaluation datasets, found by their layout under one root (ProtoCLIP's eval-data-dir layout):
 
     <root>/coco2017/val2017/*.jpg + annotations/captions_val2017.json     retrieval (COCO captions format)
+    <root>/annotation/coco_karpathy_test.json + <root>/coco/              retrieval `coco_karpathy` (UPop/BLIP's
+        Karpathy 5k test split: [{"image": path under coco/, "caption": [...]}])
+    <root>/annotation/flickr30k_test.json + <root>/flickr30k/             retrieval `flickr30k_karpathy` (the same
+        format, paths under flickr30k/)
     <root>/flickr30k/flickr30k_images/ + results.csv                       retrieval (all images), or the
         Karpathy test split when dataset_flickr30k.json / *karpathy*.json sits beside it
         (casCLIP's folder name <root>/flickr30/ is read the same way, as the dataset `flickr30k`)
     <root>/imagenet/val/<wnid>/ or imagenet/test/<wnid>/ (+ train/)       classification (test/: ProtoCLIP's tree)
     <root>/ucf101/testlist01/<class>/ (testlist02, 03 noted, not scored)   classification (CLOOB's frames)
-    <root>/cifar10, cifar100, stl10                                        torchvision folders (download=False)
+    <root>/cifar10, cifar100, stl10                                        torchvision folders (download=False),
+        or the same names as image folders, <root>/cifar100/test/<class>/ (+ train/): CLIP's class names
+        and templates of the set either way
     <root>/<name>/test/<class>/ (+ train/<class>/)                         any ImageFolder set, e.g. `shapes`, and
         CLOOB's birdsnap, country211, flowers102, gtsrb, stanford_cars
 
@@ -15,6 +21,9 @@ the built-in names of a known set (eval/zeroshot_sets.json, ImageNet's from open
 the folders are numbered (CLOOB's `000`, `00001`), else by position; else the folder names with `_` → space.
 Empty class folders are dropped with a note (CLOOB's birdsnap has nine). `templates.txt` beside
 classnames.txt overrides the prompt templates. A folder under the root that is none of these is noted.
+
+Image paths read from an annotation file stay under their image folder: an entry whose path is absolute or
+climbs out with `..` is skipped and counted in one warning, never opened (foundation.annotations).
 """
 from __future__ import annotations
 
@@ -29,6 +38,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from eval.templates import classnames_for, templates_for
+from foundation.annotations import confined_path, read_image_captions, skipped_note
+from foundation.errors import DataError
 from foundation.images import open_rgb
 
 log = logging.getLogger(__name__)
@@ -104,11 +115,21 @@ def discover_datasets(root: str | Path) -> Tuple[Dict[str, FoundDataset], List[s
     elif coco.exists():
         notes.append(f"coco2017: {coco} needs val2017/ and annotations/captions_val2017.json; skipped")
 
+    karpathy_image_roots = []
+    for name, (annotation, image_folder) in KARPATHY_SETS.items():
+        annotation_file, image_root = root / KARPATHY_ANNOTATION_FOLDER / annotation, root / image_folder
+        if annotation_file.is_file() and image_root.is_dir():
+            found[name] = FoundDataset(name, "retrieval",
+                                       lambda _t, a=annotation_file, i=image_root, n=name: load_karpathy(a, i, n))
+            karpathy_image_roots.append(image_folder)
+        elif annotation_file.is_file():
+            notes.append(f"{name}: {annotation_file} needs its images under {image_root}/; skipped")
+
     flickr = find_flickr_root(root, nested_only=True)
     if flickr is not None:
         found["flickr30k"] = FoundDataset("flickr30k", "retrieval", lambda _t: load_flickr30k(flickr))
     for name in FLICKR_FOLDERS:
-        if (root / name).is_dir() and flickr is None:
+        if (root / name).is_dir() and flickr is None and name not in karpathy_image_roots:
             notes.append(f"flickr30k: {root / name} needs flickr30k_images/ and results.csv (or a Karpathy JSON); "
                          "skipped")
 
@@ -116,8 +137,12 @@ def discover_datasets(root: str | Path) -> Tuple[Dict[str, FoundDataset], List[s
         folder = _torchvision_folder(root, name)
         if folder is not None:
             found[name] = FoundDataset(name, "classification", _torchvision_builder(name, folder))
+        elif _has_class_folders(root / name / "test"):  # the image-folder export of the set
+            found[name] = FoundDataset(name, "classification",
+                                       lambda t, f=root / name, n=name: image_folder_set(f, n, t))
         elif (root / name).exists():
-            notes.append(f"{name}: {root / name} has no {inner}/ (torchvision layout, download=False); skipped")
+            notes.append(f"{name}: {root / name} has neither {inner}/ (torchvision layout, download=False) nor "
+                         f"test/<class>/ (image folders); skipped")
 
     # ImageNet's evaluation split is val/ here, test/ in ProtoCLIP's tree
     imagenet = root / "imagenet"
@@ -140,10 +165,11 @@ def discover_datasets(root: str | Path) -> Tuple[Dict[str, FoundDataset], List[s
         notes.append(f"ucf101: {ucf} has no {UCF101_SPLITS[0]}/; skipped")
 
     # Any other folder with test/<class>/ is an ImageFolder classification set (e.g. the generated `shapes`).
-    reserved = {"coco2017", *FLICKR_FOLDERS, "imagenet", "ucf101", *TORCHVISION_FOLDERS}
+    reserved = {"coco2017", *FLICKR_FOLDERS, "imagenet", "ucf101", *TORCHVISION_FOLDERS, *karpathy_image_roots}
+    if karpathy_image_roots or (root / KARPATHY_ANNOTATION_FOLDER).is_dir():
+        reserved.add(KARPATHY_ANNOTATION_FOLDER)
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in reserved):
-        test = folder / "test"
-        if test.is_dir() and any(p.is_dir() for p in test.iterdir()):
+        if _has_class_folders(folder / "test"):
             found[folder.name] = FoundDataset(
                 folder.name, "classification", lambda t, f=folder: image_folder_set(f, f.name, t)
             )
@@ -151,6 +177,10 @@ def discover_datasets(root: str | Path) -> Tuple[Dict[str, FoundDataset], List[s
             notes.append(f"{folder.name}: {folder} is no evaluation set this eval knows (expected test/<class>/, "
                          f"or one of coco2017, flickr30k, imagenet, ucf101, cifar10, cifar100, stl10); ignored")
     return found, notes
+
+
+def _has_class_folders(split: Path) -> bool:
+    return split.is_dir() and any(p.is_dir() for p in split.iterdir())
 
 
 def _torchvision_folder_inside(folder: Path) -> bool:
@@ -267,15 +297,43 @@ def find_coco_root(path: str | Path) -> Optional[Path]:
 
 
 def load_coco_captions(coco_root: Path, split: str = "val2017") -> RetrievalSet:
-    """All images of the split that have captions, with all their captions (5k images × ~25k for val2017)."""
+    """All images of the split that have captions, with all their captions (5k images × ~25k for val2017).
+    An image whose file_name would leave the split folder is skipped and counted."""
     annotations = json.loads((coco_root / "annotations" / f"captions_{split}.json").read_text())
     captions_by_image: Dict[int, List[str]] = {}
     for annotation in annotations["annotations"]:
         captions_by_image.setdefault(annotation["image_id"], []).append(annotation["caption"].strip())
     images = sorted((image for image in annotations["images"] if image["id"] in captions_by_image),
                     key=lambda image: image["id"])
-    return _retrieval_set("coco2017", [(coco_root / split / image["file_name"], captions_by_image[image["id"]])
-                                       for image in images])
+    paths = [confined_path(coco_root / split, image["file_name"]) for image in images]
+    outside = sum(path is None for path in paths)
+    if outside:
+        log.warning("coco2017: %d of %d images skipped: file_name outside %s (absolute or '..')",
+                    outside, len(images), coco_root / split)
+    return _retrieval_set("coco2017", [(path, captions_by_image[image["id"]])
+                                       for path, image in zip(paths, images) if path is not None])
+
+
+# UPop/BLIP's retrieval layout: <root>/annotation/<file> with the images under <root>/<folder>/
+KARPATHY_ANNOTATION_FOLDER = "annotation"
+KARPATHY_SETS = {"coco_karpathy": ("coco_karpathy_test.json", "coco"),
+                 "flickr30k_karpathy": ("flickr30k_test.json", "flickr30k")}
+
+
+def load_karpathy(annotation_file: Path, image_root: Path, name: str) -> RetrievalSet:
+    """A UPop/BLIP test annotation (a list of {"image": path under `image_root`, "caption": [...]}) as the
+    retrieval set `name`: images in file order, each with all its captions. Entries whose path leaves
+    `image_root` or whose shape is wrong are skipped and counted in one warning. An unreadable file is a
+    ValueError, like the other sets' (run_benchmarks skips the set with a note)."""
+    try:
+        entries, skipped = read_image_captions(annotation_file, image_root)
+    except DataError as error:
+        raise ValueError(str(error)) from None
+    if skipped:
+        log.warning("%s: %s", name, skipped_note(skipped, len(entries) + sum(skipped.values())))
+    if not entries:
+        raise ValueError(f"{annotation_file}: no usable entry")
+    return _retrieval_set(name, [(entry.image, entry.captions) for entry in entries])
 
 
 # Folder names of Flickr30k under an eval root: ours (ProtoCLIP's) and casCLIP's (`datasets/flickr30`).

@@ -39,6 +39,23 @@ CIFAR_TEMPLATES: List[str] = [
     "a photo of the big {}.",
 ]
 
+# CIFAR's class names in class-index order, as CLIP published them with its templates (torchvision's names with
+# `_` as a space): an image folder of CIFAR (cifar100/test/<class>/) gets the names a pickle-read set gets.
+CIFAR10_CLASSNAMES: List[str] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                                 "truck"]
+CIFAR100_CLASSNAMES: List[str] = [
+    "apple", "aquarium fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
+    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
+    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish",
+    "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn mower", "leopard", "lion",
+    "lizard", "lobster", "man", "maple tree", "motorcycle", "mountain", "mouse", "mushroom", "oak tree", "orange",
+    "orchid", "otter", "palm tree", "pear", "pickup truck", "pine tree", "plain", "plate", "poppy", "porcupine",
+    "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk",
+    "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet pepper", "table", "tank",
+    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow tree", "wolf", "woman", "worm",
+]
+
 # CLIP's STL-10 templates.
 STL10_TEMPLATES: List[str] = ["a photo of a {}.", "a photo of the {}."]
 
@@ -76,6 +93,8 @@ def classnames_for(dataset_name: str) -> Optional[List[str]]:
     for any other set."""
     if dataset_name == "imagenet":
         return list(IMAGENET_CLASSNAMES)
+    if dataset_name in ("cifar10", "cifar100"):
+        return list(CIFAR10_CLASSNAMES if dataset_name == "cifar10" else CIFAR100_CLASSNAMES)
     entry = ZEROSHOT_SETS.get(dataset_name)
     return list(entry["classnames"]) if entry else None
 
@@ -85,6 +104,8 @@ def fill_template(template: str, classname: str) -> str:
 
 
 __all__ = [
+    "CIFAR100_CLASSNAMES",
+    "CIFAR10_CLASSNAMES",
     "CIFAR_TEMPLATES",
     "DEFAULT_TEMPLATES",
     "IMAGENET_CLASSNAMES",
