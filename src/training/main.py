@@ -335,6 +335,7 @@ def wrap_model(ctx: RunContext, job) -> None:
     ctx.model = model
 
 
+    sync_batchnorm(model, ctx.args, ctx.dist)
 def replace_model(ctx: RunContext, job, new_model: nn.Module) -> None:
     """A job changed the architecture: new optimizer over the new parameters, re-wrapped."""
     ctx.unwrapped_model = place_model(new_model, ctx.args, ctx.dist)
@@ -344,6 +345,17 @@ def replace_model(ctx: RunContext, job, new_model: nn.Module) -> None:
 
 
 # --- optimizer and schedule --------------------------------------------------------------------------
+def sync_batchnorm(model: nn.Module, args, dist_info: DistInfo) -> None:
+    """--use-bn-sync under DDP: the model's BatchNorm layers become torch's SyncBatchNorm in place (the same
+    parameters and buffers, so checkpoints do not change), as open_clip_train; one process has nothing to sync."""
+    if not getattr(args, "use_bn_sync", False) or not dist_info.distributed:
+        return
+    if dist_info.device.type != "cuda":
+        raise UserError("--use-bn-sync: torch's SyncBatchNorm trains on GPUs only")
+    for name, child in list(model.named_children()):
+        setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+
+
 
 
 def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
@@ -371,13 +383,17 @@ def run_schedule(optimizer: torch.optim.Optimizer, args, data, job):
     """The run's schedule over `optimizer`: --epochs of the data's optimizer steps, in the job's phases
     (the same at the start and for a job's replacement model, so the rate carries on by step)."""
     steps_per_epoch = data.num_batches // args.accum_freq
-    return cosine_schedule(optimizer, args, steps_per_epoch * args.epochs, job.lr_phase_starts(steps_per_epoch))
+    cooldown = steps_per_epoch * (getattr(args, "epochs_cooldown", None) or 0)
+    return cosine_schedule(optimizer, args, steps_per_epoch * args.epochs, job.lr_phase_starts(steps_per_epoch),
+                           cooldown_steps=cooldown)
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, args, total_steps: int, phase_starts=(0,)):
-    """Returns `set_lr(step) -> lr`: linear warm-up, then cosine to 0 (or constant), restarted at each of
-    `phase_starts` (a job's phases, e.g. UPop's search then fine-tune). A pure function of the step, so a
-    resumed run gets the same rate."""
+def cosine_schedule(optimizer: torch.optim.Optimizer, args, total_steps: int, phase_starts=(0,),
+                    cooldown_steps: int = 0):
+    """Returns `set_lr(step) -> lr`: linear warm-up, then cosine to 0, constant, or constant then a polynomial
+    cooldown to --lr-cooldown-end over the phase's last `cooldown_steps` (open_clip_train's const_lr_cooldown),
+    restarted at each of `phase_starts` (a job's phases, e.g. UPop's search then fine-tune). A pure function of
+    the step, so a resumed run gets the same rate."""
     base_lrs = [group.get("initial_lr", args.lr) for group in optimizer.param_groups]
     for group, lr in zip(optimizer.param_groups, base_lrs):
         group["initial_lr"] = lr
@@ -402,6 +418,12 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, args, total_steps: int, ph
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
+        elif args.lr_scheduler == "const-cooldown" and local >= length - cooldown_steps:
+            decay = (1 - (local - (length - cooldown_steps)) / max(1, cooldown_steps)) ** args.lr_cooldown_power
+            rates = [decay * (base - args.lr_cooldown_end) + args.lr_cooldown_end for base in base_lrs]
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate
+            return rates[0]
 
 
 def gather_rng_states() -> list:

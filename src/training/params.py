@@ -6,6 +6,8 @@ import argparse
 import os
 from typing import List, Optional
 
+from open_clip_train.params import ParseKwargs as _OpenClipKwargs
+
 from foundation.errors import UserError
 from training.jobs import available_jobs, mark_job_flag
 from training.preemption import ALWAYS_STOP, signal_flag
@@ -34,6 +36,17 @@ def _cluster_flags(group) -> None:
     group.add_argument("--no-set-device-rank", action="store_true",
                        help="use cuda:0, not cuda:LOCAL_RANK: for a launcher that gives each process one GPU of "
                             "its own (SLURM's --gpus-per-task=1), so every process sees its GPU as device 0")
+
+
+class ParseKwargs(_OpenClipKwargs):
+    """open_clip_train's KEY=VALUE parsing (values as Python literals, else strings); a pair without '='
+    is a usage error instead of a traceback."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        bad = [value for value in values if value.count("=") != 1]
+        if bad:
+            parser.error(f"{option_string}: expected KEY=VALUE pairs, got {bad[0]!r}")
+        super().__call__(parser, namespace, values, option_string)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,13 +108,35 @@ def build_parser() -> argparse.ArgumentParser:
                            "tab separator, else csv. A row of the wrong field count is skipped as a bad sample "
                            "'malformed row', naming its line")
 
+    data.add_argument("--image-mean", type=float, nargs="+", default=None, metavar="MEAN",
+                      help="override the model's image mean (one value or one per channel); recorded in the "
+                           "checkpoint's preprocessing, so eval and export use it too")
+    data.add_argument("--image-std", type=float, nargs="+", default=None, metavar="STD",
+                      help="override the model's image standard deviation (as --image-mean)")
+    data.add_argument("--image-interpolation", default=None, choices=["bicubic", "bilinear", "random"],
+                      help="override the model's resize interpolation")
+    data.add_argument("--image-resize-mode", default=None, choices=["shortest", "longest", "squash"],
+                      help="override the model's resize (and crop) mode")
+    data.add_argument("--aug-cfg", nargs="*", default=None, action=ParseKwargs, metavar="KEY=VALUE",
+                      help="train-time augmentation as open_clip_train (its AugmentationCfg: scale=(0.9,1.0) "
+                           "color_jitter=0.4 re_prob=0.25 use_timm=True ...; values read as Python literals). "
+                           "Given (even empty), training images take open_clip's train transform (random resized "
+                           "crop); without it they take the eval transform")
+
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, default=64, help="batch size per process")
     opt.add_argument("--epochs", type=int, default=2, help="number of epochs (episodes for episodic jobs)")
     opt.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     opt.add_argument("--wd", type=float, default=0.2, help="AdamW weight decay (not on gains, biases, logit scale)")
     opt.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    opt.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "const"], help="schedule after warm-up")
+    opt.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "const", "const-cooldown"],
+                     help="schedule after warm-up: cosine to 0, constant, or constant then a cooldown over the last "
+                          "--epochs-cooldown epochs (open_clip_train's names)")
+    opt.add_argument("--epochs-cooldown", type=int, default=None,
+                     help="const-cooldown: the cooldown runs over the last N epochs of each schedule phase")
+    opt.add_argument("--lr-cooldown-end", type=float, default=0.0, help="const-cooldown: learning rate at the end")
+    opt.add_argument("--lr-cooldown-power", type=float, default=1.0,
+                     help="const-cooldown: power of the polynomial decay (1: linear)")
     opt.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     opt.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
     opt.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
@@ -111,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--grad-clip-norm", "--max-grad-norm", dest="grad_clip_norm", type=float, default=None,
                      help="clip the global gradient norm to this value")
     opt.add_argument("--accum-freq", type=int, default=1,
-                     help="accumulate gradients over N batches per optimizer step (plain accumulation)")
+                     help="one optimizer step per N batches, as open_clip_train: the contrastive jobs cache the "
+                          "features of all N, then recompute each batch with gradients against all of them, so "
+                          "the loss sees N x --batch-size samples per rank (jobs with a per-sample loss "
+                          "accumulate gradients, which is the same)")
     opt.add_argument("--skip-nonfinite-loss", action="store_true",
                      help="skip a step whose loss is NaN/inf instead of stopping the run")
 
@@ -133,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="contrastive loss over local rows x all columns (scales with ranks; open_clip)")
     model.add_argument("--gather-with-grad", action="store_true",
                        help="all-gather features with gradients (needed for exact gradients with --local-loss)")
+    model.add_argument("--siglip", action="store_true",
+                       help="SigLIP's sigmoid loss with a learnable logit bias (open_clip's SigLipLoss) instead of "
+                            "the softmax contrastive loss; chosen by itself for a config with init_logit_bias (the "
+                            "SigLIP configs). A model without a bias gets one (-10, temperature 10), as "
+                            "open_clip_train")
+    model.add_argument("--loss-dist-impl", default=None, choices=["bidir", "shift", "reduce", "gather"],
+                       help="--siglip across ranks: how the text features travel (open_clip's SigLipLoss; "
+                            "default bidir, the neighbour exchange in both directions)")
+    model.add_argument("--use-bn-sync", action="store_true",
+                       help="under DDP, BatchNorm layers of the trained model share batch statistics across ranks "
+                            "(torch's SyncBatchNorm)")
     model.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
     model.add_argument("--lock-image-unlocked-groups", type=int, default=0,
                        help="leave the last N image groups trainable")
@@ -197,6 +246,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.accum_freq < 1 or args.batch_size < 1:
         parser.error("--batch-size and --accum-freq must be at least 1")
     check_ranges(args)
+    check_open_clip_flags(parser, args)
     check_run_name(args.name)
     if args.stack_dump_signal is not None and args.stack_dump_signal in (*ALWAYS_STOP, args.stop_signal):
         raise UserError(f"--stack-dump-signal {args.stack_dump_signal} is a stop signal; choose another")
@@ -299,6 +349,24 @@ _MINIMUMS = {
     "save_frequency": (0, "an epoch interval (0: never)"),
     "save_every_n_steps": (0, "a step interval (0: never)"),
 }
+
+
+def check_open_clip_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The open_clip_train flags' values, checked before anything is built."""
+    for flag in ("image_mean", "image_std"):
+        values = getattr(args, flag)
+        if values is not None and len(values) not in (1, 3):
+            parser.error(f"--{flag.replace('_', '-')}: give one value or one per channel (3), got {len(values)}")
+    if args.image_std is not None and min(args.image_std) <= 0:
+        parser.error("--image-std: every value must be positive")
+    if args.force_patch_dropout is not None and not 0 <= args.force_patch_dropout < 1:
+        parser.error(f"--force-patch-dropout {args.force_patch_dropout}: must be in [0, 1)")
+    if args.lr_scheduler == "const-cooldown":
+        if args.epochs_cooldown is None or not 0 < args.epochs_cooldown <= args.epochs:
+            parser.error(f"--lr-scheduler const-cooldown needs --epochs-cooldown N with 0 < N <= --epochs "
+                         f"({args.epochs})")
+    elif args.epochs_cooldown is not None:
+        parser.error("--epochs-cooldown is for --lr-scheduler const-cooldown")
 
 
 def check_ranges(args: argparse.Namespace) -> None:

@@ -101,6 +101,60 @@ def _agree_to_stop(ctx: RunContext) -> None:
                     f", {ctx.stop.seconds_since():.1f} s after it came" if own else "")
 
 
+def _backward(loss: torch.Tensor, scaler: Optional[torch.amp.GradScaler]) -> None:
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+
+
+class FeatureCache:
+    """--accum-freq N for a job whose loss couples the samples of a batch (`job.caches_features`), as
+    open_clip_train: each micro-batch's features are computed without gradients and kept; after the N-th, each
+    micro-batch is computed again with gradients and its loss taken over its own features concatenated with the
+    other N − 1 micro-batches' cached ones, so the contrastive loss sees N x B samples per rank, then backward.
+
+    The N backwards sum to the gradient of the loss over all N x B samples: each micro-batch's features carry
+    their own share, and the scalars (temperature, bias), shared by all N losses, carry gradient in the last
+    one only (open_clip_train lets every loss add it, N times the gradient). Exact when the forward is
+    deterministic: dropout and patch dropout draw anew in the recomputation, as in open_clip_train."""
+
+    def __init__(self, job, precision: str, device: torch.device):
+        self.job, self.precision, self.device = job, precision, device
+        self.batches: list = []
+        self.features: Dict[str, list] = {}
+
+    def add(self, model: nn.Module, batch: Dict[str, Any]) -> None:
+        with torch.no_grad(), autocast(self.precision, self.device):
+            out = self.job.features(model, batch)
+        for key, value in out.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                self.features.setdefault(key, []).append(value)
+        self.batches.append(batch)
+
+    def backward(self, model: nn.Module, scaler: Optional[torch.amp.GradScaler]) -> Dict[str, torch.Tensor]:
+        """The N losses' backward (gradients all-reduced in the last one under DDP); the last loss dict."""
+        batches, cached = self.batches, self.features
+        self.batches, self.features = [], {}
+        for j, batch in enumerate(batches):
+            last = j == len(batches) - 1
+            sync_context = model.no_sync if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext
+            with sync_context():
+                with autocast(self.precision, self.device):
+                    out = self.job.features(model, batch)
+                    inputs = {}
+                    for key, value in out.items():
+                        if key in cached:
+                            inputs[key] = torch.cat(cached[key][:j] + [value] + cached[key][j + 1:])
+                        elif isinstance(value, torch.Tensor) and not last:
+                            inputs[key] = value.detach()
+                        else:
+                            inputs[key] = value
+                    losses = self.job.features_loss(inputs)
+                _backward(losses["loss"], scaler)
+        return losses
+
+
 def train_one_epoch(ctx: RunContext, job) -> None:
     args, dist_info, device = ctx.args, ctx.dist, ctx.dist.device
     model, optimizer, scaler = ctx.model, ctx.optimizer, ctx.scaler
@@ -115,6 +169,7 @@ def train_one_epoch(ctx: RunContext, job) -> None:
     end = time.perf_counter()
     micro_step = 0
     bad_logged = 0
+    cache = FeatureCache(job, args.precision, device) if args.accum_freq > 1 and job.caches_features else None
 
     for batch in ctx.data.batches():
         data_time += time.perf_counter() - end
@@ -130,20 +185,22 @@ def train_one_epoch(ctx: RunContext, job) -> None:
         batch = move_to_device(batch, device, args.precision)
         micro_step += 1
         last_micro = micro_step % args.accum_freq == 0
-        sync_context = model.no_sync if (hasattr(model, "no_sync") and not last_micro) else contextlib.nullcontext
-        with sync_context():
-            with autocast(args.precision, device):
-                losses = job.loss(model, batch)
-            total = losses["loss"]
-            backward_loss = total / args.accum_freq
-            if scaler is not None:
-                scaler.scale(backward_loss).backward()
-            else:
-                backward_loss.backward()
+        if cache is not None:
+            cache.add(model, batch)
+        else:
+            sync_context = model.no_sync if (hasattr(model, "no_sync") and not last_micro) else contextlib.nullcontext
+            with sync_context():
+                with autocast(args.precision, device):
+                    losses = job.loss(model, batch)
+                total = losses["loss"]
+                _backward(total / args.accum_freq, scaler)
         ctx.step_in_epoch += 1
         progress.update(1)
         if not last_micro:
             continue
+        if cache is not None:
+            losses = cache.backward(model, scaler)
+            total = losses["loss"]
 
         # one host sync per optimizer step: a NaN on any rank stops (or skips) on every rank together, and a
         # stop signal on any rank stops every rank after this same step

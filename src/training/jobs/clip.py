@@ -1,4 +1,6 @@
-"""`--job clip`: contrastive training of an open_clip CLIP (open_clip's ClipLoss semantics)."""
+"""`--job clip`: contrastive training of an open_clip CLIP, with open_clip_train's losses: ClipLoss, or SigLipLoss
+with --siglip and for SigLIP configs. Under --accum-freq N the loss of each micro-batch is computed against the
+cached features of all N (training.train), as open_clip_train."""
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
@@ -8,12 +10,20 @@ from torch import nn
 
 from compress.models.pretrained import create_clip
 from compress.models.registry import build_model
-from training.jobs import Job
+from training.jobs import Job, add_siglip_bias, force_patch_dropout
 
 
 class ClipJob(Job):
     name = "clip"
     help = "contrastive image-text training (CLIP / OpenCLIP)"
+    caches_features = True
+
+    @staticmethod
+    def add_arguments(group) -> None:
+        group.add_argument("--force-patch-dropout", type=float, default=None,
+                           help="drop this fraction of image patches in training (FLIP, open_clip's PatchDropout; "
+                                "an open_clip ViT image tower); 0 turns a config's own patch dropout off, e.g. to "
+                                "fine-tune without it at the end. Eval never drops patches")
 
     def build_model(self, resume_spec: Optional[Dict[str, Any]] = None):
         args = self.args
@@ -22,16 +32,23 @@ class ClipJob(Job):
         else:
             model = create_clip(args.model, args.pretrained)
         model.output_dict = True
+        add_siglip_bias(model, args)
+        force_patch_dropout(model, args)
         lock_towers(model, args)
         if args.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        self.clip_loss = self.make_clip_loss()
+        self.clip_loss = self.make_clip_loss(model)
         return model
 
-    def loss(self, model, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        out = model(batch["image"], batch["text"])
-        loss = self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+    def features(self, model, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        return model(batch["image"], batch["text"])
+
+    def features_loss(self, out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        loss = self.contrastive_loss(out)
         return {"loss": loss, "contrastive_loss": loss}
+
+    def loss(self, model, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        return self.features_loss(self.features(model, batch))
 
 
 def lock_towers(model: nn.Module, args) -> None:

@@ -1,0 +1,185 @@
+"""open_clip_train's training flags that users carry over: each one's parsing and what it changes."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from compress.models.pretrained import create_clip
+from compress.models.registry import build_model, get_preprocess
+from foundation.errors import UserError
+from training.distributed import DistInfo
+from training.jobs import force_patch_dropout, train_preprocess
+from training.main import cosine_schedule, sync_batchnorm
+from training.params import parse_args
+
+MODEL = "clipc-vit-t2-32"
+
+
+def _args(*flags):
+    return parse_args(["--train-data", "synthetic", "--model", MODEL, *flags])
+
+
+def _usage_error(capsys, *flags) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        _args(*flags)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# --- --aug-cfg -----------------------------------------------------------------------------------------------
+
+
+def test_aug_cfg_parses_key_value_pairs_as_open_clip_train():
+    args = _args("--aug-cfg", "scale=(0.5,1.0)", "color_jitter=0.4", "re_mode=pixel", "use_timm=True")
+    assert args.aug_cfg == {"scale": (0.5, 1.0), "color_jitter": 0.4, "re_mode": "pixel", "use_timm": True}
+    assert _args("--aug-cfg").aug_cfg == {}
+    assert _args().aug_cfg is None
+
+
+def test_aug_cfg_pair_without_equals_is_a_usage_error(capsys):
+    assert "--aug-cfg: expected KEY=VALUE pairs, got 'scale'" in _usage_error(capsys, "--aug-cfg", "scale")
+
+
+def test_aug_cfg_turns_on_open_clips_train_transform():
+    from torchvision.transforms import CenterCrop, RandomResizedCrop
+
+    model = create_clip(MODEL, None)
+    plain = train_preprocess(model, _args()).transforms
+    augmented = train_preprocess(model, _args("--aug-cfg", "scale=(0.5,1.0)")).transforms
+    assert not any(isinstance(t, RandomResizedCrop) for t in plain)
+    assert any(isinstance(t, CenterCrop) for t in plain)
+    crop = next(t for t in augmented if isinstance(t, RandomResizedCrop))
+    assert crop.scale == (0.5, 1.0)
+
+
+# --- --image-mean/--image-std/--image-interpolation/--image-resize-mode ----------------------------------------
+
+
+def test_image_flags_feed_the_transform_and_the_checkpoints_spec():
+    from torchvision.transforms import InterpolationMode, Normalize, Resize
+
+    model = create_clip(MODEL, None)
+    args = _args("--image-mean", "0.5", "--image-std", "0.25", "0.5", "1", "--image-interpolation", "bilinear",
+                 "--image-resize-mode", "squash")
+    transform = train_preprocess(model, args)
+    normalize = next(t for t in transform.transforms if isinstance(t, Normalize))
+    assert list(normalize.mean) == [0.5, 0.5, 0.5] and list(normalize.std) == [0.25, 0.5, 1.0]
+    resize = next(t for t in transform.transforms if isinstance(t, Resize))
+    assert resize.interpolation == InterpolationMode.BILINEAR
+    size = model.model_spec["preprocess"]["image_size"]
+    assert resize.size == (size, size)  # squash: both sides to the image size, no crop
+    preprocess = model.model_spec["preprocess"]
+    assert preprocess["mean"] == [0.5] * 3 and preprocess["resize_mode"] == "squash"
+    # what eval and export read: the spec's preprocessing, the same transform
+    assert repr(get_preprocess(model.model_spec)) == repr(transform)
+
+
+def test_image_flags_checked_at_parse_time(capsys):
+    assert "one value or one per channel" in _usage_error(capsys, "--image-mean", "0.1", "0.2")
+    assert "--image-std: every value must be positive" in _usage_error(capsys, "--image-std", "0")
+
+
+# --- --force-patch-dropout ------------------------------------------------------------------------------------
+
+
+def test_force_patch_dropout_drops_patches_in_training_only_and_is_rebuilt_from_the_spec():
+    from open_clip.transformer import PatchDropout
+
+    model = create_clip(MODEL, None)
+    force_patch_dropout(model, _args("--force-patch-dropout", "0.5"))
+    assert isinstance(model.visual.patch_dropout, PatchDropout) and model.visual.patch_dropout.prob == 0.5
+    tokens = torch.randn(2, 17, 8)  # a class token and 16 patches
+    model.train()
+    assert model.visual.patch_dropout(tokens).shape[1] == 1 + 8
+    model.eval()
+    assert model.visual.patch_dropout(tokens).shape[1] == 17
+    assert model.model_spec["model_kwargs"]["force_patch_dropout"] == 0.5
+    assert build_model(model.model_spec).visual.patch_dropout.prob == 0.5
+    force_patch_dropout(model, _args("--force-patch-dropout", "0"))
+    assert isinstance(model.visual.patch_dropout, nn.Identity)
+
+
+def test_force_patch_dropout_range_and_job(capsys):
+    assert "must be in [0, 1)" in _usage_error(capsys, "--force-patch-dropout", "1")
+    with pytest.raises(UserError, match="--force-patch-dropout"):
+        force_patch_dropout(SimpleNamespace(visual=nn.Conv2d(3, 3, 1), model_spec={}),
+                            _args("--force-patch-dropout", "0.5"))
+    with pytest.raises(UserError, match="belongs to --job clip"):  # another job refuses it
+        parse_args(["--train-data", "synthetic", "--job", "distill", "--force-patch-dropout", "0.5"])
+
+
+# --- --lr-scheduler const / const-cooldown --------------------------------------------------------------------
+
+
+def _rates(*flags, total=10, phases=(0,), cooldown=0):
+    args = _args("--lr", "1.0", "--warmup", "2", "--epochs", "2", *flags)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=args.lr)
+    set_lr = cosine_schedule(optimizer, args, total, phases, cooldown_steps=cooldown)
+    return [set_lr(step) for step in range(total)]
+
+
+def test_const_cooldown_is_open_clip_trains_const_lr_cooldown():
+    from open_clip_train.scheduler import const_lr_cooldown
+
+    flags = ("--lr-scheduler", "const-cooldown", "--epochs-cooldown", "1", "--lr-cooldown-end", "0.1",
+             "--lr-cooldown-power", "2")
+    ours = _rates(*flags, cooldown=4)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = const_lr_cooldown(optimizer, 1.0, 2, 10, 4, cooldown_power=2.0, cooldown_end_lr=0.1)
+    assert ours == pytest.approx([reference(step) for step in range(10)])
+    assert ours[2:6] == [1.0] * 4 and ours[-1] < 1.0
+    assert _rates("--lr-scheduler", "const") == pytest.approx([0.5] + [1.0] * 9)
+    # each schedule phase (a prune job's fine-tune) cools down at its own end
+    phased = _rates(*flags, phases=(0, 5), cooldown=2)
+    assert phased[2] == phased[3] == 1.0 and phased[4] < 1.0  # steps 0-4: warm-up 2, cooldown over 3-4
+    assert phased[5] < 1.0 and phased[7] == phased[8] == 1.0 and phased[9] < 1.0  # steps 5-9: the same again
+
+
+def test_const_cooldown_needs_epochs_cooldown(capsys):
+    assert "needs --epochs-cooldown" in _usage_error(capsys, "--lr-scheduler", "const-cooldown")
+    assert "needs --epochs-cooldown" in _usage_error(capsys, "--lr-scheduler", "const-cooldown",
+                                                     "--epochs-cooldown", "3")
+    assert "--epochs-cooldown is for" in _usage_error(capsys, "--epochs-cooldown", "1")
+
+
+def test_run_schedule_cools_down_over_the_last_epochs():
+    from training.main import run_schedule
+
+    args = _args("--lr", "1.0", "--warmup", "1", "--epochs", "4", "--lr-scheduler", "const-cooldown",
+                 "--epochs-cooldown", "1", "--accum-freq", "2")
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    job = SimpleNamespace(lr_phase_starts=lambda steps_per_epoch: [0])
+    set_lr = run_schedule(optimizer, args, SimpleNamespace(num_batches=6), job)  # 3 steps per epoch, 12 in all
+    rates = [set_lr(step) for step in range(12)]
+    assert rates[:9] == [1.0] * 9 and rates[9] == pytest.approx(1.0) and rates[10] < 1.0 and rates[11] < rates[10]
+
+
+# --- --use-bn-sync --------------------------------------------------------------------------------------------
+
+
+def test_use_bn_sync_converts_batchnorm_under_ddp_only():
+    def student():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm1d(4)))
+
+    gpu_ranks = DistInfo(rank=0, world_size=2, device=torch.device("cuda", 0))
+    model = student()
+    before = model.state_dict()
+    sync_batchnorm(model, _args("--use-bn-sync"), gpu_ranks)
+    assert isinstance(model[1], nn.SyncBatchNorm) and isinstance(model[2][0], nn.SyncBatchNorm)
+    assert model.state_dict().keys() == before.keys()  # checkpoints keep BatchNorm's names
+    one_process = student()
+    sync_batchnorm(one_process, _args("--use-bn-sync"), DistInfo(device=torch.device("cuda", 0)))
+    assert type(one_process[1]) is nn.BatchNorm2d
+    without_flag = student()
+    sync_batchnorm(without_flag, _args(), gpu_ranks)
+    assert type(without_flag[1]) is nn.BatchNorm2d
+    with pytest.raises(UserError, match="--use-bn-sync"):
+        sync_batchnorm(student(), _args("--use-bn-sync"), DistInfo(world_size=2))
+
+
+def test_siglip_and_loss_dist_impl_parse():
+    args = _args("--siglip", "--loss-dist-impl", "shift")
+    assert args.siglip and args.loss_dist_impl == "shift"
+    assert math.isclose(_args().lr, 5e-4)
