@@ -52,7 +52,8 @@ ENTRY_POINTS: List[EntryPoint] = [
     EntryPoint("utils.quantize", "clipcompress quantize", "utils.quantize",
                "int8 quantisation of the Linears of any model kind (the last step of a chain)."),
     EntryPoint("utils.export", "clipcompress export", "utils.export",
-               "ONNX export of any model kind: image and text graphs plus their preprocessing."),
+               "Export any model kind: a safetensors folder, open_clip's local-dir layout, torch.export programs "
+               "or ONNX graphs."),
     EntryPoint("utils.sweep", "clipcompress sweep", "utils.sweep",
                "A post-training tool over a grid, each result scored by the monitor: one table and plots."),
     EntryPoint("utils.cascade", "clipcompress cascade", "utils.cascade",

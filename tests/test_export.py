@@ -89,6 +89,7 @@ KINDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_onnxruntime_reproduces_torch_features(kind, dense, tmp_path):
     model = KINDS[kind](dense)
@@ -147,6 +148,7 @@ def test_manifest_describes_the_inputs(dense, tmp_path):
     assert describe_image_preprocessing(dense.model_spec)["std"][2] == pytest.approx(0.27577711)
 
 
+@pytest.mark.slow
 def test_minilm_text_graph_takes_its_own_tokenizer(dense, tmp_path):
     from transformers import AutoTokenizer
 

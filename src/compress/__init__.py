@@ -6,8 +6,11 @@ command line (those are in `utils`, the layer above every other).
                       int8 quantisation, ONNX export, calibration gradients, distillation losses, profiling,
                       cascade search; it imports compress.models, never the other way round
 
-`compress.load(path)` rebuilds any checkpoint this project writes, pruned shapes included.
+`compress.load(path)` rebuilds any checkpoint this project writes, pruned shapes included; `compress.save(model,
+folder)` writes any of them as standard files (model.safetensors + model_spec.json), which `compress.load(folder)`
+reads back.
 """
+from compress.models.folder import save
 from compress.models.registry import build_model, get_preprocess, get_tokenizer, load, register_model_kind
 
-__all__ = ["build_model", "get_preprocess", "get_tokenizer", "load", "register_model_kind"]
+__all__ = ["build_model", "get_preprocess", "get_tokenizer", "load", "register_model_kind", "save"]

@@ -33,7 +33,7 @@ COMMANDS: Dict[str, Command] = {
     "token-mask": Command("utils.token_mask", "patch-token masking at inference (FLIP)"),
     "text-layers": Command("utils.text_layers", "drop text-encoder layers"),
     "quantize": Command("utils.quantize", "int8 quantisation of any model kind"),
-    "export": Command("utils.export", "export any model kind (ONNX graphs and preprocessing)"),
+    "export": Command("utils.export", "export any model kind (safetensors, open_clip local-dir, torch.export, ONNX)"),
     "sweep": Command("utils.sweep", "a post-training tool over a grid, every result scored"),
     "cascade": Command("utils.cascade", "cascaded image search: index, search, experiments"),
 }

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
+from compress.models import folder
 from compress.models.spec import SpecError, validate_spec
 from foundation.checkpoint import load_checkpoint
 from foundation.logs import open_clip_chatter
@@ -70,7 +71,10 @@ def strip_module_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.
 
 def load(path_or_checkpoint: str | Dict[str, Any], device: str | torch.device = "cpu",
          allowed_text_encoders: Iterable[str] = ()) -> nn.Module:
-    """Rebuild and fill the model of one of our checkpoints, in eval mode (its spec validated, see build_model)."""
+    """Rebuild and fill the model of one of our checkpoints, in eval mode (its spec validated, see build_model).
+    A folder is a model folder (`compress.models.folder`: model.safetensors and model_spec.json)."""
+    if folder.is_model_folder(path_or_checkpoint):
+        path_or_checkpoint = folder.read(path_or_checkpoint)  # checked below as a checkpoint's contents are
     checkpoint = (
         load_checkpoint(path_or_checkpoint)
         if isinstance(path_or_checkpoint, (str, bytes)) or hasattr(path_or_checkpoint, "__fspath__")

@@ -1,8 +1,11 @@
-"""Export any model the project writes to ONNX: image and text encoders as separate graphs, batch dynamic,
-with what a deployment must do to the inputs written beside them.
+"""Export any model the project writes as graphs: image and text encoders as separate graphs, batch dynamic,
+with what a deployment must do to the inputs written beside them. Two formats, the same graphs:
 
     manifest = export_onnx(model, "deploy/")     # image_encoder.onnx, text_encoder.onnx, preprocessing.json
+    manifest = export_program(model, "deploy/")  # image.pt2, text.pt2 (torch.export programs), preprocessing.json
 
+ONNX goes through torch.onnx's exporter (dynamo=True) and runs in onnxruntime; a torch.export program
+(`torch.export.load(path).module()`) runs with torch alone. `check_export` runs either against torch.
 Both graphs output L2-normalised float32 features, so a caller compares them by a dot product.
 
 - image graph: input `images`, float32 (batch, 3, S, S), already preprocessed as `preprocessing.json` says
@@ -16,9 +19,9 @@ Both graphs output L2-normalised float32 features, so a caller compares them by 
   its spec (all-MiniLM-L6-v2 by default), exported as the same kind of graph with inputs `input_ids` and
   `attention_mask` (int64, batch and sequence dynamic) and its Hugging Face tokenizer files copied beside it.
 
-Token masking (FLIP) chooses its kept patches at every forward, which ONNX cannot replay as torch does:
+Token masking (FLIP) chooses its kept patches at every forward, which a graph cannot replay as torch does:
 - a per-image mask (what every spec `utils.token_mask` writes records) seeds its choice with a keyed hash of each
-  image's pixel bytes; no ONNX operator computes that hash, so the image graph takes the choice as a second
+  image's pixel bytes; no graph operator computes that hash, so the image graph takes the choice as a second
   input, `token_index` (batch, kept tokens), computed by `token_index(model, images)`;
 - a batch-wise mask (a spec without `per_image`: one seeded draw per batch) is replaced by the table of tokens
   it keeps for each row of a batch of up to `max_batch` images (the same choice, row by row); a larger batch is
@@ -26,12 +29,13 @@ Token masking (FLIP) chooses its kept patches at every forward, which ONNX canno
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -226,46 +230,44 @@ def describe_clip_tokenizer(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 # --- the export ---------------------------------------------------------------------------------------
 
+# the graph files of each format, by tower
+GRAPH_FILES = {"onnx": {"image": IMAGE_GRAPH, "text": TEXT_GRAPH},
+               "torch_export": {"image": "image.pt2", "text": "text.pt2"}}
 
-def _export(module: nn.Module, inputs: tuple, path: Path, input_names: Sequence[str],
-            dynamic: Dict[str, Dict[int, str]], opset: int) -> None:
-    """One graph through torch.onnx's TorchScript exporter (dynamo=False): it handles every module here
-    (scaled_dot_product_attention, antialiased resize, int8 weights) and exports in about a third of
-    the time of the dynamo exporter. nn.MultiheadAttention's fused inference fast path has no ONNX form:
-    it is switched off while tracing (the unfused path computes the same attention)."""
+
+@contextlib.contextmanager
+def _capturing():
+    """What every capture runs under: no autograd, the exporters' warnings silenced, and nn.MultiheadAttention's
+    fused inference fast path off (one fused kernel that ONNX has no operator for; the unfused path computes
+    the same attention, and a torch.export program holding it runs on any device)."""
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        try:
-            _trace(module, inputs, path, input_names, dynamic, opset)
-        except torch.onnx.errors.UnsupportedOperatorError as error:
-            # an operator only the dynamo exporter translates (a student's antialiased resize): export again
-            logging.info("TorchScript exporter: %s; using the dynamo exporter", str(error).splitlines()[0])
-            _export_dynamo(module, inputs, path, input_names, dynamic, opset)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.filterwarnings("ignore")
+            yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _trace(module: nn.Module, inputs: tuple, path: Path, input_names: Sequence[str],
-           dynamic: Dict[str, Dict[int, str]], opset: int) -> None:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(module, inputs, str(path), input_names=list(input_names), output_names=["features"],
-                          dynamic_axes={**dynamic, "features": {0: "batch"}}, opset_version=opset, dynamo=False,
-                          do_constant_folding=True)
+def _write_onnx(module: nn.Module, inputs: tuple, path: Path, input_names: Sequence[str],
+                dynamic: Tuple[Dict[int, Any], ...], opset: int) -> None:
+    """One graph through torch.onnx's exporter (dynamo=True: a torch.export capture translated to ONNX and
+    optimised by onnxscript). Every model kind goes through it: scaled_dot_product_attention, a student's
+    antialiased resize, int8 weights (Int8Linear's weight-only formula while torch.onnx exports) and the
+    sentence-transformers text side."""
+    torch.onnx.export(module, inputs, str(path), input_names=list(input_names), output_names=["features"],
+                      dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False)
 
 
-def _export_dynamo(module: nn.Module, inputs: tuple, path: Path, input_names: Sequence[str],
-                   dynamic: Dict[str, Dict[int, str]], opset: int) -> None:
-    dims = {}
-    shapes = tuple({axis: dims.setdefault(label, torch.export.Dim(label, min=1)) for axis, label in
-                    dynamic[name].items()} for name in input_names)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("ignore")
-        torch.onnx.export(module, inputs, str(path), input_names=list(input_names), output_names=["features"],
-                          dynamic_shapes=shapes, opset_version=opset, dynamo=True, verbose=False)
+def _write_program(module: nn.Module, inputs: tuple, path: Path, input_names: Sequence[str],
+                   dynamic: Tuple[Dict[int, Any], ...], opset: int) -> None:
+    """One graph as a torch.export program: ATen operators only, so `torch.export.load(path).module()` runs it
+    with torch alone (this package, open_clip and transformers need not be installed). `opset` is ONNX's."""
+    torch.export.save(torch.export.export(module, inputs, dynamic_shapes=dynamic), str(path))
+
+
+WRITERS = {"onnx": _write_onnx, "torch_export": _write_program}
 
 
 def load_text_encoder_module(model: nn.Module):
@@ -305,6 +307,20 @@ def example_inputs(model: nn.Module, batch: int = 2) -> Dict[str, Any]:
 def export_onnx(model: nn.Module, out_dir: str | Path, opset: int = DEFAULT_OPSET, max_batch: int = 256,
                 towers: Sequence[str] = ("image", "text")) -> Dict[str, Any]:
     """Write the ONNX graphs of `model` and `preprocessing.json` into `out_dir`; return the manifest."""
+    return export_graphs(model, out_dir, "onnx", opset=opset, max_batch=max_batch, towers=towers)
+
+
+def export_program(model: nn.Module, out_dir: str | Path, max_batch: int = 256,
+                   towers: Sequence[str] = ("image", "text")) -> Dict[str, Any]:
+    """Write the torch.export programs of `model` (image.pt2, text.pt2) and `preprocessing.json` into `out_dir`;
+    return the manifest."""
+    return export_graphs(model, out_dir, "torch_export", max_batch=max_batch, towers=towers)
+
+
+def export_graphs(model: nn.Module, out_dir: str | Path, fmt: str, opset: int = DEFAULT_OPSET,
+                  max_batch: int = 256, towers: Sequence[str] = ("image", "text")) -> Dict[str, Any]:
+    """The graphs of `model` in format `fmt` ("onnx" or "torch_export": the same modules, inputs and batch
+    axes either way) and the manifest describing their inputs, `preprocessing.json`; returns the manifest."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     original = model
@@ -312,27 +328,35 @@ def export_onnx(model: nn.Module, out_dir: str | Path, opset: int = DEFAULT_OPSE
     model = clone(model).float().eval()
     indexed = fix_token_masks(model, max_batch)
     spec = model.model_spec
-    manifest: Dict[str, Any] = {"format": "onnx", "opset": opset, "model_kind": spec["kind"],
+    files, write = GRAPH_FILES[fmt], WRITERS[fmt]
+    manifest: Dict[str, Any] = {"format": fmt, "model_kind": spec["kind"],
                                 "features": "L2-normalised float32, output 'features' of each graph", "graphs": {}}
-    if "image" in towers:
-        description = {"file": IMAGE_GRAPH, **describe_image_preprocessing(spec)}
-        if indexed is None:
-            _export(ImageGraph(model), (inputs["images"],), out_dir / IMAGE_GRAPH, ["images"],
-                    {"images": {0: "batch"}}, opset)
-        else:
-            _export(IndexedImageGraph(model, indexed), (inputs["images"], inputs["token_index"]),
-                    out_dir / IMAGE_GRAPH, ["images", "token_index"],
-                    {"images": {0: "batch"}, "token_index": {0: "batch"}}, opset)
-            description["token_index"] = {
-                "dtype": "int64", "shape": ["batch", int(inputs["token_index"].shape[1])],
-                "meaning": "the tokens each image keeps, 0 = the class token, in order (FLIP per image)",
-                "how": "compress.ops.export.token_index(model, images): the token mask's choice is seeded by a "
-                       "keyed BLAKE2 hash of each image's float32 pixel bytes, which no ONNX operator computes"}
-        if _has_fixed_mask(model):
-            description["max_batch"] = max_batch
-        manifest["graphs"]["image"] = description
-    if "text" in towers:
-        manifest["graphs"]["text"] = _export_text(model, inputs, out_dir, opset)
+    if fmt == "onnx":
+        manifest["opset"] = opset
+    else:
+        manifest["load"] = "torch.export.load(path).module(), torch alone; saved by torch " + torch.__version__
+    # a table of kept tokens (a batch-wise token mask) holds max_batch rows: the batch axis stops there
+    batch = torch.export.Dim("batch", min=1, max=max_batch if _has_fixed_mask(model) else None)
+    with _capturing():
+        if "image" in towers:
+            description = {"file": files["image"], **describe_image_preprocessing(spec)}
+            if indexed is None:
+                write(ImageGraph(model), (inputs["images"],), out_dir / files["image"], ["images"], ({0: batch},),
+                      opset)
+            else:
+                write(IndexedImageGraph(model, indexed), (inputs["images"], inputs["token_index"]),
+                      out_dir / files["image"], ["images", "token_index"], ({0: batch}, {0: batch}), opset)
+                description["token_index"] = {
+                    "dtype": "int64", "shape": ["batch", int(inputs["token_index"].shape[1])],
+                    "meaning": "the tokens each image keeps, 0 = the class token, in order (FLIP per image)",
+                    "how": "compress.ops.export.token_index(model, images): the token mask's choice is seeded by "
+                           "a keyed BLAKE2 hash of each image's float32 pixel bytes, which no graph operator "
+                           "computes"}
+            if _has_fixed_mask(model):
+                description["max_batch"] = max_batch
+            manifest["graphs"]["image"] = description
+        if "text" in towers:
+            manifest["graphs"]["text"] = _export_text(model, inputs, out_dir, files["text"], write, opset)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -341,12 +365,15 @@ def _has_fixed_mask(model: nn.Module) -> bool:
     return any(isinstance(m, FixedTokenMask) for m in model.modules())
 
 
-def _export_text(model: nn.Module, inputs: Dict[str, Any], out_dir: Path, opset: int) -> Optional[Dict[str, Any]]:
+def _export_text(model: nn.Module, inputs: Dict[str, Any], out_dir: Path, file: str, write: Callable,
+                 opset: int) -> Optional[Dict[str, Any]]:
     spec = input_spec(model.model_spec)
     st, folder = load_text_encoder_module(model)
     if st is not None:
-        _export(SentenceTextGraph(st), inputs["text"], out_dir / TEXT_GRAPH, ["input_ids", "attention_mask"],
-                {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}, opset)
+        # the sequence axis runs up to what the tokenizer truncates to (the encoder's position table bounds it)
+        axes = {0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("sequence", max=int(st.max_seq_length))}
+        write(SentenceTextGraph(st), inputs["text"], out_dir / file, ["input_ids", "attention_mask"], (axes, axes),
+              opset)
         tokenizer_dir = out_dir / "tokenizer"
         tokenizer_dir.mkdir(exist_ok=True)
         copied = []
@@ -354,7 +381,7 @@ def _export_text(model: nn.Module, inputs: Dict[str, Any], out_dir: Path, opset:
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, tokenizer_dir / name)
                 copied.append(name)
-        return {"file": TEXT_GRAPH, "inputs": ["input_ids", "attention_mask"], "dtype": "int64",
+        return {"file": file, "inputs": ["input_ids", "attention_mask"], "dtype": "int64",
                 "shape": ["batch", "sequence"], "encoder": spec["text_encoder"].get("name"),
                 "tokenizer": "Hugging Face tokenizer in tokenizer/ (AutoTokenizer.from_pretrained('tokenizer'))",
                 "tokenizer_files": copied, "max_length": int(st.max_seq_length),
@@ -367,12 +394,13 @@ def _export_text(model: nn.Module, inputs: Dict[str, Any], out_dir: Path, opset:
                         "its spec names it: %s", spec.get("text_encoder"))
         return {"file": None, "encoder": spec.get("text_encoder"),
                 "note": "not exported: use the text encoder the spec names"}
-    _export(TextGraph(model), inputs["text"], out_dir / TEXT_GRAPH, ["tokens"], {"tokens": {0: "batch"}}, opset)
+    write(TextGraph(model), inputs["text"], out_dir / file, ["tokens"], ({0: torch.export.Dim("batch", min=1)},),
+          opset)
     description = describe_clip_tokenizer(model.model_spec)
     import open_clip.tokenizer
 
     shutil.copyfile(open_clip.tokenizer.default_bpe(), out_dir / description["vocab_file"])
-    return {"file": TEXT_GRAPH, **description}
+    return {"file": file, **description}
 
 
 def onnx_session(path: str | Path, threads: int = 0):
@@ -403,16 +431,42 @@ def torch_features(model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, torch.
     return out
 
 
+def compare_features(model: nn.Module, other: nn.Module, batch: int = 3) -> Dict[str, float]:
+    """Max |other − model| of the normalised features on the same inputs, per tower: a model written in some
+    format and read back, against the model it was written from."""
+    inputs = example_inputs(model, batch)
+    reference, got = torch_features(model.float().eval(), inputs), torch_features(other.float().eval(), inputs)
+    return {tower: float((got[tower] - reference[tower]).abs().max()) for tower in reference}
+
+
+def graph_runner(path: str | Path, fmt: str) -> Callable[..., torch.Tensor]:
+    """A callable running one exported graph of format `fmt` on tensors (fed in the graph's input order), as a
+    deployment would: onnxruntime for ONNX, `torch.export.load(...).module()` for a torch.export program."""
+    if fmt == "onnx":
+        session = onnx_session(path)
+        return lambda *tensors: run_graph(session, *tensors)
+    program = torch.export.load(str(path)).module()
+
+    def run(*tensors: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return program(*tensors)
+
+    return run
+
+
 def check_export(model: nn.Module, out_dir: str | Path, batch: int = 3) -> Dict[str, float]:
-    """Max |onnxruntime − torch| of the normalised features of each exported graph, on a batch of `batch`
-    (another size than the one traced, so the dynamic batch is exercised)."""
+    """Max |exported − torch| of the normalised features of each graph `out_dir`'s manifest lists (ONNX in
+    onnxruntime, or torch.export programs), on a batch of `batch` (another size than the one traced, so the
+    dynamic batch is exercised)."""
     out_dir = Path(out_dir)
+    manifest = json.loads((out_dir / MANIFEST).read_text())
     inputs = example_inputs(model, batch)
     reference = torch_features(model.float().eval(), inputs)
-    image_inputs = [inputs["images"]] + ([inputs["token_index"]] if "token_index" in inputs else [])
-    diffs = {"image": float((run_graph(onnx_session(out_dir / IMAGE_GRAPH), *image_inputs)
-                             - reference["image"]).abs().max())}
-    if (out_dir / TEXT_GRAPH).is_file() and "text" in reference:
-        diffs["text"] = float((run_graph(onnx_session(out_dir / TEXT_GRAPH), *inputs["text"])
-                               - reference["text"]).abs().max())
+    feeds = {"image": [inputs["images"]] + ([inputs["token_index"]] if "token_index" in inputs else []),
+             "text": list(inputs.get("text", ()))}
+    diffs = {}
+    for tower, graph in manifest["graphs"].items():
+        if graph.get("file") and tower in reference:
+            run = graph_runner(out_dir / graph["file"], manifest["format"])
+            diffs[tower] = float((run(*feeds[tower]) - reference[tower]).abs().max())
     return diffs
