@@ -95,6 +95,19 @@ def run_trainer(args, timeout=300, nproc=None, extra_torchrun=(), check=True, en
     return result
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (a real ENOSPC, unlike RLIMIT_FSIZE's EFBIG); skipped where mounting is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """256 training pictures, 36 classes of eval pictures, in the real layouts."""

@@ -207,3 +207,34 @@ def test_recall_speedup_plot_reads_without_the_code():
     assert [t.get_text() for t in axes.get_legend().get_texts()] == [
         "recall@1", "recall@10", "large model alone", "level 1 alone", "cascade m=200,20", "cascade m=50"]
     plt.close(figure)
+
+
+FULL_DISK_INDEX = """
+import sys
+import numpy as np, torch
+from compress.ops.cascade import SearchIndex
+from foundation.errors import UserError
+folder, images = sys.argv[1], sys.argv[2:]
+index = SearchIndex.create(folder, images * 50, [{"encoder": "random"}])
+encode = lambda pixels: torch.nn.functional.normalize(torch.randn(len(pixels), 512), dim=1)
+try:
+    index.build(encode, lambda image: torch.zeros(3, 8, 8))
+except UserError as error:
+    print(error)
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_indexing_is_one_line(tmp_path, small_disk):
+    """Level 1's features (100 x 512 float32, 200 KB) on a 64 KiB disk: written through a sparse memory map,
+    the index build died of SIGBUS; the space is now reserved when the store is created."""
+    from conftest import run_bounded
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    result = run_bounded(["-c", FULL_DISK_INDEX, small_disk / "index", tmp_path / "a.png", tmp_path / "b.png"],
+                         timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(f"cannot write {small_disk / 'index' / 'store1.f32'}: No space left on device")
+    assert not (small_disk / "index" / "store1.f32").exists()

@@ -120,3 +120,19 @@ def test_pareto_plot_reads_without_the_code():
     # a column the report knows nothing of keeps its name; millions are scaled on the axis
     assert report.axis_label("ratio") == "ratio"
     assert report.axis_name("params") == ("parameters", "millions", 1e6)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(runs, small_disk, capsys):
+    """The report's CSV, markdown and plot are each written whole or not at all; a disk with no room is exit 2
+    and one line (these writes cannot SIGBUS, so the probe runs in-process)."""
+    root, dirs = runs
+    out = small_disk / "report"
+    out.mkdir()
+    with open(small_disk / "filler", "wb", buffering=0) as filler:  # every block taken
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                filler.write(bytes(4096))
+    assert report.main([str(d) for d in dirs] + ["--out-dir", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: cannot write") and "No space left on device" in error and "\n" not in error
+    assert list(out.iterdir()) == []  # nothing half-written, no temp file left

@@ -94,21 +94,6 @@ def test_an_unfinished_build_is_redone_not_read(tiny_corpus, tmp_path, spec):
     assert marker.exists()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 KiB tmpfs (a real ENOSPC, unlike RLIMIT_FSIZE's EFBIG); skipped where mounting is not allowed."""
-    import subprocess
-
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 @pytest.mark.slow
 def test_a_full_disk_during_the_build_is_one_line_and_leaves_nothing(tiny_corpus, tmp_path, small_disk):
     """The cache (256 rows x 16 tokens x 4 bytes) does not fit in the 8 KiB left. Writing through a memory map,

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import re
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from foundation.checkpoint import atomic_write_bytes
 from foundation.errors import UserError
 
 CSV_NAME = "evaluation_metrics_all.csv"
@@ -326,19 +328,21 @@ def plot_pareto(rows: Sequence[Dict[str, str]], metric: str, latency: str, path:
     import matplotlib.pyplot as plt
 
     figure, count = pareto_figure(rows, metric, latency, group)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=120)
     plt.close(figure)
+    atomic_write_bytes(path, image.getvalue())  # a full disk: one line, no half-written file
     return count
 
 
 def write_csv(rows: Sequence[Dict[str, str]], path: Path) -> None:
     columns = ["run", "job"] + sorted({c for row in rows for c in row} - {"run", "job"},
                                       key=lambda c: (c not in ("checkpoint", "epoch", "step"), c))
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, text.getvalue().encode("utf-8"))
 
 
 def plot_name(x: str, y: str) -> str:
@@ -365,7 +369,7 @@ def build_report(log_dirs: Sequence[str], out_dir: str | Path, select: str = "la
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = markdown_table(rows, table_columns(rows))
     write_csv(rows, out_dir / "report.csv")
-    (out_dir / "report.md").write_text(markdown + "\n")
+    atomic_write_bytes(out_dir / "report.md", (markdown + "\n").encode("utf-8"))
     plot = None
     if y is None:
         print("warning: no accuracy column (zeroshot/*/acc1, retrieval/*) in the CSVs; no Pareto plot", file=sys.stderr)

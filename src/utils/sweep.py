@@ -24,12 +24,14 @@ import argparse
 import contextlib
 import csv
 import importlib
+import io
 import itertools
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from foundation.checkpoint import atomic_write_bytes
 from foundation.errors import UserError
 from utils import evaluate_checkpoints, report
 
@@ -200,10 +202,11 @@ def format_table(rows: Sequence[Dict[str, Any]], grid: Sequence[str], metrics: S
 def write_table(rows: Sequence[Dict[str, Any]], grid: Sequence[str], path: Path) -> None:
     rest = sorted({c for row in rows for c in row} - {"run", "tool", *grid},
                   key=lambda c: (c not in ("checkpoint", "epoch", "step"), c))
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["run", "tool", *grid, *rest], restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["run", "tool", *grid, *rest], restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, text.getvalue().encode("utf-8"))  # a full disk: one line, no half-written table
 
 
 def plots(rows: Sequence[Dict[str, Any]], grid: Sequence[str], metric: Optional[str], out: Path) -> List[Path]:

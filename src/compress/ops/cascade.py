@@ -17,7 +17,9 @@ The pieces, usable on their own:
   preprocessed on demand, so no gallery has to fit in memory);
 - a `FeatureStore` per encoder: float32 features and one state byte per image (not embedded yet, embedded,
   unreadable), in RAM or as two numpy memmaps on disk. Features are flushed before their state bytes, so a
-  state byte that says "embedded" always has its feature behind it, whatever interrupts the process;
+  state byte that says "embedded" always has its feature behind it, whatever interrupts the process. The
+  memmaps' disk space is reserved when they are created (posix_fallocate): a full disk is then one line
+  (UserError) rather than a SIGBUS when a page of the map is written;
 - a `Level` (encoder + source + store) that embeds missing images in ascending index order, in batches;
 - `Cascade`, the search over levels and a level-1 faiss index (`build_faiss_index`: exact IndexFlatIP, or
   IVF / HNSW for large galleries);
@@ -42,7 +44,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from foundation.checkpoint import atomic_write_bytes
+from foundation.checkpoint import atomic_write, atomic_write_bytes
+from foundation.errors import UserError
+from foundation.files import preallocate, write_failure
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, open_rgb
 
 log = logging.getLogger(__name__)
@@ -114,6 +118,19 @@ ImageSource = Union[TensorImages, ImageFiles]
 # --- feature stores --------------------------------------------------------------------------------------
 
 
+def _reserve(path: str, size: int) -> None:
+    """A new file of `size` zero bytes at `path`, its blocks allocated now (a memmap over it never meets a
+    full disk); on failure nothing is left and the error is one line."""
+    try:
+        with open(path, "xb") as f:
+            preallocate(f, size)
+            f.truncate(size)  # where glibc emulated fallocate by writing, the size is already right
+    except OSError as error:
+        if os.path.exists(path) and not isinstance(error, FileExistsError):
+            os.remove(path)
+        raise UserError(f"cannot write {path}: {write_failure(error)}") from None
+
+
 class FeatureStore:
     """Features (N, D) float32 and a state byte per image (MISSING / ENCODED / UNREADABLE) of one encoder.
 
@@ -133,8 +150,8 @@ class FeatureStore:
                 raise ValueError(f"{state_file} holds {os.path.getsize(state_file)} states for {self.size} images")
             self.state = np.memmap(state_file, dtype=np.uint8, mode="r+", shape=(self.size,))
         else:
-            self.state = np.memmap(state_file, dtype=np.uint8, mode="w+", shape=(self.size,))
-            self.state.flush()
+            _reserve(state_file, self.size)
+            self.state = np.memmap(state_file, dtype=np.uint8, mode="r+", shape=(self.size,))
         feature_file = self.path + ".f32"
         if os.path.exists(feature_file):
             dim, rest = divmod(os.path.getsize(feature_file), 4 * max(1, self.size))
@@ -150,7 +167,8 @@ class FeatureStore:
         if self.path is None:
             self.features = np.zeros((self.size, dim), dtype=np.float32)
         else:
-            self.features = np.memmap(self.path + ".f32", dtype=np.float32, mode="w+", shape=(self.size, dim))
+            _reserve(self.path + ".f32", 4 * self.size * dim)
+            self.features = np.memmap(self.path + ".f32", dtype=np.float32, mode="r+", shape=(self.size, dim))
 
     def missing(self, indices: np.ndarray) -> np.ndarray:
         """The distinct indices among `indices` not embedded (or found unreadable) yet, ascending."""
@@ -573,11 +591,8 @@ class SearchIndex:
     def _write_index(self, index) -> None:
         import faiss
 
-        temporary = self.folder / (LEVEL1_INDEX + ".tmp")
-        faiss.write_index(index, str(temporary))
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.folder / LEVEL1_INDEX)
+        # streamed through atomic_write: a full disk is one line, and the previous index stays whole
+        atomic_write(self.folder / LEVEL1_INDEX, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
 
     def read_index(self):
         """The level-1 faiss index, as written when the build completed."""
