@@ -367,3 +367,16 @@ def test_a_gallery_image_that_would_explode_on_resize_is_unreadable_not_fatal(tm
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[0] == "(1, 3, 224, 224) [1] [0]"
     assert "extreme aspect ratio" in result.stderr  # the warning line naming it
+
+
+@pytest.mark.slow
+def test_a_fifo_given_as_a_cascade_gallery_is_refused_without_blocking(tmp_path):
+    from conftest import run_bounded
+
+    os.mkfifo(tmp_path / "gallery.tsv")
+    code = ("import sys\nfrom utils.cascade.gallery import read_gallery\nfrom foundation.errors import UserError\n"
+            "try:\n    read_gallery(sys.argv[1])\nexcept UserError as e:\n    print(e)\n")
+    result = run_bounded(["-c", code, tmp_path / "gallery.tsv"], timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("cannot read it (" + str(tmp_path / "gallery.tsv")
+                                          + " is a FIFO, not a regular file)")

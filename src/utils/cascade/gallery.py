@@ -10,12 +10,14 @@ Only the paths are read here; images are decoded when they are embedded (compres
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 from eval.data import find_coco_root, find_flickr_root, load_coco_captions, load_flickr30k
 from foundation.errors import DataError, UserError
+from foundation.files import open_regular
 from foundation.tables import table_records, uses_quotes
 
 FORMATS = ("auto", "coco", "flickr30k", "imagefolder", "tsv")
@@ -45,7 +47,7 @@ class Gallery:
 
 
 def detect_format(source: Path) -> str:
-    if source.is_file():
+    if source.exists() and not source.is_dir():  # a table; one that is no regular file is refused when read
         return "tsv"
     if not source.is_dir():
         raise UserError(f"--gallery {source}: no such file or folder")
@@ -107,10 +109,11 @@ def _image_folder(root: Path) -> Gallery:
 def _table(path: Path, img_key: str, caption_key: str, sep: str, quoting: str) -> Gallery:
     try:
         quoted = uses_quotes(sep, quoting)
-        with open(path, encoding="utf-8", newline="") as handle:
+        # a regular file only: a FIFO would block the index build for ever
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8", newline="") as handle:
             records = [(number, fields) for number, fields, _ in table_records(handle, sep, quoted)
                        if fields is not None]
-    except (OSError, UnicodeDecodeError, DataError) as error:
+    except (OSError, ValueError, DataError) as error:  # ValueError: UnicodeDecodeError, a NUL in the path
         raise UserError(f"--gallery {path}: cannot read it ({error})") from None
     if not records:
         return Gallery(path.stem, "tsv", [])
