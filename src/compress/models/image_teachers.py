@@ -30,7 +30,16 @@ FEATURES = ("pooled", "head")
 
 
 def is_image_teacher_arch(name: Optional[str]) -> bool:
-    return bool(name) and (name in SWAV_WIDE_RESNETS or is_torchvision_arch(name))
+    """A torchvision (or SwAV) architecture name that no open_clip config has: open_clip's `convnext_tiny` is
+    a CLIP, not torchvision's ImageNet network of the same name."""
+    import open_clip
+
+    from foundation.model_configs import register_model_configs
+
+    if not name or not (name in SWAV_WIDE_RESNETS or is_torchvision_arch(name)):
+        return False
+    register_model_configs()
+    return name not in open_clip.list_models()
 
 
 def swav_wide_resnet50(widen: int) -> nn.Module:

@@ -181,6 +181,8 @@ class StudentCLIP(nn.Module):
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.text(text)
+        if isinstance(features, tuple):  # a text tower that also outputs its tokens (CoCa's): the pooled features
+            features = features[0]
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None) -> Dict[str, Any]:
@@ -198,13 +200,29 @@ def build_student_clip(spec: Dict[str, Any]) -> nn.Module:
 
 
 def copy_teacher_text_tower(student: StudentCLIP, teacher: nn.Module) -> None:
-    """Fill the student's text tower and temperature from an open_clip CLIP (same text config): the text
-    attributes of a CLIP carry exactly the TextTransformer's parameter names."""
-    teacher_state = teacher.state_dict()
+    """Fill the student's text tower and temperature from an open_clip CLIP (same text config)."""
+    load_text_tower(student, teacher.state_dict())
+
+
+def load_text_tower(student: StudentCLIP, teacher_state: Dict[str, torch.Tensor]) -> None:
+    """Fill the student's text tower and temperature from an open_clip CLIP's state dict, or the part of it that
+    holds them (a reinforced set's teacher_text.safetensors): the text attributes of a CLIP carry exactly the
+    TextTransformer's parameter names; a CLIP whose text tower is a module of its own (open_clip's
+    CustomTextCLIP: MobileCLIP, EVA, SigLIP, CoCa) holds them under `text.`. ValueError naming the first tensor
+    missing or of another shape."""
     own = student.text.state_dict()
+    if not any(name in teacher_state for name in own):
+        teacher_state = {**{name[len("text."):]: tensor for name, tensor in teacher_state.items()
+                            if name.startswith("text.")}, "logit_scale": teacher_state.get("logit_scale")}
+    for name, tensor in [*own.items(), ("logit_scale", student.logit_scale)]:
+        found = teacher_state.get(name)
+        if not isinstance(found, torch.Tensor) or found.numel() != tensor.numel() or (
+                name != "logit_scale" and found.shape != tensor.shape):
+            shape = tuple(found.shape) if isinstance(found, torch.Tensor) else "none"
+            raise ValueError(f"the teacher's text tower has no {name} of shape {tuple(tensor.shape)} (found {shape})")
     student.text.load_state_dict({name: teacher_state[name] for name in own})
     with torch.no_grad():
-        student.logit_scale.copy_(teacher.logit_scale.detach().reshape(()))
+        student.logit_scale.copy_(teacher_state["logit_scale"].detach().reshape(()))
 
 
 # --- TinyCLIP-style manual weight inheritance ------------------------------------------------------------

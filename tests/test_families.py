@@ -1,0 +1,126 @@
+"""Today's CLIP families through the operations, each at tiny size with random weights: an OpenAI-style ViT, its
+QuickGELU twin, a ModifiedResNet (RN50's), ConvNeXt, MobileCLIP (timm's FastViT MCi), EVA, SigLIP (timm ViT with
+an attention-pool head) and CoCa. Each family is an open_clip config of the real family's structure, shrunk (the
+timm towers are timm's own architectures with smaller sizes, registered under names of their own); docs/families.md
+is the family × operation table these tests back."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+
+# timm architectures of the families, shrunk: (name registered here, timm architecture, its size arguments)
+TINY_TIMM = {
+    "clipc_tiny_convnext": ("convnext_atto", {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)}),
+    "clipc_tiny_mci": ("fastvit_mci0", {"layers": (1, 1, 1, 1), "embed_dims": (8, 16, 32, 64)}),
+    "clipc_tiny_eva02": ("eva02_tiny_patch14_224", {"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 2,
+                                                    "num_heads": 2}),
+    "clipc_tiny_siglip": ("vit_base_patch16_siglip_224", {"img_size": 32, "embed_dim": 32, "depth": 2,
+                                                          "num_heads": 2}),
+}
+
+# the families' open_clip configs, shrunk (same keys as open_clip's RN50, convnext_tiny, MobileCLIP-S1, EVA02-B-16,
+# ViT-B-16-SigLIP and coca_ViT-B-32 configs)
+FAMILIES = {
+    "vit": "clipc-vit-t2-32",
+    "vit-quickgelu": {"embed_dim": 32, "quick_gelu": True, "text_cfg": TEXT,
+                      "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16}},
+    "rn50": {"embed_dim": 32, "text_cfg": TEXT,
+             "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None}},
+    "convnext": {"embed_dim": 32, "text_cfg": TEXT,
+                 "vision_cfg": {"timm_model_name": "clipc_tiny_convnext", "timm_model_pretrained": False,
+                                "timm_pool": "", "timm_proj": "linear", "image_size": 32}},
+    "mobileclip": {"embed_dim": 32, "custom_text": True, "text_cfg": {**TEXT, "no_causal_mask": True},
+                   "vision_cfg": {"timm_model_name": "clipc_tiny_mci", "timm_model_pretrained": False,
+                                  "timm_pool": "avg", "timm_proj": None, "image_size": 64}},
+    "eva": {"embed_dim": 32, "custom_text": True, "text_cfg": TEXT,
+            "vision_cfg": {"timm_model_name": "clipc_tiny_eva02", "timm_model_pretrained": False,
+                           "timm_pool": "token", "timm_proj": None, "image_size": 32}},
+    "coca": {"embed_dim": 32, "custom_text": True, "text_cfg": {**TEXT, "embed_cls": True, "output_tokens": True},
+             "multimodal_cfg": {**TEXT, "attn_pooler_heads": 2},
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16,
+                            "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True}},
+}
+CONV_FAMILIES = {"rn50", "convnext", "mobileclip"}
+
+
+def config_name(family: str) -> str:
+    return FAMILIES[family] if isinstance(FAMILIES[family], str) else f"clipc-test-{family}"
+
+
+@pytest.fixture(scope="module")
+def family_configs(tmp_path_factory):
+    """The tiny timm architectures registered with timm and the families' configs with open_clip."""
+    import open_clip
+    import timm
+    from timm.models import is_model, register_model
+
+    from foundation.model_configs import register_model_configs
+
+    for name, (base, sizes) in TINY_TIMM.items():
+        if not is_model(name):
+            def make(pretrained=False, _base=base, _sizes=sizes, **kwargs):
+                return timm.create_model(_base, pretrained=False, **{**_sizes, **kwargs})
+            make.__name__ = name
+            register_model(make)
+    folder = tmp_path_factory.mktemp("configs")
+    for family, config in FAMILIES.items():
+        if isinstance(config, dict):
+            (folder / f"{config_name(family)}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    register_model_configs()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def teachers(family_configs, tmp_path_factory):
+    """Each family's random-init CLIP saved as a checkpoint of ours (what --job clip writes): family -> path."""
+    from compress.models.pretrained import create_clip
+
+    folder = tmp_path_factory.mktemp("teachers")
+    paths = {}
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        model = create_clip(config_name(family))
+        paths[family] = folder / f"{family}.pt"
+        torch.save({"model_spec": model.model_spec, "state_dict": model.state_dict()}, paths[family])
+    return paths
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_is_a_distill_teacher_with_its_own_text_tower(family, teachers):
+    """--job distill builds a student of each family's teacher without --student-text: the student's text tower is
+    the teacher's (same features), and a step's losses reach the student's image tower."""
+    import compress
+    from compress.models.registry import get_tokenizer, preprocess_config
+    from training.distributed import DistInfo
+    from training.jobs.distill import DistillJob
+    from training.params import parse_args
+
+    args = parse_args(["--job", "distill", "--train-data", "synthetic", "--teacher-model", config_name(family),
+                       "--teacher-pretrained", str(teachers[family]), "--student", "mobilenet_v3_small",
+                       "--distill-loss", "cosine,icl"])
+    job = DistillJob(args, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    student = job.build_model()
+    teacher = compress.load(str(teachers[family]))
+    captions = ["one red circle", "two blue squares", "a green star", "three yellow triangles"]
+    tokens = get_tokenizer(student.model_spec)(captions)
+    assert torch.allclose(student.eval().encode_text(tokens, normalize=True), teacher.encode_text(tokens, normalize=True),
+                          atol=1e-5)
+    size = preprocess_config(teacher.model_spec)["image_size"]
+    batch = {"image": torch.randn(4, 3, size, size), "text": tokens, "caption": captions}
+    losses = job.loss(student.train(), batch)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.visual.parameters())
+
+
+def test_an_open_clip_config_named_like_a_torchvision_network_is_a_clip_teacher():
+    """open_clip's convnext_tiny is a CLIP (a --job distill teacher), torchvision's resnet50 an image teacher."""
+    from compress.models.image_teachers import is_image_teacher_arch
+
+    assert not is_image_teacher_arch("convnext_tiny")
+    assert is_image_teacher_arch("resnet50") and is_image_teacher_arch("vgg11")
