@@ -377,6 +377,54 @@ def test_resume_mid_search_is_exact(full_run, tmp_path):
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
+def test_the_monitor_names_each_stage_and_costs_the_search_checkpoint_as_pruned(full_run, tiny_corpus, capsys):
+    """UPop's table reports R@1 right after pruning and after fine-tuning: the monitor names the two rows, and the
+    after-search checkpoint (dense weights + hard masks) costs what surgery leaves, not the dense model."""
+    import csv
+
+    from utils import evaluate_checkpoints as monitor_cli
+
+    run = full_run.parent
+    assert monitor_cli.main(["--logs-dir", str(run), "--eval-data-dir", str(tiny_corpus / "eval"), "--once",
+                             "--benchmarks", "retrieval", "--datasets", "coco2017", "--workers", "0", "--device",
+                             "cpu", "--profile-batch-size", "2"]) == 0
+    with open(run / "evaluation_metrics_all.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = {row["checkpoint"]: row for row in reader}
+    assert reader.fieldnames[:4] == ["checkpoint", "epoch", "step", "stage"]
+    assert {name: row["stage"] for name, row in rows.items()} == {"epoch_1.pt": "after search",
+                                                                  "epoch_2.pt": "after fine-tune"}
+    masked = compress.load(full_run / "epoch_1.pt")
+    dense, pruned = params_and_macs(masked), params_and_macs(pruning.prune_clip(masked, pruning.attached_masks(masked)))
+    after_search = rows["epoch_1.pt"]
+    for key in ("params", "macs_image", "macs_text"):
+        assert float(after_search[key]) == pruned[key] < dense[key], key
+    # surgery changes nothing the fine-tune starts from: the after-fine-tune model has the same shape
+    assert float(rows["epoch_2.pt"]["params"]) == pruned["params"]
+    assert float(after_search["retrieval/coco2017/text_retrieval_recall@1"]) >= 0
+    table = capsys.readouterr().out
+    stage_line = next(line for line in table.splitlines() if line.startswith("stage"))
+    assert stage_line.split()[1:] == ["after", "search", "after", "fine-tune"]
+
+
+def test_the_stage_of_each_prune_checkpoint():
+    from utils.evaluate_checkpoints import training_stage
+
+    masked, small = (types.SimpleNamespace(model_spec={"kind": kind}) for kind in ("masked_clip", "pruned_clip"))
+    search = {"job": "prune", "job_state": {"search_steps": 30}, "args": {"epochs": 4}}
+    assert training_stage({**search, "step": 20, "epoch": 1}, masked, {}) == "search"
+    assert training_stage({**search, "step": 30, "epoch": 2}, masked, {}) == "after search"
+    assert training_stage({"job": "prune", "step": 45, "epoch": 3, "args": {"epochs": 4}}, small, {}) == "fine-tune"
+    assert training_stage({"job": "prune", "step": 60, "epoch": 4, "args": {"epochs": 4}}, small, {}) == \
+        "after fine-tune"
+    # an open_clip_train checkpoint has no job or args: params.txt says which run it was
+    assert training_stage({"epoch": 4}, small, {"job": "prune", "epochs": 4}) == "after fine-tune"
+    # a mangled job_state is no stage it is not: still searching
+    assert training_stage({"job": "prune", "step": 30, "job_state": {"search_steps": "30"}}, masked, {}) == "search"
+    assert training_stage({"job": "clip", "epoch": 4}, small, {}) == ""
+
+
 def test_bad_epoch_split_is_one_clear_line(tmp_path, capsys):
     from training.main import main
 

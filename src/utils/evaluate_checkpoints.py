@@ -11,6 +11,10 @@ of its params.txt — scores it with `eval.run_benchmarks`, and profiles it (par
   <logs-dir>/eval/epoch_N.json            the same row as JSON
   <logs-dir>/tensorboard/                 scalars eval/<metric> at the checkpoint's global step
 What the CSV already holds is never scored again, so the monitor can be stopped and restarted at will.
+The `stage` column says where a job with stages wrote the checkpoint (`--job prune`: search, after search,
+fine-tune, after fine-tune; empty for other jobs). A checkpoint written during UPop's search holds the dense
+weights and masks; it is scored as the model surgery makes of it (compress.models.pruning.prune_clip: the same
+function), so its params and MACs are those of the pruned model, not the dense one.
 A file that is still being written, is corrupt, or is not a checkpoint is logged in one line and skipped; it is
 tried again only if it changes.
 """
@@ -48,7 +52,7 @@ log = logging.getLogger("evaluate_checkpoints")
 
 CSV_NAME = "evaluation_metrics_all.csv"
 MONITOR_LOCK = "monitor.lock"
-LEADING_COLUMNS = ["checkpoint", "epoch", "step"]
+LEADING_COLUMNS = ["checkpoint", "epoch", "step", "stage"]
 # A file whose size and mtime have not moved for this long is taken as complete (open_clip_train's epoch_N.pt
 # is written in place, not atomically).
 SETTLE_SECONDS = 2.0
@@ -316,6 +320,8 @@ class Monitor:
             raise SkipCheckpoint(f"refused ({_first_line(error)})") from None
         except (ValueError, KeyError, TypeError) as error:
             raise SkipCheckpoint(f"unknown checkpoint format ({_first_line(error)})") from None
+        stage = training_stage(checkpoint, model, self.experiment.params)
+        model = surgically_pruned(model, path.name)
         encoder = encoder_from_model(model.to(self.args.device), device=self.args.device)
 
         metrics = run_benchmarks(
@@ -338,6 +344,7 @@ class Monitor:
             "checkpoint": path.name,
             "epoch": epoch,
             "step": int(step) if step is not None else None,
+            "stage": stage,
             **metrics,
             **profile,
             "eval_seconds": round(time.perf_counter() - started, 2),
@@ -363,6 +370,42 @@ class Monitor:
             if self.args.epoch is not None and f"epoch_{self.args.epoch}.pt" in self.scored_checkpoint_names():
                 return
             time.sleep(self.args.poll_seconds)
+
+
+PRUNE_STAGES = ("search", "after search", "fine-tune", "after fine-tune")
+
+
+def training_stage(checkpoint: Dict[str, Any], model: torch.nn.Module, params: Dict[str, Any]) -> str:
+    """Where a `--job prune` run was when it wrote `checkpoint` (one of PRUNE_STAGES): during the search the
+    model is a masked_clip, and the search is over once the step reaches the job's search length; after surgery
+    it is a pruned_clip, fine-tuned until the run's last epoch. '' for any other job."""
+    from compress.models.pruning import MASKED_KIND
+
+    if (checkpoint.get("job") or params.get("job")) != "prune":
+        return ""
+    step, epoch = checkpoint.get("step"), checkpoint.get("epoch")
+    if getattr(model, "model_spec", {}).get("kind") == MASKED_KIND:
+        job_state = checkpoint.get("job_state")
+        search_steps = job_state.get("search_steps") if isinstance(job_state, dict) else None
+        done = type(search_steps) is int and type(step) is int and step >= search_steps
+        return "after search" if done else "search"
+    args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else params
+    return "after fine-tune" if type(epoch) is int and epoch == args.get("epochs") else "fine-tune"
+
+
+def surgically_pruned(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """A masked_clip (UPop's search) as the genuinely smaller model its masks make (prune_clip: cut units
+    removed, the other mask values folded in, the same function), so its cost is what pruning leaves; any
+    other model as it is."""
+    from compress.models import pruning
+
+    if getattr(model, "model_spec", {}).get("kind") != pruning.MASKED_KIND:
+        return model
+    try:
+        return pruning.prune_clip(model, pruning.attached_masks(model))
+    except ValueError as error:  # a mask that removes a whole layer: scored masked, at the dense cost
+        log.warning("%s: scored as the masked dense model (%s)", name, _first_line(error))
+        return model
 
 
 def _first_line(error: BaseException) -> str:
@@ -395,6 +438,8 @@ def format_table(columns: List[str], rows: List[Dict[str, str]], max_checkpoints
         return "(no checkpoints scored)"
     lines: List[Tuple[str, List[str]]] = [("epoch", [r.get("epoch") or "-" for r in rows]),
                                           ("step", [r.get("step") or "-" for r in rows])]
+    if any(r.get("stage") for r in rows):
+        lines.append(("stage", [r.get("stage") or "-" for r in rows]))
     for pattern, label in _TABLE_METRICS:
         for column in sorted(columns, key=_natural_order):  # R@1, R@5, R@10 — not R@1, R@10, R@5
             match = re.match(pattern, column)
