@@ -61,9 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("data")
     data.add_argument("--train-data", default=None,
-                      help="TSV/CSV file, webdataset shards (brace patterns, '::'-separated lists), or 'synthetic'")
-    data.add_argument("--dataset-type", default="auto", choices=["auto", "csv", "webdataset", "synthetic"],
-                      help="data source type (auto: from --train-data)")
+                      help="TSV/CSV file, a UPop/BLIP annotation JSON (coco_karpathy_train.json: a list of "
+                           "{image, caption}), webdataset shards (brace patterns, '::'-separated lists), or "
+                           "'synthetic'")
+    data.add_argument("--train-image-root", default=None,
+                      help="the folder the image paths of an annotation JSON are relative to (UPop's image_root; "
+                           "default: the JSON's folder); a path leaving it is skipped and counted")
+    data.add_argument("--dataset-type", default="auto", choices=["auto", "csv", "json", "webdataset", "synthetic"],
+                      help="data source type (auto: from --train-data; .json is an annotation JSON)")
     data.add_argument("--csv-separator", default="\t", help="column separator of the TSV/CSV")
     data.add_argument("--csv-img-key", default="filepath",
                       help="column with image paths (relative to the file's folder or absolute)")

@@ -1,6 +1,7 @@
 """Training data: one function (`get_data`) turns flags into a loader.
 
-Sources: a CSV/TSV of image paths and captions (CC3M style), webdataset shards, or synthetic data.
+Sources: a CSV/TSV of image paths and captions (CC3M style), a UPop/BLIP annotation JSON with its image root
+(`coco_karpathy_train.json`, training.data.annotation_dataset), webdataset shards, or synthetic data.
 Every sample is a dict `{"index": row index, "image": tensor, "text": tokens, "caption": str}`; the row
 index lets episodic jobs and teacher caches key their per-sample state.
 
@@ -29,6 +30,7 @@ import torch
 
 from foundation.errors import DataError
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS
+from training.data.annotation_dataset import AnnotationDataset
 from training.data.csv_dataset import CsvDataset, ResumableDistributedSampler, SyntheticDataset, episode_indices
 from training.data.loaders import run_loader
 from training.data.memory import check_loader_shared_memory, loader_prefetch_factor
@@ -108,6 +110,8 @@ def infer_dataset_type(train_data: str) -> str:
         return "synthetic"
     if train_data.endswith((".csv", ".tsv")):
         return "csv"
+    if train_data.endswith(".json"):
+        return "json"
     if ".tar" in train_data or "{" in train_data or "::" in train_data:
         return "webdataset"
     raise DataError(f"cannot tell the type of --train-data {train_data}; pass --dataset-type csv or webdataset")
@@ -120,10 +124,10 @@ def get_data(args, transform: Callable, tokenizer: Optional[Callable], rank: int
     ranks together, in `args.token_cache_dir` or `default_cache_dir`), unless `args.no_token_cache`."""
     dataset_type = args.dataset_type if args.dataset_type != "auto" else infer_dataset_type(args.train_data)
     check_loader_shared_memory(args, transform)
-    if dataset_type in ("csv", "synthetic"):
+    if dataset_type in ("csv", "json", "synthetic"):
         data = _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size)
         cache_dir = args.token_cache_dir or default_cache_dir
-        if dataset_type == "csv" and tokenizer is not None and not args.no_token_cache and cache_dir:
+        if dataset_type in ("csv", "json") and tokenizer is not None and not args.no_token_cache and cache_dir:
             attach_token_cache(data.dataset, tokenizer, args.train_data, cache_dir, device, local_rank,
                                show_progress=rank == 0 and args.log_level != "warning")
         return data
@@ -136,11 +140,15 @@ def _max_pixels(args) -> Optional[int]:
 
 
 def _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size) -> DataInfo:
-    if dataset_type == "csv":
-        dataset = CsvDataset(args.train_data, transform, img_key=args.csv_img_key,
-                             caption_key=args.csv_caption_key, sep=args.csv_separator,
-                             allow_empty_captions=args.allow_empty_captions, max_pixels=_max_pixels(args),
-                             quoting=getattr(args, "csv_quoting", "auto"))
+    if dataset_type in ("csv", "json"):
+        if dataset_type == "json":
+            dataset = AnnotationDataset(args.train_data, transform, getattr(args, "train_image_root", None),
+                                        allow_empty_captions=args.allow_empty_captions, max_pixels=_max_pixels(args))
+        else:
+            dataset = CsvDataset(args.train_data, transform, img_key=args.csv_img_key,
+                                 caption_key=args.csv_caption_key, sep=args.csv_separator,
+                                 allow_empty_captions=args.allow_empty_captions, max_pixels=_max_pixels(args),
+                                 quoting=getattr(args, "csv_quoting", "auto"))
         if args.dataset_size:
             if args.dataset_size > len(dataset):
                 raise DataError(f"--dataset-size {args.dataset_size} but {args.train_data} has {len(dataset)} rows")

@@ -80,6 +80,11 @@ class CsvDataset(Dataset):
                                 f"--csv-separator {sep!r} right?")
             logging.warning("%s: %d malformed row(s) of %d are skipped as bad samples (first: line %d, %s)",
                             path, len(self.malformed), len(self.paths), first_line, first_problem)
+        self._init_loading(transform, allow_empty_captions, max_pixels)
+
+    def _init_loading(self, transform: Callable, allow_empty_captions: bool, max_pixels: Optional[int]) -> None:
+        """How rows are loaded, once `source`, `paths`, `captions` and `malformed` are read (a subclass reads
+        another file format into the same rows)."""
         self.transform = transform
         self.allow_empty_captions = allow_empty_captions
         self.max_pixels = max_pixels
