@@ -326,6 +326,7 @@ def place_model(model: nn.Module, args, dist_info: DistInfo) -> nn.Module:
 def wrap_model(ctx: RunContext, job) -> None:
     """DDP (and torch.compile) around the plain model; the plain one stays in ctx.unwrapped_model."""
     model = ctx.unwrapped_model
+    sync_batchnorm(model, ctx.args, ctx.dist)
     if ctx.dist.distributed and any(p.requires_grad for p in model.parameters()):
         device_ids = [ctx.dist.device.index] if ctx.dist.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(
@@ -335,16 +336,6 @@ def wrap_model(ctx: RunContext, job) -> None:
     ctx.model = model
 
 
-    sync_batchnorm(model, ctx.args, ctx.dist)
-def replace_model(ctx: RunContext, job, new_model: nn.Module) -> None:
-    """A job changed the architecture: new optimizer over the new parameters, re-wrapped."""
-    ctx.unwrapped_model = place_model(new_model, ctx.args, ctx.dist)
-    ctx.optimizer = build_optimizer(ctx.unwrapped_model, ctx.args)
-    ctx.scheduler = run_schedule(ctx.optimizer, ctx.args, ctx.data, job)
-    wrap_model(ctx, job)
-
-
-# --- optimizer and schedule --------------------------------------------------------------------------
 def sync_batchnorm(model: nn.Module, args, dist_info: DistInfo) -> None:
     """--use-bn-sync under DDP: the model's BatchNorm layers become torch's SyncBatchNorm in place (the same
     parameters and buffers, so checkpoints do not change), as open_clip_train; one process has nothing to sync."""
@@ -356,6 +347,15 @@ def sync_batchnorm(model: nn.Module, args, dist_info: DistInfo) -> None:
         setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
 
 
+def replace_model(ctx: RunContext, job, new_model: nn.Module) -> None:
+    """A job changed the architecture: new optimizer over the new parameters, re-wrapped."""
+    ctx.unwrapped_model = place_model(new_model, ctx.args, ctx.dist)
+    ctx.optimizer = build_optimizer(ctx.unwrapped_model, ctx.args)
+    ctx.scheduler = run_schedule(ctx.optimizer, ctx.args, ctx.data, job)
+    wrap_model(ctx, job)
+
+
+# --- optimizer and schedule --------------------------------------------------------------------------
 
 
 def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
@@ -409,6 +409,12 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, args, total_steps: int, ph
         elif args.lr_scheduler == "cosine":
             progress = (local - args.warmup) / max(1, length - args.warmup)
             factor = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        elif args.lr_scheduler == "const-cooldown" and local >= length - cooldown_steps:
+            decay = (1 - (local - (length - cooldown_steps)) / max(1, cooldown_steps)) ** args.lr_cooldown_power
+            rates = [decay * (base - args.lr_cooldown_end) + args.lr_cooldown_end for base in base_lrs]
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate
+            return rates[0]
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
         return base_lrs[0] * factor
@@ -418,12 +424,6 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, args, total_steps: int, ph
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
-        elif args.lr_scheduler == "const-cooldown" and local >= length - cooldown_steps:
-            decay = (1 - (local - (length - cooldown_steps)) / max(1, cooldown_steps)) ** args.lr_cooldown_power
-            rates = [decay * (base - args.lr_cooldown_end) + args.lr_cooldown_end for base in base_lrs]
-            for group, rate in zip(optimizer.param_groups, rates):
-                group["lr"] = rate
-            return rates[0]
 
 
 def gather_rng_states() -> list:

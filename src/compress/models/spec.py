@@ -293,6 +293,9 @@ MODEL_KWARGS = record({}, {
     "force_patch_dropout": optional(FRACTION),
     "force_image_size": optional(IMAGE_SIZE),
     "force_context_length": optional(SIZE),
+    # SigLIP's learnable bias and starting temperature (open_clip_train's --siglip gives a CLIP both)
+    "init_logit_bias": optional(number(-1e3, 1e3)),
+    "init_logit_scale": optional(number(-1e3, 1e3)),
 })
 
 _BLOCK_OPTIONS = {
@@ -311,9 +314,6 @@ _BLOCK_OPTIONS = {
 
 # open_clip CLIPVisionCfg of a ViT, without its timm tower (a hub model name) or constructor kwargs dicts.
 VISION_CFG = record({}, {
-    # SigLIP's learnable bias and starting temperature (open_clip_train's --siglip gives a CLIP both)
-    "init_logit_bias": optional(number(-1e3, 1e3)),
-    "init_logit_scale": optional(number(-1e3, 1e3)),
     **_BLOCK_OPTIONS,
     "layers": integer(1, 1024),
     "width": WIDTH,

@@ -111,17 +111,17 @@ class Job:
         return ClipLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
                         cache_labels=True, rank=self.dist.rank, world_size=self.dist.world_size)
 
-    # --- schedule ---------------------------------------------------------------------------------
-    def lr_phase_starts(self, steps_per_epoch: int) -> List[int]:
-        """Optimizer steps at which the learning rate starts a fresh warm-up + cosine (one phase: [0])."""
-        return [0]
-
     def contrastive_loss(self, out: Dict[str, torch.Tensor]) -> torch.Tensor:
         """`self.clip_loss` (from make_clip_loss) of a CLIP's output dict: with its logit bias under SigLIP."""
         if self.siglip:
             return self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"],
                                   out["logit_bias"])
         return self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+
+    # --- schedule ---------------------------------------------------------------------------------
+    def lr_phase_starts(self, steps_per_epoch: int) -> List[int]:
+        """Optimizer steps at which the learning rate starts a fresh warm-up + cosine (one phase: [0])."""
+        return [0]
 
     # --- hooks ------------------------------------------------------------------------------------
     def on_train_start(self, ctx) -> None:
@@ -151,11 +151,6 @@ class Job:
         pass
 
 
-# the trainer's parser gives each job's flags an argument group titled "--job NAME" (training/params.py)
-JOB_GROUP_PREFIX = "--job "
-
-
-def mark_job_flag(action: argparse.Action, group) -> None:
 # --- open_clip_train's model and preprocessing flags -------------------------------------------------------
 
 
@@ -236,6 +231,11 @@ def train_preprocess(model: nn.Module, args) -> Callable:
         raise UserError(f"--aug-cfg {aug_cfg}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
 
 
+# the trainer's parser gives each job's flags an argument group titled "--job NAME" (training/params.py)
+JOB_GROUP_PREFIX = "--job "
+
+
+def mark_job_flag(action: argparse.Action, group) -> None:
     """Record on `action` that the job whose argument group is `group` takes it (`action.jobs`, a frozenset of
     job names): the trainer refuses a flag of another job than the one it runs, and picks the job from its
     flags when no --job is given."""
