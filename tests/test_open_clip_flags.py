@@ -183,3 +183,65 @@ def test_siglip_and_loss_dist_impl_parse():
     args = _args("--siglip", "--loss-dist-impl", "shift")
     assert args.siglip and args.loss_dist_impl == "shift"
     assert math.isclose(_args().lr, 5e-4)
+
+
+# --- --val-data / --val-frequency -----------------------------------------------------------------------------
+
+
+def _val_tsv(corpus, path, rows=32):
+    header, *lines = (corpus / "train.tsv").read_text().splitlines()
+    path.write_text("\n".join([header, *(f"{corpus}/{line}" for line in lines[-rows:])]) + "\n")
+    return path
+
+
+def test_validation_loss_is_open_clips_clip_loss_of_the_held_out_set(tiny_corpus, tmp_path):
+    from open_clip.loss import ClipLoss
+
+    from compress.models.registry import get_tokenizer
+    from training.validation import make_val_data, validation_loss
+
+    args = parse_args(["--train-data", "synthetic", "--model", MODEL, "--workers", "0", "--batch-size", "32",
+                       "--val-data", str(_val_tsv(tiny_corpus, tmp_path / "val.tsv"))])
+    model = create_clip(MODEL, None)
+    model.output_dict = True
+    job = SimpleNamespace(siglip=False, clip_loss=ClipLoss())
+    tokenizer = get_tokenizer(model.model_spec)
+    data = make_val_data(args, get_preprocess(model.model_spec), tokenizer, job, DistInfo())
+    metrics = validation_loss(model, data, job, "fp32", torch.device("cpu"))
+    assert metrics["num_samples"] == 32 and model.training  # the model is back in training mode
+    model.eval()
+    batch = next(iter(data.loader))
+    with torch.no_grad():
+        image = model.encode_image(batch["image"], normalize=True)
+        text = model.encode_text(batch["text"], normalize=True)
+        expected = ClipLoss()(image, text, model.logit_scale.exp())
+    assert metrics["contrastive_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_val_data_refused_by_a_job_without_a_contrastive_loss():
+    from training.validation import make_val_data
+
+    args = _args("--val-data", "val.tsv")
+    with pytest.raises(UserError, match="--val-data"):
+        make_val_data(args, None, None, SimpleNamespace(), DistInfo())
+    assert make_val_data(_args(), None, None, SimpleNamespace(), DistInfo()) is None
+
+
+@pytest.mark.slow
+def test_val_data_logs_the_validation_loss_every_val_frequency_epochs_and_after_the_last(tiny_corpus, tmp_path):
+    import json
+
+    from conftest import run_trainer
+
+    run_trainer(["--train-data", str(tiny_corpus / "train.tsv"), "--model", MODEL, "--logs-root", str(tmp_path),
+                 "--name", "v", "--workers", "0", "--batch-size", "32", "--epochs", "3", "--val-frequency", "2",
+                 "--val-data", str(_val_tsv(tiny_corpus, tmp_path / "val.tsv")), "--siglip"])
+    rows = [json.loads(line) for line in open(tmp_path / "v" / "results.jsonl")]
+    validated = [(r["epoch"], r["val/num_samples"]) for r in rows if "val/contrastive_loss" in r]
+    assert validated == [(2, 32), (3, 32)]
+    assert all(math.isfinite(r["val/contrastive_loss"]) for r in rows if "val/contrastive_loss" in r)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "v").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    assert "val/contrastive_loss" in events.Tags()["scalars"]

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.models.registry import get_preprocess
 from foundation import checkpoint as ckpt_io
 from foundation.errors import UserError
 from foundation.locks import RunLock
@@ -41,6 +42,7 @@ from training.params import parse_args
 from training.preemption import STOP_EXIT_CODE, StopRequest, StopRequested, serve_stack_dumps
 from training.resume import check_same_position, load_resume_state
 from training.train import RunContext, stop_agreed, train_one_epoch
+from training.validation import make_val_data, validate_in_loop
 
 
 def main(argv=None) -> None:
@@ -135,6 +137,8 @@ def start_run(args, stop: StopRequest, held: contextlib.ExitStack):
                      tb_writer=make_tb_writer(args, log_dir, dist_info),
                      results_file=open(log_dir / "results.jsonl", "a") if dist_info.is_master else None, stop=stop)
     ctx.save_checkpoint = lambda kind: save_run_checkpoint(ctx, job, log_dir, kind)
+    # --val-data: the eval transform of the model's (possibly --image-* overridden) preprocessing
+    ctx.val_data = make_val_data(args, get_preprocess(model.model_spec), tokenizer, job, dist_info)
 
     # 5. resume: weights above; here optimizer, scaler, job state, position and RNG --------------------
     if checkpoint:
@@ -168,6 +172,7 @@ def train_epochs(ctx: RunContext, job) -> None:
         ctx.epoch = epoch + 1
         ctx.save_checkpoint("epoch")
         evaluate_in_loop(ctx, job)
+        validate_in_loop(ctx, job)
     if ctx.stopped_by and ctx.epoch >= args.epochs and not ctx.stopped_early:
         ctx.stopped_by = None  # the signal came after the last step: the run is complete, nothing to resume
     if ctx.stopped_early or ctx.stopped_by:

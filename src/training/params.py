@@ -232,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = parser.add_argument_group("in-loop evaluation")
     _frequency_flags(evaluation)
+    evaluation.add_argument("--val-data", default=None,
+                            help="held-out image-caption data (as --train-data): its contrastive loss, logged as "
+                                 "val/contrastive_loss every --val-frequency epochs (open_clip_train's val loss)")
+    evaluation.add_argument("--val-frequency", type=int, default=1,
+                            help="--val-data: every N epochs, and after the last (0: only with --val-data given, "
+                                 "never)")
+    evaluation.add_argument("--val-num-samples", type=int, default=None,
+                            help="--val-data shards: samples per pass (default: their sizes.json)")
 
     for job_name, job_class in sorted(jobs.items()):
         group = parser.add_argument_group(f"--job {job_name}")

@@ -43,6 +43,7 @@ class RunContext:
     stopped_early: bool = False  # the run ends mid-epoch, as if interrupted: --stop-after-steps, or a stop signal
     stop: Any = None  # training.preemption.StopRequest: the stop signals this process received
     stopped_by: Optional[str] = None  # the signal every rank agreed to stop on (e.g. "SIGTERM")
+    val_data: Any = None  # --val-data's loader, on rank 0 (training.validation)
 
     def log_scalars(self, scalars: Dict[str, float], step: Optional[int] = None) -> None:
         """Tensorboard + results.jsonl, rank 0 only."""

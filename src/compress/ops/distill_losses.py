@@ -26,6 +26,8 @@ mean‖ŝ − t̂‖² / D) of the L2-normalised features times a constant:
                  Equals `affinity_loss` minus the teacher's entropy (constant in the student): same gradient,
                  different value.
 - `logit_mse_loss`  the prune job's L_diff: ½[MSE(image→text logits) + MSE(text→image logits)].
+- `soft_target_sigmoid_loss`  the sigmoid (SigLIP) counterpart of `soft_target_contrastive_loss`, on
+                 `sigmoid_logits`: targets (1 − w)·identity + w·σ(teacher logits); w = 0 is SigLIP's loss.
 - `icl_loss`     CLIP-KD interactive contrastive learning: InfoNCE student image ↔ teacher text.
 
 **Relational and prototype losses** (ProtoRKD / ProtoCLIP; student and teacher widths may differ for RKD):
@@ -141,6 +143,23 @@ def crd_loss(student_image: torch.Tensor, student_text: torch.Tensor, teacher_im
     s_image, s_text = affinity_logits(student_image, student_text, student_logit_scale)
     t_image, t_text = affinity_logits(teacher_image, teacher_text, teacher_logit_scale)
     return 0.5 * (_kl_rows(s_image, t_image) + _kl_rows(s_text, t_text))
+
+
+def sigmoid_logits(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float,
+                   logit_bias: torch.Tensor | float) -> torch.Tensor:
+    """s·I Tᵀ + b: SigLIP's pair logits (open_clip's `SigLipLoss.get_logits`), each pair scored on its own."""
+    return logit_scale * image @ text.T + logit_bias
+
+
+def soft_target_sigmoid_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                             teacher_weight: float = 1.0) -> torch.Tensor:
+    """SigLIP's sigmoid loss with soft targets, the sigmoid counterpart of `soft_target_contrastive_loss`:
+    Σ_ij BCE(σ(s_ij), y_ij) / n with y = (1 − w)·I + w·σ(teacher logits), w = `teacher_weight`. w = 0 is
+    open_clip's SigLipLoss of these logits (−Σ log σ(z_ij·s_ij) / n, z = +1 on the diagonal, −1 off it)."""
+    n = student_logits.shape[0]
+    hard = torch.eye(n, device=student_logits.device, dtype=student_logits.dtype)
+    target = (1 - teacher_weight) * hard + teacher_weight * torch.sigmoid(teacher_logits.to(student_logits.dtype))
+    return F.binary_cross_entropy_with_logits(student_logits, target, reduction="sum") / n
 
 
 def logit_mse_loss(student_logits: LogitPair, teacher_logits: LogitPair) -> torch.Tensor:
