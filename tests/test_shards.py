@@ -275,3 +275,16 @@ def test_fuzzed_shards_give_samples_or_counted_bad_ones(tmp_path):
     assert report["failures"] == []
     assert report["outcomes"]["decoded"] > 0 and report["outcomes"]["bad"] > 0
     assert report["peak_rss_kb"] < 1_500_000
+
+
+def test_a_sizes_json_that_is_no_regular_file_is_one_line(tmp_path):
+    os.mkfifo(tmp_path / "sizes.json")
+    code = ("import sys\nfrom training.data.shards import shard_sizes\nfrom foundation.errors import DataError\n"
+            "try:\n    shard_sizes([sys.argv[1]])\nexcept DataError as e:\n    print(e)\n")
+    result = run_bounded(["-c", code, tmp_path / "a.tar"], timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sizes.json is a FIFO, not a regular file" in result.stdout and "--train-num-samples" in result.stdout
+    (tmp_path / "sizes.json").unlink()
+    (tmp_path / "sizes.json").write_text("[1, 2]")
+    result = run_bounded(["-c", code, tmp_path / "a.tar"], timeout=60)
+    assert "TypeError" in result.stdout and "--train-num-samples" in result.stdout

@@ -13,9 +13,10 @@ failed write, for one-line messages.
 """
 from __future__ import annotations
 
+import json
 import os
 import stat
-from typing import BinaryIO, Union
+from typing import Any, BinaryIO, Union
 
 from foundation.errors import UserError
 
@@ -51,12 +52,26 @@ def open_regular(path: PathLike) -> BinaryIO:
         raise
 
 
-def is_regular_file(path: PathLike) -> bool:
-    """Whether `path` is a regular file `open_regular` would open (False for a bad path, NUL byte included)."""
+def read_json(path: PathLike, max_bytes: int, what: str = "JSON") -> Any:
+    """The JSON value of a small file from elsewhere: a regular file of at most `max_bytes`, strict UTF-8, no
+    NaN or Infinity. Any refusal is a UserError naming the file (`what` says what it should have been)."""
+    where = os.fspath(path)
     try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
+        with open_regular(path) as f:
+            data = f.read(max_bytes + 1)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where} cannot be read ({e})") from None
+    if len(data) > max_bytes:
+        raise UserError(f"{where}: over {max_bytes:,} bytes, no {what}")
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"{where} is not valid JSON ({detail})") from None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def preallocate(file: BinaryIO, size: int) -> None:

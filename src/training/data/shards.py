@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import multiprocessing
 import os
@@ -17,8 +16,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 import numpy as np
 import torch
 
-from foundation.errors import DataError
-from foundation.files import open_regular
+from foundation.errors import DataError, UserError
+from foundation.files import open_regular, read_json
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS
 from training.data.samples import MAX_CAPTION_BYTES, BadSample, check_caption, load_image
 
@@ -57,17 +56,13 @@ def shard_sizes(urls: List[str]) -> Optional[int]:
     if not os.path.exists(sizes_file):
         return None
     try:
-        with open_regular(sizes_file) as f:
-            text = f.read(SIZES_FILE_BYTES + 1)
-        if len(text) > SIZES_FILE_BYTES:
-            raise ValueError(f"over {SIZES_FILE_BYTES:,} bytes")
-        sizes = json.loads(text)
+        sizes = read_json(sizes_file, SIZES_FILE_BYTES, "sizes.json")
         return sum(int(sizes[os.path.basename(u)]) for u in urls)
     except KeyError:
         return None
-    except (OSError, ValueError, TypeError) as e:
-        raise DataError(f"{sizes_file} cannot be read ({type(e).__name__}: {e}); fix or remove it, or pass "
-                        f"--train-num-samples") from None
+    except (UserError, ValueError, TypeError) as e:
+        raise DataError(f"{e if isinstance(e, UserError) else f'{sizes_file}: {type(e).__name__}: {e}'}; fix or "
+                        f"remove it, or pass --train-num-samples") from None
 
 
 class MemberTooLarge:
