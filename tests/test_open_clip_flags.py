@@ -245,3 +245,43 @@ def test_val_data_logs_the_validation_loss_every_val_frequency_epochs_and_after_
     events = EventAccumulator(str(next((tmp_path / "v").rglob("events.out.tfevents*")).parent))
     events.Reload()
     assert "val/contrastive_loss" in events.Tags()["scalars"]
+
+
+# --- --distill-model / --distill-pretrained -------------------------------------------------------------------
+
+
+def _clip_job(*flags):
+    from training.jobs.clip import ClipJob
+
+    return ClipJob(_args(*flags), DistInfo())
+
+
+def test_distill_model_adds_open_clips_distill_clip_loss_with_a_frozen_teacher(tmp_path):
+    from open_clip.loss import DistillClipLoss
+
+    torch.manual_seed(0)
+    weights = tmp_path / "teacher.pt"
+    torch.save(create_clip(MODEL, None).state_dict(), weights)
+    job = _clip_job("--distill-model", MODEL, "--distill-pretrained", str(weights))
+    model = job.build_model()
+    assert isinstance(job.clip_loss, DistillClipLoss)
+    assert not any(p.requires_grad for p in job.teacher.parameters()) and not job.teacher.training
+    batch = {"image": torch.randn(4, 3, 32, 32), "text": torch.randint(1, 400, (4, model.context_length))}
+    out = job.features(model, batch)
+    losses = job.features_loss(out)
+    with torch.no_grad():
+        teacher = job.teacher(batch["image"], batch["text"])
+    expected = DistillClipLoss()(out["image_features"], out["text_features"], out["logit_scale"],
+                                 teacher["image_features"], teacher["text_features"], teacher["logit_scale"],
+                                 output_dict=True)
+    torch.testing.assert_close(losses["distill_loss"], expected["distill_loss"])
+    torch.testing.assert_close(losses["loss"], expected["contrastive_loss"] + expected["distill_loss"])
+    losses["loss"].backward()
+    assert model.visual.conv1.weight.grad is not None and model.text_projection.grad is not None  # both towers
+
+
+def test_distill_model_flags_come_together_and_not_with_siglip(tmp_path):
+    with pytest.raises(UserError, match="come together"):
+        _clip_job("--distill-model", MODEL).build_model()
+    with pytest.raises(UserError, match="--siglip"):
+        _clip_job("--distill-model", MODEL, "--distill-pretrained", str(tmp_path / "t.pt"), "--siglip").build_model()

@@ -236,8 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="held-out image-caption data (as --train-data): its contrastive loss, logged as "
                                  "val/contrastive_loss every --val-frequency epochs (open_clip_train's val loss)")
     evaluation.add_argument("--val-frequency", type=int, default=1,
-                            help="--val-data: every N epochs, and after the last (0: only with --val-data given, "
-                                 "never)")
+                            help="--val-data: every N epochs and after the last (0: never)")
     evaluation.add_argument("--val-num-samples", type=int, default=None,
                             help="--val-data shards: samples per pass (default: their sizes.json)")
 
