@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from test_monitor import eval_root  # noqa: F401  (a fixture: the shapes and coco2017 eval root)
 
 TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 
@@ -44,7 +45,41 @@ FAMILIES = {
              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16,
                             "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True}},
 }
+SIGLIP_TEXT = {**TEXT, "vocab_size": 64, "tokenizer_kwargs": {"clean": "canonicalize"}, "no_causal_mask": True,
+               "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}}
+SIGLIP_VISION = {"image_size": 32, "timm_model_name": "clipc_tiny_siglip", "timm_model_pretrained": False,
+                 "timm_pool": "map", "timm_proj": "none"}
+FAMILIES.update({
+    "siglip": {"embed_dim": 32, "init_logit_bias": -10, "custom_text": True, "vision_cfg": SIGLIP_VISION,
+               "text_cfg": {**SIGLIP_TEXT, "hf_tokenizer_name": "timm/ViT-B-16-SigLIP"}},
+    "siglip2": {"embed_dim": 32, "init_logit_bias": -10, "custom_text": True, "vision_cfg": SIGLIP_VISION,
+                "text_cfg": {**SIGLIP_TEXT, "hf_tokenizer_name": "timm/ViT-B-16-SigLIP2",
+                             "act_kwargs": {"approximate": "tanh"}}},
+})
 CONV_FAMILIES = {"rn50", "convnext", "mobileclip"}
+
+
+def save_stand_in_tokenizer(hub_cache, repo_id: str) -> None:
+    """A word-level `tokenizers` tokenizer (24 words, pad 0, eos 1) in a Hugging Face hub cache under `repo_id`,
+    standing in offline for SigLIP's sentencepiece tokenizer that open_clip asks the hub for."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", "a", "one", "two", "three", "red", "blue", "green", "yellow", "circle",
+             "circles", "square", "squares", "star", "triangles", "photo", "of", "small", "on", "plain",
+             "background", "large"]
+    vocab = {word: index for index, word in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>")
+    revision = "0" * 40
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    tokenizer.save_pretrained(repo / "snapshots" / revision)
+    # transformers reads the repo's model config before its tokenizer's: an empty one names no model type
+    (repo / "snapshots" / revision / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
 
 
 def config_name(family: str) -> str:
@@ -66,13 +101,27 @@ def family_configs(tmp_path_factory):
                 return timm.create_model(_base, pretrained=False, **{**_sizes, **kwargs})
             make.__name__ = name
             register_model(make)
+    hf_home = tmp_path_factory.mktemp("hf_home")
+    for config in FAMILIES.values():
+        repo_id = config["text_cfg"].get("hf_tokenizer_name") if isinstance(config, dict) else None
+        if repo_id:
+            save_stand_in_tokenizer(hf_home / "hub", repo_id)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HF_HOME", str(hf_home))
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # read by huggingface_hub when it is imported, which an earlier test may have done
+    patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     folder = tmp_path_factory.mktemp("configs")
     for family, config in FAMILIES.items():
         if isinstance(config, dict):
             (folder / f"{config_name(family)}.json").write_text(json.dumps(config))
     open_clip.add_model_config(folder)
     register_model_configs()
-    return folder
+    yield folder
+    patch.undo()
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +157,8 @@ def test_every_family_is_a_distill_teacher_with_its_own_text_tower(family, teach
     teacher = compress.load(str(teachers[family]))
     captions = ["one red circle", "two blue squares", "a green star", "three yellow triangles"]
     tokens = get_tokenizer(student.model_spec)(captions)
-    assert torch.allclose(student.eval().encode_text(tokens, normalize=True), teacher.encode_text(tokens, normalize=True),
-                          atol=1e-5)
+    assert torch.allclose(student.eval().encode_text(tokens, normalize=True),
+                          teacher.encode_text(tokens, normalize=True), atol=1e-5)
     size = preprocess_config(teacher.model_spec)["image_size"]
     batch = {"image": torch.randn(4, 3, size, size), "text": tokens, "caption": captions}
     losses = job.loss(student.train(), batch)
@@ -124,3 +173,42 @@ def test_an_open_clip_config_named_like_a_torchvision_network_is_a_clip_teacher(
 
     assert not is_image_teacher_arch("convnext_tiny")
     assert is_image_teacher_arch("resnet50") and is_image_teacher_arch("vgg11")
+
+
+def _run_with(tmp_path, family, checkpoint):
+    """LOGS/run whose checkpoints/epoch_1.pt is `checkpoint` (a --job clip run of the family's config)."""
+    from test_monitor import age
+
+    run = tmp_path / family
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "params.txt").write_text(f"job: clip\nmodel: {config_name(family)}\nname: {family}\n")
+    torch.save(checkpoint, run / "checkpoints" / "epoch_1.pt")
+    age(run / "checkpoints" / "epoch_1.pt")
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_monitor_scores_and_profiles_every_family(family, teachers, eval_root, tmp_path):  # noqa: F811
+    """A checkpoint of each family is scored (zero-shot, retrieval) and profiled, timm's attention-pool head
+    (SigLIP) included."""
+    from test_monitor import csv_rows, monitor_args
+
+    from utils import evaluate_checkpoints as monitor_cli
+
+    checkpoint = {**torch.load(teachers[family], weights_only=True), "epoch": 1, "step": 1}
+    run = _run_with(tmp_path, family, checkpoint)
+    assert monitor_cli.main(monitor_args(run, eval_root, "--once", "--benchmarks", "zeroshot,retrieval")) == 0
+    [row] = csv_rows(run)
+    assert row["zeroshot/shapes/acc1"] != "" and row["retrieval/coco2017/mean_recall"] != ""
+    assert float(row["macs_image"]) > 0 and float(row["macs_text"]) > 0 and float(row["params_image"]) > 0
+
+
+def test_the_monitor_fails_when_it_scored_none_of_what_it_was_asked(eval_root, tmp_path, capsys):  # noqa: F811
+    from test_monitor import monitor_args
+
+    from utils import evaluate_checkpoints as monitor_cli
+
+    run = _run_with(tmp_path, "vit", {"model_spec": {"kind": "no such kind"}, "state_dict": {}})
+    assert monitor_cli.main(monitor_args(run, eval_root, "--once", "--benchmarks", "zeroshot")) == 1
+    assert "none of the 1 checkpoints to score could be scored" in capsys.readouterr().err

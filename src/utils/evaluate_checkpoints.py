@@ -532,6 +532,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise UserError(f"no {which} in {experiment.checkpoints}")
             monitor.run_once()
             print(format_table(*read_results(experiment.csv_path)))
+            asked = [path.name for _, path in epoch_checkpoints(experiment, args.epoch)]
+            if not set(asked) & monitor.scored_checkpoint_names():  # each failure was logged with its reason
+                print(f"error: none of the {len(asked)} checkpoints to score could be scored (the warnings above "
+                      f"say why)", file=sys.stderr)
+                return 1
         else:
             log.info("watching %s every %gs (Ctrl-C to stop)", experiment.checkpoints, args.poll_seconds)
             monitor.watch()

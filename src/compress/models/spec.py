@@ -245,6 +245,13 @@ def open_clip_config(value: Any, path: str, ctx: Context) -> str:
     return value
 
 
+def hub_repo_id(value: Any, path: str, ctx: Context) -> str:
+    """A Hugging Face repo id (`owner/name`): never a path, so a spec cannot point a loader at a folder."""
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}", value) or ".." in value:
+        raise _fail(path, f"{str(value)[:80]!r} is not a Hugging Face repo id (owner/name)")
+    return value
+
+
 def torchvision_arch(value: Any, path: str, ctx: Context) -> str:
     import torchvision
 
@@ -344,6 +351,12 @@ TEXT_CFG = record({}, {
     "pool_type": choice("argmax", "first", "last", "none", "eos"),
     "proj_bias": FLAG,
     "proj_type": choice("linear", "none"),
+    # SigLIP's text tower: its tokenizer (a Hugging Face repo id, read from the local cache when offline),
+    # its LayerNorm eps and tanh-approximated GELU
+    "hf_tokenizer_name": hub_repo_id,
+    "tokenizer_kwargs": record({}, {"clean": choice("canonicalize", "lower", "whitespace", "none")}),
+    "norm_kwargs": record({}, {"eps": number(1e-12, 1.0)}),
+    "act_kwargs": record({}, {"approximate": choice("tanh", "none")}),
 })
 
 # --- the schemas per kind, filled by the kind modules --------------------------------------------------

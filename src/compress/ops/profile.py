@@ -77,10 +77,20 @@ def _measure(forward: Callable[[], Any], model: nn.Module) -> Dict[str, int]:
     """(parameters used, MACs) of one forward."""
     recorder = _ParameterUseRecorder()
     flop_counter = make_flop_counter()
+    # parameters stop requiring grad while counted: the counter's module tracker hooks the gradient of every
+    # module input that requires it, and a view of a parameter taken under no_grad (timm's attention-pool
+    # latent, expanded to the batch) requires grad without having a gradient function, which it refuses
+    requiring = [p for p in _unique_parameters(model) if p.requires_grad]
     # the recorder must be active around the counted forward: it is what keeps nn.MultiheadAttention off
     # its uncounted fast path (module docstring)
-    with torch.no_grad(), flop_counter, recorder:
-        forward()
+    try:
+        for param in requiring:
+            param.requires_grad_(False)
+        with torch.no_grad(), flop_counter, recorder:
+            forward()
+    finally:
+        for param in requiring:
+            param.requires_grad_(True)
     used = sum(p.numel() for p in _unique_parameters(model) if id(p) in recorder.used_ids)
     return {"params": used, "macs": flop_counter.get_total_flops() // 2}
 
