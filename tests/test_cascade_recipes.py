@@ -1,8 +1,11 @@
 """Cascade levels that say how they are made: each recipe kind (token masking, head sensitivity, Fisher
 pruning, a distill-job student) built from the large model on first use, cached by recipe + source hash,
 reused by later runs and by a `distill` experiment; and every casCLIP config under scripts/experiments/
-names valid recipes."""
+names valid recipes, what scripts/demo.sh writes as its default paths, and runs by name with no overrides."""
+import argparse
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import torch
 
 import compress
 from foundation.errors import UserError
-from utils.cascade import main
+from utils.cascade import EXPERIMENTS_DIR, experiment_config, main, read_experiment
 from utils.cascade.recipes import BuildSettings, normalize_recipe, recipe_key, recipe_kind
 from utils.cascade.search import LevelSource
 
@@ -182,6 +185,74 @@ def test_every_casclip_experiment_has_a_config_with_valid_recipes(name):
         assert round(params["fraction"] * 144) == int(name.rsplit("_", 1)[1])  # of ViT-B/32's 144 image heads
     if expected == "fisher":
         assert params["mac_constraint"] == 0.65
+
+
+def demo_outputs():
+    """What scripts/demo.sh writes (with DEMO_DIR unset, relative to where it runs), read from the script: its
+    corpus's eval root and training TSV, the demo CLIP and the distilled student."""
+    script = (REPO / "scripts" / "demo.sh").read_text()
+    variables = {"ROOT": "", "REPO": ""}
+    for name, value in re.findall(r'^(CORPUS|LOGS|EVAL|DENSE|STUDENT)="([^"]+)"$', script, flags=re.M):
+        for known, replacement in variables.items():
+            value = value.replace(f"${{{known}:-$REPO}}", replacement).replace(f"${known}", replacement)
+        variables[name] = value.replace("${DEMO_DIR}", "")
+    found = {key: variables[key].lstrip("/") for key in ("EVAL", "DENSE", "STUDENT", "CORPUS")}
+    assert found == {"EVAL": "data/demo/eval", "DENSE": "logs/demo/clip/checkpoints/epoch_3.pt",
+                     "STUDENT": "logs/demo/distill_student/checkpoints/epoch_1.pt", "CORPUS": "data/demo"}
+    assert '"$CORPUS/train.tsv"' in script
+    return {"eval": found["EVAL"], "train": f"{found['CORPUS']}/train.tsv", "clip": found["DENSE"],
+            "student": found["STUDENT"]}
+
+
+NO_OVERRIDES = dict(levels=None, large=None, eval_data_dir=None, dataset=None, calib_data=None, train_data=None,
+                    cache_dir=None, max_images=None, max_queries=None, device=None, plot=None, repeats=None,
+                    log_level="warning")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml")))
+def test_every_config_reads_what_the_demo_writes(name):
+    """Run as shipped after `bash scripts/demo.sh`, each config finds every input: its gallery, its training and
+    calibration data and its checkpoints are paths the demo writes."""
+    outputs = demo_outputs()
+    assert experiment_config(name) == EXPERIMENTS_DIR / f"{name}.toml"
+    exp = read_experiment(str(experiment_config(name)), argparse.Namespace(**NO_OVERRIDES))
+    inputs = {exp.eval_data_dir, exp.build.train_data, exp.build.calib_data} - {None}
+    inputs |= {level["checkpoint"] if isinstance(level, dict) else level for level in exp.levels
+               if isinstance(level, str) or "checkpoint" in level}
+    assert inputs and inputs <= set(outputs.values()), inputs - set(outputs.values())
+    assert outputs["clip"] in inputs  # the large model is the demo CLIP
+
+
+def test_a_name_that_is_no_experiment_is_one_line_listing_them():
+    for bad in ("2lvl_flip_topk_9x", "../experiments/2lvl_flip_topk_2x", ".hidden", ""):
+        with pytest.raises(UserError, match="no experiment of that name .*known: 2lvl_distill_speedup"):
+            experiment_config(bad)
+    assert experiment_config("2lvl_flip_topk_2x.toml") == EXPERIMENTS_DIR / "2lvl_flip_topk_2x.toml"
+
+
+@pytest.mark.slow
+def test_a_config_runs_by_name_with_no_overrides_after_the_demo(large, tiny_corpus, tmp_path, monkeypatch, capsys):
+    """A stand-in for what the demo writes (the tiny corpus's eval root, a CLIP where the demo's lies), then
+    casCLIP's `run.py --name 2lvl_flip_topk_2x`: the table on the console and in its own log folder."""
+    outputs = demo_outputs()
+    shutil.copytree(tiny_corpus / "eval", tmp_path / outputs["eval"])
+    (tmp_path / outputs["clip"]).parent.mkdir(parents=True)
+    shutil.copy(large, tmp_path / outputs["clip"])
+    monkeypatch.chdir(tmp_path)
+    main(["--name", "2lvl_flip_topk_2x", "--log-level", "warning"])
+    console = capsys.readouterr()
+    table = console.out.strip()
+    assert "large alone" in table and "cascade m=5" in table
+    logs = list((tmp_path / "logs" / "cascade" / "2lvl_flip_topk_2x").glob("*.log"))
+    assert len(logs) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.log", logs[0].name)
+    text = logs[0].read_text()
+    assert text.startswith("# clipcompress cascade ")
+    assert f"# config: {EXPERIMENTS_DIR / '2lvl_flip_topk_2x.toml'}" in text
+    assert text.rstrip().endswith(table)
+    assert f"log: {Path('logs/cascade/2lvl_flip_topk_2x') / logs[0].name}" in console.err
+    # a second run keeps the first's log
+    main(["--name", "2lvl_flip_topk_2x", "--log-level", "warning", "--max-queries", "20"])
+    assert len(list((tmp_path / "logs" / "cascade" / "2lvl_flip_topk_2x").glob("*.log"))) == 2
 
 
 def test_a_block_left_without_heads_saves_and_loads():

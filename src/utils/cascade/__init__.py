@@ -4,13 +4,17 @@ shortlists with larger ones; and casCLIP's experiments on it.
     clipcompress cascade index --gallery data/corpus/eval --levels STUDENT.pt CLIP.pt --out IDX
     clipcompress cascade search IDX "a red circle" --k 10 --m 50
     clipcompress cascade --config scripts/experiments/cascade_topk_demo.toml
+    clipcompress cascade --name 2lvl_flip_topk_2x            # scripts/experiments/2lvl_flip_topk_2x.toml
 
 `index` streams the gallery (COCO, Flickr30k, an ImageFolder or a TSV of image paths) from disk in batches
 through level 1 into an on-disk feature store and faiss index, and resumes an interrupted build; `search`
 embeds the queries with the last level's text tower, shortlists with level 1 and lazily decodes and embeds
 the shortlisted images for the higher levels, keeping what it embedded on disk for later queries.
-`--config` runs a topk / speedup / distill experiment (scripts/experiments/*.toml). The search algorithm and
-folder format are compress.ops.cascade; here are the checkpoints, galleries, recipes and the command line.
+`--config` runs a topk / speedup / distill experiment (scripts/experiments/*.toml), `--name` one of those by
+name (casCLIP's `run.py --name`); its table is printed and written, with the run's log lines, to a log of its
+own, `<--log-dir>/<name>/<time>.log`. The configs' default paths are what scripts/demo.sh writes, relative to
+the folder the command runs in. The search algorithm and folder format are compress.ops.cascade; here are the
+checkpoints, galleries, recipes and the command line.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -34,6 +39,9 @@ __all__ = ["Experiment", "Gallery", "IndexReport", "LevelSource", "Searcher", "b
 
 PROG = "clipcompress cascade"
 LOG_LEVELS = ["debug", "info", "warning"]
+# casCLIP's experiment configs, found by --name (this checkout's scripts/experiments/)
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[3] / "scripts" / "experiments"
+DEFAULT_LOG_DIR = "logs/cascade"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +96,11 @@ def _add_search_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_experiment_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="experiment TOML (scripts/experiments/*.toml)")
+    parser.add_argument("--name", default=None, metavar="EXPERIMENT",
+                        help="run scripts/experiments/EXPERIMENT.toml (casCLIP's run.py --name), e.g. "
+                             "2lvl_flip_topk_2x")
+    parser.add_argument("--log-dir", default=DEFAULT_LOG_DIR,
+                        help="each experiment's log and table go to LOG_DIR/<name>/<time>.log")
     parser.add_argument("--levels", nargs="+", default=None,
                         help="replace the config's levels by these checkpoints, cheapest first (the last is 'the "
                              "large model')")
@@ -159,6 +172,33 @@ def _configure(log_level: str, threads: int = 0) -> None:
         torch.set_num_threads(threads)
 
 
+def experiment_config(name: str) -> Path:
+    """scripts/experiments/NAME.toml (NAME may end in .toml); UserError naming the known experiments if there is
+    none. A name, not a path: a separator or a leading dot is refused."""
+    stem = name[:-5] if name.endswith(".toml") else name
+    known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
+    if not stem or stem.startswith(".") or "/" in stem or "\\" in stem or stem not in known:
+        raise UserError(f"--name {name}: no experiment of that name in {EXPERIMENTS_DIR}; known: {', '.join(known)}")
+    return EXPERIMENTS_DIR / f"{stem}.toml"
+
+
+def open_experiment_log(log_dir: str, name: str, config: str) -> Path:
+    """A new `<log_dir>/<name>/<time>.log` (casCLIP's `.log/<name>/<time>.log`), headed by the command and the
+    config; the run's log lines follow it there as on the console."""
+    folder = Path(log_dir) / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--log-dir {log_dir}: cannot create {folder} ({error.strerror or error})") from None
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    path, n = folder / f"{stamp}.log", 1
+    while path.exists():  # two runs in one second: each keeps its own log
+        path, n = folder / f"{stamp}_{n}.log", n + 1
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(f"# {PROG} {' '.join(sys.argv[1:])}\n# config: {config}\n")
+    return path
+
+
 def _max_pixels(value: int) -> Optional[int]:
     return value or None
 
@@ -201,8 +241,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command is not None:
-            if args.config:
-                parser.error("--config runs an experiment; give it without the index/search command")
+            if args.config or args.name:
+                parser.error("--config and --name run an experiment; give them without the index/search command")
             minimums = {"batch_size": 1, "workers": 0, "threads": 0, "max_image_pixels": 0}
             minimums.update({"max_images": 0, "hnsw_m": 1, "nlist": 1} if args.command == "index"
                             else {"k": 1, "nprobe": 1, "ef_search": 1})
@@ -215,12 +255,27 @@ def main(argv: Optional[List[str]] = None) -> None:
             _configure(args.log_level, args.threads)
             (run_index if args.command == "index" else run_search)(args)
             return
-        if not args.config:
-            parser.error("give --config EXPERIMENT.toml, or the index / search command")
+        if not args.config and not args.name:
+            parser.error("give --config EXPERIMENT.toml or --name EXPERIMENT, or the index / search command")
+        if args.config and args.name:
+            parser.error("--config and --name both choose the experiment: give one")
+        config = args.config or str(experiment_config(args.name))
         _configure(args.log_level)
-        exp = read_experiment(args.config, args)
-        summary = run_experiment(exp)
-        print(format_table(summary, exp.ks), flush=True)
+        exp = read_experiment(config, args)
+        log_path = open_experiment_log(args.log_dir, exp.name, config)
+        to_log = logging.FileHandler(log_path, encoding="utf-8")
+        to_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        logging.getLogger().addHandler(to_log)  # every line the console shows
+        try:
+            summary = run_experiment(exp)
+        finally:
+            logging.getLogger().removeHandler(to_log)
+            to_log.close()
+        table = format_table(summary, exp.ks)
+        with open(log_path, "a", encoding="utf-8") as handle:
+            handle.write(table + "\n")
+        print(table, flush=True)
+        print(f"log: {log_path}", file=sys.stderr)
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=1))
     except UserError as error:
