@@ -325,3 +325,20 @@ def test_export_command_line_refuses_a_hostile_folder(dense, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "visual.proj" in err and "[2, 2]" in err
+
+
+def test_a_full_disk_while_exporting_is_one_line_and_leaves_no_graph(dense, tmp_path, small_disk):
+    """A graph that does not fit (the tiny model's program is megabytes, the disk 64 KiB) is exit 2 with one
+    line naming the file and the OS's reason; no half-written graph is left for a deployment to pick up. In a
+    child process: torch's own writer, given a path, aborted the process on a full disk."""
+    from conftest import run_bounded
+
+    checkpoint = tmp_path / "dense.pt"
+    save_checkpoint({"model_spec": dense.model_spec, "state_dict": dense.state_dict(), "epoch": 1}, checkpoint)
+    result = run_bounded(["-m", "utils.export", checkpoint, "--format", "torch_export", "--out", small_disk / "out",
+                          "--towers", "image"], timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: cannot write {small_disk / 'out' / 'image.pt2'}: No space left on device; the "
+                      "previous image.pt2, if any, is untouched"], result.stderr[-3000:]
+    assert [p.name for p in (small_disk / "out").iterdir()] == []

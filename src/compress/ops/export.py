@@ -30,6 +30,7 @@ Token masking (FLIP) chooses its kept patches at every forward, which a graph ca
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import shutil
@@ -44,6 +45,9 @@ from torch import nn
 from compress.models.compact_clip import TokenMask, clone
 from compress.models.registry import get_preprocess, get_tokenizer, input_spec
 from compress.ops.quantize import spec_image_size
+from foundation.checkpoint import atomic_write_bytes
+from foundation.errors import UserError
+from foundation.files import write_failure
 
 IMAGE_GRAPH = "image_encoder.onnx"
 TEXT_GRAPH = "text_encoder.onnx"
@@ -264,10 +268,40 @@ def _write_program(module: nn.Module, inputs: tuple, path: Path, input_names: Se
                    dynamic: Tuple[Dict[int, Any], ...], opset: int) -> None:
     """One graph as a torch.export program: ATen operators only, so `torch.export.load(path).module()` runs it
     with torch alone (this package, open_clip and transformers need not be installed). `opset` is ONNX's."""
-    torch.export.save(torch.export.export(module, inputs, dynamic_shapes=dynamic), str(path))
+    # serialised in memory, then written atomically: torch's zip writer, given a file that fills up, throws again
+    # from its destructor and aborts the process (exit 134) after the error has been reported
+    buffer = io.BytesIO()
+    torch.export.save(torch.export.export(module, inputs, dynamic_shapes=dynamic), buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 WRITERS = {"onnx": _write_onnx, "torch_export": _write_program}
+
+
+def _whole_or_nothing(write: Callable[..., None]) -> Callable[..., None]:
+    """A graph writer whose failed write (a full disk) leaves no file behind, the graph's nor its external data
+    (`<file>.data`), and is one line (UserError); other failures of the export itself pass through."""
+    def written(module: nn.Module, inputs: tuple, path: Path, *rest: Any) -> None:
+        try:
+            write(module, inputs, path, *rest)
+        except UserError:  # atomic_write's own one line
+            raise
+        except (OSError, RuntimeError) as error:
+            if not _disk_error(error):
+                raise
+            for leftover in path.parent.glob(path.name + "*"):
+                leftover.unlink()
+            raise UserError(f"cannot write {path}: {write_failure(error)}") from None
+    return written
+
+
+def _disk_error(error: BaseException) -> bool:
+    seen: Optional[BaseException] = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def load_text_encoder_module(model: nn.Module):
@@ -328,7 +362,7 @@ def export_graphs(model: nn.Module, out_dir: str | Path, fmt: str, opset: int = 
     model = clone(model).float().eval()
     indexed = fix_token_masks(model, max_batch)
     spec = model.model_spec
-    files, write = GRAPH_FILES[fmt], WRITERS[fmt]
+    files, write = GRAPH_FILES[fmt], _whole_or_nothing(WRITERS[fmt])
     manifest: Dict[str, Any] = {"format": fmt, "model_kind": spec["kind"],
                                 "features": "L2-normalised float32, output 'features' of each graph", "graphs": {}}
     if fmt == "onnx":
@@ -357,7 +391,7 @@ def export_graphs(model: nn.Module, out_dir: str | Path, fmt: str, opset: int = 
             manifest["graphs"]["image"] = description
         if "text" in towers:
             manifest["graphs"]["text"] = _export_text(model, inputs, out_dir, files["text"], write, opset)
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     return manifest
 
 
