@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from compress.ops.cascade import INDEX_KINDS
+from foundation.checkpoint import atomic_write_bytes
 from foundation.errors import UserError
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS
 from utils.cascade.experiments import Experiment, format_table, read_experiment, run_experiment
@@ -277,7 +278,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(table, flush=True)
         print(f"log: {log_path}", file=sys.stderr)
         if args.json:
-            Path(args.json).write_text(json.dumps(summary, indent=1))
+            atomic_write_bytes(args.json, json.dumps(summary, indent=1).encode("utf-8"))  # whole or not at all
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
