@@ -1,5 +1,6 @@
 """--siglip: open_clip's SigLipLoss in the trainer's jobs, chosen by itself for a model with a logit bias, and
 distributed across ranks as open_clip distributes it."""
+import json
 import math
 import sys
 import textwrap
@@ -138,3 +139,37 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_concatenate
         stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 0, stderr[-4000:]
     assert stdout.count("ok") == 2
+
+
+def test_soft_target_sigmoid_loss_is_siglip_at_zero_weight_and_matches_the_teacher_at_one():
+    from compress.ops.distill_losses import sigmoid_logits, soft_target_sigmoid_loss
+
+    image, text, scale, bias = _features()
+    logits = sigmoid_logits(image, text, scale, bias)
+    torch.testing.assert_close(soft_target_sigmoid_loss(logits, torch.randn_like(logits), 0.0),
+                               SigLipLoss()(image, text, scale, bias))
+    # w = 1: the targets are the teacher's pair probabilities, so a student with the teacher's logits is at the
+    # minimum (zero gradient) and any other is above it
+    student = logits.clone().requires_grad_(True)
+    at_teacher = soft_target_sigmoid_loss(student, logits, 1.0)
+    at_teacher.backward()
+    assert student.grad.abs().max() < 1e-6
+    assert soft_target_sigmoid_loss(logits + 0.5, logits, 1.0) > at_teacher
+
+
+@pytest.mark.slow
+def test_prune_job_trains_siglip_with_kd_through_surgery(tiny_corpus, tmp_path):
+    from conftest import run_trainer
+
+    from compress.models.registry import load
+
+    run_trainer(["--job", "prune", "--siglip", "--KD", "--p", "0.5", "--epochs", "2", "--model", "clipc-vit-t2-32",
+                 "--train-data", str(tiny_corpus / "train.tsv"), "--logs-root", str(tmp_path), "--name", "p",
+                 "--workers", "0", "--batch-size", "32", "--warmup", "1", "--log-every-n-steps", "1"])
+    results = [json.loads(line) for line in open(tmp_path / "p" / "results.jsonl")]
+    search = [r for r in results if "train/kd_logits_loss" in r]
+    assert search and all(math.isfinite(r["train/loss"]) for r in results if "train/loss" in r)
+    for epoch, kind in ((1, "masked_clip"), (2, "pruned_clip")):
+        model = load(str(tmp_path / "p" / "checkpoints" / f"epoch_{epoch}.pt"))
+        assert model.model_spec["kind"] == kind
+        assert model.logit_bias is not None and model.logit_bias.item() != SIGLIP_INIT_LOGIT_BIAS  # it learned

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from compress.models import pruning
 from compress.models.compact_clip import to_compact
 from compress.models.pretrained import create_clip
-from compress.models.registry import build_model, open_clip_spec
+from compress.models.registry import build_model
 from compress.ops import distill_losses
 from compress.ops.profile import params_and_macs
 from foundation.errors import UserError
 from training.distributed import all_reduce_sum
-from training.jobs import Job, add_argument_once
+from training.jobs import Job, add_argument_once, add_siglip_bias
 
 
 class PruneJob(Job):
@@ -134,13 +134,14 @@ class PruneJob(Job):
         if resume_spec is None or args.KD:
             # the dense starting model: the student's first weights and, with --KD, the frozen teacher
             start = create_clip(args.model, args.pretrained)
+            add_siglip_bias(start, args)  # --siglip on a model without a logit bias, as the clip job
             if not args.pretrained:
                 logging.warning("--job prune without --pretrained: pruning a randomly initialised %s", args.model)
         if resume_spec is None:
             model = to_compact(copy.deepcopy(start))
             self.masks = pruning.init_masks(model, prune_heads=args.prune_heads)
             pruning.attach_masks(model, self.masks)
-            model.model_spec = pruning.masked_spec(open_clip_spec(args.model), self.masks)
+            model.model_spec = pruning.masked_spec(start.model_spec, self.masks)
         else:
             model = build_model(resume_spec)
             self.pruned = kind == "pruned_clip"
@@ -152,7 +153,7 @@ class PruneJob(Job):
         model.output_dict = True
         if args.grad_checkpointing:
             model.set_grad_checkpointing(True)  # kept by surgery (prune_clip copies the model)
-        self.clip_loss = self.make_clip_loss()
+        self.clip_loss = self.make_clip_loss(model)
         return model
 
     # --- hooks --------------------------------------------------------------------------------------
@@ -275,10 +276,29 @@ class PruneJob(Job):
         args = self.args
         out = model(batch["image"], batch["text"])
         image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]
-        logits = self.clip_loss.get_logits(image, text, scale)
-        labels = self.clip_loss.get_ground_truth(image.device, logits[0].shape[0])
         losses: Dict[str, torch.Tensor] = {}
-        if self.teacher is None or self.pruned:
+        if not self.siglip:
+            logits = self.clip_loss.get_logits(image, text, scale)
+            labels = self.clip_loss.get_ground_truth(image.device, logits[0].shape[0])
+        # SigLIP: open_clip's SigLipLoss (across ranks) as the task loss; under --KD the sigmoid counterparts of
+        # CLIP-KDPruning's terms over this rank's pairs (each pair's sigmoid loss stands alone: nothing to gather)
+        if self.siglip and (self.teacher is None or self.pruned):
+            contrastive = total = self.contrastive_loss(out)
+        elif self.siglip:
+            with torch.no_grad():
+                teacher = self.teacher(batch["image"], batch["text"])
+                teacher_logits = distill_losses.sigmoid_logits(teacher["image_features"], teacher["text_features"],
+                                                               teacher["logit_scale"], teacher["logit_bias"])
+            logits = distill_losses.sigmoid_logits(image, text, scale, out["logit_bias"])
+            contrastive = distill_losses.soft_target_sigmoid_loss(logits, teacher_logits, args.w_kd_soft_target)
+            feat = distill_losses.feature_kd_loss(image, text, teacher["image_features"], teacher["text_features"])
+            # the pair logits are symmetric in the two directions: their one MSE is CLIP-KDPruning's L_diff
+            logit = distill_losses.logit_mse_loss((logits, logits.T), (teacher_logits, teacher_logits.T))
+            total = contrastive
+            if not self._is_update_step(self.next_step):
+                total = total + args.w_kd_feat * feat + args.w_kd_logits * logit
+            losses.update(kd_feat_loss=feat, kd_logits_loss=logit)
+        elif self.teacher is None or self.pruned:
             contrastive = (F.cross_entropy(logits[0], labels) + F.cross_entropy(logits[1], labels)) / 2
             total = contrastive
         else:
