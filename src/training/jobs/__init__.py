@@ -55,11 +55,16 @@ class Job:
     concatenated with the other N − 1 micro-batches' cached ones. Otherwise N micro-batches accumulate gradients
     (the same for a per-sample loss)."""
     siglip: bool = False  # the contrastive loss is SigLIP's sigmoid loss (set by make_clip_loss)
+    sigmoid_loss: bool = False  # whether the job trains with SigLIP's loss under --siglip (else it refuses it)
 
     def __init__(self, args: argparse.Namespace, dist_info):
         self.args = args
         self.dist = dist_info
         self.device = dist_info.device
+        if getattr(args, "siglip", False) and not self.sigmoid_loss:
+            jobs = sorted(name for name, job in available_jobs().items() if job.sigmoid_loss)
+            raise UserError(f"--siglip: --job {self.name} does not train with the sigmoid loss (--job "
+                            f"{' and --job '.join(jobs)} do)")
 
     # --- flags ------------------------------------------------------------------------------------
     @staticmethod
@@ -94,16 +99,12 @@ class Job:
         passed between ranks as --loss-dist-impl says) with --siglip or for a `model` with a logit bias (a SigLIP
         config's init_logit_bias), else its ClipLoss distributed as --local-loss and --gather-with-grad ask.
         Sets `self.siglip`; `contrastive_loss` calls the loss either way. A job that passes no `model` trains
-        with the softmax loss only."""
+        with the softmax loss (and, without `sigmoid_loss`, has refused --siglip in __init__)."""
         from open_clip.loss import ClipLoss, SigLipLoss
 
         args = self.args
-        if model is None:
-            if getattr(args, "siglip", False):
-                raise UserError(f"--siglip: --job {self.name} trains with the softmax contrastive loss only")
-            self.siglip = False
-        else:
-            self.siglip = bool(getattr(args, "siglip", False) or getattr(model, "logit_bias", None) is not None)
+        self.siglip = model is not None and bool(getattr(args, "siglip", False)
+                                                 or getattr(model, "logit_bias", None) is not None)
         if self.siglip:
             if getattr(model, "logit_bias", None) is None:
                 raise UserError(f"--siglip: the {args.model} model has no logit bias to learn")

@@ -19,6 +19,7 @@ class ClipJob(Job):
     name = "clip"
     help = "contrastive image-text training (CLIP / OpenCLIP)"
     caches_features = True
+    sigmoid_loss = True
     teacher = None  # --distill-model's frozen CLIP (build_model)
 
     @staticmethod

@@ -42,6 +42,7 @@ from training.jobs import Job, add_argument_once, add_siglip_bias
 class PruneJob(Job):
     name = "prune"
     help = "UPop structured pruning (search, surgery, fine-tune) with optional cross-modal KD"
+    sigmoid_loss = True
 
     @staticmethod
     def add_arguments(group) -> None:
