@@ -6,7 +6,8 @@
 It generates the corpus (`utils.make_corpus`), trains a teacher CLIP (`--job clip`), then runs every arm
 through the real entry points (`python -m training.main` subprocesses, `python -m utils.lowrank`) and
 scores each final checkpoint with the evaluation API the monitor uses (`eval.run_benchmarks`). For each claim
-it prints the mean ± std (over seeds) of both arms and whether the claimed direction holds:
+it prints the mean ± std (over seeds) of both arms, the teacher's own number where it has one, and whether
+the claimed direction holds:
 
   001  UPop + cross-modal KD (CLIP-KDPruning): KD beats no KD at p = 0.75, right after the search and after
        the fine-tune (R@1, image→text and text→image);
@@ -16,6 +17,11 @@ it prints the mean ± std (over seeds) of both arms and whether the claimed dire
   002  Cascade CLIP: the distilled student's top-20 zero-shot accuracy beats the teacher's top-1;
   003  low rank (HPML): zero-shot accuracy falls monotonically with the number of factorised image layers.
 
+Retrieval (001) is scored on a set of its own (`utils.make_corpus.make_distinct_retrieval_set`): no two images
+share a scene and every caption names all of its image's attributes, so each caption fits one image and R@1
+can reach 1. The corpus's own COCO-style set repeats scenes and leaves attributes out of captions, so several
+images fit a caption equally and R@1 stays near chance whatever the model.
+
 `--quick` is a smoke test of the whole pipeline (one seed, tiny sizes): it asserts nothing about direction.
 Every run is seeded with --seed, so the same command prints the same table.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import statistics
 import subprocess
@@ -35,23 +42,27 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 sys.path.insert(0, str(SRC))
 
-# Sizes of each mode. `full` is sized for about 40 minutes on an idle 2-core CPU machine; `quick` for the
-# test suite. Models: clipc-vit-t2-* (2 blocks per tower, width 64 or 32 px images).
+# Sizes of each mode. Models: clipc-vit-t2-* (2 blocks per tower, width 64 or 32 px images). The teacher trains
+# teacher_epochs over train_size samples (200k samples in full, 80k in small: a 64 px model trains about 50
+# samples/s on one busy core, a 32 px one about 200), so `full` is for an idle machine with time and `small`
+# fits in about half an hour of a shared 2-core one; `quick` is the smoke test. retrieval_size: images of the
+# distinct-scene retrieval set (5 captions each); prune_samples: samples of each of the search and the
+# fine-tune epoch (the search updates the masks every prune_interval steps of batch_size).
 MODES = {
     "full": dict(train_size=20000, eval_size=1000, image_size=64, shard_size=1000, model="clipc-vit-t2-64",
-                 seeds=(0, 1, 2), batch_size=64, teacher_epochs=3, teacher_lr=1e-3, teacher_warmup=50,
-                 prune_samples=4096, prune_interval=4, prune_lr=2e-4, arm_epochs=2, arm_samples=5000,
-                 arm_lr=1e-3, eval_batch_size=256),
-    # the full protocol (3 seeds per arm) at a tenth of the data and half the image side: what fits when the
-    # machine is shared
-    "small": dict(train_size=3000, eval_size=300, image_size=32, shard_size=500, model="clipc-vit-t2-32",
-                  seeds=(0, 1, 2), batch_size=64, teacher_epochs=3, teacher_lr=1e-3, teacher_warmup=20,
-                  prune_samples=1024, prune_interval=2, prune_lr=2e-4, arm_epochs=2, arm_samples=2000,
-                  arm_lr=1e-3, eval_batch_size=256),
+                 seeds=(0, 1, 2), batch_size=64, teacher_epochs=10, teacher_lr=1e-3, teacher_warmup=50,
+                 retrieval_size=1000, prune_samples=8192, prune_interval=4, prune_lr=2e-4, arm_epochs=2,
+                 arm_samples=5000, arm_lr=1e-3, eval_batch_size=256),
+    # the full protocol (3 seeds per arm) on half the data at half the image side: what fits when the machine
+    # is shared
+    "small": dict(train_size=10000, eval_size=300, image_size=32, shard_size=1000, model="clipc-vit-t2-32",
+                  seeds=(0, 1, 2), batch_size=64, teacher_epochs=8, teacher_lr=1e-3, teacher_warmup=50,
+                  retrieval_size=500, prune_samples=4096, prune_interval=2, prune_lr=2e-4, arm_epochs=2,
+                  arm_samples=2000, arm_lr=1e-3, eval_batch_size=256),
     "quick": dict(train_size=256, eval_size=72, image_size=32, shard_size=64, model="clipc-vit-t2-32",
                   seeds=(0,), batch_size=32, teacher_epochs=1, teacher_lr=1e-3, teacher_warmup=2,
-                  prune_samples=64, prune_interval=1, prune_lr=2e-4, arm_epochs=1, arm_samples=64,
-                  arm_lr=1e-3, eval_batch_size=72),
+                  retrieval_size=72, prune_samples=64, prune_interval=1, prune_lr=2e-4, arm_epochs=1,
+                  arm_samples=64, arm_lr=1e-3, eval_batch_size=72),
 }
 P = 0.75  # CLIP-KDPruning's headline compression
 LOW_RANK_RATIO = 0.5  # HPML's ρ
@@ -110,8 +121,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="work folder: corpus, run folders, logs")
     parser.add_argument("--quick", action="store_true", help="smoke test: one seed, tiny sizes, no direction claims")
     parser.add_argument("--mode", choices=sorted(MODES), default="full",
-                        help="sizes: full (about 40 min on an idle 2-core machine), small (the same protocol on a "
-                             "3000-sample corpus), quick (= --quick)")
+                        help="sizes: full (20000 samples at 64 px, for an idle machine), small (the same protocol "
+                             "on 10000 samples at 32 px, about half an hour of a shared 2-core machine), quick "
+                             "(= --quick)")
     parser.add_argument("--parallel", type=int, default=2, help="runs side by side (one thread each)")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else args.mode
@@ -120,12 +132,15 @@ def main(argv=None) -> int:
     corpus, logs = out / "corpus", out / "runs"
     started = time.perf_counter()
 
-    from utils.make_corpus import make_corpus
+    from utils.make_corpus import make_corpus, make_distinct_retrieval_set
 
     if not (corpus / "corpus.json").exists():
         make_corpus(str(corpus), train_size=cfg["train_size"], eval_size=cfg["eval_size"],
                     image_size=cfg["image_size"], seed=0, shard_size=cfg["shard_size"])
-    eval_dir, tsv = corpus / "eval", str(corpus / "train.tsv")
+    if not (out / "distinct" / "corpus.json").exists():
+        make_distinct_retrieval_set(str(out / "distinct"), size=cfg["retrieval_size"], image_size=cfg["image_size"])
+    eval_dirs = {"retrieval": out / "distinct" / "eval", "zeroshot": corpus / "eval", "linear_probe": corpus / "eval"}
+    tsv = str(corpus / "train.tsv")
     shards = sorted(p.name for p in (corpus / "shards").glob("*.tar"))
     shard_urls = str(corpus / "shards" / f"{{{shards[0][:-4]}..{shards[-1][:-4]}}}.tar")
     model, bs = cfg["model"], str(cfg["batch_size"])
@@ -182,55 +197,66 @@ def main(argv=None) -> int:
     wanted += [(f"{arm}_s{s}", "linear_probe", cfg["arm_epochs"]) for arm in ("protorkd", "protorkd_noteacher")
                for s in seeds]
     wanted += [(f"{arm}_s{s}", "zeroshot", cfg["arm_epochs"]) for arm in ("clipkd", "cosine") for s in seeds]
-    wanted += [(f"lowrank_{n}", "zeroshot", 0) for n in layer_counts] + [("teacher", "zeroshot", epochs)]
+    wanted += [(f"lowrank_{n}", "zeroshot", 0) for n in layer_counts]
+    wanted += [("teacher", "zeroshot", epochs), ("teacher", "retrieval", epochs)]
     with concurrent.futures.ThreadPoolExecutor(max(1, args.parallel)) as pool:
         scores = dict(zip(wanted, pool.map(
-            lambda w: score(logs / w[0] / "checkpoints" / f"epoch_{w[2]}.pt", eval_dir, cfg, teacher, w[1]), wanted)))
+            lambda w: score(logs / w[0] / "checkpoints" / f"epoch_{w[2]}.pt", eval_dirs[w[1]], cfg, teacher, w[1]),
+            wanted)))
 
+    # every metric of every scored checkpoint, for whoever reads more than the table (R@5, the teacher's, ...)
+    (out / "scores.json").write_text(json.dumps(
+        [{"run": run, "benchmark": benchmark, "epoch": epoch, "metrics": metrics}
+         for (run, benchmark, epoch), metrics in scores.items()], indent=1))
     print("\n" + "\n".join(claims_table(scores, cfg, mode, layer_counts, time.perf_counter() - started)))
     return 0
 
 
 def claims_table(scores: Dict[Tuple[str, str, int], Dict[str, float]], cfg, mode: str, layer_counts: Sequence[int],
                  seconds: float) -> List[str]:
-    """The printed table: for each claim the mean ± std over seeds of both arms and whether the claimed direction
-    holds (by the means), then the low-rank series (the teacher, then 1, 2, ... factorised image layers) and
-    whether it falls monotonically. `scores` maps (run name, benchmark, epoch) to that checkpoint's metrics."""
+    """The printed table: for each claim the mean ± std over seeds of both arms, the teacher's own value of the
+    metric where the teacher was scored on it ("-" where not), and whether the claimed direction holds (by the
+    means), then the low-rank series (the teacher, then 1, 2, ... factorised image layers) and whether it falls
+    monotonically. `scores` maps (run name, benchmark, epoch) to that checkpoint's metrics."""
     seeds, epochs = cfg["seeds"], cfg["teacher_epochs"]
 
     def final(name: str, benchmark: str, epoch: int = None) -> Dict[str, float]:
         return scores[(name, benchmark, cfg["arm_epochs"] if epoch is None else epoch)]
 
     teacher_scores = scores[("teacher", "zeroshot", epochs)]
+    teacher_retrieval = scores[("teacher", "retrieval", epochs)]
     rows = []
 
-    def claim(label: str, a_name: str, a: List[float], b_name: str, b: List[float], higher: bool = True) -> None:
+    def claim(label: str, a_name: str, a: List[float], b_name: str, b: List[float], teacher: float = None,
+              higher: bool = True) -> None:
         holds = (statistics.mean(a) > statistics.mean(b)) if higher else (statistics.mean(a) < statistics.mean(b))
-        rows.append((label, a_name, a, b_name, b, holds))
+        rows.append((label, a_name, a, b_name, b, teacher, holds))
 
     for phase, epoch in (("after search", 1), ("after fine-tune", 2)):
         kd = [final(f"prune_kd_s{s}", "retrieval", epoch) for s in seeds]
         plain = [final(f"prune_nokd_s{s}", "retrieval", epoch) for s in seeds]
         for direction, key in (("I→T", I2T), ("T→I", T2I)):
             claim(f"001 p={P} {phase} R@1 {direction}", "KD", [metric(x, key) for x in kd],
-                  "no KD", [metric(x, key) for x in plain])
+                  "no KD", [metric(x, key) for x in plain], metric(teacher_retrieval, key))
     probe = {arm: [metric(final(f"{arm}_s{s}", "linear_probe"), LP1) for s in seeds]
              for arm in ("protorkd", "protorkd_noteacher")}
     claim("004 ProtoRKD linear probe acc1", "ProtoRKD", probe["protorkd"], "no teacher", probe["protorkd_noteacher"])
     clipkd = [final(f"clipkd_s{s}", "zeroshot") for s in seeds]
     claim("CLIP-KD zero-shot acc1", "FD+ICL+CRD", [metric(x, ZS1) for x in clipkd],
-          "cosine", [metric(final(f"cosine_s{s}", "zeroshot"), ZS1) for s in seeds])
+          "cosine", [metric(final(f"cosine_s{s}", "zeroshot"), ZS1) for s in seeds], metric(teacher_scores, ZS1))
     claim(f"002 student top-{CASCADE_K} vs teacher top-1", f"student acc{CASCADE_K}", [metric(x, ZSK) for x in clipkd],
-          "teacher acc1", [metric(teacher_scores, ZS1)])
+          "teacher acc1", [metric(teacher_scores, ZS1)], metric(teacher_scores, ZSK))
     lowrank = [metric(teacher_scores, ZS1)] + [metric(final(f"lowrank_{n}", "zeroshot", 0), ZS1) for n in layer_counts]
     monotone = all(a >= b for a, b in zip(lowrank, lowrank[1:])) and lowrank[-1] < lowrank[0]
 
     what = "quick: 1 seed, tiny sizes, direction not asserted" if mode == "quick" else f"{mode}: {len(seeds)} seeds"
     lines = [f"claims ({what}; teacher {cfg['model']}, {cfg['train_size']} samples; {seconds:.0f} s)",
-             f"{'claim':<44} | {'arm A':<14} {'mean ± std':<16} | {'arm B':<12} {'mean ± std':<16} | n | holds"]
-    for label, a_name, a, b_name, b, holds in rows:
+             f"{'claim':<44} | {'arm A':<14} {'mean ± std':<16} | {'arm B':<12} {'mean ± std':<16} | teacher | n "
+             f"| holds"]
+    for label, a_name, a, b_name, b, teacher, holds in rows:
         lines.append(f"{label:<44} | {a_name:<14} {_mean_std(a):<16} | {b_name:<12} {_mean_std(b):<16} | "
-                     f"{len(a)}/{len(b)} | {'yes' if holds else 'no'}")
+                     f"{'-' if teacher is None else f'{teacher:.4f}':<7} | {len(a)}/{len(b)} | "
+                     f"{'yes' if holds else 'no'}")
     lines.append(f"{'003 zero-shot acc1 by low-rank image layers':<44} | "
                  + ", ".join(f"{n}: {v:.4f}" for n, v in enumerate(lowrank))
                  + f" | monotone falling: {'yes' if monotone else 'no'}")

@@ -15,6 +15,7 @@ spec.loader.exec_module(claims)
 
 I2T, T2I = "retrieval/coco2017/text_retrieval_recall@1", "retrieval/coco2017/image_retrieval_recall@1"
 ZS1, ZS20, LP1 = "zeroshot/shapes/acc1", "zeroshot/shapes/acc20", "linear_probe/shapes/lp_acc1"
+TEACHER_I2T, TEACHER_T2I = 0.7, 0.65  # the dense teacher's own R@1 on the retrieval set
 
 
 def result_set(cfg, per_seed, teacher_acc1, lowrank_acc1):
@@ -25,6 +26,7 @@ def result_set(cfg, per_seed, teacher_acc1, lowrank_acc1):
         for seed, value in zip(cfg["seeds"], values):
             scores.setdefault((f"{prefix}_s{seed}", benchmark, epoch), {})[key] = value
     scores[("teacher", "zeroshot", cfg["teacher_epochs"])] = {ZS1: teacher_acc1, ZS20: 1.0}
+    scores[("teacher", "retrieval", cfg["teacher_epochs"])] = {I2T: TEACHER_I2T, T2I: TEACHER_T2I}
     for n, value in enumerate(lowrank_acc1, start=1):
         scores[(f"lowrank_{n}", "zeroshot", 0)] = {ZS1: value, ZS20: 1.0}
     for metrics in scores.values():
@@ -33,13 +35,18 @@ def result_set(cfg, per_seed, teacher_acc1, lowrank_acc1):
 
 
 def parse(row):
-    """(label, arm A, its mean ± std, arm B, its mean ± std, n, holds) of one claim row."""
+    """(label, arm A, its mean ± std, arm B, its mean ± std, n, holds) of one claim row (its teacher column:
+    `teacher_column`)."""
     fields = [f.strip() for f in row.split("|")]
-    assert len(fields) == 5, row
-    label, a, b, n, holds = fields
+    assert len(fields) == 6, row
+    label, a, b, _teacher, n, holds = fields
     a_name, a_stat = re.fullmatch(r"(.*\S) +(\d\.\d{4} ± \d\.\d{4})", a).groups()
     b_name, b_stat = re.fullmatch(r"(.*\S) +(\d\.\d{4} ± \d\.\d{4})", b).groups()
     return label, a_name, a_stat, b_name, b_stat, n, holds
+
+
+def teacher_column(row):
+    return row.split("|")[3].strip()
 
 
 def table_rows(lines):
@@ -78,6 +85,10 @@ def test_three_seeds_give_each_arms_mean_and_std_and_the_verdict_of_the_means():
         ("002 student top-20 vs teacher top-1", "student acc20", "0.9000 ± 0.1000", "teacher acc1",
          "0.8500 ± 0.0000", "3/1", "yes"),
     ]
+    # beside the arms, the teacher's own value of the row's metric: its R@1 in each direction (the same before
+    # and after the fine-tune: the dense model both arms start from), its zero-shot acc1 and acc20; ProtoRKD's
+    # teacher is a text tower, which has no linear probe of its own
+    assert [teacher_column(row) for row in rows] == ["0.7000", "0.6500", "0.7000", "0.6500", "-", "0.8500", "1.0000"]
     # the teacher (no layer factorised), then one and two factorised image layers
     assert lowrank.startswith("003 zero-shot acc1 by low-rank image layers")
     assert lowrank.endswith("| 0: 0.8500, 1: 0.5000, 2: 0.5000 | monotone falling: yes")

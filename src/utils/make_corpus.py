@@ -93,7 +93,7 @@ CORPUS_VERSION = 1
 
 # Split ids are part of every sample's RNG seed; distinct ids keep the splits
 # disjoint. Never renumber them: that would silently change every corpus.
-SPLIT_IDS = {"train": 0, "coco": 1, "shapes_train": 2, "shapes_test": 3}
+SPLIT_IDS = {"train": 0, "coco": 1, "shapes_train": 2, "shapes_test": 3, "distinct": 4}
 
 # RNG streams inside one sample, so that e.g. caption edits leave images alone.
 STREAM_SCENE, STREAM_LAYOUT, STREAM_CAPTION = 0, 1, 2
@@ -367,29 +367,31 @@ def _position_phrase(position: tuple[str, str], rng: np.random.Generator, bare: 
                    [f"in the {vertical} {column} corner", f"in the {vertical} {column}", f"at the {vertical} {column}"])
 
 
-def _background_phrase(background: Background, rng: np.random.Generator, bare: bool) -> str:
-    adjective = _choice(rng, background.adjectives)
+def _background_phrase(background: Background, rng: np.random.Generator, bare: bool, complete: bool = False) -> str:
+    """'on a grey background' (bare=False) or 'grey background'; `complete`: never the bare 'plain', which fits
+    the white, grey and black backgrounds alike."""
+    adjective = _choice(rng, [a for a in background.adjectives if not (complete and a == "plain")])
     noun = _choice(rng, ["background", "background", "backdrop"])
     if bare:
         return f"{adjective} {noun}"
     return f"{_choice(rng, ['on', 'against', 'over'])} a {adjective} {noun}"
 
 
-def _sentence_caption(scene: Scene, rng: np.random.Generator) -> str:
+def _sentence_caption(scene: Scene, rng: np.random.Generator, complete: bool = False) -> str:
     words = [_choice(rng, COUNT_WORDS[scene.count])]
-    if rng.random() < 0.75:
+    if complete or rng.random() < 0.75:
         words.append(_choice(rng, SIZE_WORDS[scene.size]))
     words.append(_colour_word(scene.colour, rng))
     words.append(_shape_word(scene.shape, scene.count > 1, rng))
     noun_phrase = " ".join(words)
 
     extras = []
-    if scene.position is not None and rng.random() < 0.7:
+    if scene.position is not None and (complete or rng.random() < 0.7):
         extras.append(_position_phrase(scene.position, rng, bare=False))
     if scene.position is None and rng.random() < 0.25:
         extras.append(_choice(rng, ["scattered around", "spread across the picture", "side by side"]))
-    if rng.random() < 0.6:
-        extras.append(_background_phrase(scene.background, rng, bare=False))
+    if complete or rng.random() < 0.6:
+        extras.append(_background_phrase(scene.background, rng, bare=False, complete=complete))
     rng.shuffle(extras)
     separator = _choice(rng, [" ", ", "])
     tail = "".join(separator + extra for extra in extras)
@@ -404,19 +406,19 @@ def _sentence_caption(scene: Scene, rng: np.random.Generator) -> str:
     return frame.format(noun_phrase + tail)
 
 
-def _list_caption(scene: Scene, rng: np.random.Generator) -> str:
+def _list_caption(scene: Scene, rng: np.random.Generator, complete: bool = False) -> str:
     """Telegraphic style: 'red circles, two of them, large'."""
     head = f"{_colour_word(scene.colour, rng)} {_shape_word(scene.shape, scene.count > 1, rng)}"
     attributes = []
-    if scene.count > 1 and rng.random() < 0.8:
+    if scene.count > 1 and (complete or rng.random() < 0.8):
         number = _choice(rng, COUNT_ALONE[scene.count])
         attributes.append(_choice(rng, [f"{number} of them", f"{number} in total", f"{number} shapes"]))
-    if rng.random() < 0.7:
+    if complete or rng.random() < 0.7:
         attributes.append(_choice(rng, SIZE_WORDS[scene.size]))
-    if scene.position is not None and rng.random() < 0.6:
+    if scene.position is not None and (complete or rng.random() < 0.6):
         attributes.append(_position_phrase(scene.position, rng, bare=True))
-    if rng.random() < 0.5:
-        attributes.append(_background_phrase(scene.background, rng, bare=True))
+    if complete or rng.random() < 0.5:
+        attributes.append(_background_phrase(scene.background, rng, bare=True, complete=complete))
     rng.shuffle(attributes)
     return ", ".join([head] + attributes)
 
@@ -424,8 +426,11 @@ def _list_caption(scene: Scene, rng: np.random.Generator) -> str:
 _ARTICLE_BEFORE_VOWEL = re.compile(r"\ba (?=[aeiou])")
 
 
-def make_caption(scene: Scene, rng: np.random.Generator) -> str:
-    caption = _list_caption(scene, rng) if rng.random() < 0.25 else _sentence_caption(scene, rng)
+def make_caption(scene: Scene, rng: np.random.Generator, complete: bool = False) -> str:
+    """One caption of `scene`; `complete` ones name every attribute (count, size, colour, shape, position of a
+    single object, background), so they describe this scene and no other."""
+    caption = (_list_caption(scene, rng, complete) if rng.random() < 0.25
+               else _sentence_caption(scene, rng, complete))
     caption = _ARTICLE_BEFORE_VOWEL.sub("an ", caption)  # "an orange star"
     if rng.random() < 0.3:
         caption = caption[0].upper() + caption[1:]
@@ -434,17 +439,17 @@ def make_caption(scene: Scene, rng: np.random.Generator) -> str:
     return caption
 
 
-def make_captions(scene: Scene, rng: np.random.Generator, how_many: int) -> list[str]:
+def make_captions(scene: Scene, rng: np.random.Generator, how_many: int, complete: bool = False) -> list[str]:
     """``how_many`` distinct paraphrases (COCO has 5 different captions per image)."""
     captions: list[str] = []
     for _ in range(50 * how_many):
-        caption = make_caption(scene, rng)
+        caption = make_caption(scene, rng, complete)
         if caption not in captions:
             captions.append(caption)
             if len(captions) == how_many:
                 break
     while len(captions) < how_many:  # practically unreachable; keeps the count exact
-        captions.append(make_caption(scene, rng))
+        captions.append(make_caption(scene, rng, complete))
     return captions
 
 
@@ -665,6 +670,51 @@ def make_corpus(
             pool.join()
     # Not stored in corpus.json: that file must not depend on the run.
     return {**summary, "out": out, "seconds": round(time.perf_counter() - started, 2)}
+
+
+NUM_SCENES = len(CLASS_NAMES) * len(SIZE_WORDS) * len(BACKGROUNDS) * (len(ROWS) * len(COLUMNS) + len(COUNT_ALONE))
+
+
+def make_distinct_retrieval_set(out: str, size: int = 1000, image_size: int = 64, seed: int = 0,
+                                captions_per_image: int = 5) -> int:
+    """A retrieval set in which no two images share a scene and every caption is complete (`make_caption`'s
+    `complete`), so each caption describes its own image and no other: a model can reach R@1 = 1, where the
+    corpus's own retrieval set repeats scenes and its captions leave attributes out, so that several images
+    fit one caption equally. Written as `out/eval/coco2017` (the corpus's COCO layout), built beside `out` and
+    renamed into place; returns the image count. Its images come from their own split (`distinct`), so they
+    repeat no training or other eval picture."""
+    if not 1 <= size <= NUM_SCENES // 2:
+        raise ValueError(f"size {size}: must be in [1, {NUM_SCENES // 2}] (half of the {NUM_SCENES} distinct scenes, "
+                         "so drawing them without repeats stays quick)")
+    out = os.path.abspath(out)
+    _prepare_destination(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    staging = f"{out}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+
+    def samples() -> Iterator[tuple[bytes, list[str]]]:
+        seen: set[Scene] = set()
+        index = 0
+        while len(seen) < size:
+            scene = sample_scene(sample_rng(seed, "distinct", index, STREAM_SCENE))
+            if scene not in seen:
+                seen.add(scene)
+                yield (render_jpeg(scene, image_size, sample_rng(seed, "distinct", index, STREAM_LAYOUT)),
+                       make_captions(scene, sample_rng(seed, "distinct", index, STREAM_CAPTION), captions_per_image,
+                                     complete=True))
+            index += 1
+
+    try:
+        count = _write_coco(staging, samples(), image_size)
+        with open(os.path.join(staging, "corpus.json"), "w", encoding="utf-8") as f:
+            json.dump({"version": CORPUS_VERSION, "seed": seed, "image_size": image_size, "eval_size": size,
+                       "captions_per_eval_image": captions_per_image, "distinct_scenes": True}, f, indent=2)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return count
 
 
 def build_parser() -> argparse.ArgumentParser:
