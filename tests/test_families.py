@@ -212,3 +212,47 @@ def test_the_monitor_fails_when_it_scored_none_of_what_it_was_asked(eval_root, t
     run = _run_with(tmp_path, "vit", {"model_spec": {"kind": "no such kind"}, "state_dict": {}})
     assert monitor_cli.main(monitor_args(run, eval_root, "--once", "--benchmarks", "zeroshot")) == 1
     assert "none of the 1 checkpoints to score could be scored" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def family_models(teachers):
+    """Each family's model as compress.load rebuilds it from its checkpoint: family -> model."""
+    import compress
+
+    return {family: compress.load(str(path)) for family, path in teachers.items()}
+
+
+def _inputs(model):
+    from compress.models.registry import get_tokenizer, preprocess_config
+
+    size = preprocess_config(model.model_spec)["image_size"]
+    torch.manual_seed(1)
+    return torch.randn(2, 3, size, size), get_tokenizer(model.model_spec)(["one red circle", "a blue square"])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_int8_of_every_family_round_trips_and_text_only_leaves_the_image_tower(family, family_models, tmp_path):
+    """int8 of both towers reaches every nn.Linear the towers call (a conv tower's too) and reloads; `--towers
+    text` changes no image feature."""
+    import compress
+    from compress.models.quantized import Int8Linear
+    from compress.ops.quantize import linears_by_tower, quantize
+
+    model = family_models[family]
+    images, tokens = _inputs(model)
+    with torch.no_grad():
+        reference = model.encode_image(images), model.encode_text(tokens)
+    both = quantize(model, towers=("image", "text"))
+    assert both.model_spec["linears"] and linears_by_tower(both) == {"image": [], "text": []}  # none left in float
+    assert any(isinstance(m, Int8Linear) for m in both.visual.modules()) or family == "rn50"
+    compress.save(both, tmp_path / "int8")
+    loaded = compress.load(str(tmp_path / "int8"))
+    with torch.no_grad():
+        image, text = loaded.encode_image(images), loaded.encode_text(tokens)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(image, reference[0]).min() > 0.95 and cos(text, reference[1]).min() > 0.95
+
+    text_only = quantize(model, towers=("text",))
+    assert not any(isinstance(m, Int8Linear) for m in text_only.visual.modules())
+    with torch.no_grad():
+        assert torch.equal(text_only.encode_image(images), reference[0])

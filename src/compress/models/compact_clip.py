@@ -178,6 +178,10 @@ class SplitAttention(nn.Module):
             return t.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        if attn_mask is not None and attn_mask.dim() == 3 and attn_mask.shape[0] > 1:
+            # nn.MultiheadAttention's (batch × heads, L, S) mask (CoCa's text tower: its cls token's padding
+            # mask, one copy per head of the dense block), as one (batch, 1, L, S) mask for every head kept
+            attn_mask = attn_mask.view(batch, -1, *attn_mask.shape[-2:])[:, :1]
         if self.qkv_mask is not None:
             mask = self.qkv_mask.to(q.device, q.dtype)
             mask = mask.view(1, 1, 1, -1) if self.qkv_mask_unit == "head_dim" else mask.view(1, -1, 1, 1)
@@ -370,9 +374,22 @@ def compact_blocks(model: nn.Module, towers: Sequence[str] = TOWERS,
             yield f"{prefix}.{index}", blocks[index]
 
 
+def transformer_towers(model: nn.Module) -> List[str]:
+    """The towers of `model` that are open_clip transformers (an RN50's, a timm image tower is not)."""
+    towers = []
+    for tower in TOWERS:
+        try:
+            _tower_transformer(model, tower)
+        except ValueError:
+            continue
+        towers.append(tower)
+    return towers
+
+
 def to_compact(model: nn.Module) -> nn.Module:
-    """In place: every block of both towers becomes a CompactBlock (same function, same weights)."""
-    for _ in compact_blocks(model):
+    """In place: every block of the open_clip transformer towers becomes a CompactBlock (same function, same
+    weights)."""
+    for _ in compact_blocks(model, transformer_towers(model)):
         pass
     return model
 

@@ -105,10 +105,11 @@ def quantizable_linears(model: nn.Module) -> Dict[str, nn.Linear]:
     """Module path → Linear of every plain nn.Linear that a forward calls as a module.
 
     nn.MultiheadAttention's `out_proj` is a Linear subclass whose weight the attention reads directly: it is
-    left out (a CompactBlock's separate q/k/v/out Linears are what can be quantised)."""
+    left out (a CompactBlock's separate q/k/v/out Linears are what can be quantised), and so is a Linear
+    `text_projection` (SigLIP's), which open_clip applies only when it is an nn.Linear."""
     found = {}
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and module.weight.numel() > 0:
+        if type(module) is nn.Linear and module.weight.numel() > 0 and name.rsplit(".", 1)[-1] != "text_projection":
             found[name] = module
     return found
 

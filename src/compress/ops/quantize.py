@@ -3,8 +3,10 @@
     quantized = quantize(model, scheme="int8_dynamic", towers=("image", "text"))
 
 What is quantised: every plain nn.Linear that the chosen towers' forward calls. Which tower a Linear belongs to
-is read from one dummy forward per tower (forward hooks), so the rule needs no attribute layout of any kind. An
-open_clip CLIP (dense, UPop-pruned or compact) first has its transformer blocks converted to compact blocks
+is read from one dummy forward per tower (forward hooks), so the rule needs no attribute layout of any kind; a
+convolutional or timm image tower has its Linears quantised like any other (ConvNeXt's MLPs, a timm ViT's blocks).
+An open_clip CLIP (dense, UPop-pruned or compact) first has the open_clip transformer blocks of the chosen towers
+converted to compact blocks
 (exact: compress.models.compact_clip), so attention's q/k/v/out projections become separate Linears that can
 be quantised; a dense block's nn.MultiheadAttention would otherwise keep them in float. A student's open_clip
 ViT keeps its attention in float for the same reason (its MLPs and projection are quantised), and a ProtoRKD
@@ -20,7 +22,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from compress.models.compact_clip import TOWERS, clone, refresh_spec, to_compact
+from compress.models.compact_clip import TOWERS, clone, compact_blocks, refresh_spec, transformer_towers
 from compress.models.quantized import KIND, SCHEMES, quantizable_linears, quantized_spec, replace_linears
 from compress.models.registry import get_tokenizer, preprocess_config
 from compress.ops.profile import default_text_input
@@ -75,8 +77,10 @@ def quantize(model: nn.Module, scheme: str = "int8_dynamic", towers: Sequence[st
     if spec.get("kind") == KIND:
         raise ValueError("this model is already quantized")
     model = clone(model)
-    if spec.get("kind") in _COMPACTABLE:
-        refresh_spec(to_compact(model))  # the same function, with q/k/v/out as separate Linears
+    if spec.get("kind") in _COMPACTABLE:  # the same function, with q/k/v/out as separate Linears
+        for _ in compact_blocks(model, [tower for tower in towers if tower in transformer_towers(model)]):
+            pass
+        refresh_spec(model)
     by_tower = linears_by_tower(model)
     chosen = list(dict.fromkeys(name for tower in towers for name in by_tower[tower]))
     if not chosen:
