@@ -222,6 +222,53 @@ def test_captions_are_varied(corpus):
     assert len(set(captions)) > 0.9 * len(captions)
 
 
+def _distinct_scenes(count):
+    """The first `count` distinct scenes of the `distinct` split, as make_distinct_retrieval_set draws them."""
+    scenes, index = [], 0
+    while len(scenes) < count:
+        scene = _scene("distinct", index)
+        if scene not in scenes:
+            scenes.append(scene)
+        index += 1
+    return scenes
+
+
+def test_the_distinct_retrieval_set_has_one_scene_per_image_and_complete_captions(tmp_path):
+    """Every image its own scene, every caption naming all of it (count, size, colour, shape, position, background,
+    never the bare 'plain' three backgrounds share), so a caption fits its image only; deterministic."""
+    out = tmp_path / "distinct"
+    assert mc.make_distinct_retrieval_set(str(out), size=60, image_size=32) == 60
+    with open(out / "eval" / "coco2017" / "annotations" / "captions_val2017.json") as f:
+        coco = json.load(f)
+    captions = {}
+    for annotation in coco["annotations"]:
+        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    scenes = _distinct_scenes(60)
+    assert len(set(scenes)) == 60 and sorted(captions) == list(range(1, 61))
+    assert len({c for group in captions.values() for c in group}) == 300  # 5 each, no two alike
+    rows, columns = {"top": ["top", "upper"], "middle": [], "bottom": ["bottom", "lower"]}, {
+        "left": ["left"], "centre": ["centre", "center", "middle", "centered"], "right": ["right"]}
+    for image_id, scene in enumerate(scenes, start=1):
+        for caption in captions[image_id]:
+            assert _words_present(caption, COLOUR_VOCABULARY) == {scene.colour}, caption
+            assert _words_present(caption, SHAPE_VOCABULARY) == {scene.shape}, caption
+            assert _words_present(caption, mc.SIZE_WORDS) == {scene.size}, caption
+            named = [a for a in scene.background.adjectives if a != "plain"]
+            assert _words_present(caption, {"background": named}), caption
+            if scene.count > 1:
+                assert _words_present(caption, {"count": mc.COUNT_WORDS[scene.count]}), caption
+            else:
+                row, column = scene.position
+                assert not rows[row] or _words_present(caption, {"row": rows[row]}), caption
+                assert column == "centre" and row != "middle" or _words_present(caption, {"c": columns[column]}), \
+                    caption
+    again = tmp_path / "again"
+    mc.make_distinct_retrieval_set(str(again), size=60, image_size=32)
+    assert tree_digest(again) == tree_digest(out)
+    with pytest.raises(ValueError, match="half of the 3960 distinct scenes"):
+        mc.make_distinct_retrieval_set(str(tmp_path / "too_many"), size=mc.NUM_SCENES)
+
+
 def test_cli_and_replacing_a_previous_corpus(tmp_path):
     out = tmp_path / "cli"
     args = ["--out", str(out), "--train-size", "20", "--eval-size", "10", "--shard-size", "8", "--seed", "3"]
