@@ -5,6 +5,7 @@ timm towers are timm's own architectures with smaller sizes, registered under na
 is the family × operation table these tests back."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -35,6 +36,7 @@ FAMILIES = {
                  "vision_cfg": {"timm_model_name": "clipc_tiny_convnext", "timm_model_pretrained": False,
                                 "timm_pool": "", "timm_proj": "linear", "image_size": 32}},
     "mobileclip": {"embed_dim": 32, "custom_text": True, "text_cfg": {**TEXT, "no_causal_mask": True},
+                   "preprocess_cfg": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "interpolation": "bilinear"},
                    "vision_cfg": {"timm_model_name": "clipc_tiny_mci", "timm_model_pretrained": False,
                                   "timm_pool": "avg", "timm_proj": None, "image_size": 64}},
     "eva": {"embed_dim": 32, "custom_text": True, "text_cfg": TEXT,
@@ -49,10 +51,15 @@ SIGLIP_TEXT = {**TEXT, "vocab_size": 64, "tokenizer_kwargs": {"clean": "canonica
                "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}}
 SIGLIP_VISION = {"image_size": 32, "timm_model_name": "clipc_tiny_siglip", "timm_model_pretrained": False,
                  "timm_pool": "map", "timm_proj": "none"}
+# SigLIP's published preprocessing (open_clip keeps it per weights tag; a config may carry it, as these do)
+SIGLIP_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
+                     "resize_mode": "squash"}
 FAMILIES.update({
     "siglip": {"embed_dim": 32, "init_logit_bias": -10, "custom_text": True, "vision_cfg": SIGLIP_VISION,
+               "preprocess_cfg": SIGLIP_PREPROCESS,
                "text_cfg": {**SIGLIP_TEXT, "hf_tokenizer_name": "timm/ViT-B-16-SigLIP"}},
     "siglip2": {"embed_dim": 32, "init_logit_bias": -10, "custom_text": True, "vision_cfg": SIGLIP_VISION,
+                "preprocess_cfg": SIGLIP_PREPROCESS,
                 "text_cfg": {**SIGLIP_TEXT, "hf_tokenizer_name": "timm/ViT-B-16-SigLIP2",
                              "act_kwargs": {"approximate": "tanh"}}},
 })
@@ -256,3 +263,29 @@ def test_int8_of_every_family_round_trips_and_text_only_leaves_the_image_tower(f
     assert not any(isinstance(m, Int8Linear) for m in text_only.visual.modules())
     with torch.no_grad():
         assert torch.equal(text_only.encode_image(images), reference[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_onnx_export_of_every_family_matches_and_writes_its_preprocessing(family, family_models, tmp_path):
+    """Both graphs reproduce the model's features in onnxruntime; preprocessing.json holds the family's own mean,
+    std and resize (SigLIP 0.5/0.5 squashed, MobileCLIP 0/1 bilinear), its tokenizer's files beside a text graph
+    whose tokenizer is no CLIP BPE (SigLIP's); MobileCLIP's graph is its re-parameterised inference form."""
+    from compress.models.registry import preprocess_config
+    from compress.ops.export import check_export, export_onnx, reparameterized
+
+    model = family_models[family]
+    manifest = export_onnx(model, tmp_path)
+    diffs = check_export(model, tmp_path)
+    assert set(diffs) == {"image", "text"} and max(diffs.values()) < 1e-4, diffs
+    image = json.loads((tmp_path / "preprocessing.json").read_text())["graphs"]["image"]
+    expected = preprocess_config(model.model_spec)
+    assert image["mean"] == pytest.approx(expected["mean"]) and image["std"] == pytest.approx(expected["std"])
+    resize = next(step for step in image["steps"] if step["op"] == "resize")
+    if family.startswith("siglip"):
+        assert image["mean"] == [0.5] * 3 and resize["rule"] == "to (height, width)"
+        assert (tmp_path / manifest["graphs"]["text"]["tokenizer_dir"] / "tokenizer.json").is_file()
+    if family == "mobileclip":
+        assert image["mean"] == [0.0] * 3 and resize["interpolation"] == "bilinear"
+        fused = reparameterized(copy.deepcopy(model))
+        assert sum(1 for _ in fused.visual.modules()) < sum(1 for _ in model.visual.modules())

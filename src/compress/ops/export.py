@@ -214,9 +214,32 @@ def describe_image_preprocessing(spec: Dict[str, Any]) -> Dict[str, Any]:
             "mean": mean, "std": std, "steps": steps}
 
 
-def describe_clip_tokenizer(spec: Dict[str, Any]) -> Dict[str, Any]:
+def describe_hf_tokenizer(tokenizer: Any, spec: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
+    """An open_clip HFTokenizer (SigLIP's): its Hugging Face files saved in `out_dir`/tokenizer and how open_clip
+    calls it."""
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    inner = input_spec(spec)
+    return {
+        "input": "tokens", "dtype": "int64", "shape": ["batch", int(tokenizer.context_length)],
+        "tokenizer": type(tokenizer).__module__ + "." + type(tokenizer).__name__,
+        "name": inner.get("tokenizer_model", inner.get("model")),
+        "description": f"Hugging Face tokenizer in tokenizer/ (AutoTokenizer.from_pretrained('tokenizer')), text "
+                       f"cleaned with open_clip's {tokenizer.clean_fn.__name__}, padded to max_length "
+                       f"{int(tokenizer.context_length)} and truncated, input_ids only",
+        "context_length": int(tokenizer.context_length), "tokenizer_dir": "tokenizer",
+        "pad_token_id": tokenizer.tokenizer.pad_token_id,
+    }
+
+
+def describe_clip_tokenizer(spec: Dict[str, Any], out_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """The tokenizer of a model whose encode_text takes token ids: CLIP's BPE, or a Hugging Face tokenizer
+    (whose files are saved in `out_dir`)."""
     tokenizer = get_tokenizer(spec)
     inner = input_spec(spec)
+    if not hasattr(tokenizer, "sot_token_id"):
+        if out_dir is None or not hasattr(tokenizer, "save_pretrained"):
+            raise ValueError(f"cannot describe the {type(tokenizer).__name__} tokenizer of this model")
+        return describe_hf_tokenizer(tokenizer, spec, out_dir)
     return {
         "input": "tokens", "dtype": "int64", "shape": ["batch", int(tokenizer.context_length)],
         "tokenizer": type(tokenizer).__module__ + "." + type(tokenizer).__name__,
@@ -359,7 +382,7 @@ def export_graphs(model: nn.Module, out_dir: str | Path, fmt: str, opset: int = 
     out_dir.mkdir(parents=True, exist_ok=True)
     original = model
     inputs = example_inputs(original)
-    model = clone(model).float().eval()
+    model = reparameterized(clone(model).float().eval())
     indexed = fix_token_masks(model, max_batch)
     spec = model.model_spec
     files, write = GRAPH_FILES[fmt], _whole_or_nothing(WRITERS[fmt])
@@ -393,6 +416,18 @@ def export_graphs(model: nn.Module, out_dir: str | Path, fmt: str, opset: int = 
             manifest["graphs"]["text"] = _export_text(model, inputs, out_dir, files["text"], write, opset)
     atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     return manifest
+
+
+def reparameterized(model: nn.Module) -> nn.Module:
+    """In place: a timm image tower's re-parameterisable blocks (MobileCLIP's FastViT/MCi: MobileOne and RepMixer
+    branches) fused into their inference form, the same function with fewer, plainer layers (timm's
+    `reparameterize_model`); any other model is left as it is."""
+    visual = getattr(model, "visual", None)
+    if visual is not None and any(hasattr(m, "reparameterize") or hasattr(m, "fuse") for m in visual.modules()):
+        from timm.utils import reparameterize_model
+
+        model.visual = reparameterize_model(visual, inplace=True)
+    return model
 
 
 def _has_fixed_mask(model: nn.Module) -> bool:
@@ -430,10 +465,11 @@ def _export_text(model: nn.Module, inputs: Dict[str, Any], out_dir: Path, file: 
                 "note": "not exported: use the text encoder the spec names"}
     write(TextGraph(model), inputs["text"], out_dir / file, ["tokens"], ({0: torch.export.Dim("batch", min=1)},),
           opset)
-    description = describe_clip_tokenizer(model.model_spec)
-    import open_clip.tokenizer
+    description = describe_clip_tokenizer(model.model_spec, out_dir)
+    if "vocab_file" in description:
+        import open_clip.tokenizer
 
-    shutil.copyfile(open_clip.tokenizer.default_bpe(), out_dir / description["vocab_file"])
+        shutil.copyfile(open_clip.tokenizer.default_bpe(), out_dir / description["vocab_file"])
     return {"file": file, **description}
 
 
