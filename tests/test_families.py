@@ -12,7 +12,9 @@ import pytest
 import torch
 from test_monitor import eval_root  # noqa: F401  (a fixture: the shapes and coco2017 eval root)
 
-TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+import compress
+
+TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
 
 # timm architectures of the families, shrunk: (name registered here, timm architecture, its size arguments)
 TINY_TIMM = {
@@ -64,6 +66,8 @@ FAMILIES.update({
                              "act_kwargs": {"approximate": "tanh"}}},
 })
 CONV_FAMILIES = {"rn50", "convnext", "mobileclip"}
+# families whose image tower is open_clip's VisionTransformer (the others' is a ResNet or a timm network)
+OPEN_CLIP_VIT_FAMILIES = {"vit", "vit-quickgelu", "coca"}
 
 
 def save_stand_in_tokenizer(hub_cache, repo_id: str) -> None:
@@ -289,3 +293,70 @@ def test_onnx_export_of_every_family_matches_and_writes_its_preprocessing(family
         assert image["mean"] == [0.0] * 3 and resize["interpolation"] == "bilinear"
         fused = reparameterized(copy.deepcopy(model))
         assert sum(1 for _ in fused.visual.modules()) < sum(1 for _ in model.visual.modules())
+
+
+@pytest.fixture(scope="module")
+def calibration(family_models):
+    """Three calibration batches of 4 (random images at each family's size, its tokenizer's captions)."""
+    captions = ["one red circle", "two blue squares", "a green star", "three yellow triangles"]
+    out = {}
+    for family, model in family_models.items():
+        images, _ = _inputs(model)
+        tokens = compress.get_tokenizer(model.model_spec)(captions)
+        generator = torch.Generator().manual_seed(2)
+        out[family] = [{"image": torch.randn(4, *images.shape[1:], generator=generator), "text": tokens}
+                       for _ in range(3)]
+    return out
+
+
+def _round_trip(model):
+    """`model` rebuilt from its spec and weights (what compress.load makes of its checkpoint) gives its features."""
+    images, tokens = _inputs(model)
+    loaded = compress.load({"model_spec": model.model_spec, "state_dict": model.state_dict()})
+    with torch.no_grad():
+        for got, expected in ((loaded.encode_image(images), model.eval().encode_image(images)),
+                              (loaded.encode_text(tokens), model.encode_text(tokens))):
+            assert torch.allclose(got, expected, atol=1e-5)
+    return loaded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_block_operations_apply_to_every_transformer_tower_and_say_which_they_leave(family, family_models,
+                                                                                    calibration, caplog):
+    """Low-rank, head pruning, Fisher pruning and text-layer dropping on both towers: an open_clip transformer
+    tower is reshaped (CoCa's text tower with its cls token included), any other tower is left as it is with one
+    warning line, and each result reloads from its spec. Token masking refuses an image tower it cannot mask."""
+    from compress.ops.fisher_prune import fisher_prune
+    from compress.ops.heads import prune_heads_by_sensitivity
+    from compress.ops.lowrank import low_rank
+    from compress.ops.text_layers import drop_text_layers
+    from compress.ops.token_mask import mask_tokens
+
+    model, batches = family_models[family], calibration[family]
+    both = ("image", "text")
+    image_reshaped = family in OPEN_CLIP_VIT_FAMILIES
+    results = {
+        "lowrank": low_rank(model, 0.5, towers=both),
+        "heads": prune_heads_by_sensitivity(model, 1, batches, towers=both),
+        "fisher": fisher_prune(model, batches, 0.6, towers=both),
+        "text_layers": drop_text_layers(model, keep_first=1),
+    }
+    left = [r.getMessage() for r in caplog.records if "is no open_clip transformer" in r.getMessage()]
+    assert len(left) == (0 if image_reshaped else 3), left
+    for name, result in results.items():
+        blocks = result.model_spec.get("blocks", {})
+        assert any(".resblocks." in block and not block.startswith("visual.") for block in blocks) or \
+            name == "text_layers", name
+        assert any(block.startswith("visual.") for block in blocks) == (image_reshaped and name != "text_layers")
+        _round_trip(result)
+    assert results["text_layers"].model_spec["text_layers"] == [0]
+    images, _ = _inputs(model)
+    if image_reshaped:
+        masked = mask_tokens(model, 0.5)
+        with torch.no_grad():
+            assert not torch.allclose(masked.encode_image(images), model.encode_image(images))
+        _round_trip(masked)
+    else:
+        with pytest.raises(ValueError, match="no patch_dropout hook"):
+            mask_tokens(model, 0.5)

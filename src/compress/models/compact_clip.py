@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -363,8 +364,20 @@ def compact_block_from_dense(block: nn.Module) -> CompactBlock:
 
 def compact_blocks(model: nn.Module, towers: Sequence[str] = TOWERS,
                    layers: Optional[List[int]] = None) -> Iterator[Tuple[str, CompactBlock]]:
-    """Convert the chosen blocks to CompactBlocks in place (once) and yield (qualified name, block)."""
+    """Convert the chosen blocks to CompactBlocks in place (once) and yield (qualified name, block).
+
+    A chosen tower that is no open_clip transformer (an RN50's or a timm image tower) is left as it is, with one
+    log line, and the others are converted; a ValueError when none of the chosen towers is one."""
+    present = transformer_towers(model)
     for tower in towers:
+        if tower in TOWERS and tower not in present:
+            owner = getattr(model, "visual", None) if tower == "image" else getattr(model, "text", model)
+            message = (f"the {tower} tower of this model ({type(owner).__name__}) is no open_clip transformer: "
+                       f"block operations do not apply to it")
+            if not any(other in present for other in towers):
+                raise ValueError(message)
+            logging.getLogger(__name__).warning("%s; it is left as it is", message)
+    for tower in [tower for tower in towers if tower not in TOWERS or tower in present]:
         blocks, prefix = tower_blocks(model, tower), tower_prefix(model, tower)
         chosen = range(len(blocks)) if layers is None else layers
         for index in chosen:

@@ -17,7 +17,12 @@ from compress.models.compact_clip import TokenMask, clone, install_token_mask, r
 
 
 def mask_tokens(model: nn.Module, drop: float, seed: int = 0) -> nn.Module:
-    """A copy of `model` whose image tower keeps a fraction 1 − drop of each image's patch tokens at inference."""
+    """A copy of `model` whose image tower keeps a fraction 1 − drop of each image's patch tokens at inference.
+    ValueError for an image tower without open_clip's `patch_dropout` hook (a ResNet, ConvNeXt, FastViT or a timm
+    ViT): the mask would change nothing there."""
+    if not isinstance(getattr(getattr(model, "visual", None), "patch_dropout", None), nn.Module):
+        raise ValueError(f"token masking drops the patch tokens of an open_clip ViT image tower; this model's "
+                         f"({type(getattr(model, 'visual', None)).__name__}) has no patch_dropout hook to mask them")
     model = clone(model)
     install_token_mask(model.visual, TokenMask(drop, seed, per_image=True))
     return refresh_spec(model)
