@@ -179,6 +179,11 @@ plot = "{tmp_path / 'plot.png'}"
         assert rows["cascade m=72"][f"R@{k}"] == rows["large alone"][f"R@{k}"]
     assert rows["cascade m=72"]["large_encoded_fraction"] == 1.0
     assert 0 < rows["cascade m=5"]["large_encoded_fraction"] <= 1.0
+    # overlap@10 against the large model's own top 10: all of it at m = the gallery, at most 5 of 10 from 5
+    assert "overlap@10" in printed
+    assert rows["large alone"]["overlap"] == 1.0 and rows["cascade m=72"]["overlap"] == 1.0
+    assert 0 < rows["cascade m=5"]["overlap"] <= 0.5
+    assert 0 <= rows["level 1 alone"]["overlap"] <= 1.0
     if kind == "speedup":
         assert all(row["per_query_ms"] > 0 and row["first_query_s"] > 0 for row in summary["rows"])
         # 10 queries × 5 candidates cannot cover 72 images: the sparse lifetime embeds a part of the gallery

@@ -10,7 +10,14 @@ from PIL import Image
 
 import eval as clip_eval
 from eval.data import discover_datasets, read_flickr_results_csv, read_karpathy_test_split
-from eval.metrics import classification_metrics, feature_statistics, ranks_in_ranking, recall_at_ks, retrieval_metrics
+from eval.metrics import (
+    classification_metrics,
+    feature_statistics,
+    overlap_at_k,
+    ranks_in_ranking,
+    recall_at_ks,
+    retrieval_metrics,
+)
 from eval.models import open_clip_train_spec, parse_param_value
 
 # `eval.linear_probe` the attribute is the function; the module is needed to spy on its selection step.
@@ -128,6 +135,23 @@ def test_recall_from_a_ranked_list_follows_the_same_tie_rule():
     whole = retrieval_metrics(images, captions, text_to_image, ks=(1, 5, 10))
     assert listed == {k: pytest.approx(whole[f"image_retrieval_recall@{k}"]) for k in (1, 5, 10)}
     assert listed[1] < (best.indices[:, 0] == text_to_image).float().mean().item()  # index order would flatter
+
+
+def test_overlap_at_k_hand_computed():
+    reference = torch.tensor([[0, 1, 2, 9], [5, 6, 7, 8], [3, 4, 0, 1]])
+    ranked = torch.tensor([[2, 1, 0, 3],    # same top-3 set in another order: 3/3
+                           [6, 9, 8, 5],    # only 6 of {5, 6, 7} in its top 3 (5 and 8 are too late/absent): 1/3
+                           [1, 2, 9, 3]])   # none of {3, 4, 0} in its top 3: 0/3
+    assert overlap_at_k(ranked, reference, 3) == pytest.approx((1 + 1 / 3 + 0) / 3)
+    assert overlap_at_k(ranked, reference, 1) == pytest.approx(0.0)  # 0 vs 2, 5 vs 6, 3 vs 1
+    assert overlap_at_k(ranked, reference, 4) == pytest.approx((3 / 4 + 3 / 4 + 2 / 4) / 3)
+    assert overlap_at_k(reference, reference, 4) == 1.0
+    # a shorter result list (a cascade keeping fewer than k candidates) misses the places it lacks
+    assert overlap_at_k(ranked[:, :2], reference, 3) == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
+    with pytest.raises(ValueError):
+        overlap_at_k(ranked, reference[:, :2], 3)
+    with pytest.raises(ValueError):
+        overlap_at_k(ranked[:2], reference, 3)
 
 
 def test_feature_statistics():

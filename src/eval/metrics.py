@@ -12,6 +12,7 @@ candidates that score at least as high as it. Two consequences are deliberate:
 A search that returns only a best-first list (the cascade, compress.ops.cascade) is scored by the same rule:
 `ranks_in_ranking` counts, from the list's scores, the listed candidates that score at least as high as the
 target, and `recall_at_ks` turns any ranks into recall@k for both kinds of caller.
+`overlap_at_k` scores such a list against a reference search's list instead of a labelled target.
 
 Similarities are computed in chunks of queries, so a 5k × 25k or a 100k gallery needs only
 `chunk × gallery` floats at a time.
@@ -110,6 +111,24 @@ def ranks_in_ranking(ranked: torch.Tensor, scores: torch.Tensor, targets: torch.
     position = found.int().argmax(dim=1)  # first match; 0 (ignored below) where there is none
     ranks = rank_of_true_class(scores, position)
     return torch.where(found.any(dim=1), ranks, torch.full_like(ranks, NOT_RETRIEVED))
+
+
+def overlap_at_k(ranked: torch.Tensor, reference: torch.Tensor, k: int) -> float:
+    """Mean over queries of the share of `reference[q]`'s first k results that `ranked[q]`'s first k hold:
+    how approximate nearest-neighbour search is judged, with the exact search's (here the large model's own)
+    top k as the reference. Both are (Q, L) best-first gallery indices; 1.0 means the same top-k set,
+    whatever its order. Unlike recall against a labelled target it needs no ground truth, so it measures how
+    faithfully an approximate search reproduces the exact one even where the exact one seldom finds the target.
+    A `ranked` list shorter than k (a cascade that keeps only m < k candidates) counts its missing places as misses.
+    """
+    if k < 1 or reference.shape[1] < k:
+        raise ValueError(f"overlap@{k} needs k >= 1 and at least k reference results per query, got "
+                         f"{reference.shape[1]}")
+    if ranked.shape[0] != reference.shape[0]:
+        raise ValueError(f"overlap@{k}: {ranked.shape[0]} ranked queries against {reference.shape[0]} references")
+    reference = reference[:, :k].to(ranked.device)
+    shared = (reference.unsqueeze(2) == ranked[:, :k].unsqueeze(1)).any(dim=2)  # (Q, k): reference entry found
+    return shared.float().sum(dim=1).div(k).mean().item()
 
 
 @torch.no_grad()

@@ -9,7 +9,9 @@ Captions of a retrieval set (COCO or Flickr30k) are the queries, its images the 
 large model alone, level 1 alone, each cascade — runs the real search: a fresh index folder, level 1 streams
 the gallery from disk into its store and faiss index, then every query is embedded, searched, and its
 candidates lazily decoded and embedded by the higher levels. The lifetime is all of that, timed; recall is
-eval.metrics' image_retrieval_recall@k (ties count against the model) of each system's ranked results.
+eval.metrics' image_retrieval_recall@k (ties count against the model) of each system's ranked results, and
+overlap@k (k the largest of the config's k) the share of the large model's own top k each system returns: the
+cascade judged as approximate search, which says something even where the large model seldom finds the target.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from compress.ops.cascade import INDEX_KINDS, Cascade, ImageFiles, IndexOptions, SearchIndex
-from eval.metrics import ranks_in_ranking, recall_at_ks
+from eval.metrics import overlap_at_k, ranks_in_ranking, recall_at_ks
 from foundation.errors import UserError
 from utils.cascade.gallery import Gallery, read_gallery
 from utils.cascade.recipes import DEFAULT_CACHE_DIR, BuildSettings, build_level, recipe_kind
@@ -334,6 +336,7 @@ def _run_search_experiment(exp: Experiment, sources: List[LevelSource], gallery:
             entry["text_s"].append(run.text_s)
             entry["levels"] = run.levels
             entry["recall"] = recall_at_ks(ranks_in_ranking(run.ranked, run.scores, targets), exp.ks)
+            entry["ranked"] = run.ranked
     if exp.kind == "speedup" and exp.per_query_queries and exp.first_query_queries:
         sample = queries[:: max(1, len(queries) // max(1, exp.per_query_queries))][: exp.per_query_queries]
         cold_sample = sample[: exp.first_query_queries]
@@ -342,6 +345,7 @@ def _run_search_experiment(exp: Experiment, sources: List[LevelSource], gallery:
             results[system.name]["first_query_s"] = runner.first_query_seconds(system, cold_sample, depth)
 
     base = results["large alone"]
+    overlap_k = max(exp.ks)
     base_lifetime = statistics.median(base["lifetimes"])
     base_image_s = statistics.median(base["image_s"])
     size = len(gallery.paths)
@@ -358,7 +362,8 @@ def _run_search_experiment(exp: Experiment, sources: List[LevelSource], gallery:
                                                                                     entry["levels"])],
                "large_encoded_fraction": (encoded[-1] / size) if system.level_ids[-1] == last else 0.0,
                **{f"R@{k}": 100 * v for k, v in entry["recall"].items()},
-               **{f"dR@{k}": 100 * (v - base["recall"][k]) for k, v in entry["recall"].items()}}
+               **{f"dR@{k}": 100 * (v - base["recall"][k]) for k, v in entry["recall"].items()},
+               "overlap_k": overlap_k, "overlap": overlap_at_k(entry["ranked"], base["ranked"], overlap_k)}
         if sparse:
             row["sparse_queries"] = len(sparse)
             row["sparse_lifetime_s"] = statistics.median(entry["sparse"])
@@ -423,12 +428,14 @@ def format_table(summary: Dict[str, Any], ks: Sequence[int]) -> str:
     lines = [f"{summary['name']} ({kind}): {summary['dataset']}, {summary['gallery']} gallery images, "
              f"{summary['queries']} caption queries, level-1 index {summary['index']}; levels (cheapest first): "
              f"{', '.join(summary['levels'])}"]
+    overlap_name = f"overlap@{summary['rows'][0]['overlap_k']}"
     if kind == "topk":
-        header = (["system"] + [f"R@{k}" for k in ks] + [f"ΔR@{k}" for k in ks]
+        header = (["system"] + [f"R@{k}" for k in ks] + [f"ΔR@{k}" for k in ks] + [overlap_name]
                   + ["large enc.", "images enc.", "lifetime ×", "images ×"])
     else:
         header = ["system", "lifetime s", "lifetime ×", "images ×", "text s", "large enc.", "images enc.",
-                  "1st query s", "1st query ×", "warm query ms", "warm query ×"] + [f"R@{k}" for k in ks]
+                  "1st query s", "1st query ×", "warm query ms", "warm query ×"] + [f"R@{k}" for k in ks] + [
+                      overlap_name]
         sparse_queries = summary["rows"][0].get("sparse_queries")
         if sparse_queries:
             header[7:7] = [f"lifetime × {sparse_queries}q", f"large enc. {sparse_queries}q"]
@@ -438,7 +445,7 @@ def format_table(summary: Dict[str, Any], ks: Sequence[int]) -> str:
     for row in summary["rows"]:
         if kind == "topk":
             table.append([row["system"]] + [f"{row[f'R@{k}']:.2f}" for k in ks] +
-                         [f"{row[f'dR@{k}']:+.2f}" for k in ks] +
+                         [f"{row[f'dR@{k}']:+.2f}" for k in ks] + [f"{row['overlap']:.2f}"] +
                          [f"{100 * row['large_encoded_fraction']:.0f}%", _levels_cell(row),
                           f"{row['lifetime_speedup']:.2f}x", f"{row['image_speedup']:.2f}x"])
             continue
@@ -450,7 +457,7 @@ def format_table(summary: Dict[str, Any], ks: Sequence[int]) -> str:
         if "first_query_s" in row:
             cells += [f"{row['first_query_s']:.3f}", f"{row['first_query_speedup']:.2f}x",
                       f"{row['per_query_ms']:.2f}", f"{row['per_query_speedup']:.2f}x"]
-        table.append(cells + [f"{row[f'R@{k}']:.2f}" for k in ks])
+        table.append(cells + [f"{row[f'R@{k}']:.2f}" for k in ks] + [f"{row['overlap']:.2f}"])
     widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
     for i, r in enumerate(table):
         lines.append("  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w)
@@ -461,7 +468,9 @@ def format_table(summary: Dict[str, Any], ks: Sequence[int]) -> str:
                  "then embed, search and lazily decode + re-encode for every query (median of repeats); images = the "
                  "part of it spent decoding and embedding images (all levels), text = embedding the queries (same "
                  "text tower for every system); × = 'large alone' time / the system's; large enc. = share of the "
-                 "gallery the last level embedded; images enc. = images each level embedded (cheapest first)")
+                 "gallery the last level embedded; images enc. = images each level embedded (cheapest first); "
+                 f"{overlap_name} = share of the large model's own top {summary['rows'][0]['overlap_k']} that the "
+                 "system returns (approximate-search quality, no labels needed)")
     if kind == "speedup":
         if "first_query_s" in summary["rows"][0]:
             lines.append("1st query = one query on a gallery nothing has indexed yet (median); warm query = mean "
