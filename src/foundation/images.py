@@ -215,10 +215,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
     """16-bit greyscale (PIL mode I;16*, or I: 32-bit integers holding 0..65535, as some Pillow versions
     open 16-bit PNGs and TIFFs) to 8-bit L, 65535 -> 255, keeping a transparent grey level as an alpha channel."""
-    values = np.asarray(image).astype(np.int64)  # I;16B is big-endian uint16; int64 holds every case
-    levels = ((np.clip(values, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)  # rounded
+    raw = np.asarray(image)  # uint16 (I;16B: big-endian), or int32 for mode I
     transparent = image.info.get("transparency")
+    # 4 bytes a pixel, computed in place (65535 * 255 + 32767 fits an int32): a 16-bit image at the pixel limit
+    # costs about 10 bytes a pixel in all, not the 30 of int64 temporaries
+    values = raw.astype(np.int32 if raw.dtype.kind == "i" else np.uint32)
+    np.clip(values, 0, 65535, out=values)
+    values *= 255
+    values += 32767
+    values //= 65535  # rounded
+    levels = values.astype(np.uint8)
+    del values
     if isinstance(transparent, int):
-        alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
+        alpha = np.where(raw == transparent, np.uint8(0), np.uint8(255))
         return Image.fromarray(np.stack([levels, alpha], axis=-1))  # (h, w, 2) uint8: LA
     return Image.fromarray(levels)  # (h, w) uint8: L
