@@ -360,3 +360,39 @@ def test_block_operations_apply_to_every_transformer_tower_and_say_which_they_le
     else:
         with pytest.raises(ValueError, match="no patch_dropout hook"):
             mask_tokens(model, 0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_upop_searches_and_cuts_every_transformer_tower_of_every_family(family, teachers, family_models, caplog,
+                                                                        tmp_path):
+    """--job prune's search (masks, a KD loss step reaching them) and surgery on each family: the open_clip
+    transformer towers are pruned, any other image tower is named in one warning line at start and kept whole;
+    the surgically pruned model reloads from its spec."""
+    import types
+
+    from compress.models import pruning
+    from training.distributed import DistInfo
+    from training.jobs.prune import PruneJob
+    from training.params import parse_args
+
+    args = parse_args(["--job", "prune", "--train-data", "synthetic", "--model", config_name(family),
+                       "--pretrained", str(teachers[family]), "--batch-size", "4", "--epochs", "2",
+                       "--search-epochs", "1", "--p", "0.5", "--KD", "--logs", str(tmp_path), "--name", family,
+                       "--report-to", "none"])
+    job = PruneJob(args, DistInfo())
+    model = job.build_model()
+    ctx = types.SimpleNamespace(unwrapped_model=model, data=types.SimpleNamespace(num_batches=4), step=0,
+                                scaler=None, log_scalars=lambda scalars: None)
+    job.on_train_start(ctx)
+    left = [r.getMessage() for r in caplog.records if "is no open_clip transformer" in r.getMessage()]
+    image_pruned = family in OPEN_CLIP_VIT_FAMILIES
+    assert len(left) == (0 if image_pruned else 1) and all("UPop prunes the text tower only" in m for m in left)
+    assert any(key.startswith("image.") for key in job.masks) == image_pruned
+    images, tokens = _inputs(family_models[family])
+    job.loss(model, {"image": torch.cat([images] * 2), "text": torch.cat([tokens] * 2)})["loss"].backward()
+    assert all(mask.grad is not None for mask in job.masks.values())
+    masks = {key: (torch.arange(len(mask)) % 2 == 0).float() for key, mask in job.masks.items()}
+    pruned = pruning.prune_clip(model, masks)
+    assert pruned.model_spec["kind"] == "pruned_clip"
+    _round_trip(pruned)

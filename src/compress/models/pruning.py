@@ -29,7 +29,7 @@ Two model kinds are registered with `compress.models.registry`:
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ from compress.models.compact_clip import (
     to_compact,
     tower_blocks,
     tower_prefix,
+    transformer_towers,
 )
 from compress.models.registry import build_model, create_open_clip, register_model_kind
 
@@ -94,10 +95,11 @@ def _compact_block(model: nn.Module, tower: str, layer: int) -> CompactBlock:
 # --- masks ---------------------------------------------------------------------------------------------
 
 
-def init_masks(model: nn.Module, prune_heads: bool = False, towers: Sequence[str] = TOWERS) -> Masks:
-    """All-ones masks for every attention layer (per head dim, or per head) and MLP of `towers`."""
+def init_masks(model: nn.Module, prune_heads: bool = False, towers: Optional[Sequence[str]] = None) -> Masks:
+    """All-ones masks for every attention layer (per head dim, or per head) and MLP of `towers` (default: every
+    open_clip transformer tower of the model; an RN50's or a timm image tower is none)."""
     masks: Masks = {}
-    for tower in towers:
+    for tower in transformer_towers(model) if towers is None else towers:
         for i in range(len(tower_blocks(model, tower))):
             block = _compact_block(model, tower, i)
             device = block.mlp.c_fc.weight.device
@@ -127,7 +129,7 @@ def attach_masks(model: nn.Module, masks: Masks) -> nn.Module:
 
 
 def _named_blocks(model: nn.Module):
-    for tower in TOWERS:
+    for tower in transformer_towers(model):
         for i, block in enumerate(tower_blocks(model, tower)):
             yield tower, i, block
 
@@ -365,7 +367,7 @@ def layer_shapes(model: nn.Module) -> Dict[str, List[Dict[str, int]]]:
     """Per tower, per layer: heads, head_dim, mlp_width."""
     return {tower: [{"heads": b.attn.num_heads, "head_dim": b.attn.head_dim, "mlp_width": b.mlp.c_fc.out_features}
                     for b in tower_blocks(model, tower)]
-            for tower in TOWERS}
+            for tower in transformer_towers(model)}
 
 
 def _base_spec(spec: Dict) -> Dict:
