@@ -150,6 +150,7 @@ def teachers(family_configs, tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_is_a_distill_teacher_with_its_own_text_tower(family, teachers):
     """--job distill builds a student of each family's teacher without --student-text: the student's text tower is
@@ -241,6 +242,7 @@ def _inputs(model):
     return torch.randn(2, 3, size, size), get_tokenizer(model.model_spec)(["one red circle", "a blue square"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_int8_of_every_family_round_trips_and_text_only_leaves_the_image_tower(family, family_models, tmp_path):
     """int8 of both towers reaches every nn.Linear the towers call (a conv tower's too) and reloads; `--towers
