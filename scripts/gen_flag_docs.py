@@ -64,6 +64,9 @@ ENTRY_POINTS: List[EntryPoint] = [
                "One table and a Pareto plot over the runs the monitor scored."),
     EntryPoint("utils.make_corpus", "clipcompress corpus", "utils.make_corpus",
                "The embedded default corpus."),
+    EntryPoint("utils.reinforce", "clipcompress reinforce", "utils.reinforce",
+               "Reinforced shards: a teacher's embeddings of K augmented views and of the captions, stored beside "
+               "the data (docs/reinforce.md)."),
 ]
 
 

@@ -27,6 +27,7 @@ COMMANDS: Dict[str, Command] = {
     "monitor": Command("utils.evaluate_checkpoints", "score every new checkpoint of a run"),
     "report": Command("utils.report", "one table and a Pareto plot over scored runs"),
     "corpus": Command("utils.make_corpus", "write the embedded default corpus"),
+    "reinforce": Command("utils.reinforce", "store a teacher's embeddings of augmented views beside the data"),
     "lowrank": Command("utils.lowrank", "low-rank factorisation (SVD / Fisher-weighted SVD)"),
     "heads": Command("utils.heads", "attention-head pruning by sensitivity"),
     "fisher-prune": Command("utils.fisher_prune", "Fisher pruning of heads and neurons under a MAC budget"),

@@ -34,6 +34,7 @@ from training.data.annotation_dataset import AnnotationDataset
 from training.data.csv_dataset import CsvDataset, ResumableDistributedSampler, SyntheticDataset, episode_indices
 from training.data.loaders import run_loader
 from training.data.memory import check_loader_shared_memory, loader_prefetch_factor
+from training.data.reinforced import StoredViews
 from training.data.samples import BatchCollator
 from training.data.shards import (
     DEFAULT_SHUFFLE_BUFFER,
@@ -203,11 +204,16 @@ def _webdataset_data(args, transform, tokenizer, rank, world_size) -> DataInfo:
         shards = EpochShards(urls, args.seed, rank, world_size, shuffle)  # shuffles each pass itself
         pipeline = [shards]
     seeded: List[EpochSeeded] = [shards, shuffle, quota]
+    if isinstance(transform, StoredViews):  # a reinforced set: the stored view of the epoch, and its embeddings
+        decode = transform.decoder(args.seed, rank, args.allow_empty_captions, max_pixels)
+        seeded.append(decode)
+    else:
+        decode = wds.map(lambda s: decode_shard_sample(s, transform, args.allow_empty_captions, max_pixels))
     position = LoaderPosition(workers)
     for stage in seeded:  # one position for the whole pipeline, shared with the workers
         stage.position = position
     pipeline += [
-        wds.map(lambda s: decode_shard_sample(s, transform, args.allow_empty_captions, max_pixels)),
+        decode,
         drop_bad_samples,
         wds.batched(args.batch_size, collation_fn=BatchCollator(tokenizer), partial=False),
         quota,

@@ -30,6 +30,10 @@ SHUFFLE_BUFFER_BYTES = 1 << 30
 # The members a sample is made of (decode_shard_sample); a shard's other members are passed over unread.
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 TEXT_MEMBERS = ("txt", "idx")
+# A reinforced set's arrays (training.data.reinforced): each view's crop and the teacher's embeddings, at most
+# 256 views of a 16384-wide float32 embedding plus the .npy header
+ARRAY_MEMBERS = ("views.npy", "image_emb.npy", "text_emb.npy")
+MAX_ARRAY_MEMBER_BYTES = (16 << 20) + 4096
 # Largest member read into memory: an image file this big is far past any training resolution (a
 # 9459x9459 JPEG, the default pixel limit, is ~10-40 MB); a caption's limit is samples.MAX_CAPTION_BYTES.
 # A larger member is skipped, never read (its bytes are streamed past), and its sample counted as bad.
@@ -95,6 +99,8 @@ def _member_limit(suffix: str) -> Optional[int]:
         return MAX_IMAGE_MEMBER_BYTES
     if suffix in TEXT_MEMBERS:
         return MAX_CAPTION_BYTES
+    if suffix in ARRAY_MEMBERS:
+        return MAX_ARRAY_MEMBER_BYTES
     return None  # not used: never read
 
 

@@ -7,11 +7,17 @@ checkpoint rebuilds with `compress.load`, so the monitor and eval score it like 
 Losses (`--distill-loss`, comma-separated, each scaled by its `--<name>-weight`):
 cosine and fd compare image embeddings only (no captions needed); icl, crd and affinity use the batch's
 captions through the teacher's text tower (and the student's, when it has one).
+
+On a reinforced set (`clipcompress reinforce`, training.data.reinforced: shards whose folder holds
+reinforce.json) no teacher is built: each step trains on one of the K stored views of each image and reads the
+teacher's embeddings of that view and of the caption from the shards; the student's text tower and temperature
+come from the set's teacher_text.safetensors. `--teacher-model`/`--teacher-pretrained` may still be given, and
+must then name the set's teacher; `--ignore-stored-embeddings` runs that teacher online on the same views.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +29,14 @@ from compress.models.students import (
     copy_teacher_text_tower,
     default_inherited_layers,
     inherit_vit_from_teacher,
+    load_text_tower,
     load_torchvision_weights,
     student_clip_spec,
     student_image_spec,
 )
 from compress.ops.distill_losses import LOSSES, DistillFeatures
 from foundation.errors import UserError
+from training.data.reinforced import Reinforcement, StoredViews, check_teacher, find_reinforcement
 from training.jobs import Job, add_argument_once
 from training.jobs.batchnorm import BatchNormRecalibration, add_recalibration_flag
 
@@ -82,34 +90,51 @@ class DistillJob(Job):
         for loss_name, entry in LOSSES.items():
             group.add_argument(f"--{loss_name}-weight", type=float, default=entry.default_weight,
                                help=f"weight of the {loss_name} loss")
+        add_stored_embeddings_flag(group)
         add_recalibration_flag(group)
 
     # --- models -------------------------------------------------------------------------------------
 
     def build_model(self, resume_spec: Optional[Dict[str, Any]] = None):
         args = self.args
-        if not args.teacher_model:
-            raise UserError("--job distill needs --teacher-model (and usually --teacher-pretrained)")
+        self.reinforcement, self.stored = stored_embeddings(args, "--teacher-model/--teacher-pretrained",
+                                                            args.teacher_model, args.teacher_pretrained)
+        if self.stored is None and not args.teacher_model:
+            raise UserError("--job distill needs --teacher-model (and usually --teacher-pretrained), or shards "
+                            "reinforced with a teacher (clipcompress reinforce)")
         if is_image_teacher_arch(args.teacher_model):
             raise UserError(f"--teacher-model {args.teacher_model}: --job distill distils an open_clip CLIP; an "
                             f"image teacher of a torchvision architecture is --job protorkd's")
+        self.teacher_model = self.stored.teacher_name if self.stored is not None else args.teacher_model
+        inheriting = args.inherit_from_teacher and resume_spec is None
+        if self.stored is not None and inheriting and not args.teacher_pretrained:
+            raise UserError("--inherit-from-teacher copies the teacher's weights into the student: give "
+                            "--teacher-pretrained, the weights of the teacher the shards store the embeddings of")
         self.loss_names = parse_loss_names(args.distill_loss)
         self.needs_text = any(LOSSES[name].needs_text for name in self.loss_names)
         if self.needs_text and args.allow_empty_captions:
             raise UserError("--allow-empty-captions keeps caption-less images, which only the image losses "
                             "(cosine, fd) can use; drop it or the caption losses")
-        teacher = create_clip(args.teacher_model, args.teacher_pretrained)
-        teacher.eval().requires_grad_(False)
-        # pure-bf16 runs feed bf16 images: the teacher must take them too
-        self.teacher = teacher.to(self.device, torch.bfloat16 if args.precision == "bf16" else None)
-        self.teacher_tokenizer = get_tokenizer(teacher.model_spec)
+        teacher = None
+        if self.stored is None or inheriting:
+            # with stored embeddings the teacher is only read to initialise an inheriting student. Its build
+            # draws its random init (then overwritten) from a forked generator: the student's init is the same
+            # whether a teacher was built or not, so a run on stored embeddings starts from the online run's student
+            with torch.random.fork_rng(devices=[]):
+                teacher = create_clip(self.teacher_model, args.teacher_pretrained)
+            teacher.eval().requires_grad_(False)
+        self.teacher = None
+        if self.stored is None:
+            # pure-bf16 runs feed bf16 images: the teacher must take them too
+            self.teacher = teacher.to(self.device, torch.bfloat16 if args.precision == "bf16" else None)
+            self.teacher_tokenizer = get_tokenizer(teacher.model_spec)
 
         if resume_spec is not None:
             model = build_model(resume_spec)
         else:
             model = self._new_student(teacher)
         self.student_has_text = args.student_text is not None
-        self.same_tokenizer = model.model_spec["tokenizer_model"] == args.teacher_model
+        self.same_tokenizer = model.model_spec["tokenizer_model"] == self.teacher_model
         # the temperature only matters to the caption losses; a parameter without gradient would trip DDP
         model.logit_scale.requires_grad_(self.needs_text)
         model.text.requires_grad_(self.student_has_text and self.needs_text)
@@ -118,15 +143,15 @@ class DistillJob(Job):
         self.batchnorm = BatchNormRecalibration(args, self.device)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logging.info("distill: teacher %s, student %s (%d trainable parameters), losses %s",
-                     args.teacher_model, args.student, trainable, ",".join(self.loss_names))
+                     self.teacher_model, args.student, trainable, ",".join(self.loss_names))
         return model
 
     def _new_student(self, teacher):
         args = self.args
         try:
-            image_spec = student_image_spec(args.student, args.teacher_model, args.student_image_size,
+            image_spec = student_image_spec(args.student, self.teacher_model, args.student_image_size,
                                             args.student_width, args.student_layers, args.freeze_backbone)
-            spec = student_clip_spec(image_spec, args.teacher_model, args.student_text)
+            spec = student_clip_spec(image_spec, self.teacher_model, args.student_text)
             model = build_model(spec)
             if args.student_pretrained:
                 logging.info("student backbone from --student-pretrained: %s",
@@ -140,14 +165,24 @@ class DistillJob(Job):
                           else default_inherited_layers(len(teacher.visual.transformer.resblocks), student_layers))
                 inherit_vit_from_teacher(model.visual.net, teacher.visual, layers)
                 logging.info("student ViT inherits teacher layers %s", layers)
+            if args.student_text is None and self.stored is not None:
+                load_text_tower(model, self.stored.text_tower())
+            elif args.student_text is None:
+                copy_teacher_text_tower(model, teacher)
         except (ValueError, FileNotFoundError) as error:
             raise UserError(str(error))
-        if args.student_text is None:
-            copy_teacher_text_tower(model, teacher)
-        else:
+        if args.student_text is not None:
+            scale = teacher.logit_scale.detach() if teacher is not None else torch.tensor(self.stored.logit_scale)
             with torch.no_grad():
-                model.logit_scale.copy_(teacher.logit_scale.detach().reshape(()))
+                model.logit_scale.copy_(scale.reshape(()))
         return model
+
+    def data_transforms(self, model):
+        """On a reinforced set: its stored views (and, unless they are computed online, their embeddings)."""
+        transform, tokenizer = super().data_transforms(model)
+        if self.reinforcement is not None:
+            transform = StoredViews(self.reinforcement, embeddings=self.stored is not None)
+        return transform, tokenizer
 
     # --- run ----------------------------------------------------------------------------------------
 
@@ -165,10 +200,14 @@ class DistillJob(Job):
         images = batch["image"]
         self.batchnorm.observe(images)
         with torch.no_grad():
-            teacher_image = self.teacher.encode_image(images, normalize=True)
-            teacher_scale = self.teacher.logit_scale.exp()
             teacher_text = None
-            if self.needs_text:
+            if self.stored is not None:  # the shards' embeddings of this batch's views and captions
+                teacher_image, teacher_text, teacher_scale = stored_features(batch, self.stored, images,
+                                                                             self.needs_text)
+            else:
+                teacher_image = self.teacher.encode_image(images, normalize=True)
+                teacher_scale = self.teacher.logit_scale.exp()
+            if self.needs_text and self.stored is None:
                 tokens = (batch["text"] if self.same_tokenizer
                           else self.teacher_tokenizer(batch["caption"]).to(images.device))
                 teacher_text = self.teacher.encode_text(tokens, normalize=True)
@@ -186,3 +225,44 @@ class DistillJob(Job):
         with torch.no_grad():
             parts["teacher_cosine"] = F.cosine_similarity(features.student_image, teacher_image, dim=-1).mean()
         return {"loss": total, **parts}
+
+
+# --- stored teacher embeddings (a reinforced set) ---------------------------------------------------------
+
+
+def add_stored_embeddings_flag(group) -> None:
+    add_argument_once(group, "--ignore-stored-embeddings", action="store_true",
+                      help="on shards reinforced with a teacher (clipcompress reinforce): run the teacher online "
+                           "on the same stored views instead of reading its stored embeddings")
+
+
+def stored_embeddings(args, flags: str, teacher_model: Optional[str], teacher_pretrained: Optional[str]
+                      ) -> Tuple[Optional[Reinforcement], Optional[Reinforcement]]:
+    """(the reinforced set --train-data names, or None; the same when its stored embeddings are used, None when
+    --ignore-stored-embeddings computes them online). The teacher `flags` name must be the set's (one line
+    otherwise); the log says whose embeddings are used."""
+    reinforcement = find_reinforcement(args.train_data)
+    if reinforcement is None:
+        if args.ignore_stored_embeddings:
+            raise UserError(f"--ignore-stored-embeddings: --train-data {args.train_data} stores no teacher "
+                            f"embeddings (no reinforce.json beside the shards); drop the flag")
+        return None, None
+    if args.ignore_stored_embeddings:
+        logging.info("--ignore-stored-embeddings: the teacher runs online on the stored views of %s (which hold "
+                     "the embeddings of %s)", reinforcement.folder, reinforcement.describe())
+        return reinforcement, None
+    check_teacher(reinforcement, teacher_model, teacher_pretrained, flags)
+    logging.info("using stored teacher embeddings from %s (%s, %d view(s) per image)", reinforcement.describe(),
+                 reinforcement.folder, reinforcement.views)
+    return reinforcement, reinforcement
+
+
+def stored_features(batch: Dict[str, Any], stored: Reinforcement, like: torch.Tensor, with_text: bool
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(image, caption embeddings, normalised, on the device and in the dtype of `like`; exp of the teacher's
+    temperature) of a batch read from a reinforced set: what the teacher's forward would give."""
+    def normalised(name: str) -> torch.Tensor:
+        return F.normalize(batch[name].to(like.device, torch.float32), dim=-1).to(like.dtype)
+
+    scale = torch.tensor(stored.logit_scale, dtype=torch.float32, device=like.device).exp()
+    return normalised("teacher_image"), normalised("teacher_text") if with_text else None, scale

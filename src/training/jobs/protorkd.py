@@ -87,6 +87,11 @@ class ProtoRKDJob(Job):
         group.add_argument("--teacher-cache-dir", default=None,
                            help="where the teacher-embedding memmap lives (default: <logs>/<name>/cache)")
         group.add_argument("--teacher-batch-size", type=int, default=256, help="captions per teacher forward")
+        group.add_argument("--stored-embeddings", default=None,
+                           help="a folder reinforced from this --train-data with the --teacher-model/"
+                                "--teacher-pretrained CLIP (clipcompress reinforce): the teacher cache takes its "
+                                "stored caption embeddings by row (the samples' idx); the teacher embeds only the "
+                                "rows it lacks")
         group.add_argument("--add-projection-head", action="store_true",
                            help="put a Linear-BN-ReLU projection head on the image backbone")
         group.add_argument("--projection-dim", type=int, default=None,
@@ -290,8 +295,15 @@ class ProtoRKDJob(Job):
         key = cache_key(self.teacher.spec if dtype is None else {**self.teacher.spec, "autocast": str(dtype)},
                         args.train_data, num_rows)
         self.teacher.to(self.device)
+        stored = None
         if self.uses_image_teacher():  # the teacher embeds each row's image (its eval transform) instead
             encode, rows = TeacherImageRows(dataset, self.teacher, args, self.dist).encode, range(num_rows)
+        elif args.stored_embeddings:
+            stored = StoredTeacherRows(self.stored_embeddings(), dataset.captions, self.teacher,
+                                       args.teacher_batch_size)
+            encode, rows = stored.encode, range(num_rows)
+            key = cache_key({**self.teacher.spec, "autocast": str(dtype), "stored": stored.identity()},
+                            args.train_data, num_rows)
         else:
             encode, rows = (lambda texts: self.teacher.encode(texts, batch_size=args.teacher_batch_size),
                             dataset.captions)
@@ -300,8 +312,28 @@ class ProtoRKDJob(Job):
                 encode, rows, self.teacher.dim, cache_dir, key, batch_size=args.teacher_batch_size,
                 device=self.device, show_progress=self.dist.is_master and args.log_level != "warning",
                 local_rank=self.dist.local_rank)
+        if stored is not None:
+            stored.report()
         if self.uses_external and not args.external_teacher:
             self.external_features = self.teacher_features
+
+    def stored_embeddings(self):
+        """--stored-embeddings, checked: a complete reinforced set whose teacher is this run's CLIP teacher."""
+        from training.data.reinforced import check_teacher, read_reinforcement
+
+        args = self.args
+        if not args.teacher_model or self.uses_image_teacher():
+            raise UserError("--stored-embeddings holds an open_clip CLIP's caption embeddings: the teacher must be "
+                            "that CLIP (--teacher-model and --teacher-pretrained)")
+        reinforcement = read_reinforcement(args.stored_embeddings)
+        if not reinforcement.header["complete"]:
+            raise UserError(f"--stored-embeddings {args.stored_embeddings} is an unfinished reinforced set: run its "
+                            f"clipcompress reinforce command again to complete it")
+        check_teacher(reinforcement, args.teacher_model, args.teacher_pretrained)
+        if reinforcement.embed_dim != self.teacher.dim:
+            raise UserError(f"--stored-embeddings {args.stored_embeddings} holds {reinforcement.embed_dim}-wide "
+                            f"embeddings; the teacher's are {self.teacher.dim} wide")
+        return reinforcement
 
     # --- episodes -------------------------------------------------------------------------------------
 
@@ -549,3 +581,46 @@ class TeacherImageRows(Dataset):
         features = self.teacher.encode(images)
         return features * good.to(features.device, features.dtype).unsqueeze(1)
 
+
+
+class StoredTeacherRows:
+    """The teacher cache's rows from a reinforced set's stored caption embeddings (what the same CLIP's
+    `encode_text` gave, training.data.reinforced.StoredCaptionRows), looked up by row; a row the set lacks, or
+    whose caption there is not this TSV's, is embedded by the teacher."""
+
+    def __init__(self, reinforcement, captions, teacher, batch_size: int):
+        from training.data.reinforced import StoredCaptionRows
+
+        self.reinforcement, self.captions, self.teacher, self.batch_size = reinforcement, captions, teacher, batch_size
+        self.rows = StoredCaptionRows(reinforcement)
+        self.read = self.computed = self.differing = 0
+
+    def identity(self) -> Dict[str, Any]:
+        """What the rows depend on beyond the teacher: part of the cache's key."""
+        header = self.reinforcement.header
+        return {"folder": str(self.reinforcement.folder.resolve()), "weights": header["teacher"]["weights"],
+                "dtype": header["dtype"], "precision": header["precision"]}
+
+    def encode(self, rows: List[int]) -> torch.Tensor:
+        found = [self.rows.lookup(row) for row in rows]
+        same = [entry is not None and entry[0] == self.captions[row] for row, entry in zip(rows, found)]
+        self.differing += sum(entry is not None and not match for entry, match in zip(found, same))
+        out = torch.empty(len(rows), self.reinforcement.embed_dim)
+        for position, (entry, match) in enumerate(zip(found, same)):
+            if match:
+                out[position] = torch.from_numpy(entry[1])
+        missing = [position for position, match in enumerate(same) if not match]
+        if missing:
+            computed = self.teacher.encode([self.captions[rows[p]] for p in missing], batch_size=self.batch_size)
+            out[missing] = computed.to("cpu", torch.float32)
+        self.read += len(rows) - len(missing)
+        self.computed += len(missing)
+        return out
+
+    def report(self) -> None:
+        """This rank's share: rows read, rows the teacher embedded (rows whose caption differed among them)."""
+        if self.read or self.computed:
+            logging.info("teacher cache: %d row(s) from the stored embeddings of %s (%s), %d embedded by the "
+                         "teacher%s", self.read, self.reinforcement.folder, self.reinforcement.describe(),
+                         self.computed, f" ({self.differing} whose caption is not the set's)" if self.differing
+                         else "")

@@ -13,7 +13,10 @@ At the start of epoch `search_epochs` the weights are sliced into a genuinely sm
 fine-tune it (by default as many epochs as the search, as UPop). With `--KD` a frozen copy of the starting
 model teaches during the search, as in CLIP-KDPruning: its softmax similarities are the contrastive targets
 on every search step, and the feature and logit MSE terms are added on every search step but the mask-update
-steps; the fine-tune trains on the plain contrastive loss.
+steps; the fine-tune trains on the plain contrastive loss. On shards reinforced with the starting model
+(`clipcompress reinforce` with the same --model and --pretrained weights) the teacher's embeddings of the
+stored views are read instead of computed (`--ignore-stored-embeddings`: computed); shards reinforced with
+another teacher are refused under --KD.
 
 Checkpoints: during search the spec is `masked_clip` (dense weights + current masks, so the monitor scores
 what is being trained); after surgery `pruned_clip` (per-layer widths). The masks, their accumulated
@@ -35,8 +38,10 @@ from compress.models.registry import build_model
 from compress.ops import distill_losses
 from compress.ops.profile import params_and_macs
 from foundation.errors import UserError
+from training.data.reinforced import StoredViews, find_reinforcement
 from training.distributed import all_reduce_sum
 from training.jobs import Job, add_argument_once, add_siglip_bias
+from training.jobs.distill import add_stored_embeddings_flag, stored_embeddings, stored_features
 
 
 class PruneJob(Job):
@@ -82,6 +87,7 @@ class PruneJob(Job):
                            help="search: L1 weight on the attention masks (UPop's value)")
         group.add_argument("--w-sp-mlp", type=float, default=2e-4,
                            help="search: L1 weight on the MLP masks (UPop's value)")
+        add_stored_embeddings_flag(group)
 
     def __init__(self, args, dist_info):
         super().__init__(args, dist_info)
@@ -117,6 +123,7 @@ class PruneJob(Job):
         self.loss_scale = 1.0  # fp16: the loss scale of the current step's backward
         self.loaded_state: Dict[str, Any] = {}
         self.teacher = None
+        self.reinforcement = self.stored = None  # a reinforced --train-data; its embeddings when --KD reads them
 
     def lr_phase_starts(self, steps_per_epoch: int) -> List[int]:
         """Search, then fine-tune from surgery on its own schedule (UPop: cosine lr → 0 over the fine-tune)."""
@@ -154,6 +161,16 @@ class PruneJob(Job):
             model = build_model(resume_spec)
             self.pruned = kind == "pruned_clip"
         if args.KD:
+            self.reinforcement, self.stored = stored_embeddings(args, "--model/--pretrained (the --KD teacher)",
+                                                                args.model, args.pretrained)
+            if self.stored is not None and not args.pretrained:
+                raise UserError("--KD teaches with the starting model: without --pretrained it is a random one, "
+                                f"not the teacher whose embeddings {self.stored.folder} stores; pass its weights")
+        elif args.ignore_stored_embeddings:
+            raise UserError("--ignore-stored-embeddings: only --KD reads a teacher's embeddings")
+        else:
+            self.reinforcement = find_reinforcement(args.train_data)
+        if args.KD and self.stored is None:
             self.teacher = start.to(self.device).eval().requires_grad_(False)
             if args.precision == "bf16":
                 self.teacher = self.teacher.to(torch.bfloat16)
@@ -162,7 +179,17 @@ class PruneJob(Job):
         if args.grad_checkpointing:
             model.set_grad_checkpointing(True)  # kept by surgery (prune_clip copies the model)
         self.clip_loss = self.make_clip_loss(model)
+        if self.siglip and self.stored is not None:
+            raise UserError("--KD under the sigmoid loss (--siglip, a SigLIP model) needs the teacher's logit bias, "
+                            "which stored embeddings do not carry: pass --ignore-stored-embeddings")
         return model
+
+    def data_transforms(self, model):
+        """On a reinforced set: its stored views (and with --KD reading them, the teacher's embeddings)."""
+        transform, tokenizer = super().data_transforms(model)
+        if self.reinforcement is not None:
+            transform = StoredViews(self.reinforcement, embeddings=self.stored is not None)
+        return transform, tokenizer
 
     # --- hooks --------------------------------------------------------------------------------------
 
@@ -290,7 +317,7 @@ class PruneJob(Job):
             labels = self.clip_loss.get_ground_truth(image.device, logits[0].shape[0])
         # SigLIP: open_clip's SigLipLoss (across ranks) as the task loss; under --KD the sigmoid counterparts of
         # CLIP-KDPruning's terms over this rank's pairs (each pair's sigmoid loss stands alone: nothing to gather)
-        if self.siglip and (self.teacher is None or self.pruned):
+        if self.siglip and (not args.KD or self.pruned):
             contrastive = total = self.contrastive_loss(out)
         elif self.siglip:
             with torch.no_grad():
@@ -306,12 +333,17 @@ class PruneJob(Job):
             if not self._is_update_step(self.next_step):
                 total = total + args.w_kd_feat * feat + args.w_kd_logits * logit
             losses.update(kd_feat_loss=feat, kd_logits_loss=logit)
-        elif self.teacher is None or self.pruned:
+        elif not args.KD or self.pruned:
             contrastive = (F.cross_entropy(logits[0], labels) + F.cross_entropy(logits[1], labels)) / 2
             total = contrastive
         else:
             with torch.no_grad():
-                teacher = self.teacher(batch["image"], batch["text"])
+                if self.stored is not None:  # the shards' embeddings of this batch's views and captions
+                    teacher_image, teacher_text, teacher_scale = stored_features(batch, self.stored, image, True)
+                    teacher = {"image_features": teacher_image, "text_features": teacher_text,
+                               "logit_scale": teacher_scale}
+                else:
+                    teacher = self.teacher(batch["image"], batch["text"])
                 teacher_logits = self.clip_loss.get_logits(teacher["image_features"], teacher["text_features"],
                                                            teacher["logit_scale"])
             # the contrastive target softened by the teacher's similarity distribution
