@@ -44,6 +44,7 @@ def test_weight_quantisation_by_hand():
 
 
 def test_dynamic_forward_is_per_token_int8_times_int8():
+    """The CUDA formula (per_token_forward), checked on CPU where torch._int_mm runs it too."""
     torch.manual_seed(0)
     linear = nn.Linear(5, 3)
     x = torch.randn(2, 4, 5)
@@ -53,11 +54,33 @@ def test_dynamic_forward_is_per_token_int8_times_int8():
     q_x = torch.round(flat / row_scale).clamp(-INT8_MAX, INT8_MAX)
     expected = (q_x @ layer.weight_int8.float().t()) * row_scale * layer.weight_scale + linear.bias
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), expected.reshape(2, 4, 3), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.per_token_forward(flat), expected, atol=1e-5, rtol=1e-5)
         weight_only = Int8Linear.from_linear(linear, "int8_weight_only")
         torch.testing.assert_close(weight_only(x), x @ weight_only.dequantized_weight().t() + linear.bias)
         # both stay close to the float layer
         assert (layer(x) - linear(x)).abs().max() < 0.05 * linear(x).abs().max()
+
+
+@pytest.mark.skipif(torch.backends.quantized.engine == "none", reason="no quantized CPU engine in this build")
+def test_cpu_dynamic_forward_is_torch_ao_dynamic_linear_on_the_same_int8_weights():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    x = torch.randn(3, 7, 64)
+    layer = Int8Linear.from_linear(linear, "int8_dynamic")
+    reference = torch.ao.nn.quantized.dynamic.Linear(64, 48, dtype=torch.qint8)
+    weight = torch._make_per_channel_quantized_tensor(layer.weight_int8, layer.weight_scale.double(),
+                                                      torch.zeros(48, dtype=torch.long), 0)
+    reference.set_weight_bias(weight, linear.bias.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(x), atol=1e-6, rtol=1e-6)
+        assert (layer(x) - linear(x)).abs().max() < 0.05 * linear(x).abs().max()
+        # the packed weights follow the stored ones: a copy, and a shell that loads the state dict, agree
+        shell = Int8Linear(64, 48)
+        shell(x)  # packs the shell's zero weights first
+        shell.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(shell(x), layer(x), atol=0, rtol=0)
+        torch.testing.assert_close(clone(layer)(x), layer(x), atol=0, rtol=0)
+        assert not any(isinstance(value, torch.ScriptObject) for value in layer.state_dict().values())
 
 
 def test_quantized_checkpoint_is_int8_weights_only_and_reloads_exactly(dense, inputs, tmp_path):

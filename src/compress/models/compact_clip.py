@@ -11,7 +11,8 @@ ran in, and `build_compact_clip(spec)` rebuilds exactly those shapes:
      "token_mask": {"drop": p, "seed": s, "per_image": true} | None,   # FLIP masking at inference
      "blocks": {"visual.transformer.resblocks.0": {"heads": h, "head_dim": d, "mlp_width": f,
                                                    "ranks": {"q_proj": r, ..., "c_fc": r, ...},
-                                                   "scale": s}}}   # "scale" only where not 1/sqrt(d)
+                                                   "scale": s}},   # "scale" only where not 1/sqrt(d)
+     "linear_ranks": {"visual.trunk.stages.0.blocks.0.mlp.fc1": r}}  # Linears factorised outside the blocks
 
 nn.MultiheadAttention keeps q, k and v packed in one `in_proj_weight`, which can neither be factorised per
 projection nor lose heads or head dimensions without re-implementing its forward. A `CompactBlock` therefore
@@ -423,6 +424,9 @@ def compact_spec(model: nn.Module, kind: str = KIND) -> Dict[str, Any]:
     name, kwargs = base_model_name(model)
     old = getattr(model, "model_spec", {}) or {}
     blocks = {name_: module.describe() for name_, module in model.named_modules() if isinstance(module, CompactBlock)}
+    # factorised Linears outside the blocks: those of an image tower that is no open_clip transformer
+    linear_ranks = {name_: module.rank for name_, module in model.named_modules()
+                    if isinstance(module, FactorizedLinear) and not any(name_.startswith(b + ".") for b in blocks)}
     token_mask = getattr(model.visual, "patch_dropout", None)
     return {
         "kind": kind,
@@ -432,6 +436,7 @@ def compact_spec(model: nn.Module, kind: str = KIND) -> Dict[str, Any]:
         "text_layers": old.get("text_layers"),
         "token_mask": token_mask.describe() if hasattr(token_mask, "describe") else None,
         "blocks": blocks,
+        **({"linear_ranks": linear_ranks} if linear_ranks else {}),
     }
 
 
@@ -558,6 +563,13 @@ def place_compact_blocks(model: nn.Module, spec: Dict[str, Any]) -> nn.Module:
         blocks = model.get_submodule(parent_name)
         blocks[int(index)] = CompactBlock(blocks[int(index)], shape["heads"], shape["head_dim"],
                                           shape["mlp_width"], shape.get("ranks"), shape.get("scale"))
+    for name, rank in spec.get("linear_ranks", {}).items():
+        parent_name, attribute = name.rsplit(".", 1)
+        linear = model.get_submodule(name)
+        if type(linear) is not nn.Linear or rank > min(linear.in_features, linear.out_features):
+            raise ValueError(f"linear_ranks: {name} is no nn.Linear of which rank {rank} is a factorisation")
+        setattr(model.get_submodule(parent_name), attribute,
+                make_linear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None))
     if spec.get("token_mask"):
         install_token_mask(model.visual, TokenMask(**spec["token_mask"]))
     return model

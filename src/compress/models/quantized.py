@@ -14,10 +14,17 @@ base model, puts Int8Linear shells at the listed paths and fills them; everythin
 projections that are bare Parameters, a student's frozen text encoder) stays in float.
 
 Schemes (what the forward computes; the stored weights are the same):
-- `int8_dynamic`: activations are quantised per token at run time (symmetric, absmax/127) and multiplied
-  with the int8 weights by `torch._int_mm` (int32 accumulation), then rescaled: int8 GEMMs on CPU (oneDNN /
-  fbgemm VNNI) and CUDA (cuBLASLt). On CUDA `_int_mm` needs more than 16 rows and both widths multiples of 8;
-  a Linear outside those shapes falls back to the weight-only formula.
+- `int8_dynamic`: activations are quantised at run time and multiplied with the int8 weights in an int8 GEMM.
+  On CPU that is the quantized engine's (fbgemm / x86, qnnpack on ARM) `quantized::linear_dynamic` on weights
+  it has prepacked, exactly what torch.ao's dynamic quantisation runs (activations per tensor, asymmetric
+  uint8 with torch.ao's reduced range): one fused call, where quantising per token by hand and `torch._int_mm`
+  took more CPU time than torch.ao's reference on the same model. The packed weights are built from
+  `weight_int8` and `weight_scale` on the first CPU call (and again whenever those change: a loaded state dict,
+  a move between devices) and are never stored. On CUDA the activations are quantised per token (symmetric,
+  absmax/127) and multiplied by `torch._int_mm` (cuBLASLt, int32 accumulation), which needs more than 16 rows
+  and both widths multiples of 8; a Linear outside those shapes falls back to the weight-only formula, as
+  does a CPU build without a quantized engine. A graph being captured (torch.export, torch.compile) takes the
+  per-token `_int_mm` formula on CPU too: packed weights are an opaque engine object a trace cannot hold.
 - `int8_weight_only`: the weights are dequantised into the activations' dtype and applied by a float GEMM:
   a 4× smaller file and weight memory at float accuracy of the activations, no faster compute.
 
@@ -37,6 +44,8 @@ from compress.models.registry import MODEL_KINDS, WRAPPER_KINDS, register_model_
 KIND = "quantized"
 SCHEMES = ("int8_dynamic", "int8_weight_only")
 INT8_MAX = 127  # symmetric range [-127, 127]: -128 is never used, so negation stays exact
+# a quantized engine (fbgemm / x86 / qnnpack) runs int8_dynamic on CPU; without one the weight-only formula does
+_CPU_ENGINE = torch.backends.quantized.engine != "none"
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,9 +86,28 @@ class Int8Linear(nn.Module):
 
     def _int_mm_fits(self, rows: int, device: torch.device) -> bool:
         if device.type == "cpu":
-            return True
+            return _CPU_ENGINE
         # cuBLASLt's int8 GEMM shape rules (torch._int_mm refuses anything else on CUDA)
         return device.type == "cuda" and rows > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0
+
+    def __getstate__(self):
+        # the engine's packed weights are no picklable tensor: copies and pickles rebuild them on first use
+        return {key: value for key, value in self.__dict__.items() if key != "_packed"}
+
+    def packed_params(self):
+        """The engine's prepacked weights (per-output-channel int8 + bias), built from the stored tensors and
+        rebuilt when they change (in-place loads bump their version; moves give them new storage)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight_int8, self.weight_scale, self.bias)
+                    if t is not None)
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key:
+            weight = torch._make_per_channel_quantized_tensor(
+                self.weight_int8.detach(), self.weight_scale.detach().double(),
+                torch.zeros(self.out_features, dtype=torch.long), 0)
+            bias = None if self.bias is None else self.bias.detach().float()
+            cached = (key, torch.ops.quantized.linear_prepack(weight, bias))
+            self.__dict__["_packed"] = cached
+        return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -88,14 +116,24 @@ class Int8Linear(nn.Module):
                    and self.out_features > 0 and self.in_features > 0 and self._int_mm_fits(flat.shape[0], x.device))
         if not dynamic:
             return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # torch.ao's dynamic Linear passes reduce_range=True for qint8 weights: 7-bit activations keep
+            # fbgemm's u8·s8 pair sums from saturating int16 on CPUs without VNNI
+            out = torch.ops.quantized.linear_dynamic(flat.float().contiguous(), self.packed_params(), True)
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self.per_token_forward(flat).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def per_token_forward(self, flat: torch.Tensor) -> torch.Tensor:
+        """The CUDA formula on (rows, in_features) activations: per-token symmetric int8 activations times
+        the int8 weights by `torch._int_mm`, rescaled, plus the bias (float32)."""
         activations = flat.float()
         row_scale = (activations.abs().amax(dim=1, keepdim=True) / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
         quantized = torch.round(activations / row_scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
         accumulated = torch._int_mm(quantized, self.weight_int8.t())
         out = accumulated.to(torch.float32).mul_(row_scale).mul_(self.weight_scale)
-        if bias is not None:
+        if self.bias is not None:
             out = out.add_(self.bias)
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"

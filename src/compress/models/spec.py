@@ -431,6 +431,8 @@ COMPACT_OPTIONAL = {
     "token_mask": optional(record({"drop": number(0.0, 0.999999)},
                                   {"seed": integer(0, (1 << 63) - 1), "per_image": FLAG})),
     "blocks": mapping(BLOCK_NAME, BLOCK_SHAPE),
+    # factorised Linears of an image tower that is no open_clip transformer (ConvNeXt, FastViT, a timm ViT)
+    "linear_ranks": mapping(r"visual(\.[A-Za-z0-9_]{1,64}){1,16}", WIDTH),
 }
 
 register_schema("compact_clip", OPEN_CLIP_BASE, COMPACT_OPTIONAL)

@@ -29,8 +29,10 @@ from compress.models.compact_clip import (
     clone,
     compact_blocks,
     refresh_spec,
+    transformer_towers,
 )
 from compress.ops.calibration import Batch, contrastive_loss, squared_gradients
+from compress.ops.quantize import linears_by_tower
 
 TARGET_GROUPS = {"attn": ATTENTION_LINEARS, "mlp": MLP_LINEARS}
 ALL_TARGETS = ATTENTION_LINEARS + MLP_LINEARS
@@ -112,12 +114,26 @@ def low_rank(model: nn.Module, ratio: float, towers: Sequence[str] = ("image",),
         raise ValueError("FWSVD needs calibration batches (--calib-data)")
     names = expand_targets(targets)
     model = clone(model)
+    # (module path of the owner, attribute) -> Linear
     chosen: Dict[Tuple[str, str], nn.Linear] = {}
-    for block_name, block in compact_blocks(model, towers, layers):
+    if "image" in towers and "image" not in transformer_towers(model):
+        # an image tower of another kind (ConvNeXt, FastViT, a timm ViT): every Linear its forward calls
+        logging.warning("the image tower of this model (%s) is no open_clip transformer: every nn.Linear its forward "
+                        "calls is factorised (--layers and --targets apply to transformer blocks)",
+                        type(model.visual).__name__)
+        found = linears_by_tower(model)["image"]
+        towers = [tower for tower in towers if tower != "image"]
+        if not found and not towers:
+            raise ValueError(f"the image tower of this model ({type(model.visual).__name__}) calls no nn.Linear to "
+                             "factorise")
+        for path in found:
+            owner, name = path.rsplit(".", 1)
+            chosen[(owner, name)] = model.get_submodule(path)
+    for block_name, block in compact_blocks(model, towers, layers) if towers else ():
         for name in names:
             layer = getattr(_linear_owner(block, name), name)
             if isinstance(layer, nn.Linear) and min(layer.weight.shape) > 0:
-                chosen[(block_name, name)] = layer
+                chosen[(f"{block_name}.{'attn' if name in ATTENTION_LINEARS else 'mlp'}", name)] = layer
 
     row_weights: Dict[Tuple[str, str], torch.Tensor] = {}
     if method == "fwsvd":
@@ -134,13 +150,12 @@ def low_rank(model: nn.Module, ratio: float, towers: Sequence[str] = ("image",),
                 p.requires_grad_(flag)
         row_weights = {key: fisher_row_weights(f) for key, f in zip(chosen, fisher)}
 
-    blocks = dict(model.named_modules())
-    for (block_name, name), layer in chosen.items():
+    modules = dict(model.named_modules())
+    for (owner, name), layer in chosen.items():
         out_features, in_features = layer.weight.shape
         rank = rank_for_ratio(out_features, in_features, ratio)
         if rank < 1:
-            logging.warning("%s.%s: ratio %.3f leaves rank 0; kept dense", block_name, name, ratio)
+            logging.warning("%s.%s: ratio %.3f leaves rank 0; kept dense", owner, name, ratio)
             continue
-        owner = _linear_owner(blocks[block_name], name)
-        setattr(owner, name, factorize_linear(layer, rank, row_weights.get((block_name, name))))
+        setattr(modules[owner], name, factorize_linear(layer, rank, row_weights.get((owner, name))))
     return refresh_spec(model)

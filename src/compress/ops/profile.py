@@ -22,6 +22,7 @@ One helper for every model the project makes (dense, pruned, low-rank, students)
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
+def _linear_dynamic_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(x_shape) * out_shape[-1]
+
+
 def make_flop_counter() -> FlopCounterMode:
     """FlopCounterMode that also counts attention on CPU: the fused CPU attention kernel has no formula
     in torch's table, so QKᵀ and AV would silently be left out of every ViT's MACs."""
@@ -70,6 +75,7 @@ def make_flop_counter() -> FlopCounterMode:
         custom[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
     # an int8 Linear's GEMM (compress.models.quantized) does the MACs of the float one it replaced
     custom[aten._int_mm] = _int_mm_flops
+    custom[torch.ops.quantized.linear_dynamic] = _linear_dynamic_flops  # the same on CPU's quantized engine
     return FlopCounterMode(display=False, custom_mapping=custom)
 
 
