@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from test_monitor import eval_root  # noqa: F401  (a fixture: the shapes and coco2017 eval root)
+from test_evaluate_checkpoints import eval_root  # noqa: F401  (a fixture: the shapes and coco2017 eval root)
 
 import compress
 
@@ -189,7 +189,7 @@ def test_an_open_clip_config_named_like_a_torchvision_network_is_a_clip_teacher(
 
 def _run_with(tmp_path, family, checkpoint):
     """LOGS/run whose checkpoints/epoch_1.pt is `checkpoint` (a --job clip run of the family's config)."""
-    from test_monitor import age
+    from test_evaluate_checkpoints import age
 
     run = tmp_path / family
     (run / "checkpoints").mkdir(parents=True)
@@ -204,7 +204,7 @@ def _run_with(tmp_path, family, checkpoint):
 def test_the_monitor_scores_and_profiles_every_family(family, teachers, eval_root, tmp_path):  # noqa: F811
     """A checkpoint of each family is scored (zero-shot, retrieval) and profiled, timm's attention-pool head
     (SigLIP) included."""
-    from test_monitor import csv_rows, monitor_args
+    from test_evaluate_checkpoints import csv_rows, monitor_args
 
     from utils import evaluate_checkpoints as monitor_cli
 
@@ -217,7 +217,7 @@ def test_the_monitor_scores_and_profiles_every_family(family, teachers, eval_roo
 
 
 def test_the_monitor_fails_when_it_scored_none_of_what_it_was_asked(eval_root, tmp_path, capsys):  # noqa: F811
-    from test_monitor import monitor_args
+    from test_evaluate_checkpoints import monitor_args
 
     from utils import evaluate_checkpoints as monitor_cli
 

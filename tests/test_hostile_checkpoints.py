@@ -5,6 +5,7 @@ and F here is a pickle whose load runs `touch MARKER`. Before specs were validat
 `model_kwargs` carried those two keys made the marker appear through --resume, the monitor, compress.load,
 the compress CLIs, eval.load_encoder and the cascade. Each test below goes through one entry point and
 asserts the one-line refusal that names the key, and that the marker never appears.
+A trust suite, cross-module by design: one attack followed through every entry point, so not named by a module.
 """
 import logging
 import os

@@ -1,5 +1,7 @@
 """Scraped data is untrusted input: image bombs, 16-bit and transparent images, and TSV/CSV files that
-quote, break lines or lose a separator. Every file here is crafted by the test itself, a few KB each."""
+quote, break lines or lose a separator. Every file here is crafted by the test itself, a few KB each.
+A trust suite, cross-module by design: each bad input followed through training and eval, so not named by a module.
+"""
 import io
 import os
 import struct

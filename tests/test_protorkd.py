@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import run_trainer
+from test_image_teachers import _ssl_files
 
 from compress.ops import distill_losses
 from training import proto
@@ -354,3 +355,65 @@ def test_teacher_cache_is_built_under_the_runs_autocast_and_keyed_on_it(tiny_cor
     assert full.shape == autocast.shape and full.dtype == autocast.dtype == np.float32
     cosine = (full * autocast).sum(1) / (np.linalg.norm(full, axis=1) * np.linalg.norm(autocast, axis=1))
     assert cosine.min() > 0.99 and not np.array_equal(full, autocast)
+
+
+@pytest.mark.slow
+def test_protorkd_with_an_image_teacher_end_to_end(tiny_corpus, tmp_path):
+    """rkd + prototypes against a MoCo-shaped resnet18 teacher: its features are cached by row from its own
+    eval transform, and the student it leaves has no text side (linear probe only)."""
+    _ssl_files(tmp_path)
+    cache = tmp_path / "cache"
+    run_trainer(["--job", "protorkd", "--train-data", str(tiny_corpus / "train.tsv"), "--model", "clipc-vit-t2-32",
+                 "--teacher-model", "resnet18", "--teacher-pretrained", str(tmp_path / "moco.pth"),
+                 "--teacher-features", "head", "--teacher-image-size", "32", "--distiller", "rkd,proto",
+                 "--k", "4", "--PBT", "--episode-size", "64", "--epochs", "1", "--batch-size", "16",
+                 "--workers", "1", "--teacher-batch-size", "48", "--logs", str(tmp_path / "logs"), "--name", "ssl",
+                 "--teacher-cache-dir", str(cache), "--warmup", "1", "--log-level", "warning"], timeout=300)
+    out_log = (tmp_path / "logs" / "ssl" / "out.log").read_text()
+    assert "image teacher resnet18 from" in out_log and "momentum encoder" in out_log
+    features = np.load(next(cache.glob("teacher_*.npy")))
+    assert features.shape == (256, 128) and np.abs(features).sum(axis=1).min() > 0  # every row embedded
+
+    from compress.models.image_teachers import FrozenImageTeacher
+    from training.data.csv_dataset import CsvDataset
+
+    teacher = FrozenImageTeacher("resnet18", str(tmp_path / "moco.pth"), "head", image_size=32)
+    rows = CsvDataset(str(tiny_corpus / "train.tsv"), teacher.transform)
+    from training.data.samples import load_image
+
+    batch = torch.stack([teacher.transform(load_image(rows.paths[i], lambda: "row")) for i in (0, 97, 255)])
+    assert torch.allclose(torch.from_numpy(features[[0, 97, 255]]), teacher.encode(batch), atol=1e-4)
+
+    import compress
+    import eval as evaluation
+
+    checkpoint = tmp_path / "logs" / "ssl" / "checkpoints" / "epoch_1.pt"
+    spec = torch.load(checkpoint, weights_only=True)["model_spec"]
+    assert spec["text_encoder"] is None and spec["text_input"] == "none"
+    student = compress.load(str(checkpoint))
+    with pytest.raises(ValueError, match="no text side"):
+        student.encode_text(["a red circle"])
+    encoder = evaluation.load_encoder(str(checkpoint))
+    assert encoder.tokenizer is None
+    metrics = evaluation.run_benchmarks(encoder, tiny_corpus / "eval", benchmarks=("zeroshot", "linear_probe"))
+    assert metrics and all(key.startswith("linear_probe/") for key in metrics)
+
+
+def _gather_main(rank: int, corpus: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
+    try:
+        job, ctx = _job_and_context(corpus, 2, rank)
+        job.mapping = job.episode_indices(0, ctx)
+        features = job.episode_image_features(ctx)
+        torch.save({"features": features}, os.path.join(out, f"rank{rank}.pt"))
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_back_translation_features_reach_rank_zero_only(tiny_corpus, tmp_path):
+    fork_ranks(_gather_main, str(tiny_corpus), str(tmp_path))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["features"].shape == (64, 16) and rank1["features"] is None
