@@ -27,6 +27,7 @@ import compress
 from compress.models.pretrained import create_clip
 from compress.models.registry import get_preprocess, get_tokenizer, open_clip_preprocess, open_clip_spec
 from foundation.checkpoint import load_checkpoint
+from foundation.errors import CheckpointRefused
 
 
 @dataclass
@@ -104,12 +105,15 @@ def load_encoder(
 
     `model_name` is needed only for open_clip_train checkpoints whose log dir has no params.txt.
     `allowed_text_encoders`: text-encoder names or files you trust a checkpoint to name (compress.models.spec).
-    Raises FileNotFoundError / ValueError with a one-line message for anything a user can get wrong.
+    Raises FileNotFoundError for a path that names nothing, and for every checkpoint it refuses a
+    `CheckpointRefused` (a ValueError and a UserError), one line naming the key: a path that is no regular file
+    (a FIFO, a device), a file that fails foundation.checkpoint's checks, a spec its schema refuses, weights
+    that do not fit the model the spec builds (checked before the model is built, see compress.load).
     """
     params: Dict[str, Any] = {}
     if isinstance(source, Mapping):
         checkpoint = source
-    elif os.path.isfile(source):
+    elif os.path.exists(source) and not os.path.isdir(source):  # load_checkpoint refuses all but a regular file
         checkpoint = load_checkpoint(os.fspath(source))
         params = read_params_beside_checkpoint(source)
     elif _looks_like_a_path(source):
@@ -128,7 +132,7 @@ def model_from_checkpoint(
 ) -> nn.Module:
     """Rebuild and fill the model of our checkpoint (via its `model_spec`) or of an open_clip_train one."""
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
-        raise ValueError("unknown checkpoint format: expected a dict with a 'state_dict' entry")
+        raise CheckpointRefused("unknown checkpoint format: expected a dict with a 'state_dict' entry")
     if "model_spec" not in checkpoint:
         # An open_clip_train checkpoint: give it the spec its params.txt describes, then load it like ours.
         spec = open_clip_train_spec(params or {}, model_name)
@@ -197,7 +201,7 @@ def open_clip_train_spec(params: Mapping[str, Any], model_name: Optional[str] = 
     """The model_spec of an open_clip_train run, from its params.txt values (model_name overrides `model`)."""
     model_name = model_name or params.get("model")
     if not model_name:
-        raise ValueError(
+        raise CheckpointRefused(
             "checkpoint has no model_spec and no params.txt names its model: pass the open_clip model name "
             "(--model / model_name=)"
         )

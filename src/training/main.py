@@ -40,7 +40,14 @@ from training.distributed import (
 from training.jobs import available_jobs
 from training.params import parse_args
 from training.preemption import STOP_EXIT_CODE, StopRequest, StopRequested, serve_stack_dumps
-from training.resume import check_same_position, load_resume_state
+from training.resume import (
+    check_optimizer_state,
+    check_resume_weights,
+    check_same_position,
+    check_scaler_state,
+    load_resume_state,
+    load_resumed_weights,
+)
 from training.train import RunContext, stop_agreed, train_one_epoch
 from training.validation import make_val_data, validate_in_loop
 
@@ -113,11 +120,13 @@ def start_run(args, stop: StopRequest, held: contextlib.ExitStack):
     resumed = load_resume_state(args, log_dir, dist_info)  # rank 0 chooses; every rank gets the same state
     resume_from, checkpoint = resumed if resumed else (None, None)
     job = available_jobs()[args.job](args, dist_info)
+    if checkpoint:  # its model sized from its spec, on the meta device, against the weights it holds: first
+        check_resume_weights(checkpoint, job, f"checkpoint {resume_from}")
     # weights a build downloads (an open_clip tag, a hub teacher) are fetched once per cache: rank 0 builds
     # first, then the first rank of each other node, then the rest, who find the weights in their node's cache
     model = in_turns(lambda: job.build_model(checkpoint["model_spec"] if checkpoint else None), dist_info.local_rank)
     if checkpoint:
-        model.load_state_dict(checkpoint["state_dict"])
+        load_resumed_weights(model, checkpoint, f"checkpoint {resume_from}")
     model = place_model(model, args, dist_info)
     seed_everything(args.seed + dist_info.rank)
 
@@ -142,7 +151,7 @@ def start_run(args, stop: StopRequest, held: contextlib.ExitStack):
 
     # 5. resume: weights above; here optimizer, scaler, job state, position and RNG --------------------
     if checkpoint:
-        restore_run_state(ctx, job, checkpoint)
+        restore_run_state(ctx, job, checkpoint, f"checkpoint {resume_from}")
         logging.info("resumed from %s at epoch %d, step %d (batch %d of the epoch)",
                      resume_from, ctx.epoch, ctx.step, ctx.step_in_epoch)
         checkpoint = resumed = None  # restored: the run does not keep a second copy of its state
@@ -492,9 +501,13 @@ def write_run_checkpoint(ctx: RunContext, job_state, rng_states, log_dir: Path, 
     logging.info("saved %s checkpoint at epoch %d step %d", kind, ctx.epoch, ctx.step)
 
 
-def restore_run_state(ctx: RunContext, job, checkpoint: Dict[str, Any]) -> None:
+def restore_run_state(ctx: RunContext, job, checkpoint: Dict[str, Any], what: str) -> None:
+    """The checkpoint's run state (its fields' types checked when it was read, training.resume), the optimizer's
+    and scaler's checked against this run's before they are loaded; `what` names the checkpoint."""
+    check_optimizer_state(ctx.optimizer, checkpoint.get("optimizer"), what)
     ctx.optimizer.load_state_dict(checkpoint["optimizer"])
     if ctx.scaler is not None and checkpoint.get("scaler"):
+        check_scaler_state(ctx.scaler, checkpoint["scaler"], what)
         ctx.scaler.load_state_dict(checkpoint["scaler"])
     job.load_state_dict(checkpoint.get("job_state") or {})
     ctx.epoch = checkpoint["epoch"]

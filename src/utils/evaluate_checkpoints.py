@@ -37,7 +37,6 @@ import logging
 import math
 import re
 import time
-import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -45,7 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from foundation import checkpoint as checkpoint_io
-from foundation.errors import UserError
+from foundation.errors import CheckpointRefused, UserError
 from foundation.locks import RunLock
 
 log = logging.getLogger("evaluate_checkpoints")
@@ -298,7 +297,6 @@ class Monitor:
         self.failed[path] = (stat.st_size, stat.st_mtime_ns)
 
     def score(self, epoch_from_name: int, path: Path) -> Dict[str, Any]:
-        from compress.models.spec import SpecError
         from compress.ops.profile import model_size_bytes, profile_encoder
         from eval import encoder_from_model, run_benchmarks
         from eval.models import model_from_checkpoint
@@ -307,16 +305,15 @@ class Monitor:
         started = time.perf_counter()
         log.info("scoring %s", path)
         try:
+            # only a regular file is opened, and nothing is read that foundation.checkpoint's checks refuse
+            # (truncated, another format, a FIFO, a link to /dev/zero, a compressed record, an unsafe pickle)
             checkpoint = load_checkpoint(str(path))
-        except Exception as error:  # truncated zip, not a torch file, unsafe pickle, …
-            if not zipfile.is_zipfile(path):  # torch.save writes zip archives; torch's own message misleads here
-                raise SkipCheckpoint("unreadable: not a complete torch checkpoint "
-                                     "(truncated or another format)") from None
-            raise SkipCheckpoint(f"unreadable ({type(error).__name__}: {_first_line(error)})") from None
+        except CheckpointRefused as error:
+            raise SkipCheckpoint(f"unreadable ({_first_line(error)})") from None
         try:
             model = model_from_checkpoint(checkpoint, model_name=self.args.model, params=self.experiment.params,
                                           allowed_text_encoders=self.args.allow_text_encoder)
-        except SpecError as error:  # a spec its schema refuses: never built, named in the skip reason
+        except CheckpointRefused as error:  # a spec its schema refuses, weights that do not fit it: never built
             raise SkipCheckpoint(f"refused ({_first_line(error)})") from None
         except (ValueError, KeyError, TypeError) as error:
             raise SkipCheckpoint(f"unknown checkpoint format ({_first_line(error)})") from None

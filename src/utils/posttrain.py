@@ -81,9 +81,11 @@ def load_input_model(model_name: Optional[str], pretrained: str) -> nn.Module:
     compress.models.hf_clip), else open_clip `model_name` with a weights file."""
     if is_hf_source(pretrained):
         return load_hf_clip(pretrained, model_name)
-    if not os.path.isfile(pretrained):
+    if not os.path.exists(pretrained):
         raise UserError(f"--pretrained {pretrained}: no such file")
-    checkpoint = load_checkpoint(pretrained)  # weights_only; its own one-line UserError for a bad file
+    # a regular file only (a FIFO or a device is refused unread), checked before torch reads a tensor:
+    # its own one-line CheckpointRefused for a bad file
+    checkpoint = load_checkpoint(pretrained)
     if isinstance(checkpoint, dict) and "model_spec" in checkpoint:
         spec = checkpoint["model_spec"]
         if model_name and spec.get("model") not in (None, model_name):

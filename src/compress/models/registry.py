@@ -13,14 +13,17 @@ before `build_model` is first called.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
+from torch.utils._device import DeviceContext  # what `with torch.device(...)` enters
 
 from compress.models import folder
 from compress.models.spec import SpecError, validate_spec
-from foundation.checkpoint import load_checkpoint
+from foundation.checkpoint import check_tensors_fit, load_checkpoint
+from foundation.errors import CheckpointRefused
 from foundation.logs import open_clip_chatter
 from foundation.model_configs import config_preprocess_cfg, inline_config, register_model_configs
 
@@ -62,6 +65,71 @@ def build_model(spec: Dict[str, Any], allowed_text_encoders: Iterable[str] = ())
     return model
 
 
+class _SizingDevice(DeviceContext):
+    """`torch.device("meta")` for the tensors a module allocates by their shape (empty, zeros, ones, full,
+    rand...): every parameter and buffer, with no memory behind it. Tensors made from values (arange, tensor,
+    linspace...) stay on the CPU, so an architecture's own arithmetic on a few numbers (torchvision's RegNet
+    widths, a window's relative-position index) still runs: on the meta device it has no data to read.
+    Builders ask `sizing()` whether they run within it."""
+
+    BY_SHAPE = frozenset({torch.empty, torch.empty_strided, torch.empty_permuted, torch.zeros, torch.ones, torch.full,
+                          torch.rand, torch.randn, torch.randint, torch.randperm, torch.eye})
+    active = threading.local()
+
+    def __init__(self):
+        super().__init__("meta")
+
+    def __enter__(self):
+        super().__enter__()
+        self.active.on = True
+
+    def __exit__(self, *exc_info):
+        self.active.on = False
+        super().__exit__(*exc_info)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.BY_SHAPE:
+            return super().__torch_function__(func, types, args, kwargs)
+        return func(*args, **(kwargs or {}))
+
+
+def sizing() -> bool:
+    """Whether a model is being built only to be sized (`sized_model`): a builder then puts open_clip's model
+    on the meta device, and leaves out what no checkpoint holds (a frozen teacher it would read from files)."""
+    return getattr(_SizingDevice.active, "on", False)
+
+
+def sized_model(spec: Dict[str, Any], allowed_text_encoders: Iterable[str] = ()) -> nn.Module:
+    """The architecture `spec` describes (validated as by build_model), built with every parameter and buffer
+    on the meta device (`_SizingDevice`): their names, shapes and dtypes, and no memory behind them. A frozen
+    teacher that a model reads from its own files (an image student's text encoder) is left out: no checkpoint
+    holds it. A spec its schema accepts but no builder can build is refused here too (a SpecError naming the
+    failure)."""
+    spec = validate_spec(spec, allowed_text_encoders)
+    try:
+        with _SizingDevice():
+            model = MODEL_KINDS[spec["kind"]](spec)
+    except SpecError:
+        raise
+    except Exception as e:  # a layer index past the tower, ranks the block cannot take...: the spec's fault
+        raise SpecError(f"model_spec describes no model that can be built ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    model.model_spec = spec
+    return model
+
+
+def check_weights(spec: Dict[str, Any], state_dict: Any, allowed_text_encoders: Iterable[str] = (),
+                  where: str = "state_dict") -> Dict[str, Any]:
+    """The validated `spec`, after its model's size is computed (`sized_model`, on the meta device) and checked
+    against the weights `state_dict` actually holds (foundation.checkpoint.check_tensors_fit: every tensor of
+    the model present with its shape and dtype, in storage of its own), before anything is built: a small file
+    cannot make the build allocate what it does not hold. A CheckpointRefused (one line naming the key)
+    otherwise."""
+    model = sized_model(spec, allowed_text_encoders)
+    check_tensors_fit(state_dict, model.state_dict(keep_vars=True), where)
+    return model.model_spec
+
+
 def strip_module_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """DDP prefixes every key with `module.`; our files never carry it."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
@@ -85,11 +153,17 @@ def load(path_or_checkpoint: str | Dict[str, Any], device: str | torch.device = 
     state_dict = checkpoint.get("state_dict")
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise SpecError("checkpoint's state_dict is not a mapping of tensors")
-    model = build_model(checkpoint["model_spec"], allowed_text_encoders)
+    state_dict = strip_module_prefix(state_dict)
+    # sized on the meta device and checked against the weights first: the build below allocates only what
+    # the file holds (twice that at most, for half-precision weights), plus the causal mask the spec bounds
+    spec = check_weights(checkpoint["model_spec"], state_dict, allowed_text_encoders,
+                         "checkpoint's state_dict")
+    model = build_model(spec, allowed_text_encoders)
     try:
-        model.load_state_dict(strip_module_prefix(state_dict))
-    except RuntimeError as e:  # shapes that do not match the spec: one line, not torch's page of keys
-        raise SpecError(f"checkpoint's state_dict does not fit its model_spec ({str(e).splitlines()[0][:300]})")
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:  # checked above; a builder that made another model than on the meta device
+        raise CheckpointRefused(f"checkpoint's state_dict does not fit its model_spec "
+                                f"({str(e).splitlines()[0][:300]})") from None
     return model.to(device).eval()
 
 
@@ -119,7 +193,9 @@ def create_open_clip(model_name: str, **model_kwargs: Any) -> nn.Module:
     root = logging.getLogger()
     root.addFilter(open_clip_chatter)
     try:
-        return open_clip.create_model(model_name, pretrained=None, **model_kwargs)
+        # on the meta device where a loader sizes the model before building it (open_clip moves it to `device`)
+        return open_clip.create_model(model_name, pretrained=None, device="meta" if sizing() else "cpu",
+                                      **model_kwargs)
     finally:
         root.removeFilter(open_clip_chatter)
 

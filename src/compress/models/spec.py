@@ -25,7 +25,7 @@ import math
 import re
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Mapping, Optional
 
-from foundation.errors import UserError
+from foundation.errors import CheckpointRefused
 from foundation.model_configs import register_model_configs
 
 Check = Callable[[Any, str, "Context"], Any]
@@ -33,10 +33,11 @@ Check = Callable[[Any, str, "Context"], Any]
 MAX_ITEMS = 4096  # no list or mapping in a spec is longer (a block per layer, a mask entry per unit)
 
 
-class SpecError(UserError, ValueError):
-    """A model_spec (or other value) that its schema refuses; the message names the key path. (A ValueError
-    too: it is a bad value inside a file, which callers of compress.load already handle as such.) `path` and
-    `reason` are the two halves of a refusal by a check (`explained` rewords them)."""
+class SpecError(CheckpointRefused):
+    """A model_spec (or other value) that its schema refuses; the message names the key path. A
+    CheckpointRefused, so a UserError and a ValueError: the one error type compress.load raises for any
+    checkpoint it refuses. `path` and `reason` are the two halves of a refusal by a check (`explained`
+    rewords them)."""
 
     def __init__(self, message: str, path: str = "", reason: str = ""):
         super().__init__(message)
@@ -277,8 +278,25 @@ def text_encoder_name(value: Any, path: str, ctx: Context) -> str:
 
 # --- shared pieces -------------------------------------------------------------------------------------
 
-SIZE = integer(1, 1 << 16)
-WIDTH = integer(1, 1 << 20)
+# Realistic bounds, each at least twice the largest open_clip config (ViT-e-14, ViT-bigG-14-worldwide,
+# ViT-B-16-SigLIP2-512). A model's weights must also be in its file (compress.models.registry.check_weights
+# compares them with the model the spec builds on the meta device), but some sizes cost memory that no file
+# pays for: an image the transform makes (its side), the causal attention mask (the context length squared),
+# a sin-cos position table (patch tokens x width), building the model at all; these bounds keep them small.
+MAX_SIDE = 1 << 10  # image side in pixels, patch size, sequence length (published: 512 px, 77 tokens)
+MAX_PATCH_TOKENS = 1 << 14  # (image side / patch size)^2 of a ViT (published: 32 x 32 = 1,024)
+MAX_WIDTH = 1 << 14  # a width: embedding, tower, MLP (published: 1,792, and ViT-e's MLP 15,360)
+MAX_HEAD_DIM = 1 << 10  # (published: 112)
+MAX_HEADS = 1 << 8  # (published: 20)
+MAX_LAYERS = 1 << 7  # blocks of one tower (published: 56)
+MAX_VOCAB = 1 << 20  # (published: 901,629)
+MAX_BASE_DEPTH = 2  # specs wrapping specs: quantized > masked_clip > open_clip
+
+SIZE = integer(1, MAX_SIDE)
+WIDTH = integer(1, MAX_WIDTH)
+HEADS = integer(1, MAX_HEADS)
+LAYERS = integer(1, MAX_LAYERS)
+VOCAB = integer(1, MAX_VOCAB)
 FLAG = boolean
 FRACTION = number(0.0, 1.0)
 IMAGE_SIZE = either(SIZE, list_of(SIZE, 2, 2))
@@ -307,7 +325,7 @@ MODEL_KWARGS = record({}, {
 
 _BLOCK_OPTIONS = {
     "ls_init_value": optional(number(0.0, 10.0)),
-    "mlp_ratio": number(0.01, 64.0),
+    "mlp_ratio": number(0.01, 16.0),
     "final_ln_after_pool": FLAG,
     "output_tokens": FLAG,
     "block_type": optional(choice("default", "custom")),
@@ -319,34 +337,55 @@ _BLOCK_OPTIONS = {
     "scale_fc": FLAG,
 }
 
+
+
+def patch_tokens_bounded(inner: Check) -> Check:
+    """`inner` (a check of an open_clip vision config) whose patch grid, (image side / patch size) squared, has
+    at most MAX_PATCH_TOKENS tokens; absent sizes are open_clip's defaults (CLIPVisionCfg). A sin-cos position
+    table is computed, not read, so its size is bounded here rather than by the weights file."""
+    def check(value: Any, path: str, ctx: Context) -> dict:
+        from open_clip.model import CLIPVisionCfg
+
+        value = inner(value, path, ctx)
+        size, patch = value.get("image_size", CLIPVisionCfg.image_size), value.get("patch_size",
+                                                                                    CLIPVisionCfg.patch_size)
+        sides = size if isinstance(size, (list, tuple)) else (size, size)
+        tokens = math.prod(side // patch for side in sides)
+        if tokens > MAX_PATCH_TOKENS:
+            raise _fail(f"{path}.image_size", f"{size} in patches of {patch} makes {tokens:,} tokens, more than "
+                                              f"{MAX_PATCH_TOKENS:,}")
+        return value
+    return check
+
+
 # open_clip CLIPVisionCfg of a ViT, without its timm tower (a hub model name) or constructor kwargs dicts.
-VISION_CFG = record({}, {
+VISION_CFG = patch_tokens_bounded(record({}, {
     **_BLOCK_OPTIONS,
-    "layers": integer(1, 1024),
+    "layers": LAYERS,
     "width": WIDTH,
-    "head_width": WIDTH,
+    "head_width": integer(1, MAX_HEAD_DIM),
     "patch_size": SIZE,
     "image_size": IMAGE_SIZE,
     "patch_dropout": FRACTION,
     "attentional_pool": FLAG,
     "attn_pooler_queries": SIZE,
-    "attn_pooler_heads": SIZE,
+    "attn_pooler_heads": HEADS,
     "no_ln_pre": FLAG,
     "pos_embed_type": choice("learnable", "sin_cos_2d"),
     "pool_type": choice("tok", "avg", "none"),
-})
+}))
 
 # open_clip CLIPTextCfg of its own text transformer, without Hugging Face towers or tokenizers.
 TEXT_CFG = record({}, {
     **_BLOCK_OPTIONS,
     "context_length": SIZE,
-    "vocab_size": integer(1, 1 << 24),
+    "vocab_size": VOCAB,
     "width": WIDTH,
-    "heads": integer(1, 4096),
-    "layers": integer(1, 1024),
+    "heads": HEADS,
+    "layers": LAYERS,
     "embed_cls": FLAG,
-    "pad_id": integer(0, 1 << 24),
-    "eos_id": integer(0, 1 << 24),
+    "pad_id": integer(0, MAX_VOCAB - 1),
+    "eos_id": integer(0, MAX_VOCAB - 1),
     "no_causal_mask": FLAG,
     "pool_type": choice("argmax", "first", "last", "none", "eos"),
     "proj_bias": FLAG,
@@ -381,12 +420,15 @@ def validate_spec(spec: Any, allowed_text_encoders: Iterable[str] = ()) -> Dict[
     return SCHEMAS[kind](spec, ROOT, ctx)
 
 
-def _register_model_cfgs(spec: Any, path: str, ctx: Context) -> None:
+def _register_model_cfgs(spec: Any, path: str, ctx: Context, depth: int = 0) -> None:
     """A spec (or the base spec it wraps) that carries its architecture (`model_cfg`: a model converted from
     a Hugging Face folder, compress.models.hf_clip) registers it before its names are checked: under the name
-    its content hashes to, which its `model` must be, so no spec can redefine an existing config."""
+    its content hashes to, which its `model` must be, so no spec can redefine an existing config. Base specs
+    nested deeper than any kind wraps (MAX_BASE_DEPTH) are refused here, before anything recurses into them."""
     if not isinstance(spec, dict):
         return
+    if depth > MAX_BASE_DEPTH:
+        raise _fail(path, f"base specs nested more than {MAX_BASE_DEPTH} deep")
     if "model_cfg" in spec:
         from foundation.model_configs import inline_config_name, register_inline_config
 
@@ -395,7 +437,7 @@ def _register_model_cfgs(spec: Any, path: str, ctx: Context) -> None:
         if "model" in spec and spec["model"] != name:
             raise _fail(f"{path}.model", f"{str(spec['model'])[:80]!r} is not {name!r}, the name of its model_cfg")
         register_inline_config(config)
-    _register_model_cfgs(spec.get("base"), f"{path}.base", ctx)
+    _register_model_cfgs(spec.get("base"), f"{path}.base", ctx, depth + 1)
 
 
 # --- the kinds ---------------------------------------------------------------------------------------
@@ -418,14 +460,16 @@ RANKED_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
 # heads may be 0: head pruning can remove every head of a block, which then only adds its MLP (casCLIP's
 # "132 of 144 heads" leaves some layers without attention)
 BLOCK_SHAPE = record(
-    {"heads": integer(0, 4096), "head_dim": integer(1, 1 << 16), "mlp_width": integer(1, 1 << 20)},
-    {"ranks": record({}, {name: integer(1, 1 << 20) for name in RANKED_LINEARS}),
+    {"heads": integer(0, MAX_HEADS), "head_dim": integer(1, MAX_HEAD_DIM), "mlp_width": WIDTH},
+    {"ranks": record({}, {name: WIDTH for name in RANKED_LINEARS}),
      "scale": optional(number(1e-6, 1e3))},
 )
-BLOCK_NAME = r"(visual\.transformer|text\.transformer|transformer)\.resblocks\.\d{1,4}"
+# a layer index in a key, 0 .. MAX_LAYERS - 1, as a regex
+LAYER_INDEX = "(?:" + "|".join(str(index) for index in range(MAX_LAYERS)) + ")"
+BLOCK_NAME = rf"(visual\.transformer|text\.transformer|transformer)\.resblocks\.{LAYER_INDEX}"
 COMPACT_OPTIONAL = {
     **OPEN_CLIP_OPTIONAL,
-    "text_layers": optional(list_of(integer(0, 4095), 1)),
+    "text_layers": optional(list_of(integer(0, MAX_LAYERS - 1), 1, MAX_LAYERS)),
     # per_image true: the tokens kept are a function of the image and the seed alone (what utils.token_mask
     # writes); false or absent: one draw per batch (compact_clip.TokenMask), so such a spec scores as measured
     "token_mask": optional(record({"drop": number(0.0, 0.999999)},
@@ -438,10 +482,10 @@ COMPACT_OPTIONAL = {
 register_schema("compact_clip", OPEN_CLIP_BASE, COMPACT_OPTIONAL)
 # UPop's output: the compact format, or (written before the compact block) per-tower lists of layer shapes
 LEGACY_TOWER_SHAPES = mapping(r"visual|image|text", list_of(
-    record({"heads": integer(1, 4096), "head_dim": integer(1, 1 << 16), "mlp_width": integer(1, 1 << 20)}), 1))
+    record({"heads": HEADS, "head_dim": integer(1, MAX_HEAD_DIM), "mlp_width": WIDTH}), 1, MAX_LAYERS))
 register_schema("pruned_clip", OPEN_CLIP_BASE, {**COMPACT_OPTIONAL, "towers": LEGACY_TOWER_SHAPES})
 
-MASK_NAME = r"(visual|image|text)\.\d{1,4}\.(head_dim|head|mlp)"
+MASK_NAME = rf"(visual|image|text)\.{LAYER_INDEX}\.(head_dim|head|mlp)"
 
 
 def _masked_base(value: Any, path: str, ctx: Context) -> dict:
@@ -449,7 +493,7 @@ def _masked_base(value: Any, path: str, ctx: Context) -> dict:
 
 
 register_schema("masked_clip", {"base": _masked_base,
-                                "masks": mapping(MASK_NAME, list_of(number(-1e6, 1e6), 1, 1 << 20))},
+                                "masks": mapping(MASK_NAME, list_of(number(-1e6, 1e6), 1, MAX_WIDTH))},
                 {"model": open_clip_config})
 
 # --- students ---
@@ -502,7 +546,7 @@ register_schema("image_student", {
     "text_encoder": optional(TEXT_ENCODER),
 }, {
     "feature_dim": WIDTH,
-    "head": optional(record({"n_layers": integer(0, 64), "hidden_dim": WIDTH})),
+    "head": optional(record({"n_layers": integer(0, 16), "hidden_dim": WIDTH})),
     "text_input": choice("strings", "none"),
     "preprocess": PREPROCESS,
 })

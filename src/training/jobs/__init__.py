@@ -27,7 +27,7 @@ import argparse
 import importlib
 import math
 import pkgutil
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -76,6 +76,11 @@ class Job:
         """The trainable model. `resume_spec` is the checkpoint's model_spec when resuming (it may
         describe a changed architecture, e.g. after pruning surgery)."""
         raise NotImplementedError
+
+    def resume_text_encoders(self) -> Iterable[str]:
+        """Text-encoder names or files that this run's own flags name and a resumed checkpoint's spec may name
+        too (compress.models.spec: a checkpoint never chooses what is loaded); none unless a job has a teacher."""
+        return ()
 
     def data_transforms(self, model: nn.Module) -> Tuple[Callable, Callable]:
         """(image transform, tokenizer) for the training data; tokenizer None when the job reads only

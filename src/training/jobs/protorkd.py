@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from compress.ops import distill_losses
 from foundation.dependencies import FAISS_INSTALL, require
-from foundation.errors import UserError
+from foundation.errors import CheckpointRefused, UserError
 from foundation.progress import Progress
 from training import proto
 from training.accel import autocast, autocast_dtype
@@ -175,6 +175,9 @@ class ProtoRKDJob(Job):
     def allowed_text_encoders(text_spec: Optional[Dict[str, Any]]) -> List[str]:
         """The teacher this run's own flags name: the one a resumed spec may name too."""
         return [value for value in (text_spec.get("name"), text_spec.get("pretrained")) if value] if text_spec else []
+
+    def resume_text_encoders(self) -> List[str]:
+        return self.allowed_text_encoders(self.text_encoder_spec())
 
     def build_teacher(self, text_spec: Optional[Dict[str, Any]]):
         """The frozen teacher of this run's flags: a text encoder, or an image network (MoCo/SimCLR/SwAV...)."""
@@ -528,10 +531,34 @@ class ProtoRKDJob(Job):
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.episode = int(state.get("episode", -1))
-        self.clustered_episode = int(state.get("clustered_episode", -1))
+        """The episode state from a checkpoint (what `state_dict` writes), checked before it is used: episode
+        numbers, and prototypes of --k rows (labels, indices into them, within [0, k))."""
+        for key in ("episode", "clustered_episode"):
+            value = state.get(key, -1)
+            if type(value) is not int or value < -1:
+                raise CheckpointRefused(f"job_state.{key}: expected an integer >= -1, got {repr(value)[:40]}")
+        prototypes = state.get("prototypes") or {}
+        if not isinstance(prototypes, dict):
+            raise CheckpointRefused(f"job_state.prototypes: expected a mapping, got {type(prototypes).__name__}")
+        for name, value in prototypes.items():
+            where = f"job_state.prototypes.{str(name)[:40]}"
+            labels = name in PROTOTYPE_LABELS
+            if name not in PROTOTYPE_LABELS + PROTOTYPE_TABLES or not isinstance(value, torch.Tensor):
+                raise CheckpointRefused(f"{where}: not a prototype tensor this job keeps")
+            if labels and not (value.dtype == torch.int64 and value.dim() == 1
+                               and bool(((value >= 0) & (value < self.args.k)).all())):
+                raise CheckpointRefused(f"{where}: expected a vector of labels in [0, --k {self.args.k})")
+            if not labels and not (value.is_floating_point() and value.dim() == 2 and len(value) == self.args.k):
+                raise CheckpointRefused(f"{where}: expected a float table of --k {self.args.k} rows, got "
+                                        f"{value.dtype} {list(value.shape)}")
+        self.episode, self.clustered_episode = state.get("episode", -1), state.get("clustered_episode", -1)
         # a "mapping" in the state is ignored: every rank recomputes an episode's rows from (seed, episode)
-        self.prototypes = dict(state.get("prototypes") or {})
+        self.prototypes = dict(prototypes)
+
+
+# what `cluster` keeps in `prototypes`: each row's prototype (labels), and the prototypes (a row each)
+PROTOTYPE_LABELS = ("text_labels", "external_labels")
+PROTOTYPE_TABLES = ("text_centroids", "image_prototypes", "external_centroids", "image_prototypes_external")
 
 
 class TeacherImageRows(Dataset):

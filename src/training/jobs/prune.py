@@ -37,7 +37,7 @@ from compress.models.pretrained import create_clip
 from compress.models.registry import build_model
 from compress.ops import distill_losses
 from compress.ops.profile import params_and_macs
-from foundation.errors import UserError
+from foundation.errors import CheckpointRefused, UserError
 from training.data.reinforced import StoredViews, find_reinforcement
 from training.distributed import all_reduce_sum
 from training.jobs import Job, add_argument_once, add_siglip_bias
@@ -203,6 +203,11 @@ class PruneJob(Job):
         self.masks = {k: m.detach().to(device) for k, m in pruning.attached_masks(model).items()}
         pruning.attach_masks(model, self.masks)
         state = self.loaded_state
+        for entry in ("masks", "mask_grads"):  # the shapes of this model's masks, before anything is copied
+            for key, saved in state.get(entry, {}).items():
+                if key in self.masks and saved.shape != self.masks[key].shape:
+                    raise CheckpointRefused(f"job_state.{entry}.{key}: shape {list(saved.shape)}, the model's mask "
+                                            f"has {list(self.masks[key].shape)}")
         steps_per_epoch = ctx.data.num_batches // self.args.accum_freq
         self.search_steps = int(state.get("search_steps") or self.search_epochs * steps_per_epoch)
         self.interval = self.args.search_interval or max(1, round(self.search_steps / 100))
@@ -384,6 +389,20 @@ class PruneJob(Job):
                 "mask_grads": {k: g.cpu().clone() for k, g in grads.items()}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """The search's state from a checkpoint (what `state_dict` writes), its types checked first; the masks'
+        shapes are checked against the model's at on_train_start."""
+        if not isinstance(state.get("pruned", False), bool):
+            raise CheckpointRefused(f"job_state.pruned: expected true or false, got {repr(state['pruned'])[:40]}")
+        steps = state.get("search_steps")
+        if steps is not None and (type(steps) is not int or steps < 0):
+            raise CheckpointRefused(f"job_state.search_steps: expected an integer >= 0, got {repr(steps)[:40]}")
+        for entry in ("masks", "mask_grads"):
+            named = state.get(entry, {})
+            if not isinstance(named, dict) or not all(
+                    isinstance(key, str) and "." in key and isinstance(value, torch.Tensor) and value.dim() == 1
+                    and value.is_floating_point() for key, value in named.items()):
+                raise CheckpointRefused(f"job_state.{entry}: expected a mapping of mask names (TOWER.LAYER.UNIT) "
+                                        "to 1-d float tensors")
         self.loaded_state = dict(state)
         for entry in ("masks", "mask_grads"):  # a checkpoint from before the towers were renamed: visual.* names
             if entry in state:
