@@ -23,6 +23,9 @@ setup(
         # compress.models.backbones and .students call open_clip's private _build_vision_tower /
         # _build_text_tower, which any release may change: capped above the last minor tested
         "open_clip_torch>=3.0,<3.4",
+        # open_clip's timm towers (ConvNeXt, EVA, SigLIP, MobileCLIP) and MobileCLIP's reparameterisation
+        # before export (timm.utils.reparameterize_model)
+        "timm>=1.0",
         "numpy>=1.25",
         "pillow>=10.1",
         "safetensors>=0.4.3",

@@ -132,3 +132,97 @@ def test_the_trainer_takes_a_hugging_face_folder(custom, tiny_corpus, tmp_path):
     run_trainer([*common, "--name", "hf", "--model", name], timeout=240)
     checkpoints = sorted((tmp_path / "hf" / "checkpoints").glob("epoch_*.pt"))
     assert checkpoints and torch.load(checkpoints[-1], weights_only=True)["model_spec"]["model"] == name
+
+
+# --- hostile folders -----------------------------------------------------------------------------------
+
+LOAD_EACH = """
+import sys, traceback
+from compress.models.hf_clip import load_hf_clip
+from foundation.errors import UserError
+for folder in sys.argv[1:]:
+    try:
+        load_hf_clip(f"hf:{folder}")
+        print("loaded")
+    except UserError as e:
+        print("refused", str(e).replace(folder, "DIR"))
+    except BaseException as e:
+        print("FAILED", type(e).__name__, str(e)[:200].replace(chr(10), " "))
+"""
+
+
+def _hostile_folders(base, root):
+    """name -> (folder, the part of the one-line refusal that says why)."""
+    import json
+    import os
+    import shutil
+    import struct
+
+    config = json.loads((base / "config.json").read_text())
+    cases = {}
+
+    def folder(name, expected, config_text=None, weights=True):
+        path = root / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(config) if config_text is None else config_text)
+        if weights:
+            shutil.copy(base / "model.safetensors", path / "model.safetensors")
+        cases[name] = (path, expected)
+        return path
+
+    def with_config(change):
+        changed = json.loads(json.dumps(config))
+        change(changed)
+        return json.dumps(changed)
+
+    folder("good", "loaded")
+    pickled = folder("pickle", "only safetensors weights are read, and it has pytorch_model.bin", weights=False)
+    torch.save({"x": torch.zeros(1)}, pickled / "pytorch_model.bin")
+    folder("zero_heads", "text_config.num_attention_heads: 0 is outside [1,",
+           with_config(lambda c: c["text_config"].update(num_attention_heads=0)))
+    folder("string_size", "vision_config.image_size: expected an integer, got str",
+           with_config(lambda c: c["vision_config"].update(image_size="32")))
+    folder("width_out_of_bounds", "vision_cfg.width: 2097152 is outside",
+           with_config(lambda c: c["vision_config"].update(hidden_size=1 << 21, intermediate_size=1 << 21)))
+    # within every bound, 0.8 TB of weights: refused before anything is allocated, as the file has none of them
+    folder("terabytes", "weights do not fit their config", with_config(lambda c: c["vision_config"].update(
+        hidden_size=16384, intermediate_size=16384, num_attention_heads=128, num_hidden_layers=128)))
+    folder("bad_json", "config.json is not valid JSON", "{'model_type': 'clip'")
+    folder("nan_json", "config.json is not valid JSON (NaN is not a number JSON allows)",
+           '{"model_type": "clip", "projection_dim": NaN}')
+    non_utf8 = folder("non_utf8", "config.json is not valid JSON", weights=True)
+    (non_utf8 / "config.json").write_bytes(b'{"model_type": "clip\xff\xfe"}')
+    folder("list_config", "a JSON list, not an object", "[1, 2]")
+    folder("tower_string", "vision_config is a str, not an object",
+           with_config(lambda c: c.update(vision_config="big")))
+    fifo = folder("fifo_config", "FIFO", weights=True)
+    (fifo / "config.json").unlink()
+    os.mkfifo(fifo / "config.json")
+    for name, weight_map, expected in [
+        ("index_escape", {"a": "../model.safetensors"}, "is not a .safetensors file name inside the folder"),
+        ("index_absolute", {"a": "/etc/passwd.safetensors"}, "is not a .safetensors file name inside the folder"),
+        ("index_list", [1, 2], "weight_map maps tensor names to file names"),
+    ]:
+        path = folder(name, expected)
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    bomb = folder("header_length", "a safetensors header of 1,152,921,504,606,846,976 bytes", weights=False)
+    (bomb / "model.safetensors").write_bytes(struct.pack("<Q", 1 << 60) + b"{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 4 << 40]}}).encode()
+    big = folder("header_shape", "byte range [0, 4398046511104] is not inside the file's 0 bytes", weights=False)
+    (big / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    return cases
+
+
+@pytest.mark.slow
+def test_hostile_folders_are_one_line_refusals(custom, tmp_path):
+    """Each crafted folder (its files made here) loads, or is refused with one line saying why, in a child under
+    a memory limit and a timeout: never a traceback, a hang on a FIFO, or an attempt at terabytes."""
+    from conftest import run_bounded
+
+    cases = _hostile_folders(custom[1], tmp_path)
+    result = run_bounded(["-c", LOAD_EACH, *[path for path, _ in cases.values()]], data_bytes=2 << 30, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = dict(zip(cases, result.stdout.splitlines()))
+    for name, (_, expected) in cases.items():
+        assert outcomes[name].startswith("loaded" if expected == "loaded" else "refused"), (name, outcomes[name])
+        assert expected in outcomes[name], (name, outcomes[name])

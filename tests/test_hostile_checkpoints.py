@@ -201,15 +201,23 @@ def test_weight_flags_read_weights_only(attack, tiny_corpus, tmp_path, job_flags
 
 
 def test_monitor_skips_and_names_the_key(attack, tiny_corpus, caplog):
+    from compress.models.registry import build_model, open_clip_spec
     from utils import evaluate_checkpoints as monitor_cli
 
     marker, checkpoint = attack
+    # an honest checkpoint beside the crafted one: the monitor skips the one, scores the other and exits 0
+    # (with nothing it could score, --once exits 1: tests/test_families.py checks that)
+    spec = open_clip_spec(MODEL)
+    torch.save({"epoch": 2, "step": 16, "name": "crafted", "job": "clip", "model_spec": spec,
+                "state_dict": build_model(spec).state_dict()}, checkpoint.parent / "epoch_2.pt")
     caplog.set_level(logging.INFO, logger="evaluate_checkpoints")
     assert monitor_cli.main(["--logs-dir", str(checkpoint.parent.parent), "--eval-data-dir",
                              str(tiny_corpus / "eval"), "--workers", "0", "--device", "cpu", "--once"]) == 0
     assert not marker.exists()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("refused" in w and REFUSAL in w for w in warnings), warnings
+    scored = checkpoint.parent.parent / monitor_cli.CSV_NAME
+    assert scored.exists() and "epoch_2" in scored.read_text() and "epoch_1.pt" not in scored.read_text()
 
 
 @pytest.mark.slow

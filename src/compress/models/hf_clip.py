@@ -10,9 +10,20 @@ for openai/clip-vit-base-patch32); otherwise the config is registered under a na
 (`hf-clip-<hash>`, foundation.model_configs) and the model's spec carries it (`model_cfg`), so checkpoints
 written from it load anywhere.
 
-Weights are read from `model.safetensors` (or its sharded index) or, failing that, `pytorch_model.bin` with
-`weights_only=True`; the state dict is renamed and reshaped to open_clip's (separate q/k/v packed into
-`in_proj`, projection matrices transposed) and loaded strictly: a key left over or missing is an error.
+The folder is untrusted input, and every refusal below is one line (a UserError):
+ * config.json is read from a regular file of at most `MAX_JSON_BYTES`, as strict UTF-8 JSON that must be an
+   object; every field the conversion uses must be a positive integer (`TOWER_FIELDS`: no zero heads, no
+   string sizes), and the open_clip config they make must meet the bounds of a spec's `model_cfg`
+   (compress.models.spec), all before anything is built;
+ * weights are read from safetensors only (`model.safetensors`, or the shards its index names): a pickle
+   (`pytorch_model.bin`) is refused, whatever torch's weights_only would let through. The index is JSON of at
+   most `MAX_JSON_BYTES`, and each shard it names must be a bare file name inside the folder;
+ * every safetensors header is checked (foundation.weights) and its tensors' shapes, renamed, are compared
+   with the model the config builds, made on the `meta` device (no memory), before the model is built or a
+   weight read: a config that would build terabytes cannot, unless the folder holds those terabytes.
+
+The state dict is renamed and reshaped to open_clip's (separate q/k/v packed into `in_proj`, projection
+matrices transposed) and loaded strictly: a key left over or missing is an error.
 
 Text pooling: open_clip reads the text tower at the highest token id (CLIP's end-of-text is the highest id of its
 vocabulary); Hugging Face reads it at the first `eos_token_id`. The two agree on any ids whose end-of-text token is
@@ -24,14 +35,17 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from compress.models.registry import create_open_clip, open_clip_spec
+from compress.models import spec as schema
+from compress.models.registry import create_open_clip, open_clip_spec, sized_model
 from foundation.errors import UserError
+from foundation.files import read_json
 from foundation.model_configs import register_inline_config, register_model_configs
+from foundation.weights import load_safetensors, safetensors_header
 
 PREFIX = "hf:"
 _ACTIVATIONS = {"quick_gelu": True, "gelu": False}  # HF act → open_clip quick_gelu (gelu: exact, as nn.GELU)
@@ -43,24 +57,73 @@ def is_hf_source(pretrained: Optional[str]) -> bool:
 
 def hf_folder(pretrained: str) -> Path:
     folder = Path(pretrained[len(PREFIX):] if is_hf_source(pretrained) else pretrained).expanduser()
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").exists():  # one that is no regular file is refused when read
         raise UserError(f"--pretrained {pretrained}: {folder} is no Hugging Face model folder (no config.json)")
     return folder
+
+
+# config.json and model.safetensors.index.json: a few KB in any real folder
+MAX_JSON_BYTES = 1 << 20
+MAX_SHARDS = 1024
+# The fields of each tower's transformers config the conversion reads: positive integers, checked before
+# transformers reads them (it divides by the heads). Their bounds are the spec's own: the open_clip config they
+# become is checked against the `model_cfg` schema (compress.models.spec), which a checkpoint's spec meets too.
+POSITIVE = schema.integer(1)
+TOWER_FIELDS = {
+    "vision_config": ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "patch_size",
+                      "image_size"),
+    "text_config": ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                    "max_position_embeddings", "vocab_size"),
+}
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def read_hf_config(folder: Path):
     """transformers' CLIPConfig of the folder (defaults filled in), refusing anything but a CLIPModel."""
     from transformers import CLIPConfig
 
-    raw = json.loads((folder / "config.json").read_text())
+    path = folder / "config.json"
+    raw = read_json(path, MAX_JSON_BYTES, "CLIPModel config")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a JSON {type(raw).__name__}, not an object (a CLIPModel config)")
     if raw.get("model_type") != "clip":
-        raise UserError(f"{folder}/config.json: model_type {raw.get('model_type')!r}, expected 'clip' "
+        raise UserError(f"{path}: model_type {str(raw.get('model_type'))[:80]!r}, expected 'clip' "
                         "(a transformers CLIPModel)")
-    return CLIPConfig.from_dict(raw)
+    for tower, fields in TOWER_FIELDS.items():
+        given = raw.get(tower, {})
+        if not isinstance(given, dict):
+            raise UserError(f"{path}: {tower} is a {type(given).__name__}, not an object")
+        for name in sorted(set(fields) & given.keys()):
+            schema.validate(POSITIVE, given[name], f"config.json: {tower}.{name}")
+    try:
+        return CLIPConfig.from_dict(raw)
+    except Exception as e:  # noqa: BLE001 (transformers' checks of the fields it knows)
+        raise UserError(f"{path}: not a CLIPModel config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def _checked_fields(config) -> Dict[str, Dict[str, int]]:
+    """The fields of TOWER_FIELDS, each a positive integer (a SpecError names it)."""
+    checked = {}
+    for tower, fields in TOWER_FIELDS.items():
+        sub = getattr(config, tower)
+        checked[tower] = {name: schema.validate(POSITIVE, getattr(sub, name, None), f"config.json: {tower}.{name}")
+                          for name in fields}
+    vision = checked["vision_config"]
+    if vision["patch_size"] > vision["image_size"]:
+        raise UserError(f"config.json: vision_config.patch_size {vision['patch_size']} is larger than its "
+                        f"image_size {vision['image_size']}")
+    schema.validate(POSITIVE, config.projection_dim, "config.json: projection_dim")
+    for tower in (config.vision_config, config.text_config):
+        schema.validate(schema.number(0.0, 1.0), tower.layer_norm_eps, "config.json: layer_norm_eps")
+        schema.validate(schema.text(1, 40), tower.hidden_act, "config.json: hidden_act")
+    return checked
 
 
 def open_clip_config_from_hf(config) -> Dict[str, Any]:
-    """The open_clip model config (embed_dim, quick_gelu, vision_cfg, text_cfg) of a transformers CLIPConfig."""
+    """The open_clip model config (embed_dim, quick_gelu, vision_cfg, text_cfg) of a transformers CLIPConfig,
+    its fields checked (`TOWER_FIELDS`) and the result checked against the spec's `model_cfg` schema."""
+    fields = _checked_fields(config)
     vision, text = config.vision_config, config.text_config
     acts = {vision.hidden_act, text.hidden_act}
     if len(acts) != 1 or not acts <= set(_ACTIVATIONS):
@@ -71,18 +134,18 @@ def open_clip_config_from_hf(config) -> Dict[str, Any]:
             raise UserError(f"layer_norm_eps {tower.layer_norm_eps}: open_clip's LayerNorm uses 1e-5")
         if tower.hidden_size % tower.num_attention_heads:
             raise UserError(f"hidden_size {tower.hidden_size} is not a multiple of {tower.num_attention_heads} heads")
-    return {
+    v, t = fields["vision_config"], fields["text_config"]
+    config = {
         "embed_dim": int(config.projection_dim),
         "quick_gelu": _ACTIVATIONS[acts.pop()],
-        "vision_cfg": {"image_size": int(vision.image_size), "layers": int(vision.num_hidden_layers),
-                       "width": int(vision.hidden_size),
-                       "head_width": int(vision.hidden_size // vision.num_attention_heads),
-                       "mlp_ratio": vision.intermediate_size / vision.hidden_size,
-                       "patch_size": int(vision.patch_size)},
-        "text_cfg": {"context_length": int(text.max_position_embeddings), "vocab_size": int(text.vocab_size),
-                     "width": int(text.hidden_size), "heads": int(text.num_attention_heads),
-                     "layers": int(text.num_hidden_layers), "mlp_ratio": text.intermediate_size / text.hidden_size},
+        "vision_cfg": {"image_size": v["image_size"], "layers": v["num_hidden_layers"], "width": v["hidden_size"],
+                       "head_width": v["hidden_size"] // v["num_attention_heads"],
+                       "mlp_ratio": v["intermediate_size"] / v["hidden_size"], "patch_size": v["patch_size"]},
+        "text_cfg": {"context_length": t["max_position_embeddings"], "vocab_size": t["vocab_size"],
+                     "width": t["hidden_size"], "heads": t["num_attention_heads"], "layers": t["num_hidden_layers"],
+                     "mlp_ratio": t["intermediate_size"] / t["hidden_size"]},
     }
+    return schema.validate(schema.MODEL_CFG, config, "config.json (as an open_clip config)")
 
 
 def _normalised(config: Dict[str, Any]) -> Optional[Tuple]:
@@ -116,24 +179,71 @@ def architecture_name(config: Dict[str, Any], preferred: Optional[str] = None) -
     return register_inline_config(config)
 
 
-def read_hf_weights(folder: Path) -> Dict[str, torch.Tensor]:
-    """The folder's weights: safetensors (single file or sharded index), else pytorch_model.bin, weights_only."""
-    from safetensors.torch import load_file
-
-    for index_name, loader in (("model.safetensors.index.json", load_file),
-                               ("pytorch_model.bin.index.json",
-                                lambda p: torch.load(p, map_location="cpu", weights_only=True))):
-        index = folder / index_name
-        if index.is_file():
-            state: Dict[str, torch.Tensor] = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                state.update(loader(str(folder / Path(shard).name)))  # a shard's bare name: never outside the folder
-            return state
+def hf_weight_files(folder: Path) -> List[Path]:
+    """The folder's safetensors files: the shards its index names (bare names inside the folder), else
+    model.safetensors. Anything else (a pickle's pytorch_model.bin) is refused."""
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = read_json(index_path, MAX_JSON_BYTES, "safetensors index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index_path}: expected an object whose weight_map maps tensor names to file names")
+        names = sorted(set(weight_map.values()))
+        if len(names) > MAX_SHARDS:
+            raise UserError(f"{index_path}: {len(names):,} shard files, over the limit of {MAX_SHARDS:,}")
+        for name in names:
+            if Path(name).name != name or name in ("", ".", "..") or "\\" in name or not name.endswith(".safetensors"):
+                raise UserError(f"{index_path}: shard {name[:200]!r} is not a .safetensors file name inside the "
+                                "folder (no folders, no '..')")
+            if not (folder / name).is_file():
+                raise UserError(f"{index_path}: shard {name!r} is not a file in {folder}")
+        return [folder / name for name in names]
     if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise UserError(f"{folder}: no model.safetensors or pytorch_model.bin")
+        return [folder / "model.safetensors"]
+    others = [name for name in ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5",
+                                "flax_model.msgpack") if (folder / name).exists()]
+    if others:
+        raise UserError(f"{folder}: only safetensors weights are read, and it has {others[0]} (a pickle or another "
+                        "framework's format); convert it where you trust the file: CLIPModel.from_pretrained(DIR)"
+                        ".save_pretrained(DIR, safe_serialization=True)")
+    raise UserError(f"{folder}: no model.safetensors")
+
+
+def weight_shapes(files: List[Path]) -> Dict[str, torch.Tensor]:
+    """The folder's tensors as `meta` tensors (shape and dtype, no memory), from the checked headers."""
+    shapes: Dict[str, torch.Tensor] = {}
+    for path in files:
+        for name, (dtype, shape) in safetensors_header(path).items():
+            if dtype not in _FLOAT_DTYPES:
+                raise UserError(f"{path}: tensor {name[:200]!r} is {dtype}, not a floating-point weight")
+            if name in shapes:
+                raise UserError(f"{path}: tensor {name[:200]!r} is also in another shard")
+            shapes[name] = torch.empty(shape, dtype=_FLOAT_DTYPES[dtype], device="meta")
+    return shapes
+
+
+def check_weights_fit(name: str, files: List[Path], folder: Path) -> None:
+    """Refuse, before anything is allocated, weights whose converted shapes differ from the model `name`
+    builds (the model made on the meta device)."""
+    converted = convert_state_dict(weight_shapes(files))
+    expected = sized_model(open_clip_spec(name)).state_dict()
+    for key, tensor in expected.items():
+        if key not in converted:
+            raise UserError(f"{folder}: the weights lack {key} of the model its config.json builds")
+        if tuple(converted[key].shape) != tuple(tensor.shape):
+            raise UserError(f"{folder}: weights do not fit their config ({key} has shape "
+                            f"{list(converted[key].shape)}, the config builds {list(tensor.shape)})")
+    extra = sorted(set(converted) - set(expected))
+    if extra:
+        raise UserError(f"{folder}: weights the model its config.json builds does not have: {extra[:4]}")
+
+
+def read_hf_weights(files: List[Path]) -> Dict[str, torch.Tensor]:
+    """The weights of a folder's safetensors `files` (`hf_weight_files`), each file's header checked first."""
+    state: Dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(load_safetensors(path))
+    return state
 
 
 _LAYER_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
@@ -168,13 +278,19 @@ def convert_state_dict(hf_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
         if key in _TOP_NAMES:
             state[_TOP_NAMES[key]] = value
         elif key in _TRANSPOSED:
+            if value.dim() != 2:
+                raise UserError(f"{key}: shape {list(value.shape)}, expected a matrix")
             state[_TRANSPOSED[key]] = value.t().contiguous()
         elif any(key.startswith(prefix) for prefix in _TOWERS):
             prefix = next(p for p in _TOWERS if key.startswith(p))
-            index, rest = key[len(prefix):].split(".", 1)
-            block = f"{_TOWERS[prefix]}{index}."
-            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
-                _, projection, kind = rest.split(".")
+            index, _, rest = key[len(prefix):].partition(".")
+            if not (index.isdigit() and index.isascii() and len(index) <= 4):
+                leftover.append(key)
+                continue
+            block = f"{_TOWERS[prefix]}{int(index)}."
+            parts = rest.split(".")
+            if len(parts) == 3 and parts[0] == "self_attn" and parts[1] in ("q_proj", "k_proj", "v_proj"):
+                _, projection, kind = parts
                 qkv.setdefault((block, kind), {})[projection] = value
                 continue
             for hf_name, ours in _LAYER_NAMES.items():
@@ -190,7 +306,10 @@ def convert_state_dict(hf_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
     for (block, kind), parts in qkv.items():  # q, k, v rows stacked: nn.MultiheadAttention's packed in_proj
         if set(parts) != {"q_proj", "k_proj", "v_proj"}:
             raise UserError(f"{block}: q/k/v {kind} incomplete ({sorted(parts)})")
-        state[f"{block}attn.in_proj_{kind}"] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+        try:
+            state[f"{block}attn.in_proj_{kind}"] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+        except RuntimeError as error:
+            raise UserError(f"{block}: q/k/v {kind} of different shapes ({str(error).splitlines()[0][:200]})") from None
     return state
 
 
@@ -202,9 +321,11 @@ def load_hf_clip(pretrained: str, model_name: Optional[str] = None) -> nn.Module
     name = architecture_name(config, model_name)
     if model_name and name != model_name:
         raise UserError(f"--pretrained {pretrained} is architecture {name}, not {model_name}: pass --model {name}")
+    files = hf_weight_files(folder)
+    check_weights_fit(name, files, folder)  # before anything is allocated
     model = create_open_clip(name)
     try:
-        model.load_state_dict(convert_state_dict(read_hf_weights(folder)), strict=True)
+        model.load_state_dict(convert_state_dict(read_hf_weights(files)), strict=True)
     except RuntimeError as error:
         raise UserError(f"{folder}: weights do not fit their config ({str(error).splitlines()[0][:300]})") from None
     model.model_spec = open_clip_spec(name)

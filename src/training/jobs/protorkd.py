@@ -278,6 +278,7 @@ class ProtoRKDJob(Job):
         num_rows = len(dataset)  # the trainer already cut the table to --dataset-size rows
         self.dataset_size = num_rows
         self.episode_size = args.episode_size or self.dataset_size
+        self.batchnorm.on_train_start(ctx, ctx.unwrapped_model)
         if self.uses_proto and args.k > self.episode_size:
             raise UserError(f"--k {args.k} prototypes need at least as many episode samples; the episode has "
                             f"{self.episode_size} (lower --k)")
@@ -289,7 +290,6 @@ class ProtoRKDJob(Job):
             if self.external_features.ndim != 2 or len(self.external_features) < self.dataset_size:
                 raise UserError(f"--external-teacher {args.external_teacher} has shape "
                                 f"{self.external_features.shape}; need (rows >= {self.dataset_size}, dim)")
-        self.batchnorm.on_train_start(ctx, ctx.unwrapped_model)
 
         cache_dir = args.teacher_cache_dir or Path(args.logs) / args.name / "cache"
         # the cache is built under the run's autocast, like the training steps; features so computed differ

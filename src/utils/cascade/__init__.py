@@ -28,6 +28,7 @@ from typing import List, Optional
 
 from compress.ops.cascade import INDEX_KINDS
 from foundation.checkpoint import atomic_write_bytes
+from foundation.dependencies import FAISS_INSTALL, require
 from foundation.errors import UserError
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS
 from utils.cascade.experiments import Experiment, format_table, read_experiment, run_experiment
@@ -241,6 +242,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # index, search and the experiments all build or read a faiss index of level 1's features
+        require(PROG, ["faiss"], FAISS_INSTALL)
         if args.command is not None:
             if args.config or args.name:
                 parser.error("--config and --name run an experiment; give them without the index/search command")
