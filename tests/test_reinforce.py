@@ -169,7 +169,7 @@ def test_a_reinforce_json_that_is_no_json_too_large_or_not_a_file_is_refused(aug
 
     folder = tmp_path / "set"
     shutil.copytree(augmented_set, folder)
-    for content, refused in ((b"{" * 100_000, "not JSON"), (b" " * (MAX_REINFORCE_FILE_BYTES + 1), "over"),
+    for content, refused in ((b"{" * 100_000, "not valid JSON"), (b" " * (MAX_REINFORCE_FILE_BYTES + 1), "over"),
                              (b"[1, 2]", "expected a mapping")):
         (folder / "reinforce.json").write_bytes(content)
         with pytest.raises(ReinforceError, match=refused):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from foundation.errors import CheckpointRefused, UserError
-from foundation.files import NotRegularFile, open_regular
+from foundation.files import NotRegularFile, open_regular, write_failure
 
 LATEST = "epoch_latest.pt"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
@@ -58,7 +58,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError("unexpected pos …")
-        raise UserError(f"cannot write {path}: {_write_failure(e)}; the previous {path.name}, if any, is untouched")
+        raise UserError(f"cannot write {path}: {write_failure(e)}; the previous {path.name}, if any, is untouched")
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -67,16 +67,6 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
-
-
-def _write_failure(error: BaseException) -> str:
-    """The OS's reason for a failed write (e.g. "No space left on device"), found anywhere in the chain."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror
-        seen = seen.__cause__ or seen.__context__
-    return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -45,7 +45,7 @@ import torch
 
 from compress.models import spec as schema
 from foundation.errors import DataError, UserError
-from foundation.files import open_regular
+from foundation.files import open_regular, read_json
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS
 from training.data.samples import MAX_CAPTION_BYTES, BadSample
 from training.data.shards import (
@@ -209,16 +209,9 @@ def read_reinforcement(folder: str | os.PathLike) -> Reinforcement:
     REINFORCE_SCHEMA; ReinforceError (one line naming the file and the key) otherwise."""
     path = Path(folder) / REINFORCE_FILE
     try:
-        with open_regular(path) as f:
-            text = f.read(MAX_REINFORCE_FILE_BYTES + 1)
-    except (OSError, ValueError) as error:
-        raise ReinforceError(f"{path} cannot be read ({getattr(error, 'strerror', None) or error})") from None
-    if len(text) > MAX_REINFORCE_FILE_BYTES:
-        raise ReinforceError(f"{path} is over {MAX_REINFORCE_FILE_BYTES:,} bytes: not a reinforce.json")
-    try:
-        header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise ReinforceError(f"{path} is not JSON ({str(error).splitlines()[0][:200]})") from None
+        header = read_json(path, MAX_REINFORCE_FILE_BYTES, what=REINFORCE_FILE)
+    except UserError as error:
+        raise ReinforceError(str(error)) from None
     try:
         header = schema.validate(REINFORCE_SCHEMA, header, "reinforce.json")
     except schema.SpecError as error:
