@@ -43,7 +43,7 @@ def squash_config(tmp_path_factory):
 def train_model_and_transform(model_name, weights=None):
     """The model `--job clip --model NAME --pretrained WEIGHTS` trains, and the transform of its images."""
     args = SimpleNamespace(model=model_name, pretrained=weights, grad_checkpointing=False, local_loss=False,
-                           gather_with_grad=False)
+                           gather_with_grad=False, distill_model=None, distill_pretrained=None)
     job = ClipJob(args, SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")))
     model = job.build_model()
     transform, _ = job.data_transforms(model)

@@ -126,8 +126,35 @@ def check_weights(spec: Dict[str, Any], state_dict: Any, allowed_text_encoders: 
     cannot make the build allocate what it does not hold. A CheckpointRefused (one line naming the key)
     otherwise."""
     model = sized_model(spec, allowed_text_encoders)
-    check_tensors_fit(state_dict, model.state_dict(keep_vars=True), where)
+    check_tensors_fit(state_dict, _with_packed_attention(model.state_dict(keep_vars=True), state_dict), where)
     return model.model_spec
+
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _with_packed_attention(expected: Dict[str, torch.Tensor], found: Any) -> Dict[str, torch.Tensor]:
+    """`expected` as a state dict in nn.MultiheadAttention's packed names holds it, where `found` has them: a
+    compact block's separate q/k/v Linears load a packed `in_proj_weight`/`in_proj_bias` ([q; k; v] rows;
+    compact_clip's load pre-hook splits them), so the packed entries are checked as one tensor of three times
+    the rows, on the meta device, instead of being refused as unknown keys."""
+    if not isinstance(found, Mapping):
+        return expected
+    expected = dict(expected)
+    for key in [k for k in found if isinstance(k, str) and k.endswith("in_proj_weight")]:
+        prefix = key[: -len("in_proj_weight")]
+        parts = [expected.get(f"{prefix}{name}.{kind}") for name in _QKV for kind in ("weight", "bias")]
+        if any(part is None for part in parts) or key in expected:
+            continue
+        weights, biases = parts[0::2], parts[1::2]
+        if len({tuple(w.shape) for w in weights}) != 1 or len({b.dtype for b in biases}) != 1:
+            continue
+        rows, cols = weights[0].shape
+        expected[key] = torch.empty(3 * rows, cols, dtype=weights[0].dtype, device="meta")
+        expected[prefix + "in_proj_bias"] = torch.empty(3 * rows, dtype=biases[0].dtype, device="meta")
+        for name in _QKV:
+            del expected[f"{prefix}{name}.weight"], expected[f"{prefix}{name}.bias"]
+    return expected
 
 
 def strip_module_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
