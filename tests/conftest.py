@@ -116,3 +116,14 @@ def tiny_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus") / "corpus"
     make_corpus(str(out), train_size=256, eval_size=72, image_size=32, seed=0, shard_size=64)
     return out
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads cost more than they bring."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -10,14 +10,7 @@ from compress.ops.cascade import Cascade
 from eval.metrics import ranks_in_ranking, recall_at_ks
 from utils.cascade import build_parser, main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads cost more than they bring."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ CASCLIP_CONFIGS = (
     + [f"distilling_{arch}" for arch in ("mobilenetv3-S", "mobilenetv3-L", "resnet34", "resnet50")])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads cost more than they bring."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

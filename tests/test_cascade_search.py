@@ -18,14 +18,7 @@ from compress.ops.cascade import ENCODED, MISSING, SearchIndex
 from foundation.images import open_rgb
 from utils.cascade import Searcher, main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads cost more than they bring."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

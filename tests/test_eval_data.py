@@ -14,14 +14,7 @@ from eval.data import discover_datasets
 from eval.templates import CIFAR100_CLASSNAMES, CIFAR_TEMPLATES
 from foundation.annotations import confined_path, read_image_captions, skipped_note
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads cost more than they bring."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def coco_pairs(tiny_corpus):

@@ -10,14 +10,7 @@ from eval.data import discover_datasets, find_flickr_root
 from utils.cascade import read_gallery
 from utils.posttrain import calibration_batches
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads cost more than they bring."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ linear_probe_module = importlib.import_module("eval.linear_probe")
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core box: intra-op threads cost more than they bring."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- classification metrics ----------------------------------------------------------------------------

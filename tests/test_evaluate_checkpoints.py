@@ -18,14 +18,7 @@ from utils import evaluate_checkpoints as monitor_cli
 MODEL = "clipc-vit-t2-32"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: intra-op threads cost more than they bring (as conftest does for
-    subprocesses with OMP_NUM_THREADS=1)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 SHAPES = {"red_circle": ((220, 30, 30), "ellipse"), "blue_square": ((30, 30, 220), "rectangle")}
 
 
