@@ -261,3 +261,111 @@ def test_student_text_tower_trains_through_the_caption_losses(teacher_checkpoint
     assert set(losses) >= {"loss", "icl_loss", "crd_loss"}
     assert model.text.token_embedding.weight.grad.abs().sum() > 0
     assert model.visual.net.fc.weight.grad.abs().sum() > 0
+
+
+# --- SigLIP's sigmoid loss ------------------------------------------------------------------------------
+
+# a module-scoped fixture of tests/test_families.py: the families' tiny configs, SigLIP's stand-in tokenizer
+from test_families import config_name, family_configs  # noqa: E402,F401
+
+
+@pytest.fixture(scope="module")
+def siglip_teacher(family_configs, tmp_path_factory):  # noqa: F811
+    """A tiny random-init SigLIP CLIP (timm ViT with an attention-pool head, a logit bias, an HF tokenizer) saved
+    as one of our checkpoints."""
+    from compress.models.pretrained import create_clip
+
+    torch.manual_seed(0)
+    model = create_clip(config_name("siglip"))
+    path = tmp_path_factory.mktemp("siglip") / "siglip.pt"
+    torch.save({"model_spec": model.model_spec, "state_dict": model.state_dict()}, path)
+    return path
+
+
+def _distill_job(*flags):
+    from training.distributed import DistInfo
+    from training.jobs.distill import DistillJob
+    from training.params import parse_args
+
+    args = parse_args(["--job", "distill", "--train-data", "synthetic", "--student", "mobilenet_v3_small", *flags])
+    return DistillJob(args, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+
+
+@pytest.mark.slow
+def test_a_siglip_teacher_distils_with_open_clips_sigmoid_loss_and_the_student_keeps_its_bias(siglip_teacher,
+                                                                                             tmp_path):
+    """Without --siglip, a SigLIP teacher selects the sigmoid loss: icl is open_clip's SigLipLoss of the student's
+    image features against the teacher's caption features at the student's temperature and bias (which start at the
+    teacher's), affinity and crd compare the two models' sigmoid pair logits; two steps train the bias, and the
+    student's checkpoint rebuilds with it."""
+    from open_clip.loss import SigLipLoss
+
+    import compress
+    from compress.models.registry import get_tokenizer, preprocess_config
+
+    job = _distill_job("--teacher-model", config_name("siglip"), "--teacher-pretrained", str(siglip_teacher),
+                       "--distill-loss", "icl,affinity,crd")
+    student = job.build_model()
+    teacher = compress.load(str(siglip_teacher))
+    assert job.siglip and isinstance(job.clip_loss, SigLipLoss)
+    assert student.model_spec["init_logit_bias"] == teacher.logit_bias.item() == student.logit_bias.item()
+    assert student.logit_scale.item() == teacher.logit_scale.item() and student.logit_bias.requires_grad
+    captions = ["one red circle", "two blue squares", "a green star", "three yellow triangles"]
+    tokens = get_tokenizer(student.model_spec)(captions)
+    size = preprocess_config(teacher.model_spec)["image_size"]
+    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    batch = {"image": images, "text": tokens, "caption": captions}
+    with torch.no_grad():
+        teacher_image, teacher_text = teacher.encode_image(images, True), teacher.encode_text(tokens, True)
+        teacher_logits = teacher.logit_scale.exp() * teacher_image @ teacher_text.T + teacher.logit_bias
+    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.5)
+    biases = [student.logit_bias.item()]
+    student.eval()  # BatchNorm on running statistics, no dropout: the loss's features are the ones recomputed here
+    for _ in range(2):
+        losses = job.loss(student, batch)
+        image, scale, bias = student.encode_image(images, normalize=True), student.logit_scale.exp(), student.logit_bias
+        torch.testing.assert_close(losses["icl_loss"], SigLipLoss()(image, teacher_text, scale, bias))
+        logits = scale * image @ teacher_text.T + bias
+        p, q = torch.sigmoid(teacher_logits), torch.sigmoid(logits)
+        affinity = -(p * q.log() + (1 - p) * (1 - q).log()).sum() / len(images)
+        crd = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum() / len(images)
+        torch.testing.assert_close(losses["affinity_loss"], affinity)
+        torch.testing.assert_close(losses["crd_loss"], crd)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        assert student.logit_bias.grad.abs() > 0
+        optimizer.step()
+        biases.append(student.logit_bias.item())
+    assert biases[0] != biases[1] != biases[2]  # the bias learns
+
+    compress.save(student, tmp_path / "student")
+    loaded = compress.load(str(tmp_path / "student"))
+    assert loaded.logit_bias.item() == biases[-1] and loaded.model_spec["init_logit_bias"] == biases[0]
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_image(images), student.encode_image(images), atol=1e-6)
+
+
+def test_siglip_flag_gives_a_softmax_teachers_student_a_bias_and_needs_a_caption_loss(teacher_checkpoint,
+                                                                                       siglip_teacher):
+    """--siglip from a teacher without a bias: the student starts at open_clip_train's bias −10 and temperature 10;
+    --siglip with image-only losses is refused in one line, while a SigLIP teacher's student still carries the
+    teacher's bias (frozen: no caption loss trains it)."""
+    from foundation.errors import UserError
+    from training.jobs import SIGLIP_INIT_LOGIT_BIAS
+
+    job = _distill_job("--siglip", "--teacher-model", "clipc-vit-t2-32", "--teacher-pretrained",
+                       str(teacher_checkpoint), "--distill-loss", "icl")
+    student = job.build_model()
+    assert job.siglip and student.logit_bias.item() == SIGLIP_INIT_LOGIT_BIAS
+    assert student.logit_scale.exp().item() == pytest.approx(10.0)
+    with pytest.raises(UserError, match=r"^--siglip: the sigmoid loss is a caption loss and --distill-loss cosine "
+                                        r"compares image features only"):
+        _distill_job("--siglip", "--teacher-model", "clipc-vit-t2-32", "--teacher-pretrained",
+                     str(teacher_checkpoint), "--distill-loss", "cosine").build_model()
+    with pytest.raises(UserError, match="--distill-loss affinity under the sigmoid loss .* the teacher "
+                                        "clipc-vit-t2-32 has none; use icl"):
+        _distill_job("--siglip", "--teacher-model", "clipc-vit-t2-32", "--teacher-pretrained",
+                     str(teacher_checkpoint), "--distill-loss", "affinity").build_model()
+    image_only = _distill_job("--teacher-model", config_name("siglip"), "--teacher-pretrained", str(siglip_teacher),
+                              "--distill-loss", "cosine").build_model()
+    assert image_only.logit_bias is not None and not image_only.logit_bias.requires_grad

@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SigLIP's sigmoid loss with a learnable logit bias (open_clip's SigLipLoss) instead of "
                             "the softmax contrastive loss; chosen by itself for a config with init_logit_bias (the "
                             "SigLIP configs). A model without a bias gets one (-10, temperature 10), as "
-                            "open_clip_train")
+                            "open_clip_train. --job distill: its caption losses (icl, crd, affinity; chosen by "
+                            "itself for a SigLIP teacher), the student learning a bias")
     model.add_argument("--loss-dist-impl", default=None, choices=["bidir", "shift", "reduce", "gather"],
                        help="--siglip across ranks: how the text features travel (open_clip's SigLipLoss; "
                             "default bidir, the neighbour exchange in both directions)")

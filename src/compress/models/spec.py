@@ -517,6 +517,7 @@ register_schema("student_clip", {
     "teacher_model": open_clip_config,
     "preprocess": PREPROCESS,
     "model_cfg": MODEL_CFG,  # the teacher's architecture, when no config file describes it
+    "init_logit_bias": number(-1e3, 1e3),  # a learnable logit bias (SigLIP's sigmoid loss)
 })
 
 

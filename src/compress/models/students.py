@@ -9,7 +9,8 @@ Model kind `student_clip` (rebuilt by `compress.load` from the checkpoint's mode
                   | {"type": "open_clip_vit", "vision_cfg": {...open_clip CLIPVisionCfg...}, "quick_gelu": false},
      "text_tower": {"text_cfg": {...open_clip CLIPTextCfg...}, "quick_gelu": false, "from": "teacher clipc-vit-t2-64"},
      "tokenizer_model": "clipc-vit-t2-64",                # open_clip tokenizer of the text tower
-     "preprocess": {"image_size": 64, "mean": [...], "std": [...]}}   # the teacher's: same images
+     "preprocess": {"image_size": 64, "mean": [...], "std": [...]},   # the teacher's: same images
+     "init_logit_bias": -10.0}                           # optional: a SigLIP student's learnable logit bias
 
 - torchvision students (`torchvision.models.get_model(name)`, any classification architecture): the
   classifier's output layer becomes a Linear to `embed_dim` (compress.models.backbones); that Linear is the
@@ -21,6 +22,10 @@ Model kind `student_clip` (rebuilt by `compress.load` from the checkpoint's mode
   same tensors).
 - The text tower is an open_clip `TextTransformer` built from the teacher's text config and filled with the
   teacher's text weights (`copy_teacher_text_tower`); its parameter names match a CLIP's text attributes.
+- A student trained with SigLIP's sigmoid loss (the distill job under `--siglip` or with a SigLIP teacher) has a
+  `logit_bias` parameter beside `logit_scale`, as open_clip's CLIP has with `init_logit_bias`; the spec's
+  `init_logit_bias` says so, and the checkpoint's state dict holds its trained value. Without it, `logit_bias`
+  is None (open_clip's convention).
 """
 from __future__ import annotations
 
@@ -76,12 +81,14 @@ def teacher_text_spec(text_model: str) -> Dict[str, Any]:
             "from": text_model}
 
 
-def student_clip_spec(image_tower: Dict[str, Any], teacher_model: str,
-                      text_model: Optional[str] = None) -> Dict[str, Any]:
+def student_clip_spec(image_tower: Dict[str, Any], teacher_model: str, text_model: Optional[str] = None,
+                      init_logit_bias: Optional[float] = None) -> Dict[str, Any]:
     """Spec of a student CLIP: `image_tower` + the text tower of `text_model` (default: the teacher's),
-    in the teacher's embedding space and with the teacher's preprocessing."""
+    in the teacher's embedding space and with the teacher's preprocessing; with a learnable logit bias starting
+    at `init_logit_bias` when one is given (SigLIP's sigmoid loss)."""
     teacher_config = open_clip_model_config(teacher_model)
     text_model = text_model or teacher_model
+    bias = {} if init_logit_bias is None else {"init_logit_bias": float(init_logit_bias)}
     return {
         "kind": "student_clip",
         "embed_dim": int(teacher_config["embed_dim"]),
@@ -91,6 +98,7 @@ def student_clip_spec(image_tower: Dict[str, Any], teacher_model: str,
         "teacher_model": teacher_model,
         "preprocess": open_clip_preprocess(teacher_model),
         **_model_cfg(teacher_model, text_model),
+        **bias,
     }
 
 
@@ -173,6 +181,8 @@ class StudentCLIP(nn.Module):
         text = spec["text_tower"]
         self.text = _build_text_tower(embed_dim, text["text_cfg"], text.get("quick_gelu", False))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        bias = spec.get("init_logit_bias")
+        self.logit_bias = None if bias is None else nn.Parameter(torch.tensor(float(bias)))
         self.output_dict = True
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -186,12 +196,16 @@ class StudentCLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None) -> Dict[str, Any]:
-        """Normalised features of whichever inputs are given (DDP needs the step to go through forward)."""
-        return {
+        """Normalised features of whichever inputs are given (DDP needs the step to go through forward), and the
+        exponentiated temperature; with the logit bias too when the student has one (open_clip's CLIP output)."""
+        out = {
             "image_features": self.encode_image(image, normalize=True) if image is not None else None,
             "text_features": self.encode_text(text, normalize=True) if text is not None else None,
             "logit_scale": self.logit_scale.exp(),
         }
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
 
 
 @register_model_kind("student_clip")

@@ -29,6 +29,8 @@ mean‖ŝ − t̂‖² / D) of the L2-normalised features times a constant:
 - `soft_target_sigmoid_loss`  the sigmoid (SigLIP) counterpart of `soft_target_contrastive_loss`, on
                  `sigmoid_logits`: targets (1 − w)·identity + w·σ(teacher logits); w = 0 is SigLIP's loss.
 - `icl_loss`     CLIP-KD interactive contrastive learning: InfoNCE student image ↔ teacher text.
+- `sigmoid_affinity_loss`, `sigmoid_crd_loss`  the affinity and CRD losses of SigLIP pair logits (the distill
+                 job under the sigmoid loss, where ICL is open_clip's SigLipLoss of student image ↔ teacher text).
 
 **Relational and prototype losses** (ProtoRKD / ProtoCLIP; student and teacher widths may differ for RKD):
 
@@ -236,19 +238,53 @@ class DistillFeatures:
     logit_scale: torch.Tensor | float
     teacher_logit_scale: torch.Tensor | float
     student_has_text: bool = False  # the student trains a text tower of its own
+    # SigLIP's sigmoid loss: `contrastive(images, captions)` is the run's image–caption loss at the student's
+    # temperature and bias (open_clip's SigLipLoss across ranks, training.jobs.Job.contrastive_loss), and the
+    # affinity losses compare sigmoid pair logits, each model's with its own bias. None: the softmax losses.
+    contrastive: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    logit_bias: Optional[torch.Tensor | float] = None
+    teacher_logit_bias: Optional[torch.Tensor | float] = None
 
 
 def _icl(f: DistillFeatures) -> torch.Tensor:
-    value = icl_loss(f.student_image, f.teacher_text, f.logit_scale)
+    pair = f.contrastive or (lambda image, text: icl_loss(image, text, f.logit_scale))
+    value = pair(f.student_image, f.teacher_text)
     if f.student_has_text:  # CLIP-KD's ICL is symmetric: the teacher's images against the student's captions too
-        value = 0.5 * (value + icl_loss(f.teacher_image, f.student_text, f.logit_scale))
+        value = 0.5 * (value + pair(f.teacher_image, f.student_text))
     return value
 
 
-def _relational(loss: Callable[..., torch.Tensor]) -> Callable[[DistillFeatures], torch.Tensor]:
-    """A loss comparing the student's image-text affinities with the teacher's."""
-    return lambda f: loss(f.student_image, f.student_text, f.teacher_image, f.teacher_text, f.logit_scale,
-                          f.teacher_logit_scale)
+def _sigmoid_pair_logits(f: DistillFeatures) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) SigLIP pair logits of the batch, each model at its own temperature and bias."""
+    if f.teacher_logit_bias is None:
+        raise ValueError("the sigmoid affinity losses need the teacher's logit bias")
+    return (sigmoid_logits(f.student_image, f.student_text, f.logit_scale, f.logit_bias),
+            sigmoid_logits(f.teacher_image, f.teacher_text, f.teacher_logit_scale, f.teacher_logit_bias))
+
+
+def _relational(loss: Callable[..., torch.Tensor], sigmoid: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                ) -> Callable[[DistillFeatures], torch.Tensor]:
+    """A loss comparing the student's image-text affinities with the teacher's: `loss` of the softmax
+    affinities, or under SigLIP's loss `sigmoid(student pair logits, teacher pair logits)`."""
+    def compute(f: DistillFeatures) -> torch.Tensor:
+        if f.contrastive is not None:
+            return sigmoid(*_sigmoid_pair_logits(f))
+        return loss(f.student_image, f.student_text, f.teacher_image, f.teacher_text, f.logit_scale,
+                    f.teacher_logit_scale)
+    return compute
+
+
+def sigmoid_affinity_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """`affinity_loss` under SigLIP: each pair's BCE against the teacher's pair probability σ(t_ij), summed over
+    pairs / n (`soft_target_sigmoid_loss` at w = 1, the prune job's sigmoid KD target)."""
+    return soft_target_sigmoid_loss(student_logits, teacher_logits, 1.0)
+
+
+def sigmoid_crd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """`crd_loss` under SigLIP: Σ_ij KL(Bernoulli(σ(t_ij)) ‖ Bernoulli(σ(s_ij))) / n, the sigmoid affinity loss
+    minus the teacher's own (its pairs' entropy, constant in the student): same gradient, zero at the teacher."""
+    return (sigmoid_affinity_loss(student_logits, teacher_logits)
+            - sigmoid_affinity_loss(teacher_logits.to(student_logits.dtype), teacher_logits))
 
 
 class DistillLoss(NamedTuple):
@@ -263,6 +299,6 @@ LOSSES: Dict[str, DistillLoss] = {
     "cosine": DistillLoss(lambda f: cosine_loss(f.student_image, f.teacher_image), False, 1.0),
     "fd": DistillLoss(lambda f: fd_loss(f.student_image, f.teacher_image), False, 2000.0),
     "icl": DistillLoss(_icl, True, 1.0),
-    "crd": DistillLoss(_relational(crd_loss), True, 1.0),
-    "affinity": DistillLoss(_relational(affinity_loss), True, 1.0),
+    "crd": DistillLoss(_relational(crd_loss, sigmoid_crd_loss), True, 1.0),
+    "affinity": DistillLoss(_relational(affinity_loss, sigmoid_affinity_loss), True, 1.0),
 }

@@ -8,6 +8,12 @@ Losses (`--distill-loss`, comma-separated, each scaled by its `--<name>-weight`)
 cosine and fd compare image embeddings only (no captions needed); icl, crd and affinity use the batch's
 captions through the teacher's text tower (and the student's, when it has one).
 
+SigLIP's sigmoid loss (`--siglip`, or by itself for a teacher with a logit bias: a SigLIP CLIP): the student gets
+a learnable logit bias (the teacher's value, or open_clip_train's −10 at temperature 10 for a teacher without one),
+icl is open_clip's SigLipLoss of student image ↔ teacher caption features across ranks (the shared
+`Job.contrastive_loss`), and crd and affinity compare the two models' sigmoid pair logits
+(compress.ops.distill_losses). cosine and fd are unchanged; `--siglip` with only those is refused.
+
 On a reinforced set (`clipcompress reinforce`, training.data.reinforced: shards whose folder holds
 reinforce.json) no teacher is built: each step trains on one of the K stored views of each image and reads the
 teacher's embeddings of that view and of the caption from the shards; the student's text tower and temperature
@@ -22,6 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from compress.models.backbones import open_clip_model_config
 from compress.models.image_teachers import is_image_teacher_arch
 from compress.models.pretrained import create_clip
 from compress.models.registry import build_model, get_tokenizer
@@ -37,7 +44,7 @@ from compress.models.students import (
 from compress.ops.distill_losses import LOSSES, DistillFeatures
 from foundation.errors import UserError
 from training.data.reinforced import Reinforcement, StoredViews, check_teacher, find_reinforcement
-from training.jobs import Job, add_argument_once
+from training.jobs import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, Job, add_argument_once
 from training.jobs.batchnorm import BatchNormRecalibration, add_recalibration_flag
 
 
@@ -52,6 +59,7 @@ def parse_loss_names(text: str) -> List[str]:
 class DistillJob(Job):
     name = "distill"
     help = "distil a frozen open_clip CLIP's image tower into a small student (cosine/FD/CRD/ICL/affinity)"
+    sigmoid_loss = True
 
     @staticmethod
     def add_arguments(group) -> None:
@@ -112,6 +120,9 @@ class DistillJob(Job):
                             "--teacher-pretrained, the weights of the teacher the shards store the embeddings of")
         self.loss_names = parse_loss_names(args.distill_loss)
         self.needs_text = any(LOSSES[name].needs_text for name in self.loss_names)
+        if args.siglip and not self.needs_text:
+            raise UserError(f"--siglip: the sigmoid loss is a caption loss and --distill-loss {args.distill_loss} "
+                            f"compares image features only; add icl, crd or affinity, or drop --siglip")
         if self.needs_text and args.allow_empty_captions:
             raise UserError("--allow-empty-captions keeps caption-less images, which only the image losses "
                             "(cosine, fd) can use; drop it or the caption losses")
@@ -128,6 +139,7 @@ class DistillJob(Job):
             # pure-bf16 runs feed bf16 images: the teacher must take them too
             self.teacher = teacher.to(self.device, torch.bfloat16 if args.precision == "bf16" else None)
             self.teacher_tokenizer = get_tokenizer(teacher.model_spec)
+        self.teacher_logit_bias = self._teacher_logit_bias(teacher)
 
         if resume_spec is not None:
             model = build_model(resume_spec)
@@ -135,8 +147,17 @@ class DistillJob(Job):
             model = self._new_student(teacher)
         self.student_has_text = args.student_text is not None
         self.same_tokenizer = model.model_spec["tokenizer_model"] == self.teacher_model
-        # the temperature only matters to the caption losses; a parameter without gradient would trip DDP
+        # the temperature (and bias) only matter to the caption losses; a parameter without gradient would trip DDP
         model.logit_scale.requires_grad_(self.needs_text)
+        if model.logit_bias is not None:
+            model.logit_bias.requires_grad_(self.needs_text)
+        self.clip_loss = self.make_clip_loss(model)  # sets self.siglip: --siglip, or a student with a logit bias
+        relational = [name for name in self.loss_names if name in ("crd", "affinity")]
+        if self.siglip and relational and self.teacher_logit_bias is None:
+            reason = ("the reinforced set stores none (--ignore-stored-embeddings runs the teacher online)"
+                      if self.stored is not None else f"the teacher {self.teacher_model} has none")
+            raise UserError(f"--distill-loss {','.join(relational)} under the sigmoid loss compares the teacher's "
+                            f"sigmoid pair logits, which need its logit bias: {reason}; use icl")
         model.text.requires_grad_(self.student_has_text and self.needs_text)
         if args.student_text is not None and not self.needs_text:
             raise UserError("--student-text trains a text tower, which needs a caption loss (icl, crd or affinity)")
@@ -146,12 +167,32 @@ class DistillJob(Job):
                      self.teacher_model, args.student, trainable, ",".join(self.loss_names))
         return model
 
+    def _teacher_logit_bias(self, teacher) -> Optional[torch.Tensor]:
+        """The teacher's logit bias (0-d, on the device): a SigLIP teacher's; None for a teacher without one
+        and for one read only from a reinforced set's stored embeddings (which hold no bias)."""
+        if teacher is None or getattr(teacher, "logit_bias", None) is None:
+            return None
+        return teacher.logit_bias.detach().float().reshape(()).to(self.device)
+
+    def _initial_logit_bias(self, teacher) -> Tuple[Optional[float], bool]:
+        """(where a new student's logit bias starts, None for no bias; whether it is open_clip_train's fresh
+        one). A SigLIP teacher gives its own, or the one its config starts from when only its stored embeddings
+        are read; --siglip from a teacher without one: open_clip_train's −10 (at temperature 10, set by the
+        caller)."""
+        if self.teacher_logit_bias is not None:
+            return float(self.teacher_logit_bias), False
+        configured = open_clip_model_config(self.teacher_model).get("init_logit_bias") if teacher is None else None
+        if configured is not None:
+            return float(configured), False
+        return (SIGLIP_INIT_LOGIT_BIAS, True) if self.args.siglip else (None, False)
+
     def _new_student(self, teacher):
         args = self.args
         try:
             image_spec = student_image_spec(args.student, self.teacher_model, args.student_image_size,
                                             args.student_width, args.student_layers, args.freeze_backbone)
-            spec = student_clip_spec(image_spec, self.teacher_model, args.student_text)
+            bias, fresh_bias = self._initial_logit_bias(teacher)
+            spec = student_clip_spec(image_spec, self.teacher_model, args.student_text, init_logit_bias=bias)
             model = build_model(spec)
             if args.student_pretrained:
                 logging.info("student backbone from --student-pretrained: %s",
@@ -175,6 +216,9 @@ class DistillJob(Job):
             scale = teacher.logit_scale.detach() if teacher is not None else torch.tensor(self.stored.logit_scale)
             with torch.no_grad():
                 model.logit_scale.copy_(scale.reshape(()))
+        if fresh_bias:  # the sigmoid loss from a softmax teacher: open_clip_train's starting temperature too
+            with torch.no_grad():
+                model.logit_scale.fill_(SIGLIP_INIT_LOGIT_SCALE)
         return model
 
     def data_transforms(self, model):
@@ -213,11 +257,18 @@ class DistillJob(Job):
                 teacher_text = self.teacher.encode_text(tokens, normalize=True)
         own_text = self.needs_text and self.student_has_text
         out = model(images, batch["text"] if own_text else None)
+        sigmoid = {}
+        if self.siglip:  # open_clip's SigLipLoss at the student's temperature and bias, across ranks
+            def contrastive(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+                return self.contrastive_loss({"image_features": image, "text_features": text,
+                                              "logit_scale": out["logit_scale"], "logit_bias": out["logit_bias"]})
+            sigmoid = {"contrastive": contrastive, "logit_bias": out["logit_bias"],
+                       "teacher_logit_bias": self.teacher_logit_bias}
         features = DistillFeatures(
             student_image=out["image_features"], teacher_image=teacher_image,
             # with the teacher's (frozen) text tower the student's text features *are* the teacher's
             student_text=out["text_features"] if own_text else teacher_text, teacher_text=teacher_text,
-            logit_scale=out["logit_scale"], teacher_logit_scale=teacher_scale, student_has_text=own_text)
+            logit_scale=out["logit_scale"], teacher_logit_scale=teacher_scale, student_has_text=own_text, **sigmoid)
         parts: Dict[str, torch.Tensor] = {
             f"{name}_loss": getattr(self.args, f"{name}_weight") * LOSSES[name].compute(features)
             for name in self.loss_names}
