@@ -114,6 +114,7 @@ def test_quantized_checkpoint_is_int8_weights_only_and_reloads_exactly(dense, in
 def test_towers_choose_what_is_quantised(dense):
     image_only = quantize(dense, "int8_weight_only", towers=("image",))
     assert image_only.model_spec["linears"] and all(n.startswith("visual.") for n in image_only.model_spec["linears"])
+    assert "reparameterized" not in image_only.model_spec  # a ViT has no branches to fuse
     with pytest.raises(ValueError, match="already quantized"):
         quantize(image_only)
 
@@ -142,6 +143,50 @@ def test_students_quantise_and_reload(kind):
     if kind == "image_student":  # its frozen text teacher is no part of its weights: untouched, still float
         assert all(name.startswith(("visual.", "head.")) for name in quantized.model_spec["linears"])
         torch.testing.assert_close(again.encode_text(["a red circle"]), model.encode_text(["a red circle"]))
+
+
+# a module-scoped fixture of tests/test_families.py: the families' tiny configs (MobileCLIP's timm FastViT MCi)
+from test_families import config_name, family_configs  # noqa: E402,F401
+
+
+def test_mobileclip_is_reparameterised_before_int8_and_rebuilds_fused(family_configs, tmp_path):  # noqa: F811
+    """int8 of a MobileCLIP quantises its fused inference form (fewer modules, the float model's function); the spec
+    says so, and the checkpoint rebuilds into the same fused structure with the same features."""
+    import copy
+
+    from compress.models.pretrained import create_clip
+    from compress.models.registry import get_tokenizer, preprocess_config
+    from compress.ops.export import reparameterized
+
+    torch.manual_seed(0)
+    model = create_clip(config_name("mobileclip")).eval()
+    with torch.no_grad():  # BatchNorm statistics of a trained tower, so fusing them into the convolutions matters
+        for module in model.visual.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    fused = reparameterized(copy.deepcopy(model))
+    size = preprocess_config(model.model_spec)["image_size"]
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model.encode_image(images)
+        torch.testing.assert_close(fused.encode_image(images), reference, rtol=1e-4, atol=1e-4)
+
+    quantized = quantize(model, "int8_dynamic")
+    spec = quantized.model_spec
+    assert spec["reparameterized"] is True and spec["base"]["model"] == model.model_spec["model"]
+    structure = [(name, type(module).__name__) for name, module in quantized.visual.named_modules()]
+    assert len(structure) == sum(1 for _ in fused.visual.modules()) < sum(1 for _ in model.visual.modules())
+    assert any(isinstance(module, Int8Linear) for module in quantized.visual.modules())
+    compress.save(quantized, tmp_path / "int8")
+    loaded = compress.load(str(tmp_path / "int8"))
+    assert [(name, type(module).__name__) for name, module in loaded.visual.named_modules()] == structure
+    tokens = get_tokenizer(model.model_spec)(["one red circle", "a blue square"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), quantized.encode_image(images), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.encode_text(tokens), quantized.encode_text(tokens), rtol=0, atol=0)
+        assert torch.nn.functional.cosine_similarity(quantized.encode_image(images), reference).min() > 0.95
+    assert "reparameterized" not in quantize(model, towers=("text",)).model_spec  # the image tower left as it was
 
 
 def test_quantized_specs_are_validated(dense):

@@ -5,13 +5,15 @@ A quantized checkpoint wraps the spec of the model it was made from, and names t
     {"kind": "quantized",
      "base": {...the spec of the float model: open_clip, compact_clip, student_clip, image_student, ...},
      "scheme": "int8_dynamic" | "int8_weight_only",
-     "linears": ["visual.transformer.resblocks.0.attn.q_proj", ...]}      # module paths in the base model
+     "linears": ["visual.transformer.resblocks.0.attn.q_proj", ...],     # module paths in the base model
+     "reparameterized": true}              # optional: the base model's image tower in its fused inference form
 
 Each listed Linear becomes an `Int8Linear` whose state-dict entries are plain tensors (so the checkpoint
 stays `weights_only`-loadable): `weight_int8` (out×in, int8), `weight_scale` (out, float32: one symmetric
 scale per output channel, w ≈ weight_int8 · weight_scale) and `bias` (float). `compress.load` builds the
-base model, puts Int8Linear shells at the listed paths and fills them; everything else (norms, embeddings,
-projections that are bare Parameters, a student's frozen text encoder) stays in float.
+base model, fuses a re-parameterised image tower (MobileCLIP's FastViT/MCi: compress.models.reparameterize) when
+the spec says `reparameterized`, puts Int8Linear shells at the listed paths and fills them; everything else
+(norms, embeddings, projections that are bare Parameters, a student's frozen text encoder) stays in float.
 
 Schemes (what the forward computes; the stored weights are the same):
 - `int8_dynamic`: activations are quantised at run time and multiplied with the int8 weights in an int8 GEMM.
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.models.registry import MODEL_KINDS, WRAPPER_KINDS, register_model_kind
+from compress.models.reparameterize import reparameterized
 
 KIND = "quantized"
 SCHEMES = ("int8_dynamic", "int8_weight_only")
@@ -167,8 +170,13 @@ def replace_linears(model: nn.Module, paths: Iterable[str], scheme: str, convert
     return model
 
 
-def quantized_spec(base_spec: Dict[str, Any], scheme: str, linears: List[str]) -> Dict[str, Any]:
-    return {"kind": KIND, "base": base_spec, "scheme": scheme, "linears": list(linears)}
+def quantized_spec(base_spec: Dict[str, Any], scheme: str, linears: List[str],
+                   reparameterized: bool = False) -> Dict[str, Any]:
+    """`reparameterized`: the Linears were quantised in the base model's fused inference form."""
+    spec = {"kind": KIND, "base": base_spec, "scheme": scheme, "linears": list(linears)}
+    if reparameterized:
+        spec["reparameterized"] = True
+    return spec
 
 
 def base_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -182,6 +190,8 @@ def build_quantized(spec: Dict[str, Any]) -> nn.Module:
     base = spec["base"]
     model = MODEL_KINDS[base["kind"]](base)
     model.model_spec = base
+    if spec.get("reparameterized"):
+        reparameterized(model.eval())
     try:
         return replace_linears(model, spec["linears"], spec["scheme"], convert=False)
     except (ValueError, AttributeError) as error:

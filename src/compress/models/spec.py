@@ -577,4 +577,6 @@ register_schema("quantized", {
     "base": _quantized_base,
     "scheme": choice("int8_dynamic", "int8_weight_only"),
     "linears": list_of(_module_path, 1),
+}, {
+    "reparameterized": FLAG,  # the base model's image tower fused into its inference form (MobileCLIP)
 })

@@ -44,6 +44,7 @@ from torch import nn
 
 from compress.models.compact_clip import TokenMask, clone
 from compress.models.registry import get_preprocess, get_tokenizer, input_spec
+from compress.models.reparameterize import reparameterized
 from compress.ops.quantize import spec_image_size
 from foundation.checkpoint import atomic_write_bytes
 from foundation.errors import UserError
@@ -416,18 +417,6 @@ def export_graphs(model: nn.Module, out_dir: str | Path, fmt: str, opset: int = 
             manifest["graphs"]["text"] = _export_text(model, inputs, out_dir, files["text"], write, opset)
     atomic_write_bytes(out_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     return manifest
-
-
-def reparameterized(model: nn.Module) -> nn.Module:
-    """In place: a timm image tower's re-parameterisable blocks (MobileCLIP's FastViT/MCi: MobileOne and RepMixer
-    branches) fused into their inference form, the same function with fewer, plainer layers (timm's
-    `reparameterize_model`); any other model is left as it is."""
-    visual = getattr(model, "visual", None)
-    if visual is not None and any(hasattr(m, "reparameterize") or hasattr(m, "fuse") for m in visual.modules()):
-        from timm.utils import reparameterize_model
-
-        model.visual = reparameterize_model(visual, inplace=True)
-    return model
 
 
 def _has_fixed_mask(model: nn.Module) -> bool:

@@ -12,6 +12,10 @@ be quantised; a dense block's nn.MultiheadAttention would otherwise keep them in
 ViT keeps its attention in float for the same reason (its MLPs and projection are quantised), and a ProtoRKD
 student's frozen text encoder, which is not part of its weights, is never touched.
 
+A re-parameterisable image tower (MobileCLIP's FastViT/MCi) being quantised is fused into its inference form first
+(compress.models.reparameterize): its Linears are then those the deployed model calls, and the spec's
+`reparameterized` makes the quantized checkpoint rebuild in that form.
+
 Quantisation is the last step of a chain (prune, factorise, mask tokens, then quantize): the tools that
 reshape blocks refuse a quantized model.
 """
@@ -25,6 +29,7 @@ from torch import nn
 from compress.models.compact_clip import TOWERS, clone, compact_blocks, refresh_spec, transformer_towers
 from compress.models.quantized import KIND, SCHEMES, quantizable_linears, quantized_spec, replace_linears
 from compress.models.registry import get_tokenizer, preprocess_config
+from compress.models.reparameterize import reparameterizable, reparameterized
 from compress.ops.profile import default_text_input
 
 # kinds whose transformer blocks are open_clip's and convert exactly to compact blocks
@@ -77,6 +82,11 @@ def quantize(model: nn.Module, scheme: str = "int8_dynamic", towers: Sequence[st
     if spec.get("kind") == KIND:
         raise ValueError("this model is already quantized")
     model = clone(model)
+    # the inference form of an image tower being quantised, equal in eval mode (BatchNorm's running statistics fold
+    # into the convolutions, to float rounding); --towers text leaves the image tower exactly as it was
+    fused = "image" in towers and reparameterizable(model)
+    if fused:
+        reparameterized(model)
     if spec.get("kind") in _COMPACTABLE:  # the same function, with q/k/v/out as separate Linears
         for _ in compact_blocks(model, [tower for tower in towers if tower in transformer_towers(model)]):
             pass
@@ -88,5 +98,5 @@ def quantize(model: nn.Module, scheme: str = "int8_dynamic", towers: Sequence[st
                          "quantisable nn.Linear")
     base = model.model_spec
     replace_linears(model, chosen, scheme, convert=True)
-    model.model_spec = quantized_spec(base, scheme, chosen)
+    model.model_spec = quantized_spec(base, scheme, chosen, reparameterized=fused)
     return model
