@@ -68,6 +68,10 @@ FAMILIES.update({
 CONV_FAMILIES = {"rn50", "convnext", "mobileclip"}
 # families whose image tower is open_clip's VisionTransformer (the others' is a ResNet or a timm network)
 OPEN_CLIP_VIT_FAMILIES = {"vit", "vit-quickgelu", "coca"}
+# families whose image tower is a timm ViT whose blocks become compact blocks (SigLIP's), and all those whose image
+# tower the block operations (UPop, heads, Fisher, low-rank per block, token masking) reshape
+TIMM_VIT_FAMILIES = {"siglip", "siglip2"}
+TRANSFORMER_IMAGE_FAMILIES = OPEN_CLIP_VIT_FAMILIES | TIMM_VIT_FAMILIES
 
 
 def save_stand_in_tokenizer(hub_cache, repo_id: str) -> None:
@@ -314,6 +318,26 @@ def calibration(family_models):
     return out
 
 
+def _image_costs(model):
+    """(parameters, MACs) of the image tower for one image (compress.ops.profile)."""
+    from compress.ops.profile import tower_costs
+
+    images, tokens = _inputs(model)
+    costs = tower_costs(model.eval(), images, tokens)
+    return costs["params_image"], costs["macs_image"]
+
+
+def _assert_dense_equivalent(model, dense):
+    """`model`'s image tower is made of compact blocks and computes what `dense`'s does (< 1e-5)."""
+    from compress.models.compact_clip import CompactBlock, tower_blocks
+
+    assert all(isinstance(block, CompactBlock) for block in tower_blocks(model, "image"))
+    images, _ = _inputs(dense)
+    with torch.no_grad():
+        difference = (model.eval().encode_image(images) - dense.eval().encode_image(images)).abs().max()
+    assert difference < 1e-5, float(difference)
+
+
 def _round_trip(model):
     """`model` rebuilt from its spec and weights (what compress.load makes of its checkpoint) gives its features."""
     images, tokens = _inputs(model)
@@ -329,9 +353,12 @@ def _round_trip(model):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_block_operations_apply_to_every_transformer_tower_and_say_which_they_leave(family, family_models,
                                                                                     calibration, caplog):
-    """Low-rank, head pruning, Fisher pruning and text-layer dropping on both towers: an open_clip transformer
-    tower is reshaped (CoCa's text tower with its cls token included), any other tower is left as it is with one
-    warning line, and each result reloads from its spec. Token masking refuses an image tower it cannot mask."""
+    """Low-rank, head pruning, Fisher pruning and text-layer dropping on both towers: a transformer tower (open_clip's,
+    or a timm ViT's as in SigLIP, whose blocks first become compact blocks computing what they did) is reshaped
+    (CoCa's text tower with its cls token included), any other tower is left as it is with one warning line, and
+    each result reloads from its spec. Token masking drops tokens of a ViT image tower (fewer MACs, other features)
+    and refuses an image tower it cannot mask."""
+    from compress.models.compact_clip import clone, to_compact
     from compress.ops.fisher_prune import fisher_prune
     from compress.ops.heads import prune_heads_by_sensitivity
     from compress.ops.lowrank import low_rank
@@ -340,7 +367,9 @@ def test_block_operations_apply_to_every_transformer_tower_and_say_which_they_le
 
     model, batches = family_models[family], calibration[family]
     both = ("image", "text")
-    image_reshaped = family in OPEN_CLIP_VIT_FAMILIES
+    image_reshaped = family in TRANSFORMER_IMAGE_FAMILIES
+    if image_reshaped:
+        _assert_dense_equivalent(to_compact(clone(model)), model)
     results = {
         "lowrank": low_rank(model, 0.5, towers=both),
         "heads": prune_heads_by_sensitivity(model, 1, batches, towers=both),
@@ -358,9 +387,14 @@ def test_block_operations_apply_to_every_transformer_tower_and_say_which_they_le
     assert results["text_layers"].model_spec["text_layers"] == [0]
     images, _ = _inputs(model)
     if image_reshaped:
+        dense_params, dense_macs = _image_costs(model)
+        params, macs = _image_costs(results["lowrank"])
+        assert params < dense_params and macs < dense_macs
         masked = mask_tokens(model, 0.5)
         with torch.no_grad():
             assert not torch.allclose(masked.encode_image(images), model.encode_image(images))
+        assert masked.model_spec["token_mask"] == {"drop": 0.5, "seed": 0, "per_image": True}
+        assert _image_costs(masked)[1] < dense_macs
         _round_trip(masked)
     else:
         with pytest.raises(ValueError, match="no patch_dropout hook"):
@@ -378,9 +412,10 @@ def test_block_operations_apply_to_every_transformer_tower_and_say_which_they_le
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_upop_searches_and_cuts_every_transformer_tower_of_every_family(family, teachers, family_models, caplog,
                                                                         tmp_path):
-    """--job prune's search (masks, a KD loss step reaching them) and surgery on each family: the open_clip
-    transformer towers are pruned, any other image tower is named in one warning line at start and kept whole;
-    the surgically pruned model reloads from its spec."""
+    """--job prune's search (masks, a KD loss step reaching them) and surgery on each family: the transformer towers
+    (a timm ViT's included, which before any cut computes what the dense tower does) are pruned to fewer parameters
+    and MACs, any other image tower is named in one warning line at start and kept whole; the surgically pruned
+    model reloads from its spec."""
     import types
 
     from compress.models import pruning
@@ -398,13 +433,21 @@ def test_upop_searches_and_cuts_every_transformer_tower_of_every_family(family, 
                                 scaler=None, log_scalars=lambda scalars: None)
     job.on_train_start(ctx)
     left = [r.getMessage() for r in caplog.records if "is no open_clip transformer" in r.getMessage()]
-    image_pruned = family in OPEN_CLIP_VIT_FAMILIES
+    image_pruned = family in TRANSFORMER_IMAGE_FAMILIES
     assert len(left) == (0 if image_pruned else 1) and all("UPop prunes the text tower only" in m for m in left)
     assert any(key.startswith("image.") for key in job.masks) == image_pruned
+    if image_pruned:  # all-ones masks: the dense function
+        _assert_dense_equivalent(model, family_models[family])
+        model.train()
     images, tokens = _inputs(family_models[family])
     job.loss(model, {"image": torch.cat([images] * 2), "text": torch.cat([tokens] * 2)})["loss"].backward()
     assert all(mask.grad is not None for mask in job.masks.values())
     masks = {key: (torch.arange(len(mask)) % 2 == 0).float() for key, mask in job.masks.items()}
     pruned = pruning.prune_clip(model, masks)
     assert pruned.model_spec["kind"] == "pruned_clip"
+    if image_pruned:
+        assert any(name.startswith("visual.") for name in pruned.model_spec["blocks"])
+        dense_params, dense_macs = _image_costs(family_models[family])
+        params, macs = _image_costs(pruned)
+        assert params < dense_params and macs < dense_macs
     _round_trip(pruned)

@@ -66,3 +66,40 @@ def test_new_specs_record_per_image_and_old_specs_still_load(masked):
         validate_spec({**masked.model_spec, "token_mask": {"drop": 0.5, "order": "raster"}})
     with pytest.raises(SpecError, match="token_mask.per_image"):
         validate_spec({**masked.model_spec, "token_mask": {"drop": 0.5, "per_image": "yes"}})
+
+
+def test_a_timm_vit_keeps_its_prefix_tokens_and_each_image_the_same_patches():
+    """In a timm ViT tower (open_clip's TimmModel holds it as `trunk`) the mask takes timm's `patch_drop` place, after
+    the positional embedding: the class and register tokens pass unchanged, half of the patches remain, in eval
+    mode, the same ones for an image alone and within a batch."""
+    import timm
+    from torch import nn
+
+    from compress.models.compact_clip import install_token_mask
+
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=64, embed_dim=32,
+                                           depth=1, num_heads=2, class_token=True, reg_tokens=1, global_pool="token")
+
+        def forward(self, images):
+            return self.trunk(images)
+
+    torch.manual_seed(0)
+    tower = Tower().eval()
+    mask = TokenMask(0.5, seed=3, per_image=True)
+    install_token_mask(tower, mask)
+    assert tower.trunk.patch_drop is mask and mask.prefix_tokens == 2
+    seen = []
+    mask.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        tower(images)
+        tower(images[1:2])
+    (tokens, kept), (_, alone) = seen
+    assert tokens.shape[1] == 2 + 16 and kept.shape[1] == 2 + 8
+    torch.testing.assert_close(kept[:, :2], tokens[:, :2], rtol=0, atol=0)
+    for image in range(3):  # every kept patch is one of the image's own patches
+        assert all(any(torch.equal(patch, other) for other in tokens[image, 2:]) for patch in kept[image, 2:])
+    torch.testing.assert_close(alone[0], kept[1], rtol=0, atol=1e-6)

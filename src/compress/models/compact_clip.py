@@ -21,6 +21,15 @@ any width, through `F.scaled_dot_product_attention`; converted from a dense bloc
 outputs. A state dict with the packed `in_proj_weight` (a dense CLIP's, or a pruned_clip checkpoint in the per-tower
 `towers` spec format) loads into it directly.
 
+The blocks may be open_clip's (`ResidualAttentionBlock`, under `...transformer.resblocks`) or those of a timm
+`VisionTransformer` image tower (SigLIP's, under `visual.trunk.blocks`: timm's pre-norm `Block` with a fused `qkv`
+Linear, `proj`, `ls1/ls2`, `norm1/norm2` and an `Mlp` `fc1/act/fc2`). Both are one pre-norm residual block, so one
+`CompactBlock` stands for either, under open_clip's names, and reuses the dense block's norms, layer scales and
+activation. A timm block with a part the compact block does not compute (q/k norms, a norm inside the attention
+or the MLP, a gated or rotary attention, a SwiGLU MLP, dropout, stochastic depth) leaves its tower unconverted;
+`tower_refusal` names the part. A timm tower's attention-pool head (SigLIP's `attn_pool`) is no block and stays
+as it is.
+
 Towers are named "image" and "text" everywhere (`TOWERS`); a block's qualified name is its module path.
 """
 from __future__ import annotations
@@ -154,15 +163,15 @@ class SplitAttention(nn.Module):
     """
 
     def __init__(self, width: int, num_heads: int, head_dim: int, ranks: Optional[Dict[str, int]] = None,
-                 scale: Optional[float] = None):
+                 scale: Optional[float] = None, qkv_bias: bool = True, out_bias: bool = True):
         super().__init__()
         ranks = ranks or {}
         inner = num_heads * head_dim
         self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
-        self.q_proj = make_linear(width, inner, ranks.get("q_proj"))
-        self.k_proj = make_linear(width, inner, ranks.get("k_proj"))
-        self.v_proj = make_linear(width, inner, ranks.get("v_proj"))
-        self.out_proj = make_linear(inner, width, ranks.get("out_proj"))
+        self.q_proj = make_linear(width, inner, ranks.get("q_proj"), bias=qkv_bias)
+        self.k_proj = make_linear(width, inner, ranks.get("k_proj"), bias=qkv_bias)
+        self.v_proj = make_linear(width, inner, ranks.get("v_proj"), bias=qkv_bias)
+        self.out_proj = make_linear(inner, width, ranks.get("out_proj"), bias=out_bias)
         self.head_mask: Optional[torch.Tensor] = None
         self.qkv_mask: Optional[torch.Tensor] = None
         self.qkv_mask_unit: Optional[str] = None
@@ -208,10 +217,12 @@ def _unpack_in_proj(module: SplitAttention, state_dict: Dict[str, torch.Tensor],
     weight = state_dict.pop(prefix + "in_proj_weight", None)
     if weight is None:
         return
-    bias = state_dict.pop(prefix + "in_proj_bias")
+    bias = state_dict.pop(prefix + "in_proj_bias", None)  # timm's qkv may have none
     inner = weight.shape[0] // 3
-    for name, w, b in zip(QKV_LINEARS, weight.view(3, inner, weight.shape[1]), bias.view(3, inner)):
-        state_dict[f"{prefix}{name}.weight"], state_dict[f"{prefix}{name}.bias"] = w, b
+    for index, (name, w) in enumerate(zip(QKV_LINEARS, weight.view(3, inner, weight.shape[1]))):
+        state_dict[f"{prefix}{name}.weight"] = w
+        if bias is not None:
+            state_dict[f"{prefix}{name}.bias"] = bias.view(3, inner)[index]
 
 
 class CompactMLP(nn.Module):
@@ -220,12 +231,13 @@ class CompactMLP(nn.Module):
     `neuron_mask` (one value per hidden unit, set only while searching, like SplitAttention's masks)
     multiplies the activations: the input of c_proj."""
 
-    def __init__(self, width: int, hidden: int, activation: nn.Module, ranks: Optional[Dict[str, int]] = None):
+    def __init__(self, width: int, hidden: int, activation: nn.Module, ranks: Optional[Dict[str, int]] = None,
+                 fc_bias: bool = True, proj_bias: bool = True):
         super().__init__()
         ranks = ranks or {}
-        self.c_fc = make_linear(width, hidden, ranks.get("c_fc"))
+        self.c_fc = make_linear(width, hidden, ranks.get("c_fc"), bias=fc_bias)
         self.gelu = activation
-        self.c_proj = make_linear(hidden, width, ranks.get("c_proj"))
+        self.c_proj = make_linear(hidden, width, ranks.get("c_proj"), bias=proj_bias)
         self.neuron_mask: Optional[torch.Tensor] = None
 
     @property
@@ -239,22 +251,46 @@ class CompactMLP(nn.Module):
         return self.c_proj(hidden)
 
 
+def _is_timm_block(block: nn.Module) -> bool:
+    return hasattr(block, "norm1") and hasattr(block, "attn") and hasattr(block, "mlp")
+
+
+def _dense_parts(block: nn.Module) -> Dict[str, Any]:
+    """The pieces of a dense block (open_clip's ResidualAttentionBlock or timm's ViT Block) a CompactBlock reuses
+    or mirrors: its norms, layer scales and activation, and which of its Linears carry a bias."""
+    if _is_timm_block(block):
+        return {"norms": (block.norm1, block.norm2), "scales": (block.ls1, block.ls2), "activation": block.mlp.act,
+                "biases": {"q_proj": block.attn.qkv.bias is not None, "out_proj": block.attn.proj.bias is not None,
+                           "c_fc": block.mlp.fc1.bias is not None, "c_proj": block.mlp.fc2.bias is not None}}
+    return {"norms": (block.ln_1, block.ln_2), "scales": (block.ls_1, block.ls_2), "activation": block.mlp.gelu,
+            "biases": {name: True for name in ("q_proj", "out_proj") + MLP_LINEARS}}
+
+
+# a timm ViT Block's entries under the names of the CompactBlock that stands for it (q/k/v unpack on loading)
+TIMM_BLOCK_NAMES = {"norm1.": "ln_1.", "ls1.": "ls_1.", "norm2.": "ln_2.", "ls2.": "ls_2.",
+                    "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
+                    "attn.proj.": "attn.out_proj.", "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}
+
+
 class CompactBlock(nn.Module):
-    """open_clip's ResidualAttentionBlock (same call signature and norms) around SplitAttention/CompactMLP."""
+    """A pre-norm residual attention block (open_clip's ResidualAttentionBlock, with its call signature, or timm's
+    ViT Block) around SplitAttention/CompactMLP, under open_clip's names."""
 
     def __init__(self, dense_block: nn.Module, heads: int, head_dim: int, mlp_width: int,
                  ranks: Optional[Dict[str, int]] = None, scale: Optional[float] = None):
         super().__init__()
-        width = dense_block.ln_1.normalized_shape[0]
+        parts = _dense_parts(dense_block)
+        width = parts["norms"][0].normalized_shape[0]
         # norms, layer scales and the activation are reused as they are: they carry the config's choices
-        # (LayerNorm vs LayerNormFp32, GELU vs QuickGELU, ls_init_value)
-        self.ln_1, self.ls_1 = dense_block.ln_1, dense_block.ls_1
-        self.ln_2, self.ls_2 = dense_block.ln_2, dense_block.ls_2
-        self.attn = SplitAttention(width, heads, head_dim, ranks, scale)
-        self.mlp = CompactMLP(width, mlp_width, dense_block.mlp.gelu, ranks)
+        # (LayerNorm vs LayerNormFp32, GELU vs QuickGELU vs tanh GELU, ls_init_value); the Linears keep the dense
+        # block's biases or their absence (timm's qkv_bias=False)
+        (self.ln_1, self.ln_2), (self.ls_1, self.ls_2) = parts["norms"], parts["scales"]
+        biases = parts["biases"]
+        self.attn = SplitAttention(width, heads, head_dim, ranks, scale, biases["q_proj"], biases["out_proj"])
+        self.mlp = CompactMLP(width, mlp_width, parts["activation"], ranks, biases["c_fc"], biases["c_proj"])
 
     def forward(self, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask: Optional[torch.Tensor] = None):
-        if attn_mask is not None:
+        if attn_mask is not None and attn_mask.is_floating_point():  # an additive mask; a boolean one stays boolean
             attn_mask = attn_mask.to(q_x.dtype)
         x = q_x + self.ls_1(self.attn(self.ln_1(q_x), attn_mask=attn_mask))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
@@ -319,13 +355,12 @@ def keep_neurons(block: CompactBlock, neurons: Sequence[int]) -> CompactBlock:
     return block
 
 
-# --- finding and converting the blocks of an open_clip CLIP --------------------------------------------------
+# --- finding and converting the blocks of a CLIP's transformer towers ------------------------------------------
 
 
-def _tower_transformer(model: nn.Module, tower: str) -> Tuple[str, nn.Module]:
-    """(module path, open_clip Transformer) of `tower`; the text tower is the CLIP's own or a CustomTextCLIP's."""
-    if tower not in TOWERS:
-        raise ValueError(f"unknown tower {tower!r}; choose from {', '.join(TOWERS)}")
+def _open_clip_transformer(model: nn.Module, tower: str) -> Optional[Tuple[str, nn.Module]]:
+    """(module path, open_clip Transformer) of `tower`, or None; the text tower is the CLIP's own or a
+    CustomTextCLIP's."""
     if tower == "image":
         candidates = [("visual.transformer", getattr(getattr(model, "visual", None), "transformer", None))]
     else:
@@ -334,32 +369,113 @@ def _tower_transformer(model: nn.Module, tower: str) -> Tuple[str, nn.Module]:
     for path, owner in candidates:
         if hasattr(owner, "resblocks"):
             return path, owner
-    raise ValueError(f"this model has no open_clip {tower} transformer (a ViT image tower and a text "
+    return None
+
+
+def _timm_transformer_blocks(model: nn.Module) -> Optional[nn.Module]:
+    """The block list of a timm transformer image tower (open_clip's TimmModel around a timm ViT or EVA: `trunk`
+    with a `blocks` list of attention blocks), or None (a ConvNeXt's or FastViT's trunk has stages instead)."""
+    blocks = getattr(getattr(getattr(model, "visual", None), "trunk", None), "blocks", None)
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) and all(
+            _is_timm_block(block) or isinstance(block, CompactBlock) for block in blocks):
+        return blocks
+    return None
+
+
+def _tower_block_list(model: nn.Module, tower: str) -> Tuple[str, nn.Module]:
+    """(module path, block list) of `tower`: open_clip's `resblocks`, or a timm ViT image tower's `blocks`."""
+    if tower not in TOWERS:
+        raise ValueError(f"unknown tower {tower!r}; choose from {', '.join(TOWERS)}")
+    found = _open_clip_transformer(model, tower)
+    if found is not None:
+        return found[0] + ".resblocks", found[1].resblocks
+    if tower == "image" and _timm_transformer_blocks(model) is not None:
+        return "visual.trunk.blocks", _timm_transformer_blocks(model)
+    raise ValueError(f"this model has no {tower} transformer (an open_clip or timm ViT image tower, an open_clip text "
                      "transformer) to compress")
 
 
-def tower_blocks(model: nn.Module, tower: str) -> nn.ModuleList:
-    """The resblocks ModuleList of `tower` ("image" or "text")."""
-    return _tower_transformer(model, tower)[1].resblocks
+def tower_blocks(model: nn.Module, tower: str) -> nn.Module:
+    """The block list of `tower` ("image" or "text"): open_clip's resblocks or a timm ViT's blocks."""
+    return _tower_block_list(model, tower)[1]
 
 
 def tower_prefix(model: nn.Module, tower: str) -> str:
-    """Module path of `tower`'s resblocks: a block's qualified name is `{prefix}.{index}`."""
-    return _tower_transformer(model, tower)[0] + ".resblocks"
+    """Module path of `tower`'s block list: a block's qualified name is `{prefix}.{index}`."""
+    return _tower_block_list(model, tower)[0]
+
+
+def timm_block_refusal(block: nn.Module) -> Optional[str]:
+    """None when the timm block `block` is a pre-norm ViT `Block` a CompactBlock computes exactly; otherwise the
+    part of it that a CompactBlock does not compute."""
+    from timm.layers import Attention, Mlp
+    from timm.models.vision_transformer import Block
+
+    if isinstance(block, CompactBlock):
+        return None
+    if type(block.attn) is not Attention or getattr(block.attn, "gate", None) is not None:
+        what = "rotary position embedding on q and k" if hasattr(block.attn, "rotate_half") else "no plain attention"
+        what = "a sigmoid gate" if getattr(block.attn, "gate", None) is not None else what
+        return f"attn {type(block.attn).__name__} ({what})"
+    if type(block.mlp) is not Mlp or type(block.mlp.fc1) is not nn.Linear or type(block.mlp.fc2) is not nn.Linear:
+        return f"mlp {type(block.mlp).__name__} (gated or convolutional hidden units)"
+    if type(block) is not Block:
+        return f"{type(block).__name__} blocks, not timm's pre-norm ViT Block"
+    for part in ("attn.q_norm", "attn.k_norm", "attn.norm", "mlp.norm", "drop_path1", "drop_path2"):
+        module = block.get_submodule(part)
+        if not isinstance(module, nn.Identity):
+            return f"{part} {type(module).__name__} (not Identity)"
+    for part in ("attn.attn_drop", "attn.proj_drop", "mlp.drop1", "mlp.drop2"):
+        if getattr(block.get_submodule(part), "p", 0.0):
+            return f"{part} (dropout {block.get_submodule(part).p})"
+    return None
+
+
+def tower_refusal(model: nn.Module, tower: str) -> Optional[str]:
+    """None when `tower` is a transformer whose blocks convert to CompactBlocks; otherwise why it is not, as
+    one line."""
+    try:
+        prefix, blocks = _tower_block_list(model, tower)
+    except ValueError:
+        owner = getattr(model, "visual", None) if tower == "image" else getattr(model, "text", model)
+        return f"the {tower} tower of this model ({type(owner).__name__}) is no open_clip transformer"
+    if prefix.startswith("visual.trunk."):
+        reasons = [timm_block_refusal(block) for block in blocks]
+        reason = next((reason for reason in reasons if reason is not None), None)
+        if reason is not None:
+            return (f"the {tower} tower of this model ({type(model.visual.trunk).__name__}) is no open_clip "
+                    f"transformer, and its timm blocks have {reason}, which a compact block does not compute")
+    return None
 
 
 def compact_block_from_dense(block: nn.Module) -> CompactBlock:
-    """A CompactBlock computing what open_clip's ResidualAttentionBlock `block` computes (itself if it is one)."""
+    """A CompactBlock computing what open_clip's ResidualAttentionBlock or timm's ViT Block `block` computes
+    (itself if it is one)."""
     if isinstance(block, CompactBlock):
         return block
-    attn = getattr(block, "attn", None)
-    if not (isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn.in_proj_weight is not None
-            and attn.in_proj_bias is not None and attn.bias_k is None and hasattr(getattr(block, "mlp", None), "c_fc")):
-        raise ValueError(f"cannot convert {type(block).__name__}: expected open_clip's default ResidualAttentionBlock "
-                         "(a batch-first nn.MultiheadAttention with packed, biased q/k/v, and mlp.c_fc/c_proj)")
-    compact = CompactBlock(block, attn.num_heads, attn.embed_dim // attn.num_heads, block.mlp.c_fc.out_features)
-    compact.to(device=attn.in_proj_weight.device, dtype=attn.in_proj_weight.dtype)
-    compact.load_state_dict(block.state_dict())  # the packed q/k/v unpack on the way (_unpack_in_proj)
+    if _is_timm_block(block):
+        reason = timm_block_refusal(block)
+        if reason is not None:
+            raise ValueError(f"cannot convert timm's {type(block).__name__}: it has {reason}")
+        attn = block.attn
+        compact = CompactBlock(block, attn.num_heads, attn.head_dim, block.mlp.fc1.out_features)
+        state = {}
+        for name, tensor in block.state_dict().items():
+            old = next((old for old in TIMM_BLOCK_NAMES if name.startswith(old)), "")
+            state[TIMM_BLOCK_NAMES.get(old, "") + name[len(old):]] = tensor
+        weight = attn.qkv.weight
+    else:
+        attn = getattr(block, "attn", None)
+        if not (isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn.in_proj_weight is not None
+                and attn.in_proj_bias is not None and attn.bias_k is None
+                and hasattr(getattr(block, "mlp", None), "c_fc")):
+            raise ValueError(f"cannot convert {type(block).__name__}: expected open_clip's default "
+                             "ResidualAttentionBlock (a batch-first nn.MultiheadAttention with packed, biased q/k/v, "
+                             "and mlp.c_fc/c_proj)")
+        compact = CompactBlock(block, attn.num_heads, attn.embed_dim // attn.num_heads, block.mlp.c_fc.out_features)
+        state, weight = block.state_dict(), attn.in_proj_weight
+    compact.to(device=weight.device, dtype=weight.dtype)
+    compact.load_state_dict(state)  # the packed q/k/v unpack on the way (_unpack_in_proj)
     return compact
 
 
@@ -367,14 +483,13 @@ def compact_blocks(model: nn.Module, towers: Sequence[str] = TOWERS,
                    layers: Optional[List[int]] = None) -> Iterator[Tuple[str, CompactBlock]]:
     """Convert the chosen blocks to CompactBlocks in place (once) and yield (qualified name, block).
 
-    A chosen tower that is no open_clip transformer (an RN50's or a timm image tower) is left as it is, with one
-    log line, and the others are converted; a ValueError when none of the chosen towers is one."""
+    A chosen tower that is no transformer a compact block stands for (an RN50's, a ConvNeXt's, a timm tower whose
+    blocks have parts it does not compute) is left as it is, with one log line saying why, and the others are
+    converted; a ValueError when none of the chosen towers is one."""
     present = transformer_towers(model)
     for tower in towers:
         if tower in TOWERS and tower not in present:
-            owner = getattr(model, "visual", None) if tower == "image" else getattr(model, "text", model)
-            message = (f"the {tower} tower of this model ({type(owner).__name__}) is no open_clip transformer: "
-                       f"block operations do not apply to it")
+            message = f"{tower_refusal(model, tower)}: block operations do not apply to it"
             if not any(other in present for other in towers):
                 raise ValueError(message)
             logging.getLogger(__name__).warning("%s; it is left as it is", message)
@@ -389,20 +504,13 @@ def compact_blocks(model: nn.Module, towers: Sequence[str] = TOWERS,
 
 
 def transformer_towers(model: nn.Module) -> List[str]:
-    """The towers of `model` that are open_clip transformers (an RN50's, a timm image tower is not)."""
-    towers = []
-    for tower in TOWERS:
-        try:
-            _tower_transformer(model, tower)
-        except ValueError:
-            continue
-        towers.append(tower)
-    return towers
+    """The towers of `model` whose blocks are, or convert to, CompactBlocks (an RN50's image tower is none)."""
+    return [tower for tower in TOWERS if tower_refusal(model, tower) is None]
 
 
 def to_compact(model: nn.Module) -> nn.Module:
-    """In place: every block of the open_clip transformer towers becomes a CompactBlock (same function, same
-    weights)."""
+    """In place: every block of the transformer towers (`transformer_towers`) becomes a CompactBlock (same function,
+    same weights)."""
     for _ in compact_blocks(model, transformer_towers(model)):
         pass
     return model
@@ -427,14 +535,14 @@ def compact_spec(model: nn.Module, kind: str = KIND) -> Dict[str, Any]:
     # factorised Linears outside the blocks: those of an image tower that is no open_clip transformer
     linear_ranks = {name_: module.rank for name_, module in model.named_modules()
                     if isinstance(module, FactorizedLinear) and not any(name_.startswith(b + ".") for b in blocks)}
-    token_mask = getattr(model.visual, "patch_dropout", None)
+    token_mask = installed_token_mask(model.visual)
     return {
         "kind": kind,
         "model": name,
         **({"model_cfg": old["model_cfg"]} if old.get("model_cfg") else {}),  # an architecture no file has
         "model_kwargs": kwargs,
         "text_layers": old.get("text_layers"),
-        "token_mask": token_mask.describe() if hasattr(token_mask, "describe") else None,
+        "token_mask": token_mask.describe() if token_mask is not None else None,
         "blocks": blocks,
         **({"linear_ranks": linear_ranks} if linear_ranks else {}),
     }
@@ -456,7 +564,10 @@ def refresh_spec(model: nn.Module, **updates: Any) -> nn.Module:
 
 def keep_text_layers(model: nn.Module, kept: Sequence[int], _refresh: bool = True) -> nn.Module:
     """In place: keep only text blocks `kept` (indices into the current blocks, in order)."""
-    _, transformer = _tower_transformer(model, "text")
+    found = _open_clip_transformer(model, "text")
+    if found is None:
+        raise ValueError("this model has no open_clip text transformer whose layers to keep")
+    transformer = found[1]
     blocks = transformer.resblocks
     kept = sorted(set(int(i) for i in kept))
     if not kept:
@@ -474,7 +585,8 @@ def keep_text_layers(model: nn.Module, kept: Sequence[int], _refresh: bool = Tru
 
 
 class TokenMask(nn.Module):
-    """Keep max(1, round((1 − drop)·N)) of the N patch tokens of each image (random, seeded); the class token stays.
+    """Keep max(1, round((1 − drop)·N)) of the N patch tokens of each image (random, seeded); the `prefix_tokens`
+    leading tokens (open_clip's class token; a timm ViT's class and register tokens, none in SigLIP) stay.
 
     FLIP's masking at inference: a random choice of tokens, seeded. With `per_image` (what `utils.token_mask`
     records in every spec it writes) the choice is a function of the image and the seed alone: the image tower's forward
@@ -494,6 +606,7 @@ class TokenMask(nn.Module):
         if not 0.0 <= drop < 1.0:
             raise ValueError(f"token drop fraction must be in [0, 1); got {drop}")
         self.drop, self.seed, self.per_image = float(drop), int(seed), bool(per_image)
+        self.prefix_tokens = 1  # set where it is installed (install_token_mask): a property of the tower, not the spec
         self._image_keys: Optional[List[int]] = None  # set by the tower's pre-hook for the next forward
 
     def describe(self) -> Dict[str, Any]:
@@ -509,7 +622,7 @@ class TokenMask(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.drop == 0.0:
             return x
-        cls_token, patches = x[:, :1], x[:, 1:]
+        prefix, patches = x[:, :self.prefix_tokens], x[:, self.prefix_tokens:]
         batch, num_patches, _ = patches.shape
         keep = max(1, round((1.0 - self.drop) * num_patches))
         if self.per_image:
@@ -524,7 +637,7 @@ class TokenMask(nn.Module):
         # sorted indices keep the surviving patches in raster order (irrelevant to attention, nicer to inspect)
         kept = scores.topk(keep, dim=1).indices.sort(dim=1).values.to(x.device)
         patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        return torch.cat([cls_token, patches], dim=1)
+        return torch.cat([prefix, patches], dim=1)
 
 
 def image_keys(images: torch.Tensor, seed: int) -> List[int]:
@@ -537,17 +650,44 @@ def image_keys(images: torch.Tensor, seed: int) -> List[int]:
             for image in pixels]
 
 
+def token_mask_site(visual: nn.Module) -> Optional[Tuple[nn.Module, str, int]]:
+    """(module, attribute, prefix tokens) of the hook where an image tower's patch tokens can be dropped after the
+    positional embedding, or None (a ResNet, ConvNeXt, FastViT): open_clip ViT's `patch_dropout` (one class token
+    before the patches) or a timm ViT's `trunk.patch_drop` (`trunk.num_prefix_tokens` before them). Both are
+    dropout in training only, seeded by nothing; a TokenMask put there acts in eval mode, seeded."""
+    if isinstance(getattr(visual, "patch_dropout", None), nn.Module):
+        return visual, "patch_dropout", 1
+    trunk = getattr(visual, "trunk", None)
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(trunk, VisionTransformer) and isinstance(getattr(trunk, "patch_drop", None), nn.Module):
+        return trunk, "patch_drop", int(trunk.num_prefix_tokens)
+    return None
+
+
+def installed_token_mask(visual: nn.Module) -> Optional[TokenMask]:
+    site = token_mask_site(visual)
+    mask = getattr(site[0], site[1]) if site is not None else None
+    return mask if isinstance(mask, TokenMask) else None
+
+
 def _show_pixels_to_token_mask(visual: nn.Module, args: tuple) -> None:
     """Forward pre-hook of an image tower: its TokenMask (if any) sees the pixels before the patch embedding.
     Looked up at call time, so a copied model or a replaced mask needs no new hook."""
-    mask = getattr(visual, "patch_dropout", None)
-    if isinstance(mask, TokenMask) and args and torch.is_tensor(args[0]):
+    mask = installed_token_mask(visual)
+    if mask is not None and args and torch.is_tensor(args[0]):
         mask.observe_pixels(args[0])
 
 
 def install_token_mask(visual: nn.Module, mask: TokenMask) -> None:
-    """Make `mask` the image tower's patch dropout, with the pre-hook that shows it each batch's pixels."""
-    visual.patch_dropout = mask
+    """Make `mask` the image tower's patch dropout (`token_mask_site`), with the pre-hook that shows it each batch's
+    pixels. ValueError for a tower without such a hook."""
+    site = token_mask_site(visual)
+    if site is None:
+        raise ValueError(f"token masking drops the patch tokens of a ViT image tower (open_clip's or timm's); this "
+                         f"model's ({type(visual).__name__}) has no patch_dropout hook to mask them")
+    owner, attribute, mask.prefix_tokens = site
+    setattr(owner, attribute, mask)
     if not getattr(visual, "_token_mask_hook", False):
         visual.register_forward_pre_hook(_show_pixels_to_token_mask)
         visual._token_mask_hook = True

@@ -458,15 +458,17 @@ register_schema("open_clip", OPEN_CLIP_BASE, OPEN_CLIP_OPTIONAL)
 # a compact block's per-layer shape (compress.models.compact_clip.CompactBlock.describe)
 RANKED_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
 # heads may be 0: head pruning can remove every head of a block, which then only adds its MLP (casCLIP's
-# "132 of 144 heads" leaves some layers without attention)
+# "132 of 144 heads" leaves some layers without attention); mlp_width too: Fisher pruning's search under a MAC
+# budget can remove every neuron of a block's MLP, which then only adds its c_proj bias
 BLOCK_SHAPE = record(
-    {"heads": integer(0, MAX_HEADS), "head_dim": integer(1, MAX_HEAD_DIM), "mlp_width": WIDTH},
+    {"heads": integer(0, MAX_HEADS), "head_dim": integer(1, MAX_HEAD_DIM), "mlp_width": integer(0, MAX_WIDTH)},
     {"ranks": record({}, {name: WIDTH for name in RANKED_LINEARS}),
      "scale": optional(number(1e-6, 1e3))},
 )
 # a layer index in a key, 0 .. MAX_LAYERS - 1, as a regex
 LAYER_INDEX = "(?:" + "|".join(str(index) for index in range(MAX_LAYERS)) + ")"
-BLOCK_NAME = rf"(visual\.transformer|text\.transformer|transformer)\.resblocks\.{LAYER_INDEX}"
+# open_clip's transformer blocks, or a timm ViT image tower's (compress.models.compact_clip.tower_prefix)
+BLOCK_NAME = rf"((visual\.transformer|text\.transformer|transformer)\.resblocks|visual\.trunk\.blocks)\.{LAYER_INDEX}"
 COMPACT_OPTIONAL = {
     **OPEN_CLIP_OPTIONAL,
     "text_layers": optional(list_of(integer(0, MAX_LAYERS - 1), 1, MAX_LAYERS)),
