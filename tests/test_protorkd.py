@@ -417,3 +417,62 @@ def test_back_translation_features_reach_rank_zero_only(tiny_corpus, tmp_path):
     fork_ranks(_gather_main, str(tiny_corpus), str(tmp_path))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["features"].shape == (64, 16) and rank1["features"] is None
+
+
+# --- every CLIP family as a text teacher ----------------------------------------------------------------
+
+# module-scoped fixtures of tests/test_families.py: the families' tiny configs (SigLIP's stand-in tokenizer
+# included) and each family's random-init CLIP saved as one of our checkpoints
+from test_families import FAMILIES, config_name, family_configs, family_models, teachers  # noqa: E402,F401
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_is_a_text_teacher_with_its_own_tokenizer_and_text_tower(family, teachers,  # noqa: F811
+                                                                             family_models):  # noqa: F811
+    """The teacher --job protorkd builds from --teacher-model/--teacher-pretrained embeds captions (what its row
+    cache holds) as the family's CLIP does through its own tokenizer and text tower (a CustomTextCLIP's `text.`,
+    CoCa's cls-token pooling, SigLIP's Hugging Face tokenizer), unnormalised, at the CLIP's embedding width."""
+    from compress.models.registry import get_tokenizer
+    from training.distributed import DistInfo
+    from training.jobs.protorkd import ProtoRKDJob
+    from training.params import parse_args
+
+    args = parse_args(["--job", "protorkd", "--train-data", "synthetic", "--teacher-model", config_name(family),
+                       "--teacher-pretrained", str(teachers[family])])
+    job = ProtoRKDJob(args, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    teacher = job.build_teacher(job.text_encoder_spec())
+    clip = family_models[family]  # compress.load of the same checkpoint
+    captions = ["one red circle", "two blue squares", "a green star on a plain background"]
+    with torch.no_grad():
+        expected = clip.encode_text(get_tokenizer(clip.model_spec)(captions), normalize=False)
+    embeddings = teacher.encode(captions, batch_size=2)
+    assert teacher.dim == expected.shape[1] == embeddings.shape[1]
+    torch.testing.assert_close(embeddings, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(embeddings.norm(dim=-1), torch.ones(len(captions)))  # as the tower gives them
+
+
+@pytest.mark.slow
+def test_protorkd_trains_from_a_siglip_teacher(tiny_corpus, teachers, tmp_path):  # noqa: F811
+    """A whole --job protorkd run (in this process, where the tiny family configs are registered) with SigLIP's text
+    tower as teacher: its row cache holds the SigLIP CLIP's caption embeddings, and the student rebuilds with that
+    teacher as its text side."""
+    import compress
+    from training.main import main
+
+    weights = str(teachers["siglip"])
+    main(["--job", "protorkd", "--train-data", str(tiny_corpus / "train.tsv"), "--model", "clipc-vit-t2-32",
+          "--teacher-model", config_name("siglip"), "--teacher-pretrained", weights, "--logs", str(tmp_path),
+          "--name", "siglip", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--episode-size", "32",
+          "--distiller", "mse,infonce", "--teacher-cache-dir", str(tmp_path / "cache"), "--log-level", "warning",
+          "--report-to", "none"])
+    cached = np.load(next((tmp_path / "cache").glob("teacher_*.npy")))
+    student = compress.load(str(tmp_path / "siglip" / "checkpoints" / "epoch_1.pt"), allowed_text_encoders=[weights])
+    assert student.model_spec["text_encoder"] == {"type": "open_clip", "model": config_name("siglip"),
+                                                  "pretrained": weights}
+    captions = [line.split("\t", 1)[1] for line in (tiny_corpus / "train.tsv").read_text().splitlines()[1:4]]
+    clip = compress.load(weights)
+    with torch.no_grad():
+        expected = clip.encode_text(compress.get_tokenizer(clip.model_spec)(captions))
+    torch.testing.assert_close(torch.from_numpy(cached[:3]), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(student.encode_text(captions), expected, rtol=1e-4, atol=1e-4)
+    assert student.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, cached.shape[1])

@@ -95,7 +95,7 @@ class FrozenTextEncoder(FrozenOnDevice):
             self.module = create_clip(spec["model"], spec.get("pretrained") or None)
             self.tokenizer = open_clip.get_tokenizer(spec["model"])
             with torch.no_grad():  # the width whatever the text tower's projection looks like
-                self.dim = int(self.module.encode_text(self.tokenizer(["a"])).shape[1])
+                self.dim = int(self.module.encode_text(self.tokenizer(["a"]), normalize=False).shape[1])
         else:
             raise ValueError(f"unknown text encoder type {spec['type']!r}")
         self.module.eval()
@@ -109,7 +109,9 @@ class FrozenTextEncoder(FrozenOnDevice):
         if self.spec["type"] == "sentence_transformers":
             return self.module.encode(texts, batch_size=batch_size, convert_to_tensor=True, device=str(self.device),
                                       show_progress_bar=False, normalize_embeddings=False).float()
-        outputs = [self.module.encode_text(self.tokenizer(texts[i:i + batch_size]).to(self.device)).float()
+        # normalize=False said explicitly: CoCa's encode_text normalises unless told not to, every other CLIP's does not
+        outputs = [self.module.encode_text(self.tokenizer(texts[i:i + batch_size]).to(self.device),
+                                           normalize=False).float()
                    for i in range(0, len(texts), batch_size)]
         return torch.cat(outputs) if outputs else torch.zeros(0, self.dim, device=self.device)
 

@@ -3,9 +3,10 @@ ProtoCLIP).
 
 Student: an image backbone (open_clip config's image tower, or a torchvision architecture) + projection
 head (compress/models/text_students.py). Teacher: a frozen sentence-transformers model (`--pretrained-text`,
-default all-MiniLM-L6-v2, bundled offline) or an open_clip CLIP's text tower (`--teacher-model`). The
-teacher's caption embeddings are computed once per corpus (training/row_cache.py) and looked up by
-the batch's row index.
+default all-MiniLM-L6-v2, bundled offline) or an open_clip CLIP's text tower (`--teacher-model`), of any family:
+the CLIP's own tokenizer and text tower (compress.models.text_students.FrozenTextEncoder: a CustomTextCLIP's `text.`,
+CoCa's, SigLIP's with its Hugging Face tokenizer). The teacher's caption embeddings are computed once per corpus
+(training/row_cache.py) and looked up by the batch's row index.
 
 Losses (`--distiller`, comma list): mse (SimReg), rkd (distance + angle), infonce (student image ↔
 teacher text, learnable temperature), proto (ProtoCLIP: InfoNCE + prototype losses against per-episode
