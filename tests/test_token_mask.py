@@ -68,10 +68,13 @@ def test_new_specs_record_per_image_and_old_specs_still_load(masked):
         validate_spec({**masked.model_spec, "token_mask": {"drop": 0.5, "per_image": "yes"}})
 
 
-def test_a_timm_vit_keeps_its_prefix_tokens_and_each_image_the_same_patches():
-    """In a timm ViT tower (open_clip's TimmModel holds it as `trunk`) the mask takes timm's `patch_drop` place, after
-    the positional embedding: the class and register tokens pass unchanged, half of the patches remain, in eval
-    mode, the same ones for an image alone and within a batch."""
+@pytest.mark.parametrize("architecture, register_tokens", [("vit_base_patch16_siglip_224", "reg_tokens"),
+                                                              ("eva02_tiny_patch14_224", "num_reg_tokens")])
+def test_a_timm_vit_keeps_its_prefix_tokens_and_each_image_the_same_patches(architecture, register_tokens):
+    """In a timm ViT or EVA tower (open_clip's TimmModel holds it as `trunk`) the mask takes timm's `patch_drop`
+    place, after the positional embedding: the class and register tokens pass unchanged, half of the patches
+    remain, in eval mode, the same ones for an image alone and within a batch; EVA gets their indices too, by which
+    it selects their rotary embeddings."""
     import timm
     from torch import nn
 
@@ -80,8 +83,9 @@ def test_a_timm_vit_keeps_its_prefix_tokens_and_each_image_the_same_patches():
     class Tower(nn.Module):
         def __init__(self):
             super().__init__()
-            self.trunk = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=64, embed_dim=32,
-                                           depth=1, num_heads=2, class_token=True, reg_tokens=1, global_pool="token")
+            self.trunk = timm.create_model(architecture, pretrained=False, img_size=64, patch_size=16, embed_dim=32,
+                                           depth=1, num_heads=2, class_token=True, global_pool="token",
+                                           **{register_tokens: 1})
 
         def forward(self, images):
             return self.trunk(images)
@@ -98,6 +102,9 @@ def test_a_timm_vit_keeps_its_prefix_tokens_and_each_image_the_same_patches():
         tower(images)
         tower(images[1:2])
     (tokens, kept), (_, alone) = seen
+    if architecture.startswith("eva"):
+        (kept, indices), (alone, _) = kept, alone
+        torch.testing.assert_close(kept[:, 2:], tokens[:, 2:].gather(1, indices[..., None].expand(-1, -1, 32)))
     assert tokens.shape[1] == 2 + 16 and kept.shape[1] == 2 + 8
     torch.testing.assert_close(kept[:, :2], tokens[:, :2], rtol=0, atol=0)
     for image in range(3):  # every kept patch is one of the image's own patches

@@ -586,7 +586,9 @@ def keep_text_layers(model: nn.Module, kept: Sequence[int], _refresh: bool = Tru
 
 class TokenMask(nn.Module):
     """Keep max(1, round((1 − drop)·N)) of the N patch tokens of each image (random, seeded); the `prefix_tokens`
-    leading tokens (open_clip's class token; a timm ViT's class and register tokens, none in SigLIP) stay.
+    leading tokens (open_clip's class token; a timm ViT's or EVA's class and register tokens, none in SigLIP) stay.
+With `with_indices` (EVA's hook) it also returns the kept patches' indices, by which EVA selects their rotary
+    position embeddings.
 
     FLIP's masking at inference: a random choice of tokens, seeded. With `per_image` (what `utils.token_mask`
     records in every spec it writes) the choice is a function of the image and the seed alone: the image tower's forward
@@ -606,7 +608,8 @@ class TokenMask(nn.Module):
         if not 0.0 <= drop < 1.0:
             raise ValueError(f"token drop fraction must be in [0, 1); got {drop}")
         self.drop, self.seed, self.per_image = float(drop), int(seed), bool(per_image)
-        self.prefix_tokens = 1  # set where it is installed (install_token_mask): a property of the tower, not the spec
+        # set where it is installed (install_token_mask): properties of the tower, not of the spec
+        self.prefix_tokens, self.with_indices = 1, False
         self._image_keys: Optional[List[int]] = None  # set by the tower's pre-hook for the next forward
 
     def describe(self) -> Dict[str, Any]:
@@ -619,9 +622,9 @@ class TokenMask(nn.Module):
         """Remember one key per image of the batch the tower is about to embed."""
         self._image_keys = image_keys(images, self.seed) if self.per_image and self.drop > 0 else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         if self.drop == 0.0:
-            return x
+            return (x, None) if self.with_indices else x
         prefix, patches = x[:, :self.prefix_tokens], x[:, self.prefix_tokens:]
         batch, num_patches, _ = patches.shape
         keep = max(1, round((1.0 - self.drop) * num_patches))
@@ -637,7 +640,8 @@ class TokenMask(nn.Module):
         # sorted indices keep the surviving patches in raster order (irrelevant to attention, nicer to inspect)
         kept = scores.topk(keep, dim=1).indices.sort(dim=1).values.to(x.device)
         patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        return torch.cat([prefix, patches], dim=1)
+        x = torch.cat([prefix, patches], dim=1)
+        return (x, kept) if self.with_indices else x
 
 
 def image_keys(images: torch.Tensor, seed: int) -> List[int]:
@@ -650,18 +654,23 @@ def image_keys(images: torch.Tensor, seed: int) -> List[int]:
             for image in pixels]
 
 
-def token_mask_site(visual: nn.Module) -> Optional[Tuple[nn.Module, str, int]]:
-    """(module, attribute, prefix tokens) of the hook where an image tower's patch tokens can be dropped after the
-    positional embedding, or None (a ResNet, ConvNeXt, FastViT): open_clip ViT's `patch_dropout` (one class token
-    before the patches) or a timm ViT's `trunk.patch_drop` (`trunk.num_prefix_tokens` before them). Both are
-    dropout in training only, seeded by nothing; a TokenMask put there acts in eval mode, seeded."""
+def token_mask_site(visual: nn.Module) -> Optional[Tuple[nn.Module, str, int, bool]]:
+    """(module, attribute, prefix tokens, with indices) of the hook where an image tower's patch tokens can be
+    dropped after the positional embedding, or None (a ResNet, ConvNeXt, FastViT): open_clip ViT's `patch_dropout`
+    (one class token before the patches), a timm ViT's `trunk.patch_drop` (`trunk.num_prefix_tokens` before them)
+    or EVA's `trunk.patch_drop` (None in its inference form; what is put there returns the kept patches' indices
+    too, which EVA applies to its rotary embedding). Each is dropout in training only, seeded by nothing; a
+    TokenMask put there acts in eval mode, seeded."""
     if isinstance(getattr(visual, "patch_dropout", None), nn.Module):
-        return visual, "patch_dropout", 1
+        return visual, "patch_dropout", 1, False
     trunk = getattr(visual, "trunk", None)
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
 
     if isinstance(trunk, VisionTransformer) and isinstance(getattr(trunk, "patch_drop", None), nn.Module):
-        return trunk, "patch_drop", int(trunk.num_prefix_tokens)
+        return trunk, "patch_drop", int(trunk.num_prefix_tokens), False
+    if isinstance(trunk, Eva) and hasattr(trunk, "patch_drop"):
+        return trunk, "patch_drop", int(trunk.num_prefix_tokens), True
     return None
 
 
@@ -686,7 +695,7 @@ def install_token_mask(visual: nn.Module, mask: TokenMask) -> None:
     if site is None:
         raise ValueError(f"token masking drops the patch tokens of a ViT image tower (open_clip's or timm's); this "
                          f"model's ({type(visual).__name__}) has no patch_dropout hook to mask them")
-    owner, attribute, mask.prefix_tokens = site
+    owner, attribute, mask.prefix_tokens, mask.with_indices = site
     setattr(owner, attribute, mask)
     if not getattr(visual, "_token_mask_hook", False):
         visual.register_forward_pre_hook(_show_pixels_to_token_mask)
