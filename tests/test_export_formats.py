@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_export import KINDS, pruned
+from test_families import config_name, family_configs  # noqa: F401, F811  (a fixture: the families' tiny configs)
 from torch import nn
 
 import compress
@@ -217,6 +218,39 @@ def test_open_clip_layout_refuses_what_its_config_cannot_say(kind, dense, tmp_pa
     with pytest.raises(LayoutError) as error:
         write_open_clip_dir(KINDS[kind](dense), out)
     assert "open_clip's layout holds the open_clip kind" in _one_line(error.value)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["rn50", "eva", "siglip", "coca"])
+def test_open_clip_layout_of_a_text_cut_model_of_every_tower_kind(family, family_configs, tmp_path):  # noqa: F811
+    """A compact model of a family whose image tower is a ResNet, a timm EVA or a timm ViT (SigLIP's blocks are
+    compact blocks too) or CoCa's: the text tower's MLPs cut to one width; the image tower as its config builds
+    it goes back under its own (timm's) names, and open_clip loads the folder with the same features."""
+    from compress.models.pretrained import create_clip
+
+    model = to_compact(clone(create_clip(config_name(family), None)))
+    for block in tower_blocks(model, "text"):
+        keep_neurons(block, range(block.mlp.hidden // 2))
+    model = refresh_spec(model)
+    write_open_clip_dir(model, tmp_path)
+    diffs = check_open_clip_dir(model, tmp_path)
+    assert max(diffs.values()) < TOLERANCE, (family, diffs)
+
+
+@pytest.mark.slow
+def test_open_clip_layout_refuses_a_resized_timm_tower(family_configs, tmp_path):  # noqa: F811
+    """open_clip's config names a timm architecture, which has one shape: a SigLIP image tower with fewer heads
+    has no open_clip form."""
+    from compress.models.compact_clip import keep_heads
+    from compress.models.pretrained import create_clip
+
+    model = to_compact(clone(create_clip(config_name("siglip"), None)))
+    keep_heads(tower_blocks(model, "image")[0], [0])
+    out = tmp_path / "out"
+    with pytest.raises(LayoutError) as error:
+        write_open_clip_dir(refresh_spec(model), out)
+    assert "visual.trunk.blocks.0 has 1 heads" in _one_line(error.value)
     assert not out.exists()
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, launched, run_trainer, subprocess_env
+from test_families import config_name, family_configs  # noqa: F401  (a fixture: the families' tiny configs)
 
 TEACHER = "clipc-vit-t2-32"
 
@@ -63,6 +64,27 @@ def _samples(folder):
     from training.data.shards import shard_samples
 
     return list(shard_samples({"url": str(path)} for path in sorted(folder.glob("*.tar"))))
+
+
+def test_a_coca_teachers_stored_embeddings_are_unnormalised_as_every_families(family_configs):  # noqa: F811
+    """CoCa's encoders normalise unless told not to: the stored embeddings are what every other family's encoders
+    give, the unnormalised features the reinforced format promises."""
+    from compress.models.pretrained import create_clip
+    from compress.models.registry import get_tokenizer
+    from utils.reinforce import TeacherEncoder
+
+    torch.manual_seed(0)
+    teacher = create_clip(config_name("coca"), None).eval()
+    encoder = TeacherEncoder(teacher, get_tokenizer(teacher.model_spec), torch.device("cpu"), "fp32")
+    views = torch.randn(2, 1, 3, 32, 32)
+    image, caption = encoder([{"views": view, "caption": text} for view, text in zip(views, ["a red star", "two"])])
+    with torch.no_grad():
+        expected_image = teacher.encode_image(views[:, 0], normalize=False)
+        expected_caption = teacher.encode_text(get_tokenizer(teacher.model_spec)(["a red star", "two"]),
+                                               normalize=False)
+    assert np.allclose(image[:, 0], expected_image.numpy(), atol=1e-6)
+    assert np.allclose(caption, expected_caption.numpy(), atol=1e-6)
+    assert not np.allclose(np.linalg.norm(caption, axis=1), 1.0)
 
 
 # --- the format ------------------------------------------------------------------------------------------

@@ -316,8 +316,9 @@ class TeacherEncoder:
         views = torch.stack([item["views"] for item in items]).to(self.device)
         tokens = self.tokenizer([item["caption"] for item in items]).to(self.device)
         with autocast(self.precision, self.device):
-            image = self.teacher.encode_image(views.flatten(0, 1)).float()
-            caption = self.teacher.encode_text(tokens).float()
+            # normalize=False said explicitly: CoCa's encoders normalise unless told not to, every other CLIP's not
+            image = self.teacher.encode_image(views.flatten(0, 1), normalize=False).float()
+            caption = self.teacher.encode_text(tokens, normalize=False).float()
         return image.reshape(len(items), views.shape[1], -1).cpu().numpy(), caption.cpu().numpy()
 
 

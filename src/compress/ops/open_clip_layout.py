@@ -26,8 +26,15 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import nn
 
-from compress.models.compact_clip import QKV_LINEARS, CompactBlock, tower_blocks, tower_prefix
-from compress.models.registry import get_tokenizer, open_clip_preprocess, to_preprocess_cfg
+from compress.models.compact_clip import (
+    QKV_LINEARS,
+    TIMM_BLOCK_NAMES,
+    CompactBlock,
+    tower_blocks,
+    tower_prefix,
+    transformer_towers,
+)
+from compress.models.registry import get_tokenizer, open_clip_preprocess, sized_model, to_preprocess_cfg
 from foundation.checkpoint import atomic_write
 from foundation.errors import UserError
 from foundation.model_configs import register_model_configs
@@ -55,12 +62,54 @@ def _apply_model_kwargs(cfg: Dict[str, Any], kwargs: Dict[str, Any]) -> None:
             cfg[tower][field] = kwargs[key]
 
 
+def _timm_tower_form(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """In place: `state`'s timm ViT image tower entries under timm's names again (q/k/v packed into `qkv`);
+    LayoutError if a block differs from the architecture: open_clip's config names a timm model, which has one
+    shape, so only an unresized timm tower has an open_clip form."""
+    spec = model.model_spec
+    dense = sized_model({"kind": "open_clip", "model": spec["model"], "model_kwargs": spec.get("model_kwargs", {})})
+    reference, prefix = tower_blocks(dense, "image"), tower_prefix(model, "image")
+    blocks = tower_blocks(model, "image")
+    timm_names = {compact: timm for timm, compact in TIMM_BLOCK_NAMES.items()}
+    for index, (block, original) in enumerate(zip(blocks, reference)):
+        name = f"{prefix}.{index}"
+        if not isinstance(block, CompactBlock):
+            continue
+        shape = block.describe()
+        architecture = {"heads": original.attn.num_heads, "head_dim": original.attn.head_dim,
+                        "mlp_width": original.mlp.fc1.out_features, "ranks": {}}
+        if shape != architecture:
+            raise LayoutError(f"{name} has {shape['heads']} heads of width {shape['head_dim']}, MLP width "
+                              f"{shape['mlp_width']}{', factorised Linears' if shape['ranks'] else ''}, where the "
+                              f"timm architecture {type(model.visual.trunk).__name__} of its config has "
+                              f"{architecture['heads']} of width {architecture['head_dim']}, MLP width "
+                              f"{architecture['mlp_width']}: {WHICH}")
+        attn = f"{name}.attn."
+        for part in ("weight", "bias"):
+            entries = [state.pop(f"{attn}{q}.{part}", None) for q in QKV_LINEARS]
+            if entries[0] is not None:
+                state[f"{attn}in_proj_{part}"] = torch.cat(entries)
+        for key in [key for key in state if key.startswith(f"{name}.")]:
+            local = key[len(name) + 1:]
+            for compact, timm in timm_names.items():
+                if local.startswith(compact):
+                    state[f"{name}.{timm}{local[len(compact):]}"] = state.pop(key)
+                    break
+
+
 def _tower_form(model: nn.Module, tower: str, tower_cfg: Dict[str, Any], state: Dict[str, torch.Tensor]) -> None:
     """In place: `tower_cfg` given the tower's layer count and MLP width, `state` its blocks' entries under
-    open_clip's names (q/k/v packed into `in_proj_*`); LayoutError if a block has no open_clip form."""
+    open_clip's names (q/k/v packed into `in_proj_*`); LayoutError if a block has no open_clip form. A tower
+    without transformer blocks (a ResNet, ConvNeXt, FastViT, EVA) is as the config builds it."""
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    blocks, prefix = tower_blocks(model, tower), tower_prefix(model, tower)
+    if tower not in transformer_towers(model):
+        return
+    prefix = tower_prefix(model, tower)
+    if prefix.startswith("visual.trunk."):
+        _timm_tower_form(model, state)
+        return
+    blocks = tower_blocks(model, tower)
     width = tower_cfg["width"]
     if tower == "image":
         heads = width // CLIPVisionCfg(**tower_cfg).head_width

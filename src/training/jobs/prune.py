@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.models import pruning
-from compress.models.compact_clip import TOWERS, to_compact, transformer_towers
+from compress.models.compact_clip import TOWERS, to_compact, tower_refusal, transformer_towers
 from compress.models.pretrained import create_clip
 from compress.models.registry import build_model
 from compress.ops import distill_losses
@@ -148,11 +148,11 @@ class PruneJob(Job):
         if resume_spec is None:
             towers = transformer_towers(start)
             for tower in sorted(set(TOWERS) - set(towers)):
-                owner = start.visual if tower == "image" else getattr(start, "text", start)
-                logging.warning("--job prune: the %s tower of %s (%s) is no open_clip transformer; UPop prunes the "
-                                "%s tower only", tower, args.model, type(owner).__name__, " and ".join(towers))
+                logging.warning("--job prune: %s; UPop prunes the %s tower only", tower_refusal(start, tower),
+                                " and ".join(towers))
             if not towers:
-                raise UserError(f"--job prune: {args.model} has no open_clip transformer tower for UPop to prune")
+                raise UserError(f"--job prune: {args.model} has no transformer tower for UPop to prune "
+                                f"({tower_refusal(start, 'image')})")
             model = to_compact(copy.deepcopy(start))
             self.masks = pruning.init_masks(model, prune_heads=args.prune_heads)
             pruning.attach_masks(model, self.masks)
