@@ -20,8 +20,9 @@ TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "lay
 TINY_TIMM = {
     "clipc_tiny_convnext": ("convnext_atto", {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)}),
     "clipc_tiny_mci": ("fastvit_mci0", {"layers": (1, 1, 1, 1), "embed_dims": (8, 16, 32, 64)}),
-    "clipc_tiny_eva02": ("eva02_tiny_patch14_224", {"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 2,
-                                                    "num_heads": 2}),
+    # EVA02-B-16's own timm architecture: separate q/k/v, rotary attention with an inner norm, SwiGLU with one
+    "clipc_tiny_eva02": ("eva02_base_patch16_clip_224", {"img_size": 32, "patch_size": 16, "embed_dim": 32,
+                                                         "depth": 2, "num_heads": 2}),
     "clipc_tiny_siglip": ("vit_base_patch16_siglip_224", {"img_size": 32, "embed_dim": 32, "depth": 2,
                                                           "num_heads": 2}),
 }
@@ -68,12 +69,12 @@ FAMILIES.update({
 CONV_FAMILIES = {"rn50", "convnext", "mobileclip"}
 # families whose image tower is open_clip's VisionTransformer (the others' is a ResNet or a timm network)
 OPEN_CLIP_VIT_FAMILIES = {"vit", "vit-quickgelu", "coca"}
-# families whose image tower is a timm ViT whose blocks become compact blocks (SigLIP's), and all those whose image
-# tower the block operations (UPop, heads, Fisher, low-rank per block, token masking) reshape
-TIMM_VIT_FAMILIES = {"siglip", "siglip2"}
+# families whose image tower is a timm ViT whose blocks become compact blocks (SigLIP's, EVA's), and all those whose
+# image tower the block operations (UPop, heads, Fisher, low-rank per block, token masking) reshape
+TIMM_VIT_FAMILIES = {"siglip", "siglip2", "eva"}
 TRANSFORMER_IMAGE_FAMILIES = OPEN_CLIP_VIT_FAMILIES | TIMM_VIT_FAMILIES
-# families whose image tower's patch tokens token masking drops: those ViTs, and EVA (whose blocks stay as they are)
-TOKEN_MASK_FAMILIES = TRANSFORMER_IMAGE_FAMILIES | {"eva"}
+# families whose image tower's patch tokens token masking drops
+TOKEN_MASK_FAMILIES = TRANSFORMER_IMAGE_FAMILIES
 
 
 def save_stand_in_tokenizer(hub_cache, repo_id: str) -> None:
@@ -356,10 +357,11 @@ def _round_trip(model):
 def test_block_operations_apply_to_every_transformer_tower_and_say_which_they_leave(family, family_models,
                                                                                     calibration, caplog):
     """Low-rank, head pruning, Fisher pruning and text-layer dropping on both towers: a transformer tower (open_clip's,
-    or a timm ViT's as in SigLIP, whose blocks first become compact blocks computing what they did) is reshaped
-    (CoCa's text tower with its cls token included), any other tower is left as it is with one warning line, and
-    each result reloads from its spec. Token masking drops tokens of a ViT image tower, EVA's included (fewer MACs,
-    other features), and refuses an image tower it cannot mask."""
+    or a timm ViT's as in SigLIP and EVA, whose blocks first become compact blocks computing what they did: EVA's
+    with its rotary attention, inner norms and SwiGLU, whose gate is factorised too) is reshaped (CoCa's text tower
+    with its cls token included), any other tower is left as it is with one warning line, and each result reloads
+    from its spec. Token masking drops tokens of a ViT image tower (fewer MACs, other features), and refuses an
+    image tower it cannot mask."""
     from compress.models.compact_clip import clone, to_compact
     from compress.ops.fisher_prune import fisher_prune
     from compress.ops.heads import prune_heads_by_sensitivity
@@ -387,6 +389,10 @@ def test_block_operations_apply_to_every_transformer_tower_and_say_which_they_le
         assert any(block.startswith("visual.") for block in blocks) == (image_reshaped and name != "text_layers")
         _round_trip(result)
     assert results["text_layers"].model_spec["text_layers"] == [0]
+    if family == "eva":  # the gate is a Linear of the MLP like the others; heads go whole
+        blocks = results["lowrank"].model_spec["blocks"]
+        assert all("c_gate" in blocks[f"visual.trunk.blocks.{i}"]["ranks"] for i in range(2))
+        assert sum(shape["heads"] for shape in results["heads"].model_spec["blocks"].values()) == 7  # of 4 + 4
     images, _ = _inputs(model)
     dense_params, dense_macs = _image_costs(model)
     if family in TOKEN_MASK_FAMILIES:
@@ -440,15 +446,24 @@ def test_upop_searches_and_cuts_every_transformer_tower_of_every_family(family, 
     image_pruned = family in TRANSFORMER_IMAGE_FAMILIES
     assert len(left) == (0 if image_pruned else 1) and all("UPop prunes the text tower only" in m for m in left)
     assert any(key.startswith("image.") for key in job.masks) == image_pruned
+    rotary = [r.getMessage() for r in caplog.records if "rotates pairs of head dimensions" in r.getMessage()]
+    assert len(rotary) == (family == "eva")
+    if family == "eva":  # rotary attention: searched by whole heads, whatever --prune-heads says
+        assert {key.rsplit(".", 1)[1] for key in job.masks if key.startswith("image.")} == {"head", "mlp"}
     if image_pruned:  # all-ones masks: the dense function
         _assert_dense_equivalent(model, family_models[family])
         model.train()
     images, tokens = _inputs(family_models[family])
     job.loss(model, {"image": torch.cat([images] * 2), "text": torch.cat([tokens] * 2)})["loss"].backward()
     assert all(mask.grad is not None for mask in job.masks.values())
-    masks = {key: (torch.arange(len(mask)) % 2 == 0).float() for key, mask in job.masks.items()}
+    # UPop's masks mid-search: cut entries 0, the rest a fraction (folded into the kept weights by the surgery)
+    masks = {key: (torch.arange(len(mask)) % 2 == 0).float() * 0.75 for key, mask in job.masks.items()}
     pruned = pruning.prune_clip(model, masks)
     assert pruned.model_spec["kind"] == "pruned_clip"
+    with torch.no_grad():  # the pruned model is the masked one (through EVA's inner norms too)
+        masked = pruning.attach_masks(pruning.clear_masks(model), masks).eval()
+        assert torch.allclose(pruned.eval().encode_image(images), masked.encode_image(images), atol=1e-5)
+        assert torch.allclose(pruned.encode_text(tokens), masked.encode_text(tokens), atol=1e-5)
     if image_pruned:
         assert any(name.startswith("visual.") for name in pruned.model_spec["blocks"])
         dense_params, dense_macs = _image_costs(family_models[family])

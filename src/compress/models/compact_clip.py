@@ -22,11 +22,14 @@ outputs. A state dict with the packed `in_proj_weight` (a dense CLIP's, or a pru
 `towers` spec format) loads into it directly.
 
 The blocks may be open_clip's (`ResidualAttentionBlock`, under `...transformer.resblocks`) or those of a timm
-`VisionTransformer` image tower (SigLIP's, under `visual.trunk.blocks`: timm's pre-norm `Block` with a fused `qkv`
-Linear, `proj`, `ls1/ls2`, `norm1/norm2` and an `Mlp` `fc1/act/fc2`). Both are one pre-norm residual block, so one
-`CompactBlock` stands for either, under open_clip's names, and reuses the dense block's norms, layer scales and
-activation. A timm block with a part the compact block does not compute (q/k norms, a norm inside the attention
-or the MLP, a gated or rotary attention, a SwiGLU MLP, dropout, stochastic depth) leaves its tower unconverted;
+image tower under `visual.trunk.blocks`: a `VisionTransformer`'s (SigLIP's: timm's pre-norm `Block` with a fused
+`qkv` Linear, `proj`, `ls1/ls2`, `norm1/norm2` and an `Mlp` `fc1/act/fc2`) or EVA's `EvaBlock` (rotary position
+embedding on q and k, q/k/v separate or fused with q/v biases only, a LayerNorm over the heads' outputs before
+`proj`, a SwiGLU MLP `fc1_g/fc1_x/act/norm/fc2`, `gamma_1/gamma_2` layer scales). Each is one pre-norm residual
+block, so one `CompactBlock` stands for any of them, under open_clip's names, and reuses the dense block's norms,
+layer scales and activation; EVA's rotary attention, gated MLP and inner norms are parts of it (SplitAttention,
+CompactMLP, KeptLayerNorm). A timm block with a part the compact block does not compute (q/k norms, a norm inside
+a plain ViT block, a gated attention, a packed GLU MLP, dropout, stochastic depth) leaves its tower unconverted;
 `tower_refusal` names the part. A timm tower's attention-pool head (SigLIP's `attn_pool`) is no block and stays
 as it is.
 
@@ -50,7 +53,8 @@ KIND = "compact_clip"
 TOWERS = ("image", "text")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj")
 QKV_LINEARS = ATTENTION_LINEARS[:3]
-MLP_LINEARS = ("c_fc", "c_proj")
+# c_gate: the gate of a gated (SwiGLU) MLP, whose hidden units are act(c_gate(x)) · c_fc(x)
+MLP_LINEARS = ("c_fc", "c_gate", "c_proj")
 # a softmax scale this close to 1/sqrt(head_dim) is that default (the spec then leaves it out)
 SCALE_TOLERANCE = 1e-12
 
@@ -147,11 +151,67 @@ def normalised_scale(scale: float, head_dim: int) -> Optional[float]:
 # --- the block ---------------------------------------------------------------------------------------------
 
 
+class KeptLayerNorm(nn.Module):
+    """A LayerNorm over the `features` units of a dense layer of which only some remain (`weight`/`bias` of the kept
+    ones): the removed units count as zeros in its mean and variance.
+
+    EVA's inner norms (over the heads' concatenated outputs before `proj`, over a SwiGLU's hidden units before
+    `fc2`) take their statistics over every unit. A unit masked to 0 still counts there, as a zero; this norm
+    counts it the same way once the unit is removed, so a pruned block computes exactly what the masked block did
+    (masks multiply a unit before such a norm and again after it: see SplitAttention and CompactMLP)."""
+
+    def __init__(self, dense: nn.LayerNorm, kept: int):
+        super().__init__()
+        self.features, self.eps = int(dense.normalized_shape[0]), dense.eps
+        self.weight = nn.Parameter(dense.weight.detach()[:kept].clone()) if dense.weight is not None else None
+        self.bias = nn.Parameter(dense.bias.detach()[:kept].clone()) if dense.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = x.shape[-1]
+        if kept == self.features:
+            return F.layer_norm(x, (kept,), self.weight, self.bias, self.eps)
+        mean = x.sum(-1, keepdim=True) / self.features
+        centred = x - mean
+        # the removed units, zeros, each contribute mean² to the summed squared deviations
+        variance = (centred.pow(2).sum(-1, keepdim=True) + (self.features - kept) * mean.pow(2)) / self.features
+        out = centred * torch.rsqrt(variance + self.eps)
+        if self.weight is not None:
+            out = out * self.weight
+        return out + self.bias if self.bias is not None else out
+
+    @torch.no_grad()
+    def keep(self, index: torch.Tensor) -> None:
+        """In place: only units `index` (of the current ones) remain."""
+        for name in ("weight", "bias"):
+            if getattr(self, name) is not None:
+                setattr(self, name, nn.Parameter(getattr(self, name)[index].clone()))
+
+
+def _kept_norm(dense: Optional[nn.Module], kept: int) -> nn.Module:
+    return nn.Identity() if dense is None else KeptLayerNorm(dense, kept)
+
+
+def _mask_after_norm(norm: nn.Module, x: torch.Tensor, factors: Optional[torch.Tensor]) -> torch.Tensor:
+    """`norm(x)`, and where `norm` is one (not Identity) the mask `factors` multiplied in again after it: a unit
+    masked to 0 then adds nothing downstream, as once it is removed; a kept value v folds into the Linears on both
+    sides of the norm."""
+    if isinstance(norm, nn.Identity):
+        return x
+    out = norm(x)
+    return out if factors is None else out * factors.to(out.device, out.dtype)
+
+
 class SplitAttention(nn.Module):
     """Self-attention with separate q/k/v/out Linears and any number of heads of width `head_dim`.
 
     `scale` is the softmax scale when it is not 1/sqrt(head_dim): UPop cuts head dimensions but keeps the
     original head width's softmax temperature for the rest.
+
+    EVA's attention adds two parts, taken from the dense block: `rotary` ({"prefix_tokens", "half"}), with which
+    the `rope` tensor EVA hands each block rotates q and k of every token after the prefix tokens, per head, by
+    timm's own `apply_rot_embed_cat` (it rotates pairs of head dimensions, so whole heads may go, single dimensions
+    not: `keep_head_dims` refuses a rotary attention); and `norm`, a KeptLayerNorm over the heads' concatenated
+    outputs before out_proj (Identity where there is none).
 
     Two kinds of mask, set only while searching what to prune (plain attributes, not buffers: DDP would
     broadcast buffers in place every step, which autograd forbids on a tensor that collects gradients; they
@@ -163,15 +223,17 @@ class SplitAttention(nn.Module):
     """
 
     def __init__(self, width: int, num_heads: int, head_dim: int, ranks: Optional[Dict[str, int]] = None,
-                 scale: Optional[float] = None, qkv_bias: bool = True, out_bias: bool = True):
+                 scale: Optional[float] = None, biases: Optional[Dict[str, bool]] = None,
+                 norm: Optional[nn.Module] = None, rotary: Optional[Dict[str, Any]] = None):
         super().__init__()
-        ranks = ranks or {}
+        ranks, biases = ranks or {}, biases or {}
         inner = num_heads * head_dim
         self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
-        self.q_proj = make_linear(width, inner, ranks.get("q_proj"), bias=qkv_bias)
-        self.k_proj = make_linear(width, inner, ranks.get("k_proj"), bias=qkv_bias)
-        self.v_proj = make_linear(width, inner, ranks.get("v_proj"), bias=qkv_bias)
-        self.out_proj = make_linear(inner, width, ranks.get("out_proj"), bias=out_bias)
+        for name in ATTENTION_LINEARS:
+            shape = (inner, width) if name == "out_proj" else (width, inner)
+            setattr(self, name, make_linear(*shape, ranks.get(name), bias=biases.get(name, True)))
+        self.norm = norm if norm is not None else nn.Identity()
+        self.rotary = dict(rotary) if rotary is not None else None
         self.head_mask: Optional[torch.Tensor] = None
         self.qkv_mask: Optional[torch.Tensor] = None
         self.qkv_mask_unit: Optional[str] = None
@@ -181,8 +243,9 @@ class SplitAttention(nn.Module):
     def softmax_scale(self) -> float:
         return self.scale if self.scale is not None else self.head_dim ** -0.5
 
-    def head_outputs(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-head attention outputs, (batch, tokens, heads, head_dim), before out_proj."""
+    def head_outputs(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                     rope: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        """Per-head attention outputs, (batch, tokens, heads, head_dim), before the norm and out_proj."""
         batch, tokens, _ = x.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:
@@ -197,17 +260,41 @@ class SplitAttention(nn.Module):
             mask = self.qkv_mask.to(q.device, q.dtype)
             mask = mask.view(1, 1, 1, -1) if self.qkv_mask_unit == "head_dim" else mask.view(1, -1, 1, 1)
             q, k, v = q * mask, k * mask, v * mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        if rope is not None:
+            if self.rotary is None:
+                raise ValueError("a rotary position embedding was passed to an attention without one (not EVA's)")
+            from timm.layers import apply_rot_embed_cat
+
+            prefix, half = self.rotary["prefix_tokens"], self.rotary["half"]
+            q, k = (torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=half)],
+                              dim=2).type_as(v) for t in (q, k))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, is_causal=is_causal)
         return out.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _mask_factors(self) -> Optional[torch.Tensor]:
+        """The masks set on this attention as one factor per head and dimension, flattened, or None."""
+        factors = None
+        for mask, per_head in ((self.head_mask, True), (self.qkv_mask, self.qkv_mask_unit == "head")):
+            if mask is not None:
+                grid = mask.view(-1, 1) if per_head else mask.view(1, -1)
+                factors = grid if factors is None else factors * grid.to(factors)
+        return None if factors is None else factors.expand(self.num_heads, self.head_dim).reshape(-1)
+
+    def proj_input(self, heads: torch.Tensor) -> torch.Tensor:
+        """What out_proj receives from the per-head outputs `heads` (batch, tokens, heads, head_dim): the head mask
+        multiplied in, the heads concatenated, normalised where the attention has a norm."""
+        batch, tokens = heads.shape[:2]
+        if self.head_mask is not None:
+            heads = heads * self.head_mask.to(heads.device, heads.dtype).view(1, 1, -1, 1)
+        flat = heads.reshape(batch, tokens, self.num_heads * self.head_dim)
+        return _mask_after_norm(self.norm, flat, self._mask_factors())
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, rope: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
         batch, tokens, width = x.shape
         if self.num_heads == 0:  # every head pruned: the sub-layer adds out_proj's bias only
             return self.out_proj(x.new_zeros(batch, tokens, 0))
-        heads = self.head_outputs(x, attn_mask)
-        if self.head_mask is not None:
-            heads = heads * self.head_mask.to(heads.device, heads.dtype).view(1, 1, -1, 1)
-        return self.out_proj(heads.reshape(batch, tokens, self.num_heads * self.head_dim))
+        return self.out_proj(self.proj_input(self.head_outputs(x, attn_mask, rope, is_causal)))
 
 
 def _unpack_in_proj(module: SplitAttention, state_dict: Dict[str, torch.Tensor], prefix: str, *_args) -> None:
@@ -226,55 +313,120 @@ def _unpack_in_proj(module: SplitAttention, state_dict: Dict[str, torch.Tensor],
 
 
 class CompactMLP(nn.Module):
-    """c_fc → activation → c_proj (open_clip's names), any hidden width.
+    """c_fc → activation → c_proj (open_clip's names), any hidden width; gated (EVA's SwiGLU), the hidden units
+    are activation(c_gate(x)) · c_fc(x), and `norm` (EVA's inner norm, a KeptLayerNorm; else Identity)
+    normalises them before c_proj.
 
     `neuron_mask` (one value per hidden unit, set only while searching, like SplitAttention's masks)
-    multiplies the activations: the input of c_proj."""
+    multiplies the hidden units (before the norm, and again after it where there is one)."""
 
     def __init__(self, width: int, hidden: int, activation: nn.Module, ranks: Optional[Dict[str, int]] = None,
-                 fc_bias: bool = True, proj_bias: bool = True):
+                 biases: Optional[Dict[str, bool]] = None, gated: bool = False, norm: Optional[nn.Module] = None):
         super().__init__()
-        ranks = ranks or {}
-        self.c_fc = make_linear(width, hidden, ranks.get("c_fc"), bias=fc_bias)
+        ranks, biases = ranks or {}, biases or {}
+        self.c_fc = make_linear(width, hidden, ranks.get("c_fc"), bias=biases.get("c_fc", True))
+        self.c_gate = make_linear(width, hidden, ranks.get("c_gate"), bias=biases.get("c_gate", True)) \
+            if gated else None
         self.gelu = activation
-        self.c_proj = make_linear(hidden, width, ranks.get("c_proj"), bias=proj_bias)
+        self.norm = norm if norm is not None else nn.Identity()
+        self.c_proj = make_linear(hidden, width, ranks.get("c_proj"), bias=biases.get("c_proj", True))
         self.neuron_mask: Optional[torch.Tensor] = None
 
     @property
     def hidden(self) -> int:
         return self.c_fc.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.gelu(self.c_fc(x))
+    def units(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of c_proj: the hidden units, masked and normalised."""
+        if self.c_gate is not None:
+            hidden = self.gelu(self.c_gate(x)) * self.c_fc(x)
+        else:
+            hidden = self.gelu(self.c_fc(x))
         if self.neuron_mask is not None:
             hidden = hidden * self.neuron_mask.to(hidden.device, hidden.dtype)
-        return self.c_proj(hidden)
+        return _mask_after_norm(self.norm, hidden, self.neuron_mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.units(x))
 
 
 def _is_timm_block(block: nn.Module) -> bool:
     return hasattr(block, "norm1") and hasattr(block, "attn") and hasattr(block, "mlp")
 
 
+def _is_eva_block(block: nn.Module) -> bool:
+    from timm.models.eva import EvaBlock
+
+    return isinstance(block, EvaBlock)
+
+
+def _has_bias(module: Optional[nn.Module]) -> bool:
+    return module is not None and module.bias is not None
+
+
+def _layer_scale(gamma: Optional[torch.Tensor]) -> nn.Module:
+    """EVA's `gamma_1`/`gamma_2` parameter as timm's LayerScale module (Identity where the block has none)."""
+    from timm.layers import LayerScale
+
+    if gamma is None:
+        return nn.Identity()
+    scale = LayerScale(len(gamma))
+    with torch.no_grad():
+        scale.gamma.copy_(gamma)
+    return scale
+
+
+def _inner_norm(norm: nn.Module) -> Optional[nn.Module]:
+    return None if isinstance(norm, nn.Identity) else norm
+
+
+def _eva_parts(block: nn.Module) -> Dict[str, Any]:
+    attn, mlp = block.attn, block.mlp
+    gated = hasattr(mlp, "fc1_g")  # timm's SwiGLU (fc1_g, fc1_x); else timm's Mlp (fc1)
+    fused = attn.qkv is not None  # q/k/v packed in one Linear with separate q_bias/v_bias (k has none)
+    return {"norms": (block.norm1, block.norm2), "scales": (_layer_scale(block.gamma_1), _layer_scale(block.gamma_2)),
+            "activation": mlp.act, "gated": gated, "attn_norm": _inner_norm(attn.norm),
+            "mlp_norm": _inner_norm(mlp.norm),
+            "rotary": {"prefix_tokens": int(attn.num_prefix_tokens), "half": bool(attn.rotate_half)},
+            "biases": {"q_proj": attn.q_bias is not None if fused else _has_bias(attn.q_proj),
+                       "k_proj": False if fused else _has_bias(attn.k_proj),
+                       "v_proj": attn.v_bias is not None if fused else _has_bias(attn.v_proj),
+                       "out_proj": _has_bias(attn.proj), "c_fc": _has_bias(mlp.fc1_x if gated else mlp.fc1),
+                       "c_gate": gated and _has_bias(mlp.fc1_g), "c_proj": _has_bias(mlp.fc2)}}
+
+
 def _dense_parts(block: nn.Module) -> Dict[str, Any]:
-    """The pieces of a dense block (open_clip's ResidualAttentionBlock or timm's ViT Block) a CompactBlock reuses
-    or mirrors: its norms, layer scales and activation, and which of its Linears carry a bias."""
+    """The pieces of a dense block (open_clip's ResidualAttentionBlock, timm's ViT Block or EVA's EvaBlock) a
+    CompactBlock reuses or mirrors: its norms, layer scales and activation, which of its Linears carry a bias, and
+    EVA's extras (a gated MLP, inner norms, rotary attention)."""
+    plain = {"gated": False, "attn_norm": None, "mlp_norm": None, "rotary": None}
+    if _is_eva_block(block):
+        return _eva_parts(block)
     if _is_timm_block(block):
-        return {"norms": (block.norm1, block.norm2), "scales": (block.ls1, block.ls2), "activation": block.mlp.act,
-                "biases": {"q_proj": block.attn.qkv.bias is not None, "out_proj": block.attn.proj.bias is not None,
+        qkv_bias = block.attn.qkv.bias is not None
+        return {**plain, "norms": (block.norm1, block.norm2), "scales": (block.ls1, block.ls2),
+                "activation": block.mlp.act,
+                "biases": {**{name: qkv_bias for name in QKV_LINEARS}, "out_proj": block.attn.proj.bias is not None,
                            "c_fc": block.mlp.fc1.bias is not None, "c_proj": block.mlp.fc2.bias is not None}}
-    return {"norms": (block.ln_1, block.ln_2), "scales": (block.ls_1, block.ls_2), "activation": block.mlp.gelu,
-            "biases": {name: True for name in ("q_proj", "out_proj") + MLP_LINEARS}}
+    return {**plain, "norms": (block.ln_1, block.ln_2), "scales": (block.ls_1, block.ls_2),
+            "activation": block.mlp.gelu, "biases": {name: True for name in ATTENTION_LINEARS + MLP_LINEARS}}
 
 
 # a timm ViT Block's entries under the names of the CompactBlock that stands for it (q/k/v unpack on loading)
 TIMM_BLOCK_NAMES = {"norm1.": "ln_1.", "ls1.": "ls_1.", "norm2.": "ln_2.", "ls2.": "ls_2.",
                     "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
                     "attn.proj.": "attn.out_proj.", "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}
+# an EvaBlock's entries likewise (its separate q_proj/k_proj/v_proj and inner norms already have the compact names)
+EVA_BLOCK_NAMES = {"norm1.": "ln_1.", "norm2.": "ln_2.", "gamma_1": "ls_1.gamma", "gamma_2": "ls_2.gamma",
+                   "attn.qkv.weight": "attn.in_proj_weight", "attn.q_bias": "attn.q_proj.bias",
+                   "attn.v_bias": "attn.v_proj.bias", "attn.proj.": "attn.out_proj.", "mlp.fc1_x.": "mlp.c_fc.",
+                   "mlp.fc1_g.": "mlp.c_gate.", "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}
 
 
 class CompactBlock(nn.Module):
-    """A pre-norm residual attention block (open_clip's ResidualAttentionBlock, with its call signature, or timm's
-    ViT Block) around SplitAttention/CompactMLP, under open_clip's names."""
+    """A pre-norm residual attention block (open_clip's ResidualAttentionBlock, with its call signature, timm's
+    ViT Block, or EVA's EvaBlock, called with the `rope` EVA passes) around SplitAttention/CompactMLP, under
+    open_clip's names."""
 
     def __init__(self, dense_block: nn.Module, heads: int, head_dim: int, mlp_width: int,
                  ranks: Optional[Dict[str, int]] = None, scale: Optional[float] = None):
@@ -285,14 +437,18 @@ class CompactBlock(nn.Module):
         # (LayerNorm vs LayerNormFp32, GELU vs QuickGELU vs tanh GELU, ls_init_value); the Linears keep the dense
         # block's biases or their absence (timm's qkv_bias=False)
         (self.ln_1, self.ln_2), (self.ls_1, self.ls_2) = parts["norms"], parts["scales"]
+        # EVA's inner norms count the dense widths' units in their statistics (KeptLayerNorm)
         biases = parts["biases"]
-        self.attn = SplitAttention(width, heads, head_dim, ranks, scale, biases["q_proj"], biases["out_proj"])
-        self.mlp = CompactMLP(width, mlp_width, parts["activation"], ranks, biases["c_fc"], biases["c_proj"])
+        self.attn = SplitAttention(width, heads, head_dim, ranks, scale, biases,
+                                   _kept_norm(parts["attn_norm"], heads * head_dim), parts["rotary"])
+        self.mlp = CompactMLP(width, mlp_width, parts["activation"], ranks, biases, parts["gated"],
+                              _kept_norm(parts["mlp_norm"], mlp_width))
 
-    def forward(self, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask: Optional[torch.Tensor] = None):
+    def forward(self, q_x: torch.Tensor, k_x=None, v_x=None, attn_mask: Optional[torch.Tensor] = None,
+                rope: Optional[torch.Tensor] = None, is_causal: bool = False):
         if attn_mask is not None and attn_mask.is_floating_point():  # an additive mask; a boolean one stays boolean
             attn_mask = attn_mask.to(q_x.dtype)
-        x = q_x + self.ls_1(self.attn(self.ln_1(q_x), attn_mask=attn_mask))
+        x = q_x + self.ls_1(self.attn(self.ln_1(q_x), attn_mask=attn_mask, rope=rope, is_causal=is_causal))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
     def get_weight_dtype(self) -> torch.dtype:  # open_clip's Transformer asks its first block for the cast dtype
@@ -300,7 +456,8 @@ class CompactBlock(nn.Module):
 
     def describe(self) -> Dict[str, Any]:
         ranks = {name: linear_rank(getattr(self.attn, name)) for name in ATTENTION_LINEARS}
-        ranks.update({name: linear_rank(getattr(self.mlp, name)) for name in MLP_LINEARS})
+        ranks.update({name: linear_rank(getattr(self.mlp, name)) for name in MLP_LINEARS
+                      if getattr(self.mlp, name) is not None})
         shape = {"heads": self.attn.num_heads, "head_dim": self.attn.head_dim, "mlp_width": self.mlp.hidden,
                  "ranks": {name: r for name, r in ranks.items() if r is not None}}
         if self.attn.scale is not None:
@@ -315,6 +472,8 @@ def _keep_attention_features(attn: SplitAttention, index: torch.Tensor) -> None:
     for name in QKV_LINEARS:
         setattr(attn, name, keep_outputs(getattr(attn, name), index))
     attn.out_proj = keep_inputs(attn.out_proj, index)
+    if isinstance(attn.norm, KeptLayerNorm):
+        attn.norm.keep(index)
     attn.head_mask = attn.qkv_mask = attn.qkv_mask_unit = None
 
 
@@ -332,8 +491,12 @@ def keep_heads(block: CompactBlock, heads: Sequence[int]) -> CompactBlock:
 
 def keep_head_dims(block: CompactBlock, dims: Sequence[int]) -> CompactBlock:
     """In place: keep only dimensions `dims` of every head of `block` (UPop's head-dim unit). The softmax
-    keeps the scale it had: cutting dimensions must not change the temperature of the others."""
+    keeps the scale it had: cutting dimensions must not change the temperature of the others. A rotary
+    attention (EVA's) is refused: its position embedding rotates pairs of dimensions within each head."""
     attn = block.attn
+    if attn.rotary is not None:
+        raise ValueError("EVA's attention rotates pairs of head dimensions by its rotary position embedding: it "
+                         "loses whole heads only, not head dimensions")
     dims = sorted(int(i) for i in dims)
     device = next(block.parameters()).device
     index = torch.tensor([h * attn.head_dim + i for h in range(attn.num_heads) for i in dims],
@@ -350,6 +513,10 @@ def keep_neurons(block: CompactBlock, neurons: Sequence[int]) -> CompactBlock:
     mlp = block.mlp
     index = torch.tensor(sorted(int(n) for n in neurons), dtype=torch.long, device=next(block.parameters()).device)
     mlp.c_fc = keep_outputs(mlp.c_fc, index)
+    if mlp.c_gate is not None:
+        mlp.c_gate = keep_outputs(mlp.c_gate, index)
+    if isinstance(mlp.norm, KeptLayerNorm):
+        mlp.norm.keep(index)
     mlp.c_proj = keep_inputs(mlp.c_proj, index)
     mlp.neuron_mask = None
     return block
@@ -405,14 +572,46 @@ def tower_prefix(model: nn.Module, tower: str) -> str:
     return _tower_block_list(model, tower)[0]
 
 
+def _eva_block_refusal(block: nn.Module) -> Optional[str]:
+    """None when EVA's `block` is one a CompactBlock computes exactly; otherwise the part it does not compute."""
+    from timm.layers import Mlp, SwiGLU
+    from timm.models.eva import EvaAttention
+
+    attn, mlp = block.attn, block.mlp
+    if type(attn) is not EvaAttention:
+        return f"attn {type(attn).__name__} (not EVA's EvaAttention)"
+    if attn.gate is not None:
+        return "attn.gate (a sigmoid gate)"
+    if type(mlp) not in (SwiGLU, Mlp) or not all(type(getattr(mlp, name, None)) in (nn.Linear, type(None))
+                                                 for name in ("fc1", "fc1_g", "fc1_x", "fc2")):
+        return f"mlp {type(mlp).__name__} (not a SwiGLU with separate gate and value Linears, nor a plain Mlp)"
+    # a norm over an ungated MLP's units would sit after its activation, through which no mask value folds
+    ungated_norm = ("mlp.norm",) if type(mlp) is Mlp else ()
+    for part in ("attn.q_norm", "attn.k_norm", "drop_path1", "drop_path2") + ungated_norm:
+        module = block.get_submodule(part)
+        if not isinstance(module, nn.Identity):
+            return f"{part} {type(module).__name__} (not Identity)"
+    for part in ("attn.norm", "mlp.norm"):
+        module = block.get_submodule(part)
+        if not isinstance(module, (nn.Identity, nn.LayerNorm)) or \
+                (isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1):
+            return f"{part} {type(module).__name__} (neither a LayerNorm nor Identity)"
+    for part in ("attn.attn_drop", "attn.proj_drop", "mlp.drop1", "mlp.drop2"):
+        if getattr(block.get_submodule(part), "p", 0.0):
+            return f"{part} (dropout {block.get_submodule(part).p})"
+    return None
+
+
 def timm_block_refusal(block: nn.Module) -> Optional[str]:
-    """None when the timm block `block` is a pre-norm ViT `Block` a CompactBlock computes exactly; otherwise the
-    part of it that a CompactBlock does not compute."""
+    """None when the timm block `block` is a pre-norm ViT `Block` or an EVA `EvaBlock` a CompactBlock computes
+    exactly; otherwise the part of it that a CompactBlock does not compute."""
     from timm.layers import Attention, Mlp
     from timm.models.vision_transformer import Block
 
     if isinstance(block, CompactBlock):
         return None
+    if _is_eva_block(block):
+        return _eva_block_refusal(block)
     if type(block.attn) is not Attention or getattr(block.attn, "gate", None) is not None:
         what = "rotary position embedding on q and k" if hasattr(block.attn, "rotate_half") else "no plain attention"
         what = "a sigmoid gate" if getattr(block.attn, "gate", None) is not None else what
@@ -449,21 +648,23 @@ def tower_refusal(model: nn.Module, tower: str) -> Optional[str]:
 
 
 def compact_block_from_dense(block: nn.Module) -> CompactBlock:
-    """A CompactBlock computing what open_clip's ResidualAttentionBlock or timm's ViT Block `block` computes
-    (itself if it is one)."""
+    """A CompactBlock computing what open_clip's ResidualAttentionBlock, timm's ViT Block or EVA's EvaBlock
+    `block` computes (itself if it is one)."""
     if isinstance(block, CompactBlock):
         return block
     if _is_timm_block(block):
         reason = timm_block_refusal(block)
         if reason is not None:
             raise ValueError(f"cannot convert timm's {type(block).__name__}: it has {reason}")
-        attn = block.attn
-        compact = CompactBlock(block, attn.num_heads, attn.head_dim, block.mlp.fc1.out_features)
+        attn, mlp = block.attn, block.mlp
+        names = EVA_BLOCK_NAMES if _is_eva_block(block) else TIMM_BLOCK_NAMES
+        hidden = (mlp.fc1_x if hasattr(mlp, "fc1_x") else mlp.fc1).out_features
+        compact = CompactBlock(block, attn.num_heads, attn.head_dim, hidden)
         state = {}
         for name, tensor in block.state_dict().items():
-            old = next((old for old in TIMM_BLOCK_NAMES if name.startswith(old)), "")
-            state[TIMM_BLOCK_NAMES.get(old, "") + name[len(old):]] = tensor
-        weight = attn.qkv.weight
+            old = next((old for old in names if name.startswith(old)), "")
+            state[names.get(old, "") + name[len(old):]] = tensor
+        weight = block.norm1.weight
     else:
         attn = getattr(block, "attn", None)
         if not (isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn.in_proj_weight is not None

@@ -19,6 +19,12 @@ Masks (a dict `"{tower}.{layer}.{unit}" → 1-D tensor`, tower in image/text):
 Residual width and depth are untouched. A 0 entry is removed by `prune_clip`; any other value is folded
 into the kept weights, so a masked model and its pruned twin compute the same function.
 
+EVA's blocks: their attention rotates pairs of head dimensions (rotary position embedding), so its masks are
+whole heads whatever `prune_heads` says (one warning line); their inner norms (over the heads' outputs, over the
+SwiGLU's hidden units) see a masked unit as a zero in their statistics, as the pruned block's KeptLayerNorm
+counts a removed one, and the mask multiplies the norm's output too, so the equality holds through them (a kept
+value folds into the Linears on both sides of the norm).
+
 Two model kinds are registered with `compress.models.registry`:
 - `pruned_clip`: UPop's output, in the compact_clip spec format (`--job prune` resumes it as its own kind).
   The spec may instead hold per-tower `towers` lists of layer shapes (with packed q/k/v weights in the
@@ -28,6 +34,7 @@ Two model kinds are registered with `compress.models.registry`:
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -97,17 +104,25 @@ def _compact_block(model: nn.Module, tower: str, layer: int) -> CompactBlock:
 
 def init_masks(model: nn.Module, prune_heads: bool = False, towers: Optional[Sequence[str]] = None) -> Masks:
     """All-ones masks for every attention layer (per head dim, or per head) and MLP of `towers` (default: every
-    open_clip transformer tower of the model; an RN50's or a timm image tower is none)."""
+    transformer tower of the model; an RN50's or a ConvNeXt's image tower is none). A rotary attention (EVA's)
+    is masked per head even without `prune_heads`, with one warning line."""
     masks: Masks = {}
+    rotary = []
     for tower in transformer_towers(model) if towers is None else towers:
         for i in range(len(tower_blocks(model, tower))):
             block = _compact_block(model, tower, i)
             device = block.mlp.c_fc.weight.device
-            if prune_heads:
+            if not prune_heads and block.attn.rotary is not None:
+                rotary.append(f"{tower}.{i}")
+            if prune_heads or block.attn.rotary is not None:
                 masks[f"{tower}.{i}.head"] = torch.ones(block.attn.num_heads, device=device)
             else:
                 masks[f"{tower}.{i}.head_dim"] = torch.ones(block.attn.head_dim, device=device)
             masks[f"{tower}.{i}.mlp"] = torch.ones(block.mlp.hidden, device=device)
+    if rotary:
+        logging.getLogger(__name__).warning(
+            "the attention of %s rotates pairs of head dimensions (EVA's rotary position embedding): UPop searches "
+            "it by whole heads", f"{rotary[0]}..{rotary[-1].rsplit('.', 1)[1]}" if len(rotary) > 1 else rotary[0])
     return masks
 
 
@@ -123,6 +138,9 @@ def attach_masks(model: nn.Module, masks: Masks) -> nn.Module:
         block = _compact_block(model, tower, layer)
         if unit == "mlp":
             block.mlp.neuron_mask = mask
+        elif unit == "head_dim" and block.attn.rotary is not None:
+            raise ValueError(f"mask {key}: EVA's attention rotates pairs of head dimensions (rotary position "
+                             "embedding), so it is masked by whole heads ('<tower>.<layer>.head')")
         else:
             block.attn.qkv_mask_unit, block.attn.qkv_mask = unit, mask
     return model
@@ -155,22 +173,29 @@ def clear_masks(model: nn.Module) -> nn.Module:
     return model
 
 
+def _norm_parameters(norm: nn.Module) -> int:
+    """Parameters one unit of an inner norm carries (its weight and bias entries; none for Identity)."""
+    return sum(1 for name in ("weight", "bias") if getattr(norm, name, None) is not None)
+
+
 def mask_costs(model: nn.Module, masks: Masks) -> Dict[str, int]:
     """Parameters one entry of each mask carries (weights and biases removed with it):
     head dim: H·(3·(W+1) + W) — a q, k and v row and an out-proj column in every head;
-    head: d·(3·(W+1) + W); MLP unit: (W+1) + W — a c_fc row and a c_proj column."""
+    head: d·(3·(W+1) + W); MLP unit: (W+1) + W — a c_fc row and a c_proj column; a gated MLP's unit adds its
+    c_gate row (W+1), and an inner norm (EVA's) its weight and bias entries per unit."""
     costs = {}
     for key in masks:
         tower, layer, unit = _split_key(key)
         block = _compact_block(model, tower, layer)
         width = block.mlp.c_fc.in_features
-        per_qkv_row = 3 * (width + 1) + width
+        per_qkv_row = 3 * (width + 1) + width + _norm_parameters(block.attn.norm)
         if unit == "head_dim":
             costs[key] = block.attn.num_heads * per_qkv_row
         elif unit == "head":
             costs[key] = block.attn.head_dim * per_qkv_row
         else:
-            costs[key] = 2 * width + 1
+            gate = width + 1 if block.mlp.c_gate is not None else 0
+            costs[key] = 2 * width + 1 + gate + _norm_parameters(block.mlp.norm)
     return costs
 
 
@@ -331,6 +356,8 @@ def magnitude_prune_scores(model: nn.Module, masks: Masks) -> Masks:
             if unit == "mlp":
                 mlp = block.mlp
                 norm = dense_weight(mlp.c_fc).pow(2).sum(1) + dense_weight(mlp.c_proj).pow(2).sum(0)
+                if mlp.c_gate is not None:
+                    norm = norm + dense_weight(mlp.c_gate).pow(2).sum(1)
             else:
                 attn = block.attn
                 h, d = attn.num_heads, attn.head_dim
@@ -350,8 +377,12 @@ def _cut_block(block: CompactBlock, unit: str, mask: torch.Tensor) -> None:
     keep = torch.nonzero(mask).flatten()
     values = mask[keep]
     if unit == "mlp":
+        mlp = block.mlp
         keep_neurons(block, keep)
-        scale_inputs(block.mlp.c_proj, values)  # the mask multiplied c_proj's input
+        if mlp.c_gate is not None:  # a gated unit is linear in c_fc's row: the value folds in before any norm
+            scale_outputs(mlp.c_fc, values)
+        if mlp.c_gate is None or not isinstance(mlp.norm, nn.Identity):
+            scale_inputs(mlp.c_proj, values)  # the mask multiplied c_proj's input (again after a norm)
         return
     if unit == "head":
         keep_heads(block, keep)
@@ -361,6 +392,8 @@ def _cut_block(block: CompactBlock, unit: str, mask: torch.Tensor) -> None:
         row_values = values.repeat(block.attn.num_heads)
     for name in QKV_LINEARS:  # a kept mask value v scales q, k and v alike: fold it into their rows
         scale_outputs(getattr(block.attn, name), row_values)
+    if not isinstance(block.attn.norm, nn.Identity):  # and multiplies the norm's output: out_proj's columns
+        scale_inputs(block.attn.out_proj, row_values)
 
 
 def layer_shapes(model: nn.Module) -> Dict[str, List[Dict[str, int]]]:

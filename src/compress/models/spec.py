@@ -456,7 +456,7 @@ OPEN_CLIP_OPTIONAL = {"model_kwargs": MODEL_KWARGS, "preprocess": PREPROCESS, "m
 register_schema("open_clip", OPEN_CLIP_BASE, OPEN_CLIP_OPTIONAL)
 
 # a compact block's per-layer shape (compress.models.compact_clip.CompactBlock.describe)
-RANKED_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
+RANKED_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_gate", "c_proj")
 # heads may be 0: head pruning can remove every head of a block, which then only adds its MLP (casCLIP's
 # "132 of 144 heads" leaves some layers without attention); mlp_width too: Fisher pruning's search under a MAC
 # budget can remove every neuron of a block's MLP, which then only adds its c_proj bias

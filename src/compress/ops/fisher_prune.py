@@ -5,7 +5,8 @@
    contrastive loss's gradients g = ∂L/∂m on calibration batches give the empirical Fisher diagonal
    I_i = Σ_batches g_i²; pruning a set S costs about ½ Σ_{i∈S} I_i of loss.
 2. Mask search under the constraint. A head of a block with L tokens, width W, head width d costs
-   4·L·W·d + 2·L²·d MACs (q/k/v/out projections and the two attention products), a neuron 2·L·W. The budget
+   4·L·W·d + 2·L²·d MACs (q/k/v/out projections and the two attention products), a neuron 2·L·W (3·L·W in a
+   gated MLP, EVA's SwiGLU, whose unit has a gate row too). The budget
    is `mac_constraint` × the MACs of all heads and neurons of the chosen blocks. For every number n of heads
    kept (the n most important), the remaining budget is filled with the most important neurons; the (n, k)
    pair with the largest kept Fisher mass wins.
@@ -53,16 +54,17 @@ def head_macs(tokens: int, width: int, head_dim: int) -> int:
     return 4 * tokens * width * head_dim + 2 * tokens * tokens * head_dim
 
 
-def neuron_macs(tokens: int, width: int) -> int:
-    """MACs of one MLP hidden neuron per sample: its row of the first Linear and column of the second (2·T·W)."""
-    return 2 * tokens * width
+def neuron_macs(tokens: int, width: int, gated: bool = False) -> int:
+    """MACs of one MLP hidden neuron per sample: its row of the first Linear and column of the second (2·T·W), and
+    in a gated MLP its row of the gate (3·T·W)."""
+    return (3 if gated else 2) * tokens * width
 
 
 def block_macs(block: CompactBlock, tokens: int) -> int:
     """MACs of a block's heads and neurons per sample (dense Linears; the quantity the constraint bounds)."""
     width = block.ln_1.normalized_shape[0]
     return (block.attn.num_heads * head_macs(tokens, width, block.attn.head_dim)
-            + block.mlp.hidden * neuron_macs(tokens, width))
+            + block.mlp.hidden * neuron_macs(tokens, width, block.mlp.c_gate is not None))
 
 
 # --- 2. search under the MAC constraint --------------------------------------------------------------
@@ -143,11 +145,12 @@ def _solve(gram: torch.Tensor, rhs: torch.Tensor, damping: float) -> Optional[to
 
 
 def _block_inputs(model: nn.Module, block: nn.Module, tower: str, batches: List[Batch]):
-    """(x, attn_mask) entering `block` for each calibration batch (the forward stops at the block)."""
+    """(x, {"attn_mask", "rope"}) entering `block` for each calibration batch (the forward stops at the block);
+    EVA hands its blocks a rotary position embedding `rope`, other towers none."""
     captured = []
 
     def hook(_module, args, kwargs):
-        captured.append((args[0].detach(), kwargs.get("attn_mask")))
+        captured.append((args[0].detach(), {"attn_mask": kwargs.get("attn_mask"), "rope": kwargs.get("rope")}))
         raise _StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -170,7 +173,8 @@ def _block_inputs(model: nn.Module, block: nn.Module, tower: str, batches: List[
 
 @torch.no_grad()
 def rescale_block(pruned: CompactBlock, dense: CompactBlock, inputs, damping: float = 1e-4) -> None:
-    """Least-squares scales of the kept heads, then of the kept neurons, folded into out_proj / c_proj."""
+    """Least-squares scales of the kept heads, then of the kept neurons, folded into out_proj / c_proj (the
+    columns each head's or neuron's share of out_proj's or c_proj's input meets, after any inner norm)."""
     attn = pruned.attn
     if attn.num_heads > 0:
         out_weight = dense_weight(attn.out_proj).double()
@@ -178,10 +182,12 @@ def rescale_block(pruned: CompactBlock, dense: CompactBlock, inputs, damping: fl
         bias = output_bias(attn.out_proj)
         gram = torch.zeros(attn.num_heads, attn.num_heads, dtype=torch.float64)
         rhs = torch.zeros(attn.num_heads, dtype=torch.float64)
-        for x, mask in inputs:
+        for x, kwargs in inputs:
             hidden = pruned.ln_1(x)
-            contributions = torch.einsum("blkd,wkd->blkw", attn.head_outputs(hidden, mask).double(), out_weight)
-            target = dense.attn(hidden, attn_mask=mask).double() - bias.double()
+            shares = attn.proj_input(attn.head_outputs(hidden, **kwargs)).view(*hidden.shape[:2], attn.num_heads,
+                                                                                attn.head_dim)
+            contributions = torch.einsum("blkd,wkd->blkw", shares.double(), out_weight)
+            target = dense.attn(hidden, **kwargs).double() - bias.double()
             gram += torch.einsum("blkw,bljw->kj", contributions, contributions).cpu()
             rhs += torch.einsum("blkw,blw->k", contributions, target).cpu()
         scales = _solve(gram, rhs, damping)
@@ -194,10 +200,10 @@ def rescale_block(pruned: CompactBlock, dense: CompactBlock, inputs, damping: fl
         gram = torch.zeros(mlp.hidden, mlp.hidden, dtype=torch.float64)
         rhs = torch.zeros(mlp.hidden, dtype=torch.float64)
         weight_gram = (proj_weight.t() @ proj_weight).cpu()
-        for x, mask in inputs:
-            after_attention = x + pruned.ls_1(pruned.attn(pruned.ln_1(x), attn_mask=mask))
+        for x, kwargs in inputs:
+            after_attention = x + pruned.ls_1(pruned.attn(pruned.ln_1(x), **kwargs))
             hidden = pruned.ln_2(after_attention)
-            activations = mlp.gelu(mlp.c_fc(hidden)).double().flatten(0, 1)
+            activations = mlp.units(hidden).double().flatten(0, 1)
             target = (dense.mlp(hidden).double() - bias.double()).flatten(0, 1)
             gram += ((activations.t() @ activations).cpu() * weight_gram)
             rhs += (activations * (target @ proj_weight)).sum(0).cpu()
@@ -272,7 +278,8 @@ def fisher_prune(model: nn.Module, batches: List[Batch], mac_constraint: float,
         head_cost = float(head_macs(tokens[name], width, block.attn.head_dim))
         head_costs.append(torch.full((block.attn.num_heads,), head_cost))
         neuron_scores.append((neuron_grads[name] ** 2).sum(0))
-        neuron_costs.append(torch.full((block.mlp.hidden,), float(neuron_macs(tokens[name], width))))
+        neuron_cost = float(neuron_macs(tokens[name], width, block.mlp.c_gate is not None))
+        neuron_costs.append(torch.full((block.mlp.hidden,), neuron_cost))
     full = sum(block_macs(block, tokens[name]) for name, block in blocks.items())
     keep_h, keep_n = search_under_constraint(torch.cat(head_scores), torch.cat(head_costs),
                                              torch.cat(neuron_scores), torch.cat(neuron_costs),

@@ -81,7 +81,8 @@ def factorize_linear(linear: nn.Linear, rank: int, row_weights: Optional[torch.T
 
 
 def expand_targets(targets: Sequence[str]) -> List[str]:
-    """"attn"/"mlp" groups or single Linear names (q_proj, k_proj, v_proj, out_proj, c_fc, c_proj)."""
+    """"attn"/"mlp" groups or single Linear names (q_proj, k_proj, v_proj, out_proj, c_fc, c_gate, c_proj; c_gate
+    is the gate of a gated MLP, EVA's SwiGLU)."""
     names: List[str] = []
     for target in targets:
         group = TARGET_GROUPS.get(target, (target,))
@@ -131,7 +132,7 @@ def low_rank(model: nn.Module, ratio: float, towers: Sequence[str] = ("image",),
             chosen[(owner, name)] = model.get_submodule(path)
     for block_name, block in compact_blocks(model, towers, layers) if towers else ():
         for name in names:
-            layer = getattr(_linear_owner(block, name), name)
+            layer = getattr(_linear_owner(block, name), name, None)  # c_gate: a gated MLP's only
             if isinstance(layer, nn.Linear) and min(layer.weight.shape) > 0:
                 chosen[(f"{block_name}.{'attn' if name in ATTENTION_LINEARS else 'mlp'}", name)] = layer
 
