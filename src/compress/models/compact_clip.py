@@ -647,6 +647,24 @@ def tower_refusal(model: nn.Module, tower: str) -> Optional[str]:
     return None
 
 
+def timm_block_shape(block: nn.Module) -> Dict[str, int]:
+    """Heads, head width and MLP width of a dense timm ViT Block or EvaBlock."""
+    mlp = block.mlp
+    return {"heads": block.attn.num_heads, "head_dim": block.attn.head_dim,
+            "mlp_width": (mlp.fc1_x if hasattr(mlp, "fc1_x") else mlp.fc1).out_features}
+
+
+def timm_compact_names(block: nn.Module) -> Dict[str, str]:
+    """Each state-dict entry of a dense timm ViT Block or EvaBlock -> the name it has in the CompactBlock that
+    stands for it (a fused `qkv` becomes the packed `attn.in_proj_*`, which the q/k/v Linears unpack on loading)."""
+    names = EVA_BLOCK_NAMES if _is_eva_block(block) else TIMM_BLOCK_NAMES
+    mapping = {}
+    for name in block.state_dict():
+        old = next((old for old in names if name.startswith(old)), "")
+        mapping[name] = names.get(old, "") + name[len(old):]
+    return mapping
+
+
 def compact_block_from_dense(block: nn.Module) -> CompactBlock:
     """A CompactBlock computing what open_clip's ResidualAttentionBlock, timm's ViT Block or EVA's EvaBlock
     `block` computes (itself if it is one)."""
@@ -656,14 +674,10 @@ def compact_block_from_dense(block: nn.Module) -> CompactBlock:
         reason = timm_block_refusal(block)
         if reason is not None:
             raise ValueError(f"cannot convert timm's {type(block).__name__}: it has {reason}")
-        attn, mlp = block.attn, block.mlp
-        names = EVA_BLOCK_NAMES if _is_eva_block(block) else TIMM_BLOCK_NAMES
-        hidden = (mlp.fc1_x if hasattr(mlp, "fc1_x") else mlp.fc1).out_features
-        compact = CompactBlock(block, attn.num_heads, attn.head_dim, hidden)
-        state = {}
-        for name, tensor in block.state_dict().items():
-            old = next((old for old in names if name.startswith(old)), "")
-            state[names.get(old, "") + name[len(old):]] = tensor
+        shape = timm_block_shape(block)
+        compact = CompactBlock(block, shape["heads"], shape["head_dim"], shape["mlp_width"])
+        names = timm_compact_names(block)
+        state = {names[name]: tensor for name, tensor in block.state_dict().items()}
         weight = block.norm1.weight
     else:
         attn = getattr(block, "attn", None)

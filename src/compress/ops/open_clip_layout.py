@@ -28,8 +28,9 @@ from torch import nn
 
 from compress.models.compact_clip import (
     QKV_LINEARS,
-    TIMM_BLOCK_NAMES,
     CompactBlock,
+    timm_block_shape,
+    timm_compact_names,
     tower_blocks,
     tower_prefix,
     transformer_towers,
@@ -63,38 +64,31 @@ def _apply_model_kwargs(cfg: Dict[str, Any], kwargs: Dict[str, Any]) -> None:
 
 
 def _timm_tower_form(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    """In place: `state`'s timm ViT image tower entries under timm's names again (q/k/v packed into `qkv`);
-    LayoutError if a block differs from the architecture: open_clip's config names a timm model, which has one
-    shape, so only an unresized timm tower has an open_clip form."""
+    """In place: `state`'s timm ViT or EVA image tower entries under timm's names again (q/k/v packed into a fused
+    `qkv` where the architecture has one); LayoutError if a block differs from the architecture: open_clip's config
+    names a timm model, which has one shape, so only an unresized timm tower has an open_clip form."""
     spec = model.model_spec
     dense = sized_model({"kind": "open_clip", "model": spec["model"], "model_kwargs": spec.get("model_kwargs", {})})
     reference, prefix = tower_blocks(dense, "image"), tower_prefix(model, "image")
-    blocks = tower_blocks(model, "image")
-    timm_names = {compact: timm for timm, compact in TIMM_BLOCK_NAMES.items()}
-    for index, (block, original) in enumerate(zip(blocks, reference)):
+    for index, (block, original) in enumerate(zip(tower_blocks(model, "image"), reference)):
         name = f"{prefix}.{index}"
         if not isinstance(block, CompactBlock):
             continue
-        shape = block.describe()
-        architecture = {"heads": original.attn.num_heads, "head_dim": original.attn.head_dim,
-                        "mlp_width": original.mlp.fc1.out_features, "ranks": {}}
+        shape, architecture = block.describe(), {**timm_block_shape(original), "ranks": {}}
         if shape != architecture:
             raise LayoutError(f"{name} has {shape['heads']} heads of width {shape['head_dim']}, MLP width "
                               f"{shape['mlp_width']}{', factorised Linears' if shape['ranks'] else ''}, where the "
                               f"timm architecture {type(model.visual.trunk).__name__} of its config has "
                               f"{architecture['heads']} of width {architecture['head_dim']}, MLP width "
                               f"{architecture['mlp_width']}: {WHICH}")
-        attn = f"{name}.attn."
-        for part in ("weight", "bias"):
-            entries = [state.pop(f"{attn}{q}.{part}", None) for q in QKV_LINEARS]
-            if entries[0] is not None:
-                state[f"{attn}in_proj_{part}"] = torch.cat(entries)
-        for key in [key for key in state if key.startswith(f"{name}.")]:
-            local = key[len(name) + 1:]
-            for compact, timm in timm_names.items():
-                if local.startswith(compact):
-                    state[f"{name}.{timm}{local[len(compact):]}"] = state.pop(key)
-                    break
+        compact = {key[len(name) + 1:]: state.pop(key) for key in [k for k in state if k.startswith(f"{name}.")]}
+        for dense_key, compact_key in timm_compact_names(original).items():
+            if compact_key.startswith("attn.in_proj_"):
+                part = compact_key.rsplit("_", 1)[1]
+                compact_value = torch.cat([compact.pop(f"attn.{q}.{part}") for q in QKV_LINEARS])
+            else:
+                compact_value = compact.pop(compact_key)
+            state[f"{name}.{dense_key}"] = compact_value
 
 
 def _tower_form(model: nn.Module, tower: str, tower_cfg: Dict[str, Any], state: Dict[str, torch.Tensor]) -> None:
