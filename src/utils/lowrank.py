@@ -18,8 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plain SVD, or Fisher-weighted SVD (needs --calib-data)")
     add_tower_flags(parser)
     parser.add_argument("--targets", default="attn,mlp",
-                        help="comma list: attn, mlp, or q_proj,k_proj,v_proj,out_proj,c_fc,c_gate,c_proj (c_gate: the gate "
-                             "Linear of a gated MLP, EVA's SwiGLU; default attn,mlp)")
+                        help="comma list: attn, mlp, or q_proj,k_proj,v_proj,out_proj,c_fc,c_gate,c_proj (c_gate: "
+                             "the gate Linear of a gated MLP, EVA's SwiGLU; default attn,mlp)")
     return parser
 
 
