@@ -44,8 +44,8 @@ setup(
     ],
     extras_require={
         # the test suite, the linters and the docs site; the export tests run the ONNX tooling
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "import-linter>=2.1", "ruff>=0.6", "mkdocs>=1.6",
-                "mkdocstrings[python]>=0.26",
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "import-linter>=2.1", "ruff>=0.6",
+                "mkdocs>=1.6", "mkdocstrings[python]>=0.26",
                 # open_clip_train (shipped inside open_clip_torch) imports pandas: the monitor's open_clip_train
                 # log-dir test and bench_trainer.py run it as the reference trainer
                 "pandas>=2.0"] + ONNX,

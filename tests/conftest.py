@@ -2,6 +2,7 @@
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,14 @@ def subprocess_env(**extra):
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the kernel's pick), for a rendezvous: test files run in parallel
+    workers, so no two torchrun groups may meet on torchrun's default port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _descendants(pid: int):
@@ -82,8 +91,8 @@ def run_bounded(args, data_bytes=2 << 30, timeout=120, env=None):
 def run_trainer(args, timeout=300, nproc=None, extra_torchrun=(), check=True, env=None):
     """`python -m training.main ARGS` (or under torchrun with `nproc` processes)."""
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra_torchrun,
-               "-m", "training.main", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master-port={free_port()}", *extra_torchrun, "-m", "training.main", *args]
     else:
         cmd = [sys.executable, "-m", "training.main", *args]
     with launched(cmd, cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -2,7 +2,6 @@
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,17 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, launched, subprocess_env
+from conftest import REPO, free_port, launched, subprocess_env
 
 pytestmark = pytest.mark.slow  # every test here starts torchrun
 
 MODEL = "clipc-vit-t2-32"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def trainer_args(corpus, logs, name, *extra):

@@ -21,19 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, _descendants, launched, run_trainer, subprocess_env
+from conftest import REPO, _descendants, free_port, launched, run_trainer, subprocess_env
 
 pytestmark = pytest.mark.slow  # every test here starts trainers or other processes
 
 MODEL = "clipc-vit-t2-32"
 EPOCHS = 6  # 8 steps an epoch at 2 x 16 of the 256 pictures: 48 steps, enough to be signalled mid-run
 STEPS = EPOCHS * 256 // 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def trainer_args(corpus, logs, name, *extra):
@@ -45,7 +39,8 @@ def trainer_args(corpus, logs, name, *extra):
 
 
 def torchrun(*args, nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+            *args]
 
 
 def logged_steps(run_dir: Path) -> list:

@@ -5,12 +5,11 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import sys
 import time
 
 import pytest
-from conftest import REPO, launched, subprocess_env
+from conftest import REPO, free_port, launched, subprocess_env
 
 from compress.models.pretrained import ModelSourceError, config_for_weights
 
@@ -135,16 +134,10 @@ def turns_worker(out: str) -> None:
     cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_rank_zero_fetches_first_then_each_nodes_first_rank_then_the_rest(tmp_path):
-    port, world = _free_port(), 4
+    port, world = free_port(), 4
     code = f"import test_pretrained; test_pretrained.turns_worker({str(tmp_path)!r})"
     procs = []
     with contextlib.ExitStack() as stack:
