@@ -227,3 +227,24 @@ def test_features_are_normalised_and_stored_as_float32(levels, tiny_corpus, tmp_
     assert features.dtype == np.float32 and features.shape == (8, 64)
     torch.testing.assert_close(F.normalize(torch.from_numpy(np.array(features)), dim=1),
                                torch.from_numpy(np.array(features)))
+
+
+def test_gallery_images_are_preprocessed_exactly_as_the_transform_does_one_by_one(tiny_corpus):
+    """ImageFiles applies the tensor steps of an open_clip eval transform once per batch (split_preprocess): the
+    pixels are bit-identical to the transform applied image by image, for RGB images, for a transform whose
+    PIL steps leave another mode (ToTensor's own conversion), and for a plain callable (applied as it is)."""
+    from open_clip.transform import image_transform
+    from torchvision import transforms as T
+
+    from compress.ops.cascade import ImageFiles, split_preprocess
+
+    paths = sorted((tiny_corpus / "eval" / "coco2017" / "val2017").glob("*.jpg"))[:6]
+    eval_transform = image_transform(48, is_train=False)
+    grey = T.Compose([T.Grayscale(), T.Resize(24), T.ToTensor(), T.Normalize([0.5], [0.25])])
+    plain = lambda image: T.functional.pil_to_tensor(image).float()  # noqa: E731
+    assert split_preprocess(eval_transform)[1] is not None and split_preprocess(plain) == (plain, None)
+    for preprocess in (eval_transform, grey, plain):
+        images, readable, unreadable = ImageFiles(paths, preprocess).load(np.arange(len(paths)))
+        expected = torch.stack([preprocess(open_rgb(p)) for p in paths])
+        assert torch.equal(images, expected) and images.dtype == expected.dtype
+        assert readable.tolist() == list(range(len(paths))) and not len(unreadable)
