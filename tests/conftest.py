@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny generated corpus and a helper to run the trainer as a real subprocess."""
+import atexit
 import contextlib
 import os
 import signal
@@ -88,17 +89,35 @@ def run_bounded(args, data_bytes=2 << 30, timeout=120, env=None):
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+_fork_server = None
+
+
+def fork_server():
+    """This test process's ForkServer (tests/forkserver.py), started on first use, ended with the process."""
+    global _fork_server
+    if _fork_server is None:
+        from forkserver import ForkServer
+
+        _fork_server = ForkServer(subprocess_env(), cwd=str(REPO))
+        atexit.register(_fork_server.close)
+    return _fork_server
+
+
 def run_trainer(args, timeout=300, nproc=None, extra_torchrun=(), check=True, env=None):
-    """`python -m training.main ARGS` (or under torchrun with `nproc` processes)."""
+    """`python -m training.main ARGS` (or under torchrun with `nproc` processes). A one-process run in the default
+    environment is a child of the fork server, which has the imports done; any other starts a fresh interpreter."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master-port={free_port()}", *extra_torchrun, "-m", "training.main", *args]
     else:
         cmd = [sys.executable, "-m", "training.main", *args]
-    with launched(cmd, cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                  text=True) as proc:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    if not nproc and env is None:
+        result = fork_server().run("training.main", [str(a) for a in args], cwd=REPO, timeout=timeout)
+    else:
+        with launched(cmd, cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      text=True) as proc:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"trainer failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

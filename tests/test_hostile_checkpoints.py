@@ -10,12 +10,10 @@ A trust suite, cross-module by design: one attack followed through every entry p
 import logging
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, run_trainer, subprocess_env
+from conftest import REPO, fork_server, run_trainer
 
 MODEL = "clipc-vit-t2-32"
 
@@ -58,8 +56,10 @@ REFUSAL = "model_spec.model_kwargs.pretrained_image_path: unknown key"
 
 
 def run_module(args, timeout=180):
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    """`python -m MODULE ARGS` (args = ["-m", MODULE, ...]) as a child of the fork server."""
+    flag, module, *rest = args
+    assert flag == "-m", args
+    return fork_server().run(module, [str(a) for a in rest], cwd=REPO, timeout=timeout)
 
 
 def assert_refused(result, marker):
