@@ -29,6 +29,9 @@ from compress.models.compact_clip import to_compact
 from compress.models.registry import build_model
 from compress.ops.profile import params_and_macs, time_interleaved
 
+# CPU-time speedup over the dense tower each p must reach with its widths rounded (--round-to 8; issue 26)
+TARGETS = {0.5: 1.95, 0.75: 3.8}
+
 
 def prune_image_tower(model, p: float, prune_heads: bool, round_to: int = 1):
     masks = pruning.init_masks(model, prune_heads=prune_heads, towers=("image",))
@@ -88,6 +91,11 @@ def main() -> None:
         macs = size[name]["macs_image"]
         print(f"{name:38s} {image_params[name] / 1e6:8.2f}M {macs / 1e9:9.3f} {base_macs / macs:8.2f}x "
               f"{ms:9.1f} {base_ms / ms:7.2f}x {cpu:9.1f} {base_cpu / cpu:7.2f}x")
+    for p, target in TARGETS.items():
+        for name in [name for name in towers if name.startswith(f"pruned p={p:g}, widths x")]:
+            speedup = base_cpu / latency[name].median_cpu_ms
+            print(f"{name}: CPU-time speedup {speedup:.2f}x; target >= {target:.2f}x: "
+                  f"{'meets' if speedup >= target else 'misses'}")
     for name in towers:
         if name.startswith("pruned"):
             widths = pruning.layer_shapes(models[name])["image"]
