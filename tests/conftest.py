@@ -79,10 +79,15 @@ def run_bounded(args, data_bytes=2 << 30, timeout=120, env=None):
     (subprocess.TimeoutExpired). Loader workers it forks inherit the limit."""
     import resource
 
+    args = [str(a) for a in args]
+    if env is None and args[0] in ("-c", "-m"):  # a child of the fork server, the imports done
+        module, code = (args[1], None) if args[0] == "-m" else (None, args[1])
+        return fork_server().run(module, args[2:], cwd=REPO, timeout=timeout, code=code, data_bytes=data_bytes)
+
     def limit():
         resource.setrlimit(resource.RLIMIT_DATA, (data_bytes, data_bytes))
 
-    cmd = [sys.executable, *map(str, args)]
+    cmd = [sys.executable, *args]
     with launched(cmd, cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                   text=True, preexec_fn=limit) as proc:
         stdout, stderr = proc.communicate(timeout=timeout)

@@ -10,6 +10,10 @@ then `runpy` executes the module as `__main__`, and the child exits with the cod
 (SystemExit's code, 1 and a traceback for an uncaught exception, -N when killed by signal N). The child is a real
 process: signals, kill -9, loader workers and exit codes behave as in a fresh interpreter.
 
+`python -c CODE` runs the same way, and a child may have its private writable memory bounded (RLIMIT_DATA, set
+in the child after the fork: the server's own heap of imports, a few hundred MB, counts in it as it would in a
+fresh interpreter that imported the same).
+
 What the imports fix for the server's life is the same for every child: the interpreter, `sys.path` and the
 environment variables read at import time (thread counts, the Hugging Face cache). `run` therefore takes the
 default environment only; a caller with its own environment starts a fresh interpreter.
@@ -54,12 +58,20 @@ for line in requests:
             out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(out, fd)
             os.close(out)
-        sys.argv = [request["module"], *request["args"]]
-        # run as __main__ from its source, as `python -m` does; its imports stay cached
-        sys.modules.pop(request["module"], None)
+        if request["data_bytes"]:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_DATA, (request["data_bytes"], request["data_bytes"]))
         code = 0
         try:
-            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            if request["module"] is not None:
+                sys.argv = [request["module"], *request["args"]]
+                # run as __main__ from its source, as `python -m` does; its imports stay cached
+                sys.modules.pop(request["module"], None)
+                runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            else:  # python -c CODE ARGS
+                sys.argv = ["-c", *request["args"]]
+                exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
         except SystemExit as exit:
             if exit.code is None or isinstance(exit.code, int):
                 code = exit.code or 0
@@ -97,13 +109,16 @@ class ForkServer:
             raise RuntimeError(f"the test fork server ended (exit {self.process.poll()})")
         return json.loads(line)
 
-    def run(self, module: str, args: List[str], cwd: str, timeout: float) -> subprocess.CompletedProcess:
-        """`python -m MODULE ARGS` in `cwd` with the server's environment, as a forked child; its whole session
-        is killed after `timeout` seconds (subprocess.TimeoutExpired, as Popen.communicate raises)."""
-        cmd = [sys.executable, "-m", module, *args]
+    def run(self, module: Optional[str], args: List[str], cwd: str, timeout: float, code: Optional[str] = None,
+            data_bytes: Optional[int] = None) -> subprocess.CompletedProcess:
+        """`python -m MODULE ARGS` (or `python -c CODE ARGS`) in `cwd` with the server's environment, as a forked
+        child whose private writable memory RLIMIT_DATA bounds to `data_bytes` if given; its whole session is
+        killed after `timeout` seconds (subprocess.TimeoutExpired, as Popen.communicate raises)."""
+        cmd = [sys.executable, *(["-m", module] if module is not None else ["-c", code]), *args]
         with tempfile.TemporaryDirectory(prefix="forkserver-") as folder:
             outputs = {name: os.path.join(folder, name) for name in ("stdout", "stderr")}
-            request = {"module": module, "args": list(args), "cwd": str(cwd), "env": self.env, **outputs}
+            request = {"module": module, "code": code, "args": list(args), "cwd": str(cwd), "env": self.env,
+                       "data_bytes": data_bytes, **outputs}
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
             pid = self._reply(None)["pid"]
