@@ -152,6 +152,15 @@ def tiny_corpus(tmp_path_factory):
 
 
 @pytest.fixture()
+def cascade_logs_in_tmp(tmp_path, monkeypatch):
+    """The cascade command line's experiment logs (default logs/cascade, under the working directory) go under the
+    test's tmp_path instead of into the repository."""
+    import utils.cascade
+
+    monkeypatch.setattr(utils.cascade, "DEFAULT_LOG_DIR", str(tmp_path / "cascade_logs"))
+
+
+@pytest.fixture()
 def one_thread():
     """Tiny models on a shared 2-core machine: intra-op threads cost more than they bring."""
     import torch

@@ -10,7 +10,7 @@ from compress.ops.cascade import Cascade
 from eval.metrics import ranks_in_ranking, recall_at_ks
 from utils.cascade import build_parser, main
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "cascade_logs_in_tmp")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ CASCLIP_CONFIGS = (
     + [f"distilling_{arch}" for arch in ("mobilenetv3-S", "mobilenetv3-L", "resnet34", "resnet50")])
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "cascade_logs_in_tmp")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +233,10 @@ def test_a_config_runs_by_name_with_no_overrides_after_the_demo(large, tiny_corp
     (tmp_path / outputs["clip"]).parent.mkdir(parents=True)
     shutil.copy(large, tmp_path / outputs["clip"])
     monkeypatch.chdir(tmp_path)
+    import utils.cascade
+
+    # the command line's own default (the file's cascade_logs_in_tmp fixture moved it), relative to tmp_path here
+    monkeypatch.setattr(utils.cascade, "DEFAULT_LOG_DIR", "logs/cascade")
     main(["--name", "2lvl_flip_topk_2x", "--log-level", "warning"])
     console = capsys.readouterr()
     table = console.out.strip()

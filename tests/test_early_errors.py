@@ -147,13 +147,13 @@ distill = {{student = "mobilenet_v3_small", epochs = 1}}
 checkpoint = "{tmp_path / 'large.pt'}"
 """)
     with pytest.raises(SystemExit) as exit_info:
-        cascade.main(["--config", str(config)])
+        cascade.main(["--config", str(config), "--log-dir", str(tmp_path / "logs")])
     assert exit_info.value.code == 2
     assert "folder not found" in one_error_line(capsys.readouterr().err)
     # a search experiment reads its gallery (the eval root) before building any level, too
     config.write_text(config.read_text().replace('experiment = "distill"', 'experiment = "topk"'))
     with pytest.raises(SystemExit) as exit_info:
-        cascade.main(["--config", str(config)])
+        cascade.main(["--config", str(config), "--log-dir", str(tmp_path / "logs")])
     assert exit_info.value.code == 2
     one_error_line(capsys.readouterr().err)
 

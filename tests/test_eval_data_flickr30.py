@@ -10,7 +10,7 @@ from eval.data import discover_datasets, find_flickr_root
 from utils.cascade import read_gallery
 from utils.posttrain import calibration_batches
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "cascade_logs_in_tmp")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

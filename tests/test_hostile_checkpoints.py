@@ -253,5 +253,5 @@ checkpoint = "{checkpoint}"
 m = [2]
 k = [1]
 """)
-    result = run_module(["-m", "utils.cascade", "--config", str(config)])
+    result = run_module(["-m", "utils.cascade", "--config", str(config), "--log-dir", str(tmp_path / "logs")])
     assert_refused(result, marker)
