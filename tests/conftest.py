@@ -77,14 +77,14 @@ def run_bounded(args, data_bytes=2 << 30, timeout=120, env=None):
     memory (heap, anonymous maps: what an allocation takes) is limited to `data_bytes` by RLIMIT_DATA (RLIMIT_AS
     would also count the ~3.6 GB of libraries torch maps), its whole process tree killed after `timeout` seconds
     (subprocess.TimeoutExpired). Loader workers it forks inherit the limit."""
-    import resource
-
     args = [str(a) for a in args]
     if env is None and args[0] in ("-c", "-m"):  # a child of the fork server, the imports done
         module, code = (args[1], None) if args[0] == "-m" else (None, args[1])
         return fork_server().run(module, args[2:], cwd=REPO, timeout=timeout, code=code, data_bytes=data_bytes)
 
     def limit():
+        import resource
+
         resource.setrlimit(resource.RLIMIT_DATA, (data_bytes, data_bytes))
 
     cmd = [sys.executable, *args]
