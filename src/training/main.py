@@ -76,8 +76,8 @@ def main(argv=None) -> None:
 
 
 def exit_soon(code: int) -> None:
-    """The exit of a run stopped by a signal, where the grace period counts and the exit code is what the
-    SLURM script requeues on. Everything is on disk by now (checkpoint written, logs and result files
+    """The exit of a finished run, and of a run stopped by a signal, where the grace period counts and the exit
+    code is what the SLURM script requeues on. Everything is on disk by now (checkpoint written, logs and result files
     closed), so the interpreter's teardown is skipped: its final garbage collections take 5-10 s on a loaded
     2-core machine, and torch's C++ threads can abort in it (`terminate called without an active
     exception`, exit 134), which would turn a clean stop into a crash. Loader workers see their rank gone
@@ -576,3 +576,6 @@ def _first_line(error: BaseException) -> str:
 
 if __name__ == "__main__":
     main()
+    # a finished run has closed its writers and left the process group: skip the teardown, where torch's C++
+    # threads can abort (exit 134), which torchrun would count as a failed worker and restart the finished job
+    exit_soon(0)
