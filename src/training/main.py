@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from compress.models.registry import get_preprocess
+from compress.models.text_context import text_context_unchanged_reason, trim_text_context
 from foundation import checkpoint as ckpt_io
 from foundation.errors import UserError
 from foundation.locks import RunLock
@@ -334,6 +335,12 @@ def place_model(model: nn.Module, args, dist_info: DistInfo) -> nn.Module:
     model = model.to(dist_info.device)
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)
+    unchanged = "--full-text-context" if args.full_text_context else text_context_unchanged_reason(model)
+    if unchanged is None:
+        trim_text_context(model)
+        logging.info("text tower: runs up to each batch's longest caption (--full-text-context: the whole context)")
+    else:
+        logging.info("text tower: the whole context (%s)", unchanged)
     return model
 
 
