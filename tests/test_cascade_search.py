@@ -236,7 +236,8 @@ def test_gallery_images_are_preprocessed_exactly_as_the_transform_does_one_by_on
     from open_clip.transform import image_transform
     from torchvision import transforms as T
 
-    from compress.ops.cascade import ImageFiles, split_preprocess
+    from compress.models.preprocess import split_preprocess
+    from compress.ops.cascade import ImageFiles
 
     paths = sorted((tiny_corpus / "eval" / "coco2017" / "val2017").glob("*.jpg"))[:6]
     eval_transform = image_transform(48, is_train=False)

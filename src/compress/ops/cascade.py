@@ -43,8 +43,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
 
+from compress.models.preprocess import split_preprocess
 from foundation.checkpoint import atomic_write, atomic_write_bytes
 from foundation.errors import UserError
 from foundation.files import preallocate, write_failure
@@ -77,39 +77,6 @@ class TensorImages:
     def load(self, indices: np.ndarray) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """(images of `indices` that could be read, those indices, the indices that could not)."""
         return self.images[torch.from_numpy(indices)], indices, indices[:0]
-
-
-def split_preprocess(preprocess: Callable) -> Tuple[Callable, Optional[Callable[[List[torch.Tensor]], torch.Tensor]]]:
-    """A torchvision Compose ending in ToTensor (open_clip's MaybeToTensor is one) and Normalize, as the eval
-    transforms of open_clip and of our specs are, split in two: per image, the steps before them and the RGB
-    pixels as a uint8 CHW tensor; per batch, the conversion to floats in [0, 1] and Normalize, once on the
-    stacked batch. The numbers are the transform's own (the same elementwise operations in the same order),
-    without two tensor operations per image, which cost a small image more than decoding it. Any other
-    transform: (the transform, None), applied per image as it is."""
-    from torchvision import transforms as T
-
-    steps = getattr(preprocess, "transforms", None)
-    if (not isinstance(preprocess, T.Compose) or len(steps) < 2 or not isinstance(steps[-2], T.ToTensor)
-            or not isinstance(steps[-1], T.Normalize)):
-        return preprocess, None
-    before, to_tensor, normalize = T.Compose(steps[:-2]), steps[-2], steps[-1]
-
-    def per_image(image) -> torch.Tensor:
-        image = before(image)
-        if isinstance(image, Image.Image) and image.mode == "RGB":
-            return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        return to_tensor(image)  # other modes (and tensors) exactly as ToTensor converts them
-
-    def per_batch(images: List[torch.Tensor]) -> torch.Tensor:
-        dtype = torch.get_default_dtype()
-        if all(image.dtype == torch.uint8 for image in images):
-            batch = torch.stack(images).to(dtype).div_(255)
-        else:
-            batch = torch.stack([image.to(dtype).div(255) if image.dtype == torch.uint8 else image
-                                 for image in images])
-        return normalize(batch)
-
-    return per_image, per_batch
 
 
 class ImageFiles:

@@ -28,6 +28,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from compress.models.preprocess import split_preprocess
 from foundation.errors import DataError
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS
 from training.data.annotation_dataset import AnnotationDataset
@@ -35,7 +36,7 @@ from training.data.csv_dataset import CsvDataset, ResumableDistributedSampler, S
 from training.data.loaders import run_loader
 from training.data.memory import check_loader_shared_memory, loader_prefetch_factor
 from training.data.reinforced import StoredViews
-from training.data.samples import BatchCollator
+from training.data.samples import BatchCollator, image_collator, split_images
 from training.data.shards import (
     DEFAULT_SHUFFLE_BUFFER,
     EpochQuota,
@@ -161,8 +162,10 @@ def _map_style_data(args, dataset_type, transform, tokenizer, rank, world_size) 
     per_rank_batches = sampler.num_samples // args.batch_size
     if per_rank_batches == 0:
         raise DataError(f"{len(dataset)} samples give no full batch of {args.batch_size} on {world_size} process(es)")
+    split_images(dataset)
     loader = run_loader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                        collate_fn=BatchCollator(tokenizer), drop_last=True, pin_memory=torch.cuda.is_available(),
+                        collate_fn=image_collator(dataset, tokenizer), drop_last=True,
+                        pin_memory=torch.cuda.is_available(),
                         persistent_workers=False, generator=torch.Generator(),
                         prefetch_factor=loader_prefetch_factor(args) if args.workers > 0 else None)
     return DataInfo(loader, per_rank_batches, per_rank_batches * args.batch_size * world_size, sampler=sampler,
@@ -207,15 +210,17 @@ def _webdataset_data(args, transform, tokenizer, rank, world_size) -> DataInfo:
     if isinstance(transform, StoredViews):  # a reinforced set: the stored view of the epoch, and its embeddings
         decode = transform.decoder(args.seed, rank, args.allow_empty_captions, max_pixels)
         seeded.append(decode)
+        finish_images = None
     else:
-        decode = wds.map(lambda s: decode_shard_sample(s, transform, args.allow_empty_captions, max_pixels))
+        per_image, finish_images = split_preprocess(transform)
+        decode = wds.map(lambda s: decode_shard_sample(s, per_image, args.allow_empty_captions, max_pixels))
     position = LoaderPosition(workers)
     for stage in seeded:  # one position for the whole pipeline, shared with the workers
         stage.position = position
     pipeline += [
         decode,
         drop_bad_samples,
-        wds.batched(args.batch_size, collation_fn=BatchCollator(tokenizer), partial=False),
+        wds.batched(args.batch_size, collation_fn=BatchCollator(tokenizer, finish_images), partial=False),
         quota,
     ]
     dataset = wds.DataPipeline(*pipeline)

@@ -10,6 +10,7 @@ from typing import Any, Dict
 
 from torch.utils.data import DataLoader
 
+from training.data.samples import batch_from_worker
 from training.preemption import loader_worker_init, stop_signals_blocked
 
 _RUN_LOADER_CLASSES: Dict[type, type] = {}
@@ -28,7 +29,8 @@ def _run_loader_class(loader_class: type) -> type:
     if loader_class not in _RUN_LOADER_CLASSES:
         def __iter__(self):
             with stop_signals_blocked():  # the workers are forked here (each epoch, unless persistent)
-                return loader_class.__iter__(self)
+                batches = loader_class.__iter__(self)
+            return map(batch_from_worker, batches)
 
         _RUN_LOADER_CLASSES[loader_class] = type(f"Run{loader_class.__name__}", (loader_class,), {"__iter__": __iter__})
     return _RUN_LOADER_CLASSES[loader_class]

@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ImageTooLarge, open_rgb
 
@@ -61,10 +62,15 @@ class BatchCollator:
     """Samples -> one batch. Token ids come from the samples when a token cache supplied them, else all
     the batch's captions are tokenized in one tokenizer call (in the loader worker): one (B, context)
     tensor instead of B small ones to build, pickle and stack (bench_loader TSV 0.68 -> 0.80 of plain
-    decode+transform). Without a tokenizer the batch has no `text` (jobs whose teacher reads captions)."""
+    decode+transform). Without a tokenizer the batch has no `text` (jobs whose teacher reads captions).
 
-    def __init__(self, tokenizer: Optional[Callable] = None):
+    `finish_images`: the per-batch half of a split transform (`split_images`): the samples then hold uint8
+    pixels, converted and normalised here once for the whole batch."""
+
+    def __init__(self, tokenizer: Optional[Callable] = None,
+                 finish_images: Optional[Callable[[List[torch.Tensor]], torch.Tensor]] = None):
         self.tokenizer = tokenizer
+        self.finish_images = finish_images
 
     def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         bad = [s["bad"] for s in samples if "bad" in s]
@@ -73,7 +79,7 @@ class BatchCollator:
         captions = [s["caption"] for s in good]
         batch = {
             "index": torch.tensor([s["index"] for s in good], dtype=torch.long),
-            "image": torch.stack([s["image"] for s in good]) if good else torch.empty(0),
+            "image": self._images([s["image"] for s in good]) if good else torch.empty(0),
             "caption": captions,
             "skipped": len(reasons),
             "skipped_reasons": reasons,
@@ -85,4 +91,50 @@ class BatchCollator:
             batch["text"] = torch.from_numpy(np.stack([s["text"] for s in good]).astype(np.int64))
         elif self.tokenizer is not None:
             batch["text"] = self.tokenizer(captions) if captions else torch.empty(0, dtype=torch.long)
+        if get_worker_info() is not None:
+            for name in SMALL_FIELDS:
+                if isinstance(batch.get(name), torch.Tensor):
+                    batch[name] = batch[name].numpy()
         return batch
+
+
+    def _images(self, images: List[torch.Tensor]) -> torch.Tensor:
+        return self.finish_images(images) if self.finish_images is not None else torch.stack(images)
+
+
+def split_images(dataset: Any) -> Optional[Callable[[List[torch.Tensor]], torch.Tensor]]:
+    """Give a map-style dataset (one with a `transform`) the per-image half of its transform and return the
+    per-batch half (compress.models.preprocess.split_preprocess: ToTensor and Normalize once per batch, the
+    same numbers; ~120 us an image less for a 64-px image, a third of its loading), or None when the transform
+    does not split. Every loader over the dataset then collates with `image_collator`."""
+    from compress.models.preprocess import split_preprocess
+
+    per_image, per_batch = split_preprocess(dataset.transform)
+    if per_batch is not None:
+        dataset.transform, dataset.finish_images = per_image, per_batch
+    return per_batch
+
+
+def image_collator(dataset: Any, tokenizer: Optional[Callable] = None) -> BatchCollator:
+    """The collator for a loader over `dataset` (or a Subset of it): it finishes the images the way the dataset
+    leaves them (`split_images`)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return BatchCollator(tokenizer, getattr(dataset, "finish_images", None))
+
+
+# A loader worker hands each tensor of a batch to the main process in a shared-memory segment of its own, which
+# costs about 0.5 ms to create and map: for the batch's small fields (64 indices, 64 x 77 token ids) that is more
+# than the data, and was 5-8 % of the loader's time (scripts/bench_loader.py). A worker's collator sends them as
+# numpy arrays, pickled by value, and `batch_from_worker` makes them tensors again in the main process.
+SMALL_FIELDS = ("index", "text")
+
+
+def batch_from_worker(batch: Any) -> Any:
+    """A batch as the collator built it: the small fields a worker sent as numpy arrays are tensors again
+    (sharing the arrays' memory). Anything that is not a collated batch passes through."""
+    if isinstance(batch, dict):
+        for name in SMALL_FIELDS:
+            if isinstance(batch.get(name), np.ndarray):
+                batch[name] = torch.from_numpy(batch[name])
+    return batch

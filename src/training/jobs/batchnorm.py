@@ -60,13 +60,14 @@ class BatchNormRecalibration:
         dataset = getattr(ctx.data, "dataset", None)
         if dataset is None:
             return list(self.recent or [])
-        from training.data.samples import BatchCollator
+        from training.data.samples import image_collator
 
         count = min(len(dataset), self.batches * self.args.batch_size)
         rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.args.seed))[:count]
         logging.info("re-estimating the student's BatchNorm statistics on %d training images", count)
         loader = run_loader(Subset(dataset, rows.tolist()), batch_size=self.args.batch_size, shuffle=False,
-                            num_workers=self.args.workers, collate_fn=BatchCollator(), generator=torch.Generator())
+                            num_workers=self.args.workers, collate_fn=image_collator(dataset),
+                            generator=torch.Generator())
         return (batch["image"] for batch in loader)
 
     def before_save(self, ctx, model: nn.Module, encode: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -450,7 +450,7 @@ class ProtoRKDJob(Job):
         """L2-normalised student image features of every episode position, in mapping order, on rank 0 (the
         one that clusters; None elsewhere). Each rank embeds an equal contiguous share (eval mode), then a
         gather to rank 0: the other ranks never hold the episode's features."""
-        from training.data.samples import BatchCollator
+        from training.data.samples import image_collator
 
         args, world_size, rank = self.args, self.dist.world_size, self.dist.rank
         model = ctx.unwrapped_model
@@ -461,7 +461,7 @@ class ProtoRKDJob(Job):
         logging.info("embedding the episode's %d images with the student (%d on this rank)", len(self.mapping),
                      len(mine))
         loader = run_loader(ctx.data.dataset, batch_size=args.batch_size, sampler=mine,
-                            num_workers=args.workers, collate_fn=BatchCollator())
+                            num_workers=args.workers, collate_fn=image_collator(ctx.data.dataset))
         dtype = next(model.parameters()).dtype
         with autocast(args.precision, self.device):  # as fast as the training steps (TF32/bf16 GEMMs)
             pieces = [F.normalize(model.encode_image(b["image"].to(self.device, dtype)).float(), dim=1)
