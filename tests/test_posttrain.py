@@ -76,6 +76,18 @@ def test_rank_for_ratio_keeps_the_asked_fraction():
     for m, n, ratio in [(768, 768, 0.5), (3072, 768, 0.3), (100, 7, 0.9)]:
         r = rank_for_ratio(m, n, ratio)
         assert r * (m + n) <= ratio * m * n < (r + 1) * (m + n)
+    # rounded down to a multiple (low_rank's default 8), only where the rank is at least that
+    assert rank_for_ratio(3072, 768, 0.5, round_to=8) == 304
+    assert rank_for_ratio(768, 768, 0.5, round_to=8) == 192
+    assert rank_for_ratio(100, 7, 0.9, round_to=8) == 5
+
+
+def test_low_rank_rounds_ranks_unless_told_not_to(dense):
+    # clipc-vit-t2-32 (width 64, MLP 256): rank ⌊0.5·256·64/320⌋ = 25 for c_fc and c_proj
+    block = "visual.transformer.resblocks.0"
+    assert low_rank(dense, 0.5, targets=("mlp",)).model_spec["blocks"][block]["ranks"] == {"c_fc": 24, "c_proj": 24}
+    exact = low_rank(dense, 0.5, targets=("mlp",), round_to=1)
+    assert exact.model_spec["blocks"][block]["ranks"] == {"c_fc": 25, "c_proj": 25}
 
 
 def test_full_rank_svd_reproduces_the_layer():
@@ -142,7 +154,7 @@ def test_low_rank_is_physically_smaller_and_reloads(dense, inputs):
     images, _ = inputs
     model = low_rank(dense, 0.5, towers=("image",), targets=("attn", "mlp"))
     width, hidden = 64, 256  # clipc-vit-t2-32: width 64, mlp_ratio 4
-    r_attn, r_mlp = rank_for_ratio(width, width, 0.5), rank_for_ratio(hidden, width, 0.5)
+    r_attn, r_mlp = rank_for_ratio(width, width, 0.5, 8), rank_for_ratio(hidden, width, 0.5, 8)
     per_block_saved = (4 * (width * width - r_attn * 2 * width)  # q, k, v, out
                        + 2 * (hidden * width - r_mlp * (hidden + width)))  # c_fc, c_proj
     saved = sum(p.numel() for p in dense.parameters()) - sum(p.numel() for p in model.parameters())
