@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def loader_args(train_data, cache_dir, **overrides):
+    """The namespace of the trainer's flags that training.data.get_data reads, for a loader built in-process."""
+    args = dict(train_data=str(train_data), dataset_type="auto", csv_separator="\t", csv_img_key="filepath",
+                csv_caption_key="title", dataset_size=None, episode_size=0, train_num_samples=None,
+                dataset_resampled=False, allow_empty_captions=False, workers=2, batch_size=16, seed=0,
+                token_cache_dir=str(cache_dir), no_token_cache=False, log_level="warning")
+    args.update(overrides)
+    return types.SimpleNamespace(**args)

@@ -1,10 +1,9 @@
 """The training loaders convert and normalise images once per batch and send small fields from their workers as
 arrays (training.data.samples): every batch is still the per-image transform's, bit for bit, with the same
 tensors as before."""
-import types
-
 import pytest
 import torch
+from conftest import loader_args
 
 from compress.models.registry import get_preprocess, get_tokenizer, open_clip_spec
 from foundation.images import open_rgb
@@ -13,15 +12,6 @@ from training.data.csv_dataset import CsvDataset
 from training.data.samples import image_collator, split_images
 
 MODEL = "clipc-vit-t2-32"
-
-
-def _args(train_data, cache_dir, **overrides):
-    args = dict(train_data=str(train_data), dataset_type="auto", csv_separator="\t", csv_img_key="filepath",
-                csv_caption_key="title", dataset_size=None, episode_size=0, train_num_samples=None,
-                dataset_resampled=False, allow_empty_captions=False, workers=2, batch_size=16, seed=0,
-                token_cache_dir=str(cache_dir), no_token_cache=False, log_level="warning")
-    args.update(overrides)
-    return types.SimpleNamespace(**args)
 
 
 def _check_batches(batches, corpus, transform, tokenizer):
@@ -40,7 +30,7 @@ def _check_batches(batches, corpus, transform, tokenizer):
 def test_tsv_batches_are_the_per_image_transforms_bit_for_bit(tiny_corpus, tmp_path, workers):
     spec = open_clip_spec(MODEL)
     transform, tokenizer = get_preprocess(spec), get_tokenizer(spec)
-    data = get_data(_args(tiny_corpus / "train.tsv", tmp_path, workers=workers), transform, tokenizer, 0, 1)
+    data = get_data(loader_args(tiny_corpus / "train.tsv", tmp_path, workers=workers), transform, tokenizer, 0, 1)
     assert data.dataset.finish_images is not None  # the split applies to the eval transform
     data.set_epoch(0)
     _check_batches(list(data.loader), tiny_corpus, transform, tokenizer)
@@ -50,7 +40,7 @@ def test_shard_batches_are_the_per_image_transforms_bit_for_bit(tiny_corpus, tmp
     spec = open_clip_spec(MODEL)
     transform, tokenizer = get_preprocess(spec), get_tokenizer(spec)
     shards = str(tiny_corpus / "shards" / "{000000..000003}.tar")
-    data = get_data(_args(shards, tmp_path, train_num_samples=256), transform, tokenizer, 0, 1)
+    data = get_data(loader_args(shards, tmp_path, train_num_samples=256), transform, tokenizer, 0, 1)
     data.set_epoch(0)
     _check_batches(list(data.batches()), tiny_corpus, transform, tokenizer)
 

@@ -1,11 +1,11 @@
 """The TSV loader's token cache: the ids it serves are exactly the tokenizer's, bad rows stay skipped and
 counted, the cache is reused only for the same data and tokenizer, and an unfinished build is redone."""
 import json
-import types
 
 import numpy as np
 import pytest
 import torch
+from conftest import loader_args
 from test_trainer import _write_bad_tsv
 
 from compress.models.registry import get_preprocess, get_tokenizer, open_clip_spec
@@ -17,15 +17,6 @@ from training.data import get_data
 def spec():
     register_model_configs()
     return open_clip_spec("clipc-vit-t2-32")
-
-
-def loader_args(train_data, cache_dir, **overrides):
-    args = dict(train_data=str(train_data), dataset_type="auto", csv_separator="\t", csv_img_key="filepath",
-                csv_caption_key="title", dataset_size=None, episode_size=0, train_num_samples=None,
-                dataset_resampled=False, allow_empty_captions=False, workers=2, batch_size=16, seed=0,
-                token_cache_dir=str(cache_dir), no_token_cache=False, log_level="warning")
-    args.update(overrides)
-    return types.SimpleNamespace(**args)
 
 
 def epoch_batches(args, spec, tokenizer=None):
