@@ -164,9 +164,14 @@ def _tar_samples(url: str, stream) -> Iterator[Dict[str, Any]]:
                 sample[suffix] = MemberTooLarge(info.name, info.size, limit)
             else:
                 sample[suffix] = tar.extractfile(info).read()
-    finally:  # the sample read so far, also when the shard breaks off (as webdataset's grouping yields it)
+    except GeneratorExit:  # closed by its reader: nothing more is yielded (yielding now would be an error)
+        raise
+    except Exception:  # the shard breaks off: the sample read so far first, as webdataset's grouping yields it
         if sample is not None:
             yield sample
+        raise
+    if sample is not None:
+        yield sample
 
 
 def decode_shard_sample(sample: Dict[str, Any], transform: Callable, allow_empty_captions: bool = False,
