@@ -6,6 +6,7 @@ import open_clip
 import pytest
 import torch
 from conftest import run_trainer
+from torch import nn
 
 from compress.models.text_context import text_context_unchanged_reason, trim_text_context
 
@@ -13,9 +14,15 @@ TEXT = {"context_length": 16, "vocab_size": 500, "width": 32, "heads": 2, "layer
 VISION = {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16}
 
 
-def _clip(**text_cfg):
+def _clip(custom: bool = False, **text_cfg):
+    """open_clip's CLIP (the text tower's parts on the model) or CustomTextCLIP (a TextTransformer, as EVA's)."""
     torch.manual_seed(0)
-    return open_clip.model.CLIP(embed_dim=16, vision_cfg=VISION, text_cfg={**TEXT, **text_cfg})
+    kind = open_clip.model.CustomTextCLIP if custom else open_clip.model.CLIP
+    return kind(embed_dim=16, vision_cfg=VISION, text_cfg={**TEXT, **text_cfg})
+
+
+def _text_transformer(model):
+    return model.text.transformer if isinstance(model, open_clip.model.CustomTextCLIP) else model.transformer
 
 
 def _tokens(eos: int = 499):
@@ -30,7 +37,7 @@ def _tokens(eos: int = 499):
 
 def _features_and_grads(model, text):
     seen = []
-    hook = model.transformer.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    hook = _text_transformer(model).register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
     features = model.encode_text(text)
     hook.remove()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -38,9 +45,10 @@ def _features_and_grads(model, text):
     return features, grads, seen[0]
 
 
+@pytest.mark.parametrize("custom", [False, True], ids=["CLIP", "CustomTextCLIP"])
 @pytest.mark.parametrize("text_cfg", [{}, {"pool_type": "eos", "eos_id": 499}], ids=["argmax", "eos"])
-def test_trimmed_text_tower_gives_the_whole_contexts_features_and_gradients_on_fewer_columns(text_cfg):
-    full = _clip(**text_cfg)
+def test_trimmed_text_tower_gives_the_whole_contexts_features_and_gradients_on_fewer_columns(custom, text_cfg):
+    full = _clip(custom, **text_cfg)
     assert text_context_unchanged_reason(full) is None
     trimmed = trim_text_context(copy.deepcopy(full))
     text = _tokens()
@@ -60,21 +68,18 @@ def test_trimmed_text_tower_gives_the_whole_contexts_features_and_gradients_on_f
     assert trimmed.state_dict().keys() == full.state_dict().keys()
 
 
-@pytest.mark.parametrize("text_cfg, reason", [
-    ({"no_causal_mask": True}, "no causal mask"),
-    ({"pool_type": "last"}, "pools text by 'last'"),
-    ({"pool_type": "first"}, "pools text by 'first'"),
+@pytest.mark.parametrize("custom, text_cfg, reason", [
+    (False, {"no_causal_mask": True}, "no causal mask"),
+    (False, {"pool_type": "last"}, "pools text by 'last'"),
+    (False, {"pool_type": "first"}, "pools text by 'first'"),
+    (True, {"no_causal_mask": True}, "no causal mask"),  # SigLIP's text tower
+    (True, {"embed_cls": True}, "appends a class token"),  # CoCa's
 ])
-def test_a_text_tower_whose_features_depend_on_the_padding_keeps_the_whole_context(text_cfg, reason):
-    model = _clip(**text_cfg)
+def test_a_text_tower_whose_features_depend_on_the_padding_keeps_the_whole_context(custom, text_cfg, reason):
+    model = _clip(custom, **text_cfg)
     assert reason in text_context_unchanged_reason(model)
-    assert trim_text_context(model).encode_text.__func__ is open_clip.model.CLIP.encode_text
-
-
-def test_a_custom_text_tower_keeps_the_whole_context():
-    model = open_clip.model.CustomTextCLIP(embed_dim=16, vision_cfg=VISION, text_cfg=TEXT)
-    assert "CustomTextCLIP" in text_context_unchanged_reason(model)
-    assert "encode_text" not in trim_text_context(model).__dict__
+    trimmed = trim_text_context(model)
+    assert "encode_text" not in trimmed.__dict__ and "forward" not in getattr(trimmed, "text", nn.Module()).__dict__
 
 
 @pytest.mark.slow

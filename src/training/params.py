@@ -174,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--torchcompile", action="store_true", help="torch.compile the model")
     model.add_argument("--full-text-context", action="store_true",
                        help="run the text tower over the whole context, as open_clip_train does. By default a "
-                            "causal text tower that pools the end-of-text token (open_clip's CLIP) runs only up "
-                            "to the batch's longest caption: the same features and gradients, less work "
-                            "(compress.models.text_context; docs/performance.md)")
+                            "causal text tower that pools the end-of-text token (open_clip's CLIP and "
+                            "TextTransformer) runs only up to the batch's longest caption: the same features and "
+                            "gradients, less work (compress.models.text_context; docs/performance.md)")
     model.add_argument("--local-loss", action="store_true",
                        help="contrastive loss over local rows x all columns (scales with ranks; open_clip)")
     model.add_argument("--gather-with-grad", action="store_true",
