@@ -178,7 +178,7 @@ def _decode(file, source: Source, max_pixels: Optional[int], max_aspect_ratio: O
 
 
 # Where a loaded image's orientation can come from (PIL's Image.getexif): EXIF bytes, PNG's raw EXIF text, a TIFF's
-# own tags, or XMP. An image with none of them is upright, and skips the EXIF parse (~10 us of a ~100 us decode).
+# own tags, or XMP. An image with none of them is upright, and skips the EXIF parse (4.2 -> 0.75 us an image).
 _ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
 
 

@@ -117,9 +117,8 @@ class Int8Linear(nn.Module):
                 and x.numel() and self.out_features and self.in_features
                 and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling()):
             # the engine's kernel on the activations as they come, as torch.ao's dynamic Linear calls it (any
-            # leading dimensions): the general path's reshapes and checks below cost ~4 % of a ViT-B-32 forward.
-            # reduce_range=True as torch.ao passes it for qint8 weights: 7-bit activations keep fbgemm's u8·s8
-            # pair sums from saturating int16 on CPUs without VNNI
+            # leading dimensions; reduce_range as below): the general path's reshapes and checks cost ~4 % of a
+            # ViT-B-32 forward
             return torch.ops.quantized.linear_dynamic(x, self.packed_params(), True)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         flat = x.reshape(-1, self.in_features)

@@ -110,11 +110,3 @@ def trim_text_context(model: nn.Module) -> nn.Module:
             tower.forward = types.MethodType(_pooled_to_last_pooled, tower)
     return model
 
-
-def full_text_context(model: nn.Module) -> nn.Module:
-    """Undo `trim_text_context`: the text tower runs its class's own code again."""
-    model.__dict__.pop("encode_text", None)
-    text = getattr(model, "text", None)
-    if isinstance(text, nn.Module):
-        text.__dict__.pop("forward", None)
-    return model

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
+from compress.models.preprocess import split_preprocess
 from foundation.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, ImageTooLarge, open_rgb
 
 # How many following rows a TSV sample may try before giving up: a run of more bad rows than this
@@ -97,7 +98,6 @@ class BatchCollator:
                     batch[name] = batch[name].numpy()
         return batch
 
-
     def _images(self, images: List[torch.Tensor]) -> torch.Tensor:
         return self.finish_images(images) if self.finish_images is not None else torch.stack(images)
 
@@ -107,8 +107,6 @@ def split_images(dataset: Any) -> Optional[Callable[[List[torch.Tensor]], torch.
     per-batch half (compress.models.preprocess.split_preprocess: ToTensor and Normalize once per batch, the
     same numbers; ~120 us an image less for a 64-px image, a third of its loading), or None when the transform
     does not split. Every loader over the dataset then collates with `image_collator`."""
-    from compress.models.preprocess import split_preprocess
-
     per_image, per_batch = split_preprocess(dataset.transform)
     if per_batch is not None:
         dataset.transform, dataset.finish_images = per_image, per_batch
